@@ -1,0 +1,39 @@
+"""``mixrank bench ...``: reproducible benchmarks. Each prints JSON lines, then a table.
+
+Each benchmark is a module here with ``add_arguments(parser)`` and ``run(args) -> int``; they can
+also be run directly as ``python -m benchmarks.<module>``. Results are recorded in
+docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> (module, one-line help). One line per benchmark.
+BENCHMARKS = {
+    "data": ("benchmarks.bench_data", "rows/s of reading Parquet and converting to Batch"),
+    "model": ("benchmarks.bench_model", "forward samples/s and FLOP/s vs measured matmul peak"),
+    "kernels": ("benchmarks.bench_kernels", "Triton kernels vs roofline and eager (GPU only)"),
+}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="run a benchmark (JSON lines, then a table)")
+    bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    for name, (modname, help_) in BENCHMARKS.items():
+        bp = bsub.add_parser(name, help=help_)
+        bp.set_defaults(func=_runner(modname), bench_module=modname)
+        bp.add_argument("--json-only", action="store_true", help="print only the JSON lines")
+        _lazy_args(bp, modname)
+
+
+def _lazy_args(parser, modname: str) -> None:
+    # Argument definitions are cheap; the module defers torch imports to run().
+    importlib.import_module(modname).add_arguments(parser)
+
+
+def _runner(modname: str):
+    def run(args):
+        return importlib.import_module(modname).run(args)
+
+    return run

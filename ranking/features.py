@@ -1,0 +1,404 @@
+"""Feature schema: the one description of a data set's columns, shared by training and serving.
+
+A ``FeatureSchema`` is loaded from YAML (``configs/schemas/*.yaml``)::
+
+    name: frappe
+    hash_seed: 0
+    tasks:
+      - {name: click, label: label}
+    groups: [user, item, context]          # token order for the model (optional)
+    features:
+      - {name: user, kind: categorical, num_buckets: 2048, dim: 16, group: user}
+      - {name: genres, kind: id_list, num_buckets: 64, dim: 16, group: item, pooling: mean}
+      - {name: age, kind: dense, transform: log1p, fill: 0.0, clip: [0, 100], group: user}
+
+Feature kinds:
+
+- ``categorical``: one string or integer per row, mapped to ``[0, num_buckets)`` by a stable
+  seeded 64-bit hash (or by a vocabulary file built with ``mixrank data vocab``).
+- ``id_list``: a ``list<...>`` column of variable length, each element mapped like a categorical.
+- ``dense``: a number (or null, replaced by ``fill``) with an optional ``transform``.
+
+Every sparse feature names its embedding ``table`` (default: its own name; several features may
+share one table if they agree on ``num_buckets`` and ``dim``), its embedding ``dim`` and its token
+``group``, which the model's tokenizer uses to cut the embeddings into tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CATEGORICAL = "categorical"
+ID_LIST = "id_list"
+DENSE = "dense"
+KINDS = (CATEGORICAL, ID_LIST, DENSE)
+TRANSFORMS = ("none", "log1p", "signed_log1p")
+POOLINGS = ("sum", "mean")
+
+
+class SchemaError(ValueError):
+    """A schema YAML (or dict) is invalid. The message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One prediction task: a name and the 0/1 label column it is trained on."""
+
+    name: str
+    label: str
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One input feature.
+
+    Sparse features (``categorical``, ``id_list``) use ``num_buckets``, ``dim``, ``table``,
+    ``pooling`` and optionally ``vocab``; dense features use ``transform``, ``fill``, ``clip``.
+    ``column`` is the source column in the data (default: ``name``).
+    """
+
+    name: str
+    kind: str
+    group: str
+    column: str = ""
+    num_buckets: int = 0
+    dim: int = 0
+    table: str = ""
+    pooling: str = "sum"
+    vocab: str | None = None
+    transform: str = "none"
+    fill: float = 0.0
+    clip: tuple[float, float] | None = None
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.kind in (CATEGORICAL, ID_LIST)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One embedding table, derived from the sparse features that name it."""
+
+    name: str
+    num_buckets: int
+    dim: int
+    pooling: str
+    feature_names: tuple[str, ...]
+
+
+_TOP_KEYS = {"name", "hash_seed", "tasks", "groups", "features", "max_list_length"}
+_FEATURE_KEYS = {f.name for f in dataclasses.fields(FeatureSpec)}
+_TASK_KEYS = {"name", "label"}
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """The columns of a data set and how each becomes model input.
+
+    Attributes:
+        name: schema name (for manifests and logs).
+        tasks: prediction tasks, in output order; ``labels`` in a ``Batch`` follow this order.
+        features: all features, in the order of the YAML.
+        groups: token groups in model order.
+        hash_seed: seed of the categorical hash; part of the model's identity.
+        max_list_length: id-list features are truncated to this many ids per row.
+        source: the file the schema was read from (for error messages), if any.
+    """
+
+    name: str
+    tasks: tuple[TaskSpec, ...]
+    features: tuple[FeatureSpec, ...]
+    groups: tuple[str, ...]
+    hash_seed: int = 0
+    max_list_length: int = 64
+    source: str = field(default="<dict>", compare=False)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> FeatureSchema:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise SchemaError(f"{path}: cannot read schema file: {e.strerror or e}") from e
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise SchemaError(f"{path}: not valid YAML: {e}") from e
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>") -> FeatureSchema:
+        def err(key: str, msg: str) -> SchemaError:
+            return SchemaError(f"{source}: {key}: {msg}")
+
+        if not isinstance(data, dict):
+            raise SchemaError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        unknown = set(data) - _TOP_KEYS
+        if unknown:
+            raise err(sorted(unknown)[0], f"unknown key (expected one of {sorted(_TOP_KEYS)})")
+        name = data.get("name")
+        if not isinstance(name, str) or not name:
+            raise err("name", "required, a non-empty string")
+        hash_seed = data.get("hash_seed", 0)
+        if not isinstance(hash_seed, int) or isinstance(hash_seed, bool) or hash_seed < 0:
+            raise err("hash_seed", f"expected a non-negative integer, got {hash_seed!r}")
+        max_list_length = data.get("max_list_length", 64)
+        if not isinstance(max_list_length, int) or max_list_length < 1:
+            raise err("max_list_length", f"expected a positive integer, got {max_list_length!r}")
+
+        raw_tasks = data.get("tasks")
+        if not isinstance(raw_tasks, list) or not raw_tasks:
+            raise err("tasks", "required, a non-empty list of {name, label}")
+        tasks = []
+        for i, t in enumerate(raw_tasks):
+            key = f"tasks[{i}]"
+            if not isinstance(t, dict):
+                raise err(key, "expected a mapping {name, label}")
+            bad = set(t) - _TASK_KEYS
+            if bad:
+                raise err(f"{key}.{sorted(bad)[0]}", "unknown key (expected name, label)")
+            if not isinstance(t.get("name"), str) or not isinstance(t.get("label"), str):
+                raise err(key, "name and label are required strings")
+            tasks.append(TaskSpec(t["name"], t["label"]))
+        if len({t.name for t in tasks}) != len(tasks):
+            raise err("tasks", "task names must be unique")
+
+        raw_features = data.get("features")
+        if not isinstance(raw_features, list) or not raw_features:
+            raise err("features", "required, a non-empty list")
+        features = [cls._parse_feature(f, f"features[{i}]", err) for i, f in enumerate(raw_features)]
+        names = [f.name for f in features]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise err("features", f"duplicate feature name {sorted(dup)[0]!r}")
+        label_cols = {t.label for t in tasks}
+        for f in features:
+            if f.column in label_cols:
+                raise err(f"features[{f.name}].column", f"{f.column!r} is a label column")
+
+        seen_groups = list(dict.fromkeys(f.group for f in features))
+        groups = data.get("groups", seen_groups)
+        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+            raise err("groups", "expected a list of group names")
+        missing = [g for g in seen_groups if g not in groups]
+        if missing:
+            raise err("groups", f"group {missing[0]!r} is used by a feature but not listed")
+        empty = [g for g in groups if g not in seen_groups]
+        if empty:
+            raise err("groups", f"group {empty[0]!r} has no feature")
+
+        schema = cls(
+            name=name,
+            tasks=tuple(tasks),
+            features=tuple(features),
+            groups=tuple(groups),
+            hash_seed=hash_seed,
+            max_list_length=max_list_length,
+            source=source,
+        )
+        schema.tables  # noqa: B018 - validates table consistency
+        return schema
+
+    @staticmethod
+    def _parse_feature(raw: Any, key: str, err) -> FeatureSpec:
+        if not isinstance(raw, dict):
+            raise err(key, "expected a mapping")
+        fname = raw.get("name")
+        if isinstance(fname, str):
+            key = f"features[{fname}]"
+        else:
+            raise err(f"{key}.name", "required string")
+        bad = set(raw) - _FEATURE_KEYS
+        if bad:
+            raise err(f"{key}.{sorted(bad)[0]}", f"unknown key (expected one of {sorted(_FEATURE_KEYS)})")
+        kind = raw.get("kind")
+        if kind not in KINDS:
+            raise err(f"{key}.kind", f"expected one of {list(KINDS)}, got {kind!r}")
+        group = raw.get("group")
+        if not isinstance(group, str) or not group:
+            raise err(f"{key}.group", "required, the token group of this feature")
+        kw: dict[str, Any] = {"name": fname, "kind": kind, "group": group}
+        kw["column"] = raw.get("column", fname)
+        if not isinstance(kw["column"], str):
+            raise err(f"{key}.column", "expected a string")
+        if kind == DENSE:
+            for k in ("num_buckets", "dim", "table", "pooling", "vocab"):
+                if k in raw:
+                    raise err(f"{key}.{k}", "only for categorical and id_list features")
+            transform = raw.get("transform", "none")
+            if transform not in TRANSFORMS:
+                raise err(f"{key}.transform", f"expected one of {list(TRANSFORMS)}, got {transform!r}")
+            kw["transform"] = transform
+            fill = raw.get("fill", 0.0)
+            if not isinstance(fill, int | float) or isinstance(fill, bool):
+                raise err(f"{key}.fill", f"expected a number, got {fill!r}")
+            kw["fill"] = float(fill)
+            clip = raw.get("clip")
+            if clip is not None:
+                if (
+                    not isinstance(clip, list)
+                    or len(clip) != 2
+                    or not all(isinstance(c, int | float) for c in clip)
+                    or clip[0] > clip[1]
+                ):
+                    raise err(f"{key}.clip", f"expected [low, high] with low <= high, got {clip!r}")
+                kw["clip"] = (float(clip[0]), float(clip[1]))
+        else:
+            for k in ("transform", "fill", "clip"):
+                if k in raw:
+                    raise err(f"{key}.{k}", "only for dense features")
+            for k in ("num_buckets", "dim"):
+                v = raw.get(k)
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise err(f"{key}.{k}", f"required, a positive integer, got {v!r}")
+                kw[k] = v
+            kw["table"] = raw.get("table", fname)
+            if not isinstance(kw["table"], str) or not kw["table"]:
+                raise err(f"{key}.table", "expected a non-empty string")
+            pooling = raw.get("pooling", "sum")
+            if pooling not in POOLINGS:
+                raise err(f"{key}.pooling", f"expected one of {list(POOLINGS)}, got {pooling!r}")
+            kw["pooling"] = pooling
+            vocab = raw.get("vocab")
+            if vocab is not None and not isinstance(vocab, str):
+                raise err(f"{key}.vocab", "expected a path string")
+            kw["vocab"] = vocab
+        return FeatureSpec(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form (round-trips through ``from_dict``); stored in artifact manifests."""
+        feats = []
+        defaults = FeatureSpec(name="", kind=DENSE, group="")
+        for f in self.features:
+            d: dict[str, Any] = {"name": f.name, "kind": f.kind, "group": f.group}
+            if f.column != f.name:
+                d["column"] = f.column
+            keys = ("transform", "fill", "clip") if f.kind == DENSE else (
+                "num_buckets", "dim", "table", "pooling", "vocab")
+            for k in keys:
+                v = getattr(f, k)
+                if k == "table" and v == f.name:
+                    continue
+                if k in ("num_buckets", "dim") or v != getattr(defaults, k):
+                    d[k] = list(v) if isinstance(v, tuple) else v
+            feats.append(d)
+        return {
+            "name": self.name,
+            "hash_seed": self.hash_seed,
+            "max_list_length": self.max_list_length,
+            "tasks": [{"name": t.name, "label": t.label} for t in self.tasks],
+            "groups": list(self.groups),
+            "features": feats,
+        }
+
+    # ----------------------------------------------------------------- derived views
+    @property
+    def sparse_features(self) -> tuple[FeatureSpec, ...]:
+        """Sparse features in schema order; this is the key order of ``Batch.sparse``."""
+        return tuple(f for f in self.features if f.is_sparse)
+
+    @property
+    def dense_features(self) -> tuple[FeatureSpec, ...]:
+        """Dense features in schema order; this is the column order of ``Batch.dense``."""
+        return tuple(f for f in self.features if f.kind == DENSE)
+
+    @property
+    def sparse_keys(self) -> list[str]:
+        return [f.name for f in self.sparse_features]
+
+    @property
+    def num_dense(self) -> int:
+        return len(self.dense_features)
+
+    @property
+    def label_columns(self) -> list[str]:
+        return [t.label for t in self.tasks]
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def columns(self) -> list[str]:
+        """Source columns a data file must have (features, then labels)."""
+        return list(dict.fromkeys([f.column for f in self.features] + self.label_columns))
+
+    @property
+    def tables(self) -> tuple[TableSpec, ...]:
+        """Embedding tables in first-use order; features sharing a table must agree."""
+        by_name: dict[str, list[FeatureSpec]] = {}
+        for f in self.sparse_features:
+            by_name.setdefault(f.table, []).append(f)
+        out = []
+        for tname, feats in by_name.items():
+            first = feats[0]
+            for f in feats[1:]:
+                for k in ("num_buckets", "dim", "pooling"):
+                    if getattr(f, k) != getattr(first, k):
+                        raise SchemaError(
+                            f"{self.source}: features[{f.name}].{k}: table {tname!r} is shared "
+                            f"with {first.name!r}, which has {k}={getattr(first, k)!r}"
+                        )
+            out.append(
+                TableSpec(tname, first.num_buckets, first.dim, first.pooling, tuple(f.name for f in feats))
+            )
+        return tuple(out)
+
+    def features_in_group(self, group: str) -> tuple[FeatureSpec, ...]:
+        return tuple(f for f in self.features if f.group == group)
+
+    def feature(self, name: str) -> FeatureSpec:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    def embedding_bag_configs(self):
+        """TorchRec ``EmbeddingBagConfig`` list, one per table."""
+        from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+        return [
+            EmbeddingBagConfig(
+                name=t.name,
+                embedding_dim=t.dim,
+                num_embeddings=t.num_buckets,
+                feature_names=list(t.feature_names),
+                pooling=PoolingType.MEAN if t.pooling == "mean" else PoolingType.SUM,
+            )
+            for t in self.tables
+        ]
+
+
+@dataclass
+class Batch:
+    """One model input batch.
+
+    Attributes:
+        dense: ``[B, Nd]`` float32, columns in ``schema.dense_features`` order (Nd may be 0).
+        sparse: ``KeyedJaggedTensor`` with keys ``schema.sparse_keys``, values int64 bucket ids.
+        labels: ``[B, n_tasks]`` float32 in ``schema.tasks`` order (zeros when serving).
+    """
+
+    dense: Any  # torch.Tensor
+    sparse: Any  # torchrec.sparse.jagged_tensor.KeyedJaggedTensor
+    labels: Any  # torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.dense.shape[0])
+
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        return Batch(
+            self.dense.to(device, non_blocking=non_blocking),
+            self.sparse.to(device, non_blocking=non_blocking),
+            self.labels.to(device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> Batch:
+        return Batch(self.dense.pin_memory(), self.sparse.pin_memory(), self.labels.pin_memory())
