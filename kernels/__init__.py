@@ -1,0 +1,53 @@
+"""mixrank kernels: token mixing + norm and MoE routing ops, each with a Triton kernel, a PyTorch
+reference twin (``kernels.reference``) and autograd.
+
+Dispatch (``kernels.dispatch``): Triton for CUDA tensors, the reference for CPU tensors;
+``MIXRANK_KERNELS=torch|triton`` overrides (``triton`` on CPU needs ``TRITON_INTERPRET=1``).
+
+    token_mix(x [B, T, D], H) -> [B, H, T*D/H]     token_revert(y, T) -> [B, T, D]
+    mix_norm(x, H, weight, bias=None, *, residual=None, revert=False, norm="rms", eps=1e-6)
+        -> (z, Norm(z))
+    topk_gate(logits [N, E], k, *, renormalize=True) -> (weights [N, k], ids [N, k])
+    relu_gate(logits [N, E]) -> (gates [N, E], ids [N, E], l1 [N])
+    moe_permute(ids [N, k], G) -> MoERouting(row_index [M], slot_of [N, k], offsets [G+1], M)
+    moe_gather(x [N, D], routing) -> x_perm [M, D]
+    grouped_ffn(x_perm [M, D], offsets [G+1], w_up, w_down, *, w_gate, b_up, b_down, activation)
+    moe_unpermute(y_perm [M, D], routing, weights [N, k]) -> [N, D]
+    moe_ffn(x [N, D], weights [N, k], ids [N, k], w_up, w_down, ...) -> [N, D]
+    backend(device=None) -> "triton" | "torch"
+"""
+
+from __future__ import annotations
+
+# The public functions are bound after the op modules are imported: importing a submodule sets
+# an attribute of the same name on this package (kernels.token_mix is the function, not the
+# module; use ``from kernels.token_mix import ...`` or importlib to reach the module).
+from .dispatch import (
+    backend,
+    grouped_ffn,
+    mix_norm,
+    moe_ffn,
+    moe_gather,
+    moe_permute,
+    moe_unpermute,
+    relu_gate,
+    token_mix,
+    token_revert,
+    topk_gate,
+)
+from .reference import MoERouting
+
+__all__ = [
+    "MoERouting",
+    "backend",
+    "grouped_ffn",
+    "mix_norm",
+    "moe_ffn",
+    "moe_gather",
+    "moe_permute",
+    "moe_unpermute",
+    "relu_gate",
+    "token_mix",
+    "token_revert",
+    "topk_gate",
+]

@@ -1,0 +1,174 @@
+"""The one dispatch point: Triton kernels for CUDA tensors, the PyTorch reference for CPU ones.
+
+``MIXRANK_KERNELS`` (read at every call, so tests can flip it) overrides the choice:
+
+- unset / ``auto``: Triton on CUDA tensors, the reference otherwise;
+- ``torch``: always the reference;
+- ``triton``: always Triton; on CPU tensors this needs Triton's interpreter
+  (``TRITON_INTERPRET=1``), otherwise a clear error is raised.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from . import reference as ref
+from .reference import MoERouting
+
+ENV = "MIXRANK_KERNELS"
+
+# op name -> Triton implementation (same signature as the reference); filled in by the op modules.
+_TRITON: dict[str, Callable] = {}
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _mode() -> str:
+    mode = os.environ.get(ENV, "").strip().lower() or "auto"
+    if mode not in ("auto", "torch", "triton"):
+        raise ValueError(f"{ENV}={os.environ.get(ENV)!r}: expected 'torch', 'triton' or unset")
+    return mode
+
+
+def _choose(device: torch.device) -> str:
+    mode = _mode()
+    if mode == "torch":
+        return "torch"
+    if mode == "triton":
+        if device.type != "cuda" and not _interpret():
+            raise RuntimeError(
+                f"{ENV}=triton with {device.type} tensors needs Triton's interpreter: set "
+                f"TRITON_INTERPRET=1, or unset {ENV} (or set {ENV}=torch) to use the PyTorch "
+                "reference"
+            )
+        return "triton"
+    return "triton" if device.type == "cuda" else "torch"
+
+
+def backend(device: torch.device | str | None = None) -> str:
+    """``"triton"`` or ``"torch"``: what the dispatch picks for tensors on ``device`` now.
+
+    device defaults to ``cuda`` when a GPU is visible, else ``cpu``.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return _choose(torch.device(device))
+
+
+def _impl(name: str, t: Tensor) -> Callable:
+    if _choose(t.device) == "triton" and name in _TRITON:
+        return _TRITON[name]
+    return getattr(ref, name)
+
+
+def token_mix(x: Tensor, num_heads: int) -> Tensor:
+    """``x [B, T, D] -> [B, H, T*D/H]``; ``out[b, h, t*d:(t+1)*d] = x[b, t, h*d:(h+1)*d]``."""
+    return _impl("token_mix", x)(x, num_heads)
+
+
+def token_revert(y: Tensor, num_tokens: int) -> Tensor:
+    """Exact inverse of ``token_mix``: ``[B, H, T*D/H] -> [B, T, D]``."""
+    return _impl("token_revert", y)(y, num_tokens)
+
+
+def mix_norm(
+    x: Tensor,
+    num_heads: int,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    residual: Tensor | None = None,
+    revert: bool = False,
+    norm: str = "rms",
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """``z = mix(x) (or revert(x)) + residual``; returns ``(z, Norm(z))``. See reference.mix_norm."""
+    return _impl("mix_norm", x)(
+        x, num_heads, weight, bias, residual=residual, revert=revert, norm=norm, eps=eps
+    )
+
+
+def topk_gate(logits: Tensor, k: int, *, renormalize: bool = True) -> tuple[Tensor, Tensor]:
+    """``logits [N, E] -> (weights [N, k], ids [N, k] int64)``. See reference.topk_gate."""
+    return _impl("topk_gate", logits)(logits, k, renormalize=renormalize)
+
+
+def relu_gate(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``logits [N, E] -> (gates [N, E], ids [N, E] (-1 = off), l1 [N])``."""
+    return _impl("relu_gate", logits)(logits)
+
+
+def moe_permute(ids: Tensor, num_experts: int) -> MoERouting:
+    """Stable counting sort of (row, choice) pairs by expert: ``ids [N, k] -> MoERouting``."""
+    return _impl("moe_permute", ids)(ids, num_experts)
+
+
+def moe_gather(x: Tensor, routing: MoERouting) -> Tensor:
+    """``x [N, D] -> x_perm [M, D]``, ``x_perm[p] = x[routing.row_index[p]]``."""
+    return _impl("moe_gather", x)(x, routing)
+
+
+def grouped_ffn(
+    x_perm: Tensor,
+    offsets: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    *,
+    w_gate: Tensor | None = None,
+    b_up: Tensor | None = None,
+    b_down: Tensor | None = None,
+    activation: str = "swiglu",
+) -> Tensor:
+    """Per-expert FFN over rows grouped by expert: ``[M, D] -> [M, D]``. See reference."""
+    return _impl("grouped_ffn", x_perm)(
+        x_perm,
+        offsets,
+        w_up,
+        w_down,
+        w_gate=w_gate,
+        b_up=b_up,
+        b_down=b_down,
+        activation=activation,
+    )
+
+
+def moe_unpermute(y_perm: Tensor, routing: MoERouting, weights: Tensor) -> Tensor:
+    """``out [N, D] = sum_j weights[n, j] * y_perm[slot_of[n, j]]`` (skip -1 slots)."""
+    return _impl("moe_unpermute", y_perm)(y_perm, routing, weights)
+
+
+def moe_ffn(
+    x: Tensor,
+    weights: Tensor,
+    ids: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    *,
+    w_gate: Tensor | None = None,
+    b_up: Tensor | None = None,
+    b_down: Tensor | None = None,
+    activation: str = "swiglu",
+) -> Tensor:
+    """Routed expert FFN ``x [N, D] -> [N, D]``: permute -> gather -> grouped_ffn -> unpermute.
+
+    ``out[n] = sum_j weights[n, j] * FFN_{ids[n, j]}(x[n])``; ids are global expert ids in
+    ``[0, G)`` with ``G = w_up.shape[0]``, or -1. Each stage goes through the dispatch.
+    """
+    routing = moe_permute(ids, w_up.shape[0])
+    y_perm = grouped_ffn(
+        moe_gather(x, routing),
+        routing.offsets,
+        w_up,
+        w_down,
+        w_gate=w_gate,
+        b_up=b_up,
+        b_down=b_down,
+        activation=activation,
+    )
+    return moe_unpermute(y_perm, routing, weights)

@@ -1,0 +1,318 @@
+"""PyTorch reference twins of every op in ``kernels``: plain, obviously-correct torch.
+
+These are the semantics (DESIGN.md, "Kernels"); the Triton kernels are tested against them and
+the dispatch uses them for CPU tensors. Autograd comes from torch. Norms and softmaxes are
+computed in fp32 and cast back to the input dtype; matmuls run in the input dtype (fp32
+accumulation inside torch's GEMMs).
+
+Shapes: B batch, T tokens, D token width, H heads (mixed tokens), d = D / H, N routed rows,
+k experts per row, E / G experts (groups), M = number of valid (row, expert) pairs, Hd expert
+hidden width.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "MoERouting",
+    "grouped_ffn",
+    "mix_norm",
+    "moe_ffn",
+    "moe_gather",
+    "moe_permute",
+    "moe_unpermute",
+    "relu_gate",
+    "token_mix",
+    "token_revert",
+    "topk_gate",
+]
+
+
+class MoERouting(NamedTuple):
+    """The result of ``moe_permute``: where every (row, choice) pair goes.
+
+    row_index: [M] int64, source row n of each permuted slot, slots sorted by expert (stable:
+        within an expert, slots keep the order of the flattened ``ids``).
+    slot_of:   [N, k] int64, permuted slot of pair (n, j); -1 where ``ids[n, j] == -1``.
+    offsets:   [num_experts + 1] int64, expert g owns slots ``offsets[g]:offsets[g + 1]``.
+    M:         int, number of valid pairs (``offsets[-1]``), known on the host.
+    """
+
+    row_index: Tensor
+    slot_of: Tensor
+    offsets: Tensor
+    M: int
+
+
+# --------------------------------------------------------------------------- token mixing
+
+
+def _check_mix(x: Tensor, num_heads: int) -> tuple[int, int, int, int]:
+    if x.dim() != 3:
+        raise ValueError(f"token_mix: x must be [B, T, D], got shape {tuple(x.shape)}")
+    B, T, D = x.shape
+    if num_heads <= 0 or D % num_heads:
+        raise ValueError(f"token_mix: num_heads={num_heads} must divide D={D}")
+    return B, T, D, D // num_heads
+
+
+def token_mix(x: Tensor, num_heads: int) -> Tensor:
+    """RankMixer multi-head token mixing: ``[B, T, D] -> [B, H, T*D/H]``.
+
+    With ``d = D / H``: ``out[b, h, t*d:(t+1)*d] = x[b, t, h*d:(h+1)*d]``.
+    """
+    B, T, _, d = _check_mix(x, num_heads)
+    return x.reshape(B, T, num_heads, d).transpose(1, 2).reshape(B, num_heads, T * d)
+
+
+def token_revert(y: Tensor, num_tokens: int) -> Tensor:
+    """Exact inverse of ``token_mix``: ``[B, H, T*D/H] -> [B, T, D]`` with ``T = num_tokens``."""
+    if y.dim() != 3:
+        raise ValueError(f"token_revert: y must be [B, H, T*D/H], got shape {tuple(y.shape)}")
+    B, H, W = y.shape
+    if num_tokens <= 0 or W % num_tokens:
+        raise ValueError(f"token_revert: num_tokens={num_tokens} must divide the width {W}")
+    d = W // num_tokens
+    return y.reshape(B, H, num_tokens, d).transpose(1, 2).reshape(B, num_tokens, H * d)
+
+
+def _norm(z: Tensor, weight: Tensor, bias: Tensor | None, norm: str, eps: float) -> Tensor:
+    zf = z.float()
+    if norm == "rms":
+        out = zf * torch.rsqrt(zf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+        if bias is not None:
+            out = out + bias.float()
+    elif norm == "layer":
+        out = F.layer_norm(
+            zf,
+            (z.shape[-1],),
+            weight.float(),
+            None if bias is None else bias.float(),
+            eps,
+        )
+    else:
+        raise ValueError(f"mix_norm: norm must be 'rms' or 'layer', got {norm!r}")
+    return out.to(z.dtype)
+
+
+def mix_norm(
+    x: Tensor,
+    num_heads: int,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    residual: Tensor | None = None,
+    revert: bool = False,
+    norm: str = "rms",
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """Mix (or revert), add a residual, normalise: returns ``(z, Norm(z))``.
+
+    ``z = (token_revert(x, num_heads) if revert else token_mix(x, num_heads)) + residual``;
+    with ``revert=True``, ``num_heads`` is the number of tokens T to revert to.
+    x: [B, T, D] (mix) or [B, H, T*D/H] (revert); residual: the shape of z or None;
+    weight, bias: [z.shape[-1]]. Norm: RMSNorm (``norm="rms"``) or LayerNorm (``"layer"``)
+    over the last dim, statistics in fp32. Both outputs have x's dtype.
+    """
+    z = token_revert(x, num_heads) if revert else token_mix(x, num_heads)
+    if residual is not None:
+        if residual.shape != z.shape:
+            raise ValueError(
+                f"mix_norm: residual shape {tuple(residual.shape)} != mixed shape {tuple(z.shape)}"
+            )
+        z = z + residual
+    if weight.shape != (z.shape[-1],):
+        raise ValueError(f"mix_norm: weight must be [{z.shape[-1]}], got {tuple(weight.shape)}")
+    return z, _norm(z, weight, bias, norm, eps)
+
+
+# --------------------------------------------------------------------------- gates
+
+
+def topk_gate(logits: Tensor, k: int, *, renormalize: bool = True) -> tuple[Tensor, Tensor]:
+    """Top-k softmax gate: ``logits [N, E] -> (weights [N, k], ids [N, k] int64)``.
+
+    ``renormalize=True``: softmax over the k largest logits; ``False``: softmax over all E, then
+    the k largest probabilities. ids are in descending order of weight. Weights have the logits'
+    dtype (softmax computed in fp32).
+    """
+    if logits.dim() != 2 or not 0 < k <= logits.shape[1]:
+        raise ValueError(
+            f"topk_gate: need logits [N, E] and 0 < k <= E, got {tuple(logits.shape)}, k={k}"
+        )
+    if renormalize:
+        vals, ids = logits.topk(k, dim=-1)
+        weights = torch.softmax(vals.float(), dim=-1)
+    else:
+        weights, ids = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
+    return weights.to(logits.dtype), ids
+
+
+def relu_gate(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """RankMixer's ReLU gate: ``logits [N, E] -> (gates [N, E], ids [N, E], l1 [N])``.
+
+    gates = relu(logits); ids[n, e] = e where gates[n, e] > 0 else -1 (so ``moe_ffn(x, gates,
+    ids, ...)`` runs only the active experts); l1 = gates.sum(-1), for the L1 sparsity loss.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"relu_gate: logits must be [N, E], got {tuple(logits.shape)}")
+    gates = torch.relu(logits)
+    experts = torch.arange(logits.shape[1], device=logits.device).expand_as(logits)
+    ids = torch.where(gates > 0, experts, torch.full_like(experts, -1))
+    return gates, ids, gates.sum(-1)
+
+
+# --------------------------------------------------------------------------- routing
+
+
+def moe_permute(ids: Tensor, num_experts: int) -> MoERouting:
+    """Stable counting sort of (row, choice) pairs by expert: ``ids [N, k] -> MoERouting``.
+
+    ids are global expert ids in ``[0, num_experts)``, or -1 for "no expert". One host sync
+    (for M and the range check).
+    """
+    if ids.dim() != 2:
+        raise ValueError(f"moe_permute: ids must be [N, k], got {tuple(ids.shape)}")
+    N, k = ids.shape
+    flat = ids.reshape(-1).long()
+    valid = flat >= 0
+    bad = int(((flat < -1) | (flat >= num_experts)).sum())
+    if bad:
+        raise ValueError(f"moe_permute: {bad} ids outside [-1, {num_experts})")
+    key = torch.where(valid, flat, torch.full_like(flat, num_experts))
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(flat[valid], minlength=num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
+    offsets[1:] = counts.cumsum(0)
+    M = int(valid.sum())
+    order = order[:M]
+    slot_of = torch.full((N * k,), -1, dtype=torch.int64, device=ids.device)
+    slot_of[order] = torch.arange(M, device=ids.device)
+    return MoERouting(order // k, slot_of.view(N, k), offsets, M)
+
+
+def moe_gather(x: Tensor, routing: MoERouting) -> Tensor:
+    """Rows of x in permuted order: ``x [N, D] -> x_perm [M, D]``, ``x_perm[p] = x[row_index[p]]``."""
+    return x[routing.row_index]
+
+
+def moe_unpermute(y_perm: Tensor, routing: MoERouting, weights: Tensor) -> Tensor:
+    """Weighted combine: ``out[n] = sum_j weights[n, j] * y_perm[slot_of[n, j]]`` (skip -1).
+
+    y_perm: [M, D]; weights: [N, k]; out: [N, D] in y_perm's dtype (sum in fp32).
+    """
+    slot_of = routing.slot_of
+    if weights.shape != slot_of.shape:
+        raise ValueError(
+            f"moe_unpermute: weights {tuple(weights.shape)} != ids {tuple(slot_of.shape)}"
+        )
+    M, D = y_perm.shape
+    # one zero row at index M stands in for the -1 slots
+    padded = torch.cat([y_perm, y_perm.new_zeros(1, D)])
+    slot = torch.where(slot_of >= 0, slot_of, torch.full_like(slot_of, M))
+    rows = padded[slot].float()  # [N, k, D]
+    w = torch.where(slot_of >= 0, weights.float(), torch.zeros_like(weights, dtype=torch.float32))
+    return (w.unsqueeze(-1) * rows).sum(1).to(y_perm.dtype)
+
+
+# --------------------------------------------------------------------------- expert FFN
+
+
+def _check_ffn(x_perm, offsets, w_up, w_down, w_gate, b_up, b_down, activation) -> None:
+    G, D, Hd = w_up.shape
+    if x_perm.dim() != 2 or x_perm.shape[1] != D:
+        raise ValueError(f"grouped_ffn: x_perm must be [M, {D}], got {tuple(x_perm.shape)}")
+    if w_down.shape != (G, Hd, D):
+        raise ValueError(f"grouped_ffn: w_down must be [{G}, {Hd}, {D}], got {tuple(w_down.shape)}")
+    if offsets.shape != (G + 1,):
+        raise ValueError(f"grouped_ffn: offsets must be [{G + 1}], got {tuple(offsets.shape)}")
+    if activation == "swiglu":
+        if w_gate is None or w_gate.shape != w_up.shape:
+            raise ValueError("grouped_ffn: activation='swiglu' needs w_gate of w_up's shape")
+    elif activation != "gelu":
+        raise ValueError(f"grouped_ffn: activation must be 'swiglu' or 'gelu', got {activation!r}")
+    if b_up is not None and b_up.shape != (G, Hd):
+        raise ValueError(f"grouped_ffn: b_up must be [{G}, {Hd}], got {tuple(b_up.shape)}")
+    if b_down is not None and b_down.shape != (G, D):
+        raise ValueError(f"grouped_ffn: b_down must be [{G}, {D}], got {tuple(b_down.shape)}")
+
+
+def grouped_ffn(
+    x_perm: Tensor,
+    offsets: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    *,
+    w_gate: Tensor | None = None,
+    b_up: Tensor | None = None,
+    b_down: Tensor | None = None,
+    activation: str = "swiglu",
+) -> Tensor:
+    """Per-expert FFN over rows grouped by expert: ``x_perm [M, D] -> y [M, D]``.
+
+    Expert g owns rows ``offsets[g]:offsets[g+1]`` (``offsets [G+1]``, ``offsets[-1] == M``).
+    w_up, w_gate: [G, D, Hd]; w_down: [G, Hd, D]; b_up: [G, Hd]; b_down: [G, D].
+    swiglu: ``y = (silu(x @ w_gate[g]) * (x @ w_up[g] + b_up[g])) @ w_down[g] + b_down[g]``;
+    gelu (exact, erf): ``y = gelu(x @ w_up[g] + b_up[g]) @ w_down[g] + b_down[g]``
+    (absent biases are zero). A per-expert loop: one host sync for the offsets.
+    """
+    _check_ffn(x_perm, offsets, w_up, w_down, w_gate, b_up, b_down, activation)
+    bounds = offsets.tolist()
+    if bounds[-1] != x_perm.shape[0]:
+        raise ValueError(
+            f"grouped_ffn: offsets[-1]={bounds[-1]} != rows of x_perm {x_perm.shape[0]}"
+        )
+    outs = [x_perm.new_zeros(0, x_perm.shape[1])]
+    for g in range(w_up.shape[0]):
+        s, e = bounds[g], bounds[g + 1]
+        if s == e:
+            continue
+        xs = x_perm[s:e]
+        up = xs @ w_up[g]
+        if b_up is not None:
+            up = up + b_up[g]
+        if activation == "swiglu":
+            h = F.silu(xs @ w_gate[g]) * up
+        else:
+            h = F.gelu(up)
+        y = h @ w_down[g]
+        if b_down is not None:
+            y = y + b_down[g]
+        outs.append(y)
+    return torch.cat(outs)
+
+
+def moe_ffn(
+    x: Tensor,
+    weights: Tensor,
+    ids: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    *,
+    w_gate: Tensor | None = None,
+    b_up: Tensor | None = None,
+    b_down: Tensor | None = None,
+    activation: str = "swiglu",
+) -> Tensor:
+    """Routed expert FFN: ``x [N, D]``, ``weights, ids [N, k]`` -> ``out [N, D]``.
+
+    ``out[n] = sum_j weights[n, j] * FFN_{ids[n, j]}(x[n])`` (pairs with ``ids == -1`` skipped),
+    computed as moe_permute -> gather -> grouped_ffn -> moe_unpermute.
+    """
+    routing = moe_permute(ids, w_up.shape[0])
+    y_perm = grouped_ffn(
+        moe_gather(x, routing),
+        routing.offsets,
+        w_up,
+        w_down,
+        w_gate=w_gate,
+        b_up=b_up,
+        b_down=b_down,
+        activation=activation,
+    )
+    return moe_unpermute(y_perm, routing, weights)
