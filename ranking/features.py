@@ -27,6 +27,7 @@ share one table if they agree on ``num_buckets`` and ``dim``), its embedding ``d
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,9 @@ class FeatureSchema:
             return SchemaError(f"{source}: {key}: {msg}")
 
         if not isinstance(data, dict):
-            raise SchemaError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+            raise SchemaError(
+                f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+            )
         unknown = set(data) - _TOP_KEYS
         if unknown:
             raise err(sorted(unknown)[0], f"unknown key (expected one of {sorted(_TOP_KEYS)})")
@@ -172,7 +175,9 @@ class FeatureSchema:
         raw_features = data.get("features")
         if not isinstance(raw_features, list) or not raw_features:
             raise err("features", "required, a non-empty list")
-        features = [cls._parse_feature(f, f"features[{i}]", err) for i, f in enumerate(raw_features)]
+        features = [
+            cls._parse_feature(f, f"features[{i}]", err) for i, f in enumerate(raw_features)
+        ]
         names = [f.name for f in features]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -216,7 +221,9 @@ class FeatureSchema:
             raise err(f"{key}.name", "required string")
         bad = set(raw) - _FEATURE_KEYS
         if bad:
-            raise err(f"{key}.{sorted(bad)[0]}", f"unknown key (expected one of {sorted(_FEATURE_KEYS)})")
+            raise err(
+                f"{key}.{sorted(bad)[0]}", f"unknown key (expected one of {sorted(_FEATURE_KEYS)})"
+            )
         kind = raw.get("kind")
         if kind not in KINDS:
             raise err(f"{key}.kind", f"expected one of {list(KINDS)}, got {kind!r}")
@@ -233,7 +240,9 @@ class FeatureSchema:
                     raise err(f"{key}.{k}", "only for categorical and id_list features")
             transform = raw.get("transform", "none")
             if transform not in TRANSFORMS:
-                raise err(f"{key}.transform", f"expected one of {list(TRANSFORMS)}, got {transform!r}")
+                raise err(
+                    f"{key}.transform", f"expected one of {list(TRANSFORMS)}, got {transform!r}"
+                )
             kw["transform"] = transform
             fill = raw.get("fill", 0.0)
             if not isinstance(fill, int | float) or isinstance(fill, bool):
@@ -279,8 +288,11 @@ class FeatureSchema:
             d: dict[str, Any] = {"name": f.name, "kind": f.kind, "group": f.group}
             if f.column != f.name:
                 d["column"] = f.column
-            keys = ("transform", "fill", "clip") if f.kind == DENSE else (
-                "num_buckets", "dim", "table", "pooling", "vocab")
+            keys = (
+                ("transform", "fill", "clip")
+                if f.kind == DENSE
+                else ("num_buckets", "dim", "table", "pooling", "vocab")
+            )
             for k in keys:
                 v = getattr(f, k)
                 if k == "table" and v == f.name:
@@ -346,7 +358,9 @@ class FeatureSchema:
                             f"with {first.name!r}, which has {k}={getattr(first, k)!r}"
                         )
             out.append(
-                TableSpec(tname, first.num_buckets, first.dim, first.pooling, tuple(f.name for f in feats))
+                TableSpec(
+                    tname, first.num_buckets, first.dim, first.pooling, tuple(f.name for f in feats)
+                )
             )
         return tuple(out)
 
@@ -402,3 +416,55 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         return Batch(self.dense.pin_memory(), self.sparse.pin_memory(), self.labels.pin_memory())
+
+
+# ---------------------------------------------------------------------------- presets and rows
+PRESETS = ("frappe", "movielens", "criteo")
+
+
+def schema_dirs() -> list[Path]:
+    """Where preset schemas are looked for, in order: ``$MIXRANK_SCHEMA_DIR``, then
+    ``configs/schemas`` at the repository root above this package."""
+    dirs = []
+    if os.environ.get("MIXRANK_SCHEMA_DIR"):
+        dirs.append(Path(os.environ["MIXRANK_SCHEMA_DIR"]))
+    dirs.append(Path(__file__).resolve().parents[1] / "configs" / "schemas")
+    return dirs
+
+
+def load_schema(name_or_path: str | Path) -> FeatureSchema:
+    """A schema from a YAML path, or a preset name (``frappe``, ``movielens``, ``criteo``, or
+    any ``<name>.yaml`` in ``schema_dirs()``)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists() or os.sep in str(name_or_path):
+        return FeatureSchema.from_yaml(p)
+    for d in schema_dirs():
+        cand = d / f"{name_or_path}.yaml"
+        if cand.exists():
+            return FeatureSchema.from_yaml(cand)
+    searched = ", ".join(str(d) for d in schema_dirs())
+    raise SchemaError(
+        f"{name_or_path}: not a schema file and not a preset (presets: {', '.join(PRESETS)}; "
+        f"searched {searched}; set MIXRANK_SCHEMA_DIR to the folder holding the YAML files)"
+    )
+
+
+def batch_from_arrow(
+    schema: FeatureSchema, data, source: str = "<arrow>", with_labels: bool = True
+) -> Batch:
+    """Arrow ``Table`` / ``RecordBatch`` -> ``Batch``: dense ``[B, Nd]`` float32, KJT with keys
+    ``schema.sparse_keys`` (categorical: one id per row, 0 when missing; id_list: 0..
+    ``max_list_length`` ids), labels ``[B, n_tasks]`` float32. See ``ranking.data.convert``."""
+    from ranking.data.convert import batch_from_arrow as impl
+
+    return impl(schema, data, source=source, with_labels=with_labels)
+
+
+def batch_from_rows(
+    schema: FeatureSchema, rows: list[dict[str, Any]], with_labels: bool = False
+) -> Batch:
+    """Per-candidate feature dicts -> ``Batch`` (serving); a missing key is a missing value.
+    The same code as ``batch_from_arrow``."""
+    from ranking.data.convert import batch_from_rows as impl
+
+    return impl(schema, rows, with_labels=with_labels)

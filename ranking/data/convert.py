@@ -1,0 +1,361 @@
+"""Rows (Arrow tables or per-candidate dicts) -> ``Batch``, through one code path.
+
+Conventions (shared by training and serving):
+
+- categorical: every row has exactly one id (length 1 in the KJT); a null or missing value gets
+  the reserved bucket ``NULL_BUCKET = 0``.
+- id_list: a null or missing list has length 0 (an empty bag; mean pooling gives zeros); a null
+  element inside a list gets bucket 0; lists are truncated to ``schema.max_list_length``.
+- dense: null / NaN / missing -> ``fill``; then ``clip`` (on the raw scale); then ``transform``
+  (``log1p``: log1p(max(x, 0)); ``signed_log1p``: sign(x) * log1p(|x|)). Output float32.
+- labels: must be 0/1 (any numeric or boolean type); anything else is a ``DataError``.
+
+The numpy core works on ``FeatureColumns`` (per-row arrays), which the reader also uses to
+shuffle and cut batches without going back to Arrow.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ranking.data.errors import DataError
+from ranking.data.hashing import HashTypeError, hash_array, load_vocab, vocab_lookup
+from ranking.features import CATEGORICAL, DENSE, Batch, FeatureSchema, FeatureSpec
+
+
+def column_error(source: str, column: str | None, msg: str) -> DataError:
+    """A ``DataError`` whose message names the file and the column; both are also attributes
+    (``e.source``, ``e.column``) for callers that report them separately (serving)."""
+    where = f"{source}: column {column!r}: " if column is not None else f"{source}: "
+    e = DataError(where + msg)
+    e.source = source  # type: ignore[attr-defined]
+    e.column = column  # type: ignore[attr-defined]
+    return e
+
+
+@dataclass
+class FeatureColumns:
+    """A batch of rows in numpy form (one entry per row, before tensors are made).
+
+    Attributes:
+        dense: ``[n, Nd]`` float32.
+        ids: per sparse key, ``[total]`` int64 bucket ids (categorical: total = n).
+        lengths: per sparse key, ``[n]`` int64 ids per row.
+        labels: ``[n, n_tasks]`` float32.
+        jagged: the keys whose rows may hold other than one id (id_list features).
+    """
+
+    dense: np.ndarray
+    ids: dict[str, np.ndarray]
+    lengths: dict[str, np.ndarray]
+    labels: np.ndarray
+    jagged: frozenset[str] = field(default_factory=frozenset)
+
+    def __len__(self) -> int:
+        return int(self.dense.shape[0])
+
+    def take(self, idx: np.ndarray) -> FeatureColumns:
+        """The rows ``idx`` (``[m]`` int64), in that order."""
+        ids, lengths = {}, {}
+        for k, v in self.ids.items():
+            if k in self.jagged:
+                ids[k], lengths[k] = jagged_take(v, self.lengths[k], idx)
+            else:
+                ids[k], lengths[k] = v[idx], self.lengths[k][idx]
+        return FeatureColumns(self.dense[idx], ids, lengths, self.labels[idx], self.jagged)
+
+    def split(self, size: int, count: int) -> tuple[list[FeatureColumns], FeatureColumns]:
+        """The first ``count`` runs of ``size`` rows, and the rest (views, no copies)."""
+        bounds = [i * size for i in range(count + 1)] + [len(self)]
+        starts = {k: np.concatenate([[0], np.cumsum(self.lengths[k])]) for k in self.jagged}
+        parts = []
+        for a, b in itertools.pairwise(bounds):
+            ids = {
+                k: v[starts[k][a] : starts[k][b]] if k in self.jagged else v[a:b]
+                for k, v in self.ids.items()
+            }
+            lengths = {k: v[a:b] for k, v in self.lengths.items()}
+            parts.append(
+                FeatureColumns(self.dense[a:b], ids, lengths, self.labels[a:b], self.jagged)
+            )
+        return parts[:-1], parts[-1]
+
+    @staticmethod
+    def concat(parts: list[FeatureColumns]) -> FeatureColumns:
+        """Rows of all parts, in order."""
+        if len(parts) == 1:
+            return parts[0]
+        keys = parts[0].ids.keys()
+        return FeatureColumns(
+            np.concatenate([p.dense for p in parts]),
+            {k: np.concatenate([p.ids[k] for p in parts]) for k in keys},
+            {k: np.concatenate([p.lengths[k] for p in parts]) for k in keys},
+            np.concatenate([p.labels for p in parts]),
+            parts[0].jagged,
+        )
+
+
+def jagged_take(values: np.ndarray, lengths: np.ndarray, idx: np.ndarray):
+    """Rows ``idx`` of a jagged array: values ``[total]``, lengths ``[n]`` -> (values', lengths')."""
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    new_len = lengths[idx]
+    total = int(new_len.sum())
+    if total == 0:
+        return values[:0].copy(), new_len
+    new_starts = np.cumsum(new_len) - new_len
+    gather = np.repeat(starts[idx] - new_starts, new_len) + np.arange(total, dtype=np.int64)
+    return values[gather], new_len
+
+
+# ------------------------------------------------------------------------------ arrow -> numpy
+def columns_from_arrow(
+    schema: FeatureSchema,
+    data: pa.Table | pa.RecordBatch,
+    source: str = "<arrow>",
+    with_labels: bool = True,
+) -> FeatureColumns:
+    """Convert rows to ``FeatureColumns``; ``source`` names the file in error messages.
+
+    With ``with_labels=False`` labels are zeros and label columns are not read.
+    """
+    n = data.num_rows
+    names = set(data.schema.names)
+    need = [f.column for f in schema.features] + (schema.label_columns if with_labels else [])
+    for col in need:
+        if col not in names:
+            raise column_error(source, col, f"missing (the file has {sorted(names)})")
+    dense = np.empty((n, schema.num_dense), dtype=np.float32)
+    for j, f in enumerate(schema.dense_features):
+        dense[:, j] = dense_values(f, data.column(f.column), source)
+    ids, lengths = {}, {}
+    for f in schema.sparse_features:
+        ids[f.name], lengths[f.name] = sparse_values(schema, f, data.column(f.column), source)
+    labels = np.zeros((n, len(schema.tasks)), dtype=np.float32)
+    if with_labels:
+        for j, col in enumerate(schema.label_columns):
+            labels[:, j] = label_values(data.column(col), col, source)
+    jagged = frozenset(f.name for f in schema.sparse_features if f.kind != CATEGORICAL)
+    return FeatureColumns(dense, ids, lengths, labels, jagged)
+
+
+def dense_values(f: FeatureSpec, col: pa.Array | pa.ChunkedArray, source: str) -> np.ndarray:
+    """One dense column: ``[n]`` Arrow numbers -> ``[n]`` float32 (fill, clip, transform)."""
+    t = col.type
+    if not (
+        pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_null(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_decimal(t)
+    ):
+        raise column_error(
+            source, f.column, f"dense feature {f.name!r} has type {t}, expected a number"
+        )
+    x = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False) if len(col) else np.zeros(0)
+    x = np.where(np.isnan(x), f.fill, x)
+    if f.clip is not None:
+        x = np.clip(x, f.clip[0], f.clip[1])
+    if f.transform == "log1p":
+        x = np.log1p(np.maximum(x, 0.0))
+    elif f.transform == "signed_log1p":
+        x = np.sign(x) * np.log1p(np.abs(x))
+    return x.astype(np.float32)
+
+
+def sparse_values(
+    schema: FeatureSchema, f: FeatureSpec, col: pa.Array | pa.ChunkedArray, source: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """One sparse column -> (ids ``[total]`` int64, lengths ``[n]`` int64)."""
+    t = col.type
+    is_list = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+    if f.kind == CATEGORICAL:
+        if is_list:
+            raise column_error(
+                source,
+                f.column,
+                f"categorical feature {f.name!r} has type {t}, expected strings or integers",
+            )
+        return _bucket(schema, f, col, source), np.ones(len(col), dtype=np.int64)
+    if pa.types.is_null(t):
+        return np.zeros(0, np.int64), np.zeros(len(col), np.int64)
+    if not is_list:
+        raise column_error(
+            source, f.column, f"id_list feature {f.name!r} has type {t}, expected a list"
+        )
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    lengths = (
+        pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    )
+    flat = pc.list_flatten(col)
+    ids = _bucket(schema, f, flat, source) if len(flat) else np.zeros(0, np.int64)
+    cap = schema.max_list_length
+    if len(lengths) and int(lengths.max()) > cap:
+        pos = np.arange(len(ids), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        ids = ids[pos < cap]
+        lengths = np.minimum(lengths, cap)
+    return ids, lengths
+
+
+def _bucket(schema: FeatureSchema, f: FeatureSpec, arr, source: str) -> np.ndarray:
+    try:
+        if f.vocab is None:
+            return hash_array(arr, f.num_buckets, schema.hash_seed)
+        vocab = load_vocab(resolve_vocab_path(schema, f))
+        if len(vocab) + 2 > f.num_buckets:
+            raise column_error(
+                source,
+                f.column,
+                f"vocabulary of {f.name!r} has {len(vocab)} values; num_buckets must be >= {len(vocab) + 2}, got {f.num_buckets}",
+            )
+        return vocab_lookup(arr, vocab)
+    except HashTypeError as e:
+        raise column_error(source, f.column, f"{f.kind} feature {f.name!r}: {e}") from None
+    except OSError as e:
+        raise column_error(
+            source, f.column, f"cannot read vocabulary file of {f.name!r}: {e}"
+        ) from None
+
+
+def resolve_vocab_path(schema: FeatureSchema, f: FeatureSpec) -> Path:
+    """A feature's vocabulary file; a relative path is relative to the schema file's folder."""
+    p = Path(f.vocab or "")
+    if not p.is_absolute() and schema.source not in ("<dict>", ""):
+        cand = Path(schema.source).parent / p
+        if cand.exists() or not p.exists():
+            return cand
+    return p
+
+
+def label_values(col: pa.Array | pa.ChunkedArray, column: str, source: str) -> np.ndarray:
+    """One label column: ``[n]`` 0/1 values -> ``[n]`` float32; anything else is an error."""
+    t = col.type
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+        raise column_error(source, column, f"label has type {t}, expected 0/1 numbers")
+    if col.null_count:
+        row = int(pc.index(pc.is_null(col), True).as_py())
+        raise column_error(source, column, f"label is null at row {row}, expected 0 or 1")
+    y = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False) if len(col) else np.zeros(0)
+    bad = (y != 0) & (y != 1)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise column_error(source, column, f"label is {y[row]!r} at row {row}, expected 0 or 1")
+    return y.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ numpy -> Batch
+def to_batch(schema: FeatureSchema, cols: FeatureColumns) -> Batch:
+    """``FeatureColumns`` -> ``Batch`` (dense ``[B, Nd]``, KJT over ``schema.sparse_keys``,
+    labels ``[B, n_tasks]``); tensors share memory with the arrays where possible."""
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    keys = schema.sparse_keys
+    values = np.concatenate([cols.ids[k] for k in keys]) if keys else np.zeros(0, np.int64)
+    lengths = np.concatenate([cols.lengths[k] for k in keys]) if keys else np.zeros(0, np.int64)
+    kjt = KeyedJaggedTensor(
+        keys=keys,
+        values=torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)),
+        lengths=torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64)),
+        stride=len(cols),
+    )
+    return Batch(
+        torch.from_numpy(np.ascontiguousarray(cols.dense)),
+        kjt,
+        torch.from_numpy(np.ascontiguousarray(cols.labels)),
+    )
+
+
+def batch_from_arrow(
+    schema: FeatureSchema,
+    data: pa.Table | pa.RecordBatch,
+    source: str = "<arrow>",
+    with_labels: bool = True,
+) -> Batch:
+    """Arrow rows -> ``Batch``. Every feature column must be present (``DataError`` otherwise)."""
+    return to_batch(schema, columns_from_arrow(schema, data, source, with_labels))
+
+
+# ------------------------------------------------------------------------------ dicts (serving)
+def table_from_rows(
+    schema: FeatureSchema, rows: list[dict[str, Any]], with_labels: bool = False
+) -> pa.Table:
+    """Per-candidate feature dicts -> an Arrow table with every schema column; a missing key is
+    a null. Categorical values may be strings or integers, mixed."""
+    cols = {}
+    for f in schema.features:
+        vals = [r.get(f.column) for r in rows]
+        cols[f.column] = _column_from_values(f, vals)
+    if with_labels:
+        for c in schema.label_columns:
+            vals = [r.get(c) for r in rows]
+            try:
+                cols[c] = pa.array(vals, pa.float64())
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
+                raise column_error("<rows>", c, f"label: {e}") from None
+    return pa.table(cols) if cols else pa.table({"_": pa.nulls(len(rows))})
+
+
+def _column_from_values(f: FeatureSpec, vals: list[Any]) -> pa.Array:
+    try:
+        if f.kind == DENSE:
+            for v in vals:
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+                    raise column_error(
+                        "<rows>",
+                        f.column,
+                        f"dense feature {f.name!r} got {v!r}, expected a number or null",
+                    )
+            return pa.array(vals, pa.float64())
+        if f.kind == CATEGORICAL:
+            return _categorical_array(f, vals)
+        lists = []
+        for v in vals:
+            if v is not None and not isinstance(v, list | tuple):
+                raise column_error(
+                    "<rows>", f.column, f"id_list feature {f.name!r} got {v!r}, expected a list"
+                )
+            lists.append(None if v is None else list(v))
+        flat = _categorical_array(f, [x for v in lists if v is not None for x in v])
+        lengths = [0 if v is None else len(v) for v in lists]
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        mask = pa.array([v is None for v in lists])
+        return pa.ListArray.from_arrays(offsets, flat, mask=mask)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
+        raise column_error("<rows>", f.column, f"{f.kind} feature {f.name!r}: {e}") from None
+
+
+def _categorical_array(f: FeatureSpec, vals: list[Any]) -> pa.Array:
+    """Strings stay strings; integers (and integral floats) become their decimal form, exactly
+    as ``canonical_strings`` does for an integer column."""
+    out = []
+    for v in vals:
+        if v is None or isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, int) and not isinstance(v, bool):
+            out.append(str(v))
+        elif isinstance(v, float) and v.is_integer():
+            out.append(str(int(v)))
+        else:
+            raise column_error(
+                "<rows>",
+                f.column,
+                f"{f.kind} feature {f.name!r} got {v!r}, expected a string or an integer",
+            )
+    return pa.array(out, pa.string())
+
+
+def batch_from_rows(
+    schema: FeatureSchema, rows: list[dict[str, Any]], with_labels: bool = False
+) -> Batch:
+    """Per-candidate feature dicts -> ``Batch`` (the serving path; labels zeros unless
+    ``with_labels``). Goes through ``batch_from_arrow``: the same hashing and transforms."""
+    table = table_from_rows(schema, rows, with_labels)
+    return batch_from_arrow(schema, table, source="<rows>", with_labels=with_labels)

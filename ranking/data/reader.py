@@ -1,0 +1,328 @@
+"""Streaming, sharded, shuffled Parquet reader yielding ``Batch`` objects.
+
+Units of work: every Parquet row group is cut into slices of at most ``unit_rows`` rows; a unit
+is ``(file, row group, start, stop)``. Per epoch the global unit list is ordered (row groups
+shuffled by ``(seed, epoch)``, the slices of each row group shuffled among themselves, so that a
+shard reads each row group at most once per epoch), then unit ``k`` goes to shard
+``k % num_shards``, with ``shard = rank * num_workers + worker_id``. So every row is read exactly
+once per epoch over all ranks and DataLoader workers, and shards are disjoint.
+
+Within a shard, rows pass through a bounded shuffle buffer: each unit's rows join the buffer, the
+buffer is permuted, and full batches are cut from it until ``shuffle_buffer // 2`` rows remain.
+Memory is bounded by one row group plus the buffer, whatever the data set size.
+
+Position: a shard's stream is a deterministic function of ``(seed, epoch, shard)`` and the file
+metadata, so ``skip_batches`` resumes exactly: the shuffle is replayed on row ids only (no data
+is read for skipped units), then only the units still holding buffered rows are read.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ranking.data.convert import FeatureColumns, columns_from_arrow, to_batch
+from ranking.data.errors import DataError
+from ranking.features import FeatureSchema
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Rows ``[start, stop)`` of row group ``row_group`` of ``path``."""
+
+    path: str
+    row_group: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def resolve_files(path: str | Path | list) -> list[str]:
+    """A file, a directory (``*.parquet`` below it) or a glob -> sorted list of Parquet files."""
+    if isinstance(path, list | tuple):
+        return sorted({f for p in path for f in resolve_files(p)})
+    s = str(path)
+    if any(c in s for c in "*?["):
+        files = sorted(f for f in globlib.glob(s, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise DataError(f"{s}: no files match this pattern")
+        return files
+    p = Path(s)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*.parquet") if f.is_file())
+        if not files:
+            raise DataError(f"{s}: directory holds no *.parquet files")
+        return files
+    if not p.exists():
+        raise DataError(f"{s}: no such file or directory")
+    return [str(p)]
+
+
+def list_units(files: list[str], unit_rows: int) -> list[Unit]:
+    """All units of the data set, in file / row-group order (reads only the footers)."""
+    import pyarrow.dataset as ds
+
+    units = []
+    for f in files:
+        try:
+            frag = next(iter(ds.dataset(f, format="parquet").get_fragments()))
+            row_groups = [rg.num_rows for rg in frag.row_groups]
+        except (pa.ArrowInvalid, OSError, StopIteration) as e:
+            raise DataError(f"{f}: not a readable Parquet file: {e}") from None
+        for rg, n in enumerate(row_groups):
+            for start in range(0, n, unit_rows):
+                units.append(Unit(f, rg, start, min(n, start + unit_rows)))
+    return units
+
+
+def epoch_order(units: list[Unit], seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """Global unit order of one epoch: row groups shuffled, slices shuffled within each."""
+    if not shuffle:
+        return list(range(len(units)))
+    rng = np.random.default_rng([seed, epoch, 0x5EED])
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, u in enumerate(units):
+        groups.setdefault((u.path, u.row_group), []).append(i)
+    keys = list(groups)
+    order = []
+    for gi in rng.permutation(len(keys)):
+        members = groups[keys[gi]]
+        order.extend(members[j] for j in rng.permutation(len(members)))
+    return order
+
+
+class ParquetBatches(IterableDataset):
+    """An ``IterableDataset`` of ``Batch`` over Parquet files, sharded by rank and worker.
+
+    Use with ``DataLoader(ds, batch_size=None, num_workers=N)`` or iterate directly.
+
+    Args:
+        schema: the feature schema (columns read: ``schema.columns``).
+        path: a file, directory or glob (or a list of them).
+        batch_size: rows per batch.
+        rank, world_size: this process's data-parallel shard (default: from torch.distributed
+            when initialised, else 0 / 1).
+        shuffle: shuffle units and rows (by ``seed`` and the epoch); False keeps file order.
+        seed: the shuffle seed.
+        drop_last: drop each shard's final partial batch.
+        unit_rows: rows per unit of work (a row-group slice).
+        shuffle_buffer: rows in the shuffle buffer.
+        with_labels: read the label columns (False: zeros, for unlabeled data).
+    """
+
+    def __init__(
+        self,
+        schema: FeatureSchema,
+        path: str | Path | list,
+        batch_size: int,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        unit_rows: int = 65536,
+        shuffle_buffer: int = 65536,
+        with_labels: bool = True,
+    ):
+        if batch_size < 1 or unit_rows < 1:
+            raise ValueError("batch_size and unit_rows must be positive")
+        self.schema = schema
+        self.files = resolve_files(path)
+        self.batch_size = batch_size
+        self.rank, self.world_size = _rank_world(rank, world_size)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.shuffle_buffer = shuffle_buffer if shuffle else 0
+        self.with_labels = with_labels
+        self.units = list_units(self.files, unit_rows)
+        self.num_rows = sum(u.rows for u in self.units)
+        if self.num_rows == 0:
+            raise DataError(f"{_describe(path)}: the data set has no rows")
+        self._check_columns()
+        self.epoch = 0
+        self._skip = 0
+        self.batches_yielded = 0  # in this process's shard, this epoch (num_workers=0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (reshuffles); resets any ``skip_batches``."""
+        self.epoch = epoch
+        self._skip = 0
+        self.batches_yielded = 0
+
+    def skip_batches(self, n: int) -> None:
+        """Resume: the next iteration of this epoch starts after ``n`` batches of this rank.
+
+        ``n`` counts batches as a DataLoader delivers them (round-robin over its workers); exact
+        as long as no worker had run out of data (i.e. before the last few batches of an epoch).
+        """
+        self._skip = n
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position for checkpoints: ``{"epoch", "batches"}`` (batches of this rank)."""
+        return {"epoch": self.epoch, "batches": self.batches_yielded + self._skip}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.set_epoch(int(state["epoch"]))
+        self.skip_batches(int(state["batches"]))
+
+    def shard_units(self, shard: int, num_shards: int) -> list[Unit]:
+        """Units of one shard for the current epoch, in reading order."""
+        order = epoch_order(self.units, self.seed, self.epoch, self.shuffle)
+        return [self.units[i] for i in order[shard::num_shards]]
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        shard = self.rank * nw + wid
+        num_shards = self.world_size * nw
+        skip = (self._skip - wid + nw - 1) // nw if self._skip > wid else 0
+        units = self.shard_units(shard, num_shards)
+        rng = np.random.default_rng([self.seed, self.epoch, shard, 0xB0F])
+        for cols in iter_shard(
+            units, self._read, self.batch_size, self.shuffle_buffer, rng, self.drop_last, skip
+        ):
+            self.batches_yielded += 1
+            yield to_batch(self.schema, cols)
+
+    def rank_rows(self) -> int:
+        """Rows this rank reads in the current epoch (over all its DataLoader workers)."""
+        return sum(u.rows for u in self.shard_units(self.rank, self.world_size))
+
+    # ------------------------------------------------------------------ reading
+    def _check_columns(self) -> None:
+        import pyarrow.parquet as pq
+
+        need = [f.column for f in self.schema.features]
+        need += self.schema.label_columns if self.with_labels else []
+        for f in self.files:
+            try:
+                names = pq.read_schema(f).names
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataError(f"{f}: not a readable Parquet file: {e}") from None
+            for c in need:
+                if c not in names:
+                    raise DataError(f"{f}: column {c!r}: missing (the file has {names})")
+
+    _cache: tuple[tuple[str, int], pa.Table] | None = None
+
+    def _read(self, unit: Unit) -> FeatureColumns:
+        """One unit's rows, converted. Keeps the last row group read (units of one row group
+        come one after another)."""
+        import pyarrow.parquet as pq
+
+        key = (unit.path, unit.row_group)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = None
+            try:
+                table = pq.ParquetFile(unit.path).read_row_group(
+                    unit.row_group, columns=self._columns()
+                )
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataError(
+                    f"{unit.path}: cannot read row group {unit.row_group}: {e}"
+                ) from None
+            self._cache = (key, table)
+        table = self._cache[1].slice(unit.start, unit.rows)
+        return columns_from_arrow(
+            self.schema, table, source=unit.path, with_labels=self.with_labels
+        )
+
+    def _columns(self) -> list[str]:
+        cols = [f.column for f in self.schema.features]
+        cols += self.schema.label_columns if self.with_labels else []
+        return list(dict.fromkeys(cols))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_cache", None)
+        return state
+
+
+def iter_shard(units, read, batch_size, buffer_rows, rng, drop_last, skip=0):
+    """Shuffle-buffer batching over one shard's units -> ``FeatureColumns`` of ``batch_size`` rows.
+
+    The buffer is tracked as stream row ids (row r of unit u is ``offset[u] + r``), so the first
+    ``skip`` batches are replayed without reading data; only the units still holding buffered
+    rows when the skip ends are read.
+    """
+    sizes = np.array([u.rows for u in units], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    ids = np.zeros(0, dtype=np.int64)
+    data: FeatureColumns | None = None
+    emitted = 0
+    for ui, unit in enumerate(units):
+        last = ui == len(units) - 1
+        new_ids = np.arange(offsets[ui], offsets[ui + 1], dtype=np.int64)
+        ids = np.concatenate([ids, new_ids])
+        if emitted >= skip:
+            data = _materialize(units, offsets, ids[: len(ids) - len(new_ids)], data, read)
+            data = (
+                read(unit)
+                if data is None or len(data) == 0
+                else FeatureColumns.concat([data, read(unit)])
+            )
+        if len(ids) < buffer_rows and not last:
+            continue
+        if buffer_rows:
+            perm = rng.permutation(len(ids))
+            ids = ids[perm]
+            if data is not None:
+                data = data.take(perm)
+        keep = 0 if last else buffer_rows // 2
+        count = max(0, (len(ids) - keep) // batch_size)
+        if count == 0:
+            continue
+        first = max(0, min(count, skip - emitted))  # batches of this round still to skip
+        if first < count:
+            data = _materialize(units, offsets, ids, data, read)
+            if first:
+                data = data.split(batch_size * first, 1)[1]
+            batches, data = data.split(batch_size, count - first)
+            yield from batches
+        ids = ids[count * batch_size :]
+        emitted += count
+    if len(ids) and not drop_last and emitted >= skip:
+        data = _materialize(units, offsets, ids, data, read)
+        yield data
+
+
+def _materialize(units, offsets, ids, data, read):
+    """The data of buffered row ids: ``data`` when present, else read back from their units."""
+    if data is not None or len(ids) == 0:
+        return data
+    which = np.searchsorted(offsets, ids, side="right") - 1
+    needed = np.unique(which)
+    parts = [read(units[u]) for u in needed]
+    base = np.concatenate([[0], np.cumsum([len(p) for p in parts])])
+    pos = {int(u): int(b) for u, b in zip(needed, base[:-1])}
+    local = ids - offsets[which] + np.array([pos[int(u)] for u in which], dtype=np.int64)
+    return FeatureColumns.concat(parts).take(local)
+
+
+def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None or world_size is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            rank = dist.get_rank() if rank is None else rank
+            world_size = dist.get_world_size() if world_size is None else world_size
+    rank, world_size = rank or 0, world_size or 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, {world_size})")
+    return rank, world_size
+
+
+def _describe(path) -> str:
+    return ", ".join(map(str, path)) if isinstance(path, list | tuple) else str(path)
