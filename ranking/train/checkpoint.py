@@ -1,0 +1,151 @@
+"""Atomic, sharded training checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+Layout of ``<run>/checkpoints/``::
+
+    step-00000400/            # DCP files of every rank (sharded tables stay sharded)
+        .metadata, __0_0.distcp, ...
+        COMPLETE              # written by rank 0 after every rank finished; JSON with the step
+    step-00000800.partial/    # a save in progress (or killed half way): never loaded
+
+A save writes into ``step-N.partial/``; after a barrier rank 0 writes ``COMPLETE`` into it and
+renames it to ``step-N/``. ``latest()`` only returns directories that have the marker, so a
+checkpoint killed half way is skipped. The newest ``keep`` complete checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def complete_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every complete checkpoint, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    out = []
+    for p in ckpt_dir.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / MARKER).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest(ckpt_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint directory, or None."""
+    done = complete_checkpoints(ckpt_dir)
+    return done[-1][1] if done else None
+
+
+def read_marker(path: str | Path) -> dict:
+    return json.loads((Path(path) / MARKER).read_text())
+
+
+def save(
+    state: dict,
+    ckpt_dir: str | Path,
+    step: int,
+    keep: int = 2,
+    info: dict | None = None,
+    local: dict | None = None,
+) -> Path:
+    """Save ``state`` (a DCP state dict) from every rank as checkpoint ``step``; returns its path.
+
+    ``local`` is this rank's own small state (RNG, data position), saved beside the DCP files as
+    ``rank-<r>.pt``; DCP would treat plain tensors as replicated and keep only rank 0's copy.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    ckpt_dir = Path(ckpt_dir)
+    final = ckpt_dir / f"step-{step:08d}"
+    partial = ckpt_dir / f"step-{step:08d}.partial"
+    if _rank() == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if partial.exists():
+            shutil.rmtree(partial)
+    _barrier()
+    dcp.save(state, checkpoint_id=str(partial))
+    if local is not None:
+        torch.save(local, partial / f"rank-{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        marker = {"step": step, "time": time.time(), **(info or {})}
+        tmp = partial / (MARKER + ".tmp")
+        tmp.write_text(json.dumps(marker))
+        os.replace(tmp, partial / MARKER)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_dir(ckpt_dir)
+        _prune(ckpt_dir, keep)
+    _barrier()
+    return final
+
+
+def load(state: dict, path: str | Path) -> dict:
+    """Load checkpoint ``path`` into ``state`` in place (DCP reshards as needed); returns it."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {MARKER} marker)")
+    dcp.load(state, checkpoint_id=str(path))
+    return state
+
+
+def load_local(path: str | Path) -> dict | None:
+    """This rank's ``local`` state saved with the checkpoint, or None."""
+    f = Path(path) / f"rank-{_rank()}.pt"
+    return torch.load(f, weights_only=True) if f.is_file() else None
+
+
+def _prune(ckpt_dir: Path, keep: int) -> None:
+    done = complete_checkpoints(ckpt_dir)
+    for _, p in done[: max(0, len(done) - max(keep, 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in ckpt_dir.glob("step-*.partial"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def rng_state() -> dict:
+    """This rank's RNG state (torch CPU, and CUDA where present), for exact resumption."""
+    st = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])

@@ -1,0 +1,77 @@
+"""Checkpoint atomicity (single process) and the evaluation metrics against slow references."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ranking.metrics import EvalAccumulator, binary_metrics
+from ranking.train import checkpoint as ckpt
+
+
+def test_save_load_roundtrip_and_latest_skips_incomplete(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt.save({"model": model.state_dict()}, tmp_path, step=5, local={"x": torch.arange(3)})
+    # a newer checkpoint killed half way (no marker) and a stale partial must both be ignored
+    (tmp_path / "step-00000009").mkdir()
+    (tmp_path / "step-00000009" / ".metadata").write_bytes(b"half")
+    (tmp_path / "step-00000012.partial").mkdir()
+    latest = ckpt.latest(tmp_path)
+    assert latest is not None and latest.name == "step-00000005"
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    state = {"model": model.state_dict()}
+    ckpt.load(state, latest)
+    model.load_state_dict(state["model"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, want[k])
+    assert torch.equal(ckpt.load_local(latest)["x"], torch.arange(3))
+
+
+def test_keep_last_k(tmp_path):
+    m = torch.nn.Linear(2, 2)
+    for step in (1, 2, 3, 4):
+        ckpt.save({"model": m.state_dict()}, tmp_path, step=step, keep=2)
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [3, 4]
+
+
+def _slow_auc(p, y):
+    """Mann-Whitney: the probability a random positive outranks a random negative (ties 1/2)."""
+    pos = [a for a, b in zip(p, y) if b == 1]
+    neg = [a for a, b in zip(p, y) if b == 0]
+    wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_binary_metrics_against_formulas():
+    g = torch.Generator().manual_seed(3)
+    y = (torch.rand(300, generator=g) < 0.3).float()
+    p = torch.rand(300, generator=g) * 0.5 + 0.4 * y
+    p[:20] = 0.5  # ties
+    m = binary_metrics(p, y)
+    assert abs(m["auc"] - _slow_auc(p.tolist(), y.tolist())) < 1e-6  # torchmetrics sums in fp32
+    ll = -sum(b * math.log(a) + (1 - b) * math.log(1 - a) for a, b in zip(p.tolist(), y.tolist())) / 300
+    assert abs(m["logloss"] - ll) < 1e-9
+    r = y.double().mean().item()
+    assert abs(m["ne"] - ll / -(r * math.log(r) + (1 - r) * math.log(1 - r))) < 1e-9
+    assert m["rows"] == 300
+
+
+def test_accumulator_multi_task_concatenates_batches():
+    acc = EvalAccumulator(["a", "b"])
+    g = torch.Generator().manual_seed(1)
+    ps, ys = [], []
+    for _ in range(3):
+        p, y = torch.rand(50, 2, generator=g), (torch.rand(50, 2, generator=g) < 0.5).float()
+        acc.update(p, y)
+        ps.append(p)
+        ys.append(y)
+    out = acc.compute()
+    p, y = torch.cat(ps), torch.cat(ys)
+    for i, t in enumerate(["a", "b"]):
+        assert abs(out[t]["auc"] - _slow_auc(p[:, i].tolist(), y[:, i].tolist())) < 1e-6
+        assert out[t]["rows"] == 150
