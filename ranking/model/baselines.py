@@ -1,0 +1,56 @@
+"""Baselines in the same harness: TorchRec's DLRM and DLRM_DCN (DCNv2), wrapped to ``Ranker``'s
+interface (``Batch -> RankerOutput``). Multi-task: the over-arch ends in one output per task.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.models.dlrm import DLRM, DLRM_DCN
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from ranking.features import Batch, FeatureSchema
+
+from .config import ConfigError, ModelConfig
+from .ranker import RankerOutput
+
+
+class BaselineRanker(nn.Module):
+    """``Batch -> RankerOutput(logits [B, n_tasks], aux_loss = 0)`` around a TorchRec DLRM.
+
+    With no dense features, a constant 1 column feeds DLRM's dense arch (it needs at least one).
+    The EmbeddingBagCollection is ``model.sparse_arch.embedding_bag_collection``.
+    """
+
+    def __init__(self, model: nn.Module, num_dense: int):
+        super().__init__()
+        self.model, self.num_dense = model, num_dense
+
+    def forward(self, batch: Batch) -> RankerOutput:
+        dense = batch.dense
+        if self.num_dense == 0:
+            dense = torch.ones(batch.sparse.stride(), 1, device=dense.device)
+        logits = self.model(dense_features=dense, sparse_features=batch.sparse)
+        return RankerOutput(logits.float(), logits.new_zeros((), dtype=torch.float32))
+
+
+def build_baseline(config: ModelConfig, schema: FeatureSchema, device=None) -> BaselineRanker:
+    dims = {t.dim for t in schema.tables}
+    if len(dims) != 1:
+        raise ConfigError(
+            f"{config.source}: model.arch: {config.arch} needs one embedding dim for every "
+            f"table (TorchRec DLRM), the schema {schema.name!r} has {sorted(dims)}"
+        )
+    emb_dim = dims.pop()
+    ebc = EmbeddingBagCollection(
+        tables=schema.embedding_bag_configs(),
+        device=None if device is None else torch.device(device),
+    )
+    n_dense = max(schema.num_dense, 1)
+    dense_arch = [*config.dense_arch, emb_dim]
+    over_arch = [*config.over_arch, len(schema.tasks)]
+    if config.arch == "dlrm":
+        model = DLRM(ebc, n_dense, dense_arch, over_arch)
+    else:
+        model = DLRM_DCN(ebc, n_dense, dense_arch, over_arch, config.dcn_layers, config.dcn_rank)
+    return BaselineRanker(model, schema.num_dense)

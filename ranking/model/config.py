@@ -1,0 +1,333 @@
+"""Model configuration: one dataclass, loaded from the ``model:`` section of an experiment YAML.
+
+An experiment YAML looks like::
+
+    name: rankmixer-small
+    schema: frappe                 # a preset in configs/schemas/ or a path to a schema YAML
+    model:
+      arch: rankmixer
+      dim: 64
+      num_tokens: 8
+      num_layers: 2
+      moe: {enabled: true, num_experts: 4}
+    train: {...}                   # other sections belong to other owners and are ignored here
+
+Unknown keys inside ``model:`` (and ``model.moe:``) are errors that name the key and the file.
+Shape checks that need the schema (the token count T of the ``groups`` tokenizer) happen in
+``ModelConfig.resolve(schema)``, called by ``build_model``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ARCHS = ("rankmixer", "tokenmixer_large", "unimixer", "unimixer_lite", "dlrm", "dcnv2")
+MIXER_ARCHS = ("rankmixer", "tokenmixer_large", "unimixer", "unimixer_lite")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_DIR = REPO_ROOT / "configs" / "schemas"
+
+
+class ConfigError(ValueError):
+    """A model config is invalid. The message names the file and the key."""
+
+
+@dataclass
+class MoEConfig:
+    """Sparse per-token MoE options (``model.moe``).
+
+    kind: ``rankmixer`` (ReLU gate, L1 penalty, DTSI routers) or ``tokenmixer_large`` (top-k
+        softmax over E sub-experts plus an always-on shared expert); default: the arch's own.
+    num_experts: E experts per token.
+    top_k: routed experts per token (``tokenmixer_large`` only).
+    expert_mult: expert hidden width as a multiple of D; default ``ffn_mult`` for ``rankmixer``
+        (each expert is a full PFFN) and ``ffn_mult / E`` for ``tokenmixer_large`` (the pSwiGLU
+        split into E sub-experts).
+    shared_expert: always-on shared expert (``tokenmixer_large``; hidden ``expert_mult * D``).
+    alpha: routed-output scale; default ``E / top_k`` (1 / sparsity).
+    l1_weight: weight of the L1 gate penalty (``rankmixer``).
+    dtsi: separate training and inference routers (``rankmixer``).
+    dtsi_train_mode: how the routers are combined in training: ``average`` (default: gate =
+        (ReLU(h_train) + ReLU(h_infer)) / 2, so h_infer gets task-loss gradient), ``sum``, or
+        ``train_router`` (h_train alone; h_infer then learns only from the L1 term, as in ports).
+    """
+
+    enabled: bool = False
+    kind: str = ""
+    num_experts: int = 4
+    top_k: int = 2
+    expert_mult: float = 0.0
+    shared_expert: bool = True
+    alpha: float = 0.0
+    l1_weight: float = 1e-4
+    dtsi: bool = True
+    dtsi_train_mode: str = "average"
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines a model's architecture (``model:`` in an experiment YAML).
+
+    Common: ``arch``, ``dim`` (D), ``num_layers`` (L), ``ffn_mult`` (k for PFFN, n for pSwiGLU),
+    ``pooling`` (``mean`` | ``first`` | ``flatten``), ``head_hidden`` (task head MLP widths),
+    ``compute_dtype`` (``fp32`` | ``bf16``: autocast of the dense part), ``micro_batch`` (rows
+    per chunk of the mixer stack; 0 = whole batch; a cache-friendly CPU layout).
+
+    Tokenizer: ``tokenizer`` (``groups`` | ``slices``), ``num_tokens`` (total T incl. dense and
+    global tokens; required for ``slices``, checked for ``groups``), ``token_proj`` (``linear`` |
+    ``mlp``), ``dense_token`` (a token from ``Batch.dense`` when Nd > 0), ``global_token``.
+
+    Mixing: ``num_heads`` (H; RankMixer uses H = T), ``norm`` (``rms`` | ``layer``).
+
+    TokenMixer-Large: ``second_residual`` (``input``: X_next = X + F2(...), or ``reverted``:
+    Revert(H') + F2(...)), ``interlayer_residual_every`` (n; 0 = off), ``aux_loss_weight``
+    (lower-layer logit loss), ``down_init_scale``.
+
+    UniMixer: ``block_size`` (B), ``sinkhorn_iters``, ``flatten`` (``channel_major`` as in the
+    authors' code, or ``token_major``), ``tau_start``, ``tau_end``, ``lite_bases`` (b),
+    ``lite_rank`` (r).
+
+    Baselines: ``dense_arch`` (DLRM bottom MLP; last = embedding dim), ``over_arch``,
+    ``dcn_layers``, ``dcn_rank``.
+    """
+
+    arch: str = "rankmixer"
+    dim: int = 64
+    num_layers: int = 2
+    ffn_mult: float = 4.0
+    pooling: str = "mean"
+    head_hidden: list[int] = field(default_factory=list)
+    compute_dtype: str = "fp32"
+    micro_batch: int = 0
+    # tokenizer
+    tokenizer: str = ""
+    num_tokens: int = 0
+    token_proj: str = "linear"
+    dense_token: bool = True
+    global_token: bool = False
+    # mixing
+    num_heads: int = 0
+    norm: str = ""
+    # tokenmixer_large
+    second_residual: str = "input"
+    interlayer_residual_every: int = 2
+    aux_loss_weight: float = 0.0
+    down_init_scale: float = 0.01
+    # unimixer
+    block_size: int = 0
+    sinkhorn_iters: int = 10
+    flatten: str = "channel_major"
+    tau_start: float = 1.0
+    tau_end: float = 0.05
+    lite_bases: int = 4
+    lite_rank: int = 8
+    # baselines
+    dense_arch: list[int] = field(default_factory=lambda: [64])
+    over_arch: list[int] = field(default_factory=lambda: [128, 64])
+    dcn_layers: int = 3
+    dcn_rank: int = 32
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    source: str = field(default="<dict>", compare=False, repr=False)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>") -> ModelConfig:
+        """Build from the ``model:`` mapping; unknown keys raise ``ConfigError``."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: model: expected a mapping, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+        kw: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in fields:
+                raise ConfigError(
+                    f"{source}: model.{key}: unknown key (expected one of {sorted(fields)})"
+                )
+            if key == "moe":
+                kw["moe"] = _moe_from_dict(value, source)
+            else:
+                kw[key] = _coerce(f"model.{key}", value, fields[key], source)
+        cfg = cls(**kw, source=source)
+        cfg._fill_defaults()
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> tuple[ModelConfig, str]:
+        """Read an experiment YAML: returns ``(model config, schema reference)``."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        if "model" not in data:
+            raise ConfigError(f"{path}: model: required section is missing")
+        schema = data.get("schema")
+        if not isinstance(schema, str) or not schema:
+            raise ConfigError(f"{path}: schema: required, a preset name or a schema path")
+        return cls.from_dict(data["model"], source=str(path)), schema
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``model:`` mapping (round-trips through ``from_dict``); for manifests."""
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+    # ------------------------------------------------------------------ checks
+    def _err(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.source}: model.{key}: {msg}")
+
+    def _fill_defaults(self) -> None:
+        if not self.tokenizer:
+            self.tokenizer = "slices" if self.arch == "rankmixer" else "groups"
+        if not self.norm:
+            self.norm = "layer" if self.arch == "rankmixer" else "rms"
+        m = self.moe
+        if not m.kind:
+            m.kind = "tokenmixer_large" if self.arch == "tokenmixer_large" else "rankmixer"
+        if not m.expert_mult:
+            m.expert_mult = (
+                self.ffn_mult if m.kind == "rankmixer" else self.ffn_mult / m.num_experts
+            )
+        if not m.alpha:
+            m.alpha = m.num_experts / m.top_k if m.kind == "tokenmixer_large" else 1.0
+
+    def validate(self) -> None:
+        """Checks that need no schema; ``resolve`` does the rest."""
+
+        def choice(key: str, value: Any, options: tuple) -> None:
+            if value not in options:
+                raise self._err(key, f"expected one of {list(options)}, got {value!r}")
+
+        choice("arch", self.arch, ARCHS)
+        choice("tokenizer", self.tokenizer, ("groups", "slices"))
+        choice("token_proj", self.token_proj, ("linear", "mlp"))
+        choice("pooling", self.pooling, ("mean", "first", "flatten"))
+        choice("norm", self.norm, ("rms", "layer"))
+        choice("compute_dtype", self.compute_dtype, ("fp32", "bf16"))
+        choice("second_residual", self.second_residual, ("input", "reverted"))
+        choice("flatten", self.flatten, ("channel_major", "token_major"))
+        choice("moe.kind", self.moe.kind, ("rankmixer", "tokenmixer_large"))
+        choice("moe.dtsi_train_mode", self.moe.dtsi_train_mode, ("average", "sum", "train_router"))
+        for key in ("dim", "num_layers", "sinkhorn_iters", "lite_bases", "lite_rank"):
+            if getattr(self, key) < 1:
+                raise self._err(key, f"must be a positive integer, got {getattr(self, key)}")
+        for key in ("num_tokens", "num_heads", "block_size", "micro_batch"):
+            if getattr(self, key) < 0:
+                raise self._err(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.ffn_mult <= 0 or int(self.ffn_mult * self.dim) != self.ffn_mult * self.dim:
+            raise self._err(
+                "ffn_mult", f"ffn_mult * dim must be a positive integer, got {self.ffn_mult}"
+            )
+        if not 0 < self.tau_end <= self.tau_start:
+            raise self._err("tau_end", "need 0 < tau_end <= tau_start")
+        m = self.moe
+        if m.num_experts < 1:
+            raise self._err("moe.num_experts", f"must be >= 1, got {m.num_experts}")
+        if not 1 <= m.top_k <= m.num_experts:
+            raise self._err(
+                "moe.top_k", f"must be in [1, num_experts={m.num_experts}], got {m.top_k}"
+            )
+        hid = m.expert_mult * self.dim
+        if m.enabled and (hid < 1 or int(hid) != hid):
+            raise self._err(
+                "moe.expert_mult", f"expert_mult * dim must be a positive integer, got {hid}"
+            )
+        if m.enabled and self.arch in ("dlrm", "dcnv2"):
+            raise self._err("moe.enabled", f"MoE is not available for arch {self.arch!r}")
+        if self.tokenizer == "slices" and self.arch in MIXER_ARCHS and self.num_tokens < 1:
+            raise self._err("num_tokens", "required (> 0) with tokenizer: slices")
+        if self.arch in ("dlrm", "dcnv2") and (not self.over_arch or not self.dense_arch):
+            raise self._err("over_arch", "dense_arch and over_arch must be non-empty")
+
+    def resolve(self, num_tokens: int) -> None:
+        """Shape checks once the tokenizer's T is known (named by key)."""
+        T, D = num_tokens, self.dim
+        if self.num_tokens and self.num_tokens != T:
+            raise self._err(
+                "num_tokens", f"is {self.num_tokens} but the {self.tokenizer} tokenizer gives T={T}"
+            )
+        if self.arch == "rankmixer":
+            H = self.num_heads or T
+            if H != T:
+                raise self._err("num_heads", f"RankMixer mixes with H = T = {T}, got {H}")
+            if D % T:
+                raise self._err("dim", f"RankMixer token mixing needs T={T} to divide D={D}")
+        if self.arch == "tokenmixer_large":
+            H = self.num_heads or T
+            if D % H:
+                raise self._err("num_heads", f"H={H} must divide D={D} (mixed width T*D/H)")
+            if (T * D) % H:
+                raise self._err("num_heads", f"H={H} must divide T*D={T * D}")
+        if self.arch in ("unimixer", "unimixer_lite"):
+            Bk = self.block_size or D
+            if (T * D) % Bk:
+                raise self._err("block_size", f"B={Bk} must divide T*D={T * D}")
+
+
+def _moe_from_dict(data: Any, source: str) -> MoEConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: model.moe: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(MoEConfig)}
+    kw = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(
+                f"{source}: model.moe.{key}: unknown key (expected one of {sorted(fields)})"
+            )
+        kw[key] = _coerce(f"model.moe.{key}", value, fields[key], source)
+    return MoEConfig(**kw)
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
+    """Type-check a YAML value against the dataclass field's default type."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    bad = ConfigError(f"{source}: {key}: expected {type(default).__name__}, got {value!r}")
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad
+    elif isinstance(default, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad
+    elif isinstance(default, float):
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise bad
+        value = float(value)
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise bad
+    elif isinstance(default, list):
+        if not isinstance(value, list) or not all(isinstance(v, int) and v > 0 for v in value):
+            raise ConfigError(
+                f"{source}: {key}: expected a list of positive integers, got {value!r}"
+            )
+    return value
+
+
+def load_schema(ref: str, relative_to: str | Path | None = None):
+    """A ``FeatureSchema`` from a preset name (``configs/schemas/<name>.yaml``) or a path."""
+    from ranking.features import FeatureSchema
+
+    candidates = [Path(ref)]
+    if relative_to is not None:
+        candidates.append(Path(relative_to).parent / ref)
+    candidates.append(SCHEMA_DIR / f"{ref}.yaml")
+    for p in candidates:
+        if p.is_file():
+            return FeatureSchema.from_yaml(p)
+    raise ConfigError(f"schema: {ref!r} is neither a file nor a preset in {SCHEMA_DIR}")
+
+
+def temperature_at(step: int, total_steps: int, start: float = 1.0, end: float = 0.05) -> float:
+    """UniMixer's linear temperature schedule: ``start`` at step 0 to ``end`` at ``total_steps``."""
+    if total_steps <= 0:
+        return end
+    frac = min(max(step / total_steps, 0.0), 1.0)
+    return start + (end - start) * frac

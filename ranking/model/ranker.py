@@ -1,0 +1,187 @@
+"""The ranking model: tokenizer -> mixer stack -> pooled task heads; and ``build_model``.
+
+model = build_model(config, schema)
+out = model(batch)               # RankerOutput(logits [B, n_tasks], aux_loss scalar)
+loss = bce(out.logits, batch.labels) + out.aux_loss
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ranking.features import Batch, FeatureSchema
+
+from .blocks import (
+    RankMixerBlock,
+    RankMixerStack,
+    TokenMixerLargeBlock,
+    TokenMixerLargeStack,
+    UniMixerBlock,
+    UniMixerStack,
+)
+from .config import ModelConfig
+from .mixing import UniMixing, UniMixingLite
+from .tokenizer import Tokenizer
+
+
+class RankerOutput(NamedTuple):
+    """``logits [B, n_tasks]`` (pre-sigmoid, task order of the schema) and ``aux_loss``, a
+    scalar to add to the task loss (MoE L1, TokenMixer-Large's lower-layer logit loss; 0 in
+    eval)."""
+
+    logits: Tensor
+    aux_loss: Tensor
+
+
+class TaskHeads(nn.Module):
+    """One MLP head per task: ``[B, P] -> [B, n_tasks]``."""
+
+    def __init__(self, in_dim: int, tasks: list[str], hidden: list[int]):
+        super().__init__()
+        self.tasks = list(tasks)
+        heads = []
+        for _ in self.tasks:
+            layers, d = [], in_dim
+            for h in hidden:
+                layers += [nn.Linear(d, h), nn.ReLU()]
+                d = h
+            layers.append(nn.Linear(d, 1))
+            heads.append(nn.Sequential(*layers))
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return torch.cat([h(z) for h in self.heads], dim=1)
+
+
+class Ranker(nn.Module):
+    """``Batch -> RankerOutput``: tokenizer ``[B, T, D]`` -> stack -> pool -> task heads.
+
+    Args:
+        tokenizer: ``Tokenizer`` (holds the EmbeddingBagCollection at ``tokenizer.embeddings.ebc``).
+        blocks: a stack module ``[B, T, D] -> StackOutput``.
+        heads: ``TaskHeads``.
+        pooling: ``mean`` over tokens, ``first`` token (the global token), or ``flatten``.
+        aux_loss_weight: weight of the BCE loss of the heads on each lower layer's output
+            (TokenMixer-Large), training only.
+        micro_batch: run the stack on row chunks of this size (exact; better cache use on CPU).
+        compute_dtype: ``bf16`` autocasts the dense part.
+    """
+
+    def __init__(
+        self,
+        tokenizer: nn.Module,
+        blocks: nn.Module,
+        heads: nn.Module,
+        pooling: str = "mean",
+        aux_loss_weight: float = 0.0,
+        micro_batch: int = 0,
+        compute_dtype: str = "fp32",
+    ):
+        super().__init__()
+        self.tokenizer, self.blocks, self.heads = tokenizer, blocks, heads
+        self.pooling, self.aux_loss_weight = pooling, aux_loss_weight
+        self.micro_batch, self.compute_dtype = micro_batch, compute_dtype
+
+    def pool(self, x: Tensor) -> Tensor:
+        """``[B, T, D] -> [B, P]``."""
+        if self.pooling == "mean":
+            return x.mean(1)
+        if self.pooling == "first":
+            return x[:, 0]
+        return x.flatten(1)
+
+    def _stack(self, tokens: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Stack + heads on one chunk: ``(logits [b, n_tasks], aux summed over the chunk's rows)``."""
+        out = self.blocks(tokens)
+        logits = self.heads(self.pool(out.x))
+        aux = out.aux * tokens.shape[0]
+        if self.training and self.aux_loss_weight and labels is not None and out.hidden:
+            for h in out.hidden:
+                low = self.heads(self.pool(h)).float()
+                aux = (
+                    aux
+                    + self.aux_loss_weight
+                    * F.binary_cross_entropy_with_logits(low, labels, reduction="sum")
+                    / labels.shape[1]
+                )
+        return logits, aux
+
+    def forward(self, batch: Batch) -> RankerOutput:
+        device = batch.dense.device
+        ctx = (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if self.compute_dtype == "bf16"
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            tokens = self.tokenizer(batch.dense, batch.sparse)
+            B = tokens.shape[0]
+            labels = batch.labels.float() if batch.labels is not None else None
+            step = self.micro_batch if 0 < self.micro_batch < B else B
+            parts = [
+                self._stack(tokens[i : i + step], None if labels is None else labels[i : i + step])
+                for i in range(0, B, step)
+            ]
+        logits = torch.cat([p[0] for p in parts]).float()
+        aux = sum(p[1] for p in parts) / max(B, 1)
+        return RankerOutput(logits, aux.float() if torch.is_tensor(aux) else logits.new_zeros(()))
+
+
+def build_model(
+    config: ModelConfig, schema: FeatureSchema, device: torch.device | str | None = None
+) -> nn.Module:
+    """The model for ``config`` on ``schema``: a ``Ranker`` (mixers) or a baseline wrapper.
+
+    ``device`` places the embedding tables (``"meta"`` builds without allocating); dense
+    parameters follow the ambient default device (``with torch.device("meta"): ...``).
+    """
+    if config.arch in ("dlrm", "dcnv2"):
+        from .baselines import build_baseline
+
+        return build_baseline(config, schema, device)
+    c = config
+    tok = Tokenizer(
+        schema,
+        c.dim,
+        mode=c.tokenizer,
+        num_tokens=c.num_tokens,
+        token_proj=c.token_proj,
+        dense_token=c.dense_token,
+        global_token=c.global_token,
+        device=device,
+    )
+    T, D = tok.num_tokens, c.dim
+    c.resolve(T)
+    if c.arch == "rankmixer":
+        stack = RankMixerStack([RankMixerBlock(T, D, c) for _ in range(c.num_layers)])
+    elif c.arch == "tokenmixer_large":
+        H = c.num_heads or T
+        stack = TokenMixerLargeStack(
+            [TokenMixerLargeBlock(T, D, H, c) for _ in range(c.num_layers)],
+            c.interlayer_residual_every,
+        )
+    else:
+        Bk = c.block_size or D
+
+        def mixing():
+            if c.arch == "unimixer":
+                return UniMixing(T, D, Bk, c.sinkhorn_iters, c.flatten)
+            return UniMixingLite(T, D, Bk, c.sinkhorn_iters, c.flatten, c.lite_bases, c.lite_rank)
+
+        stack = UniMixerStack([UniMixerBlock(T, D, mixing(), c) for _ in range(c.num_layers)], D)
+    pooled = T * D if c.pooling == "flatten" else D
+    heads = TaskHeads(pooled, schema.task_names, c.head_hidden)
+    return Ranker(
+        tok,
+        stack,
+        heads,
+        pooling=c.pooling,
+        aux_loss_weight=c.aux_loss_weight,
+        micro_batch=c.micro_batch,
+        compute_dtype=c.compute_dtype,
+    )
