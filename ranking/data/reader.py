@@ -190,11 +190,13 @@ class ParquetBatches(IterableDataset):
         skip = (self._skip - wid + nw - 1) // nw if self._skip > wid else 0
         units = self.shard_units(shard, num_shards)
         rng = np.random.default_rng([self.seed, self.epoch, shard, 0xB0F])
+        self._cache = None  # the last row group read is kept only within one pass
         for cols in iter_shard(
             units, self._read, self.batch_size, self.shuffle_buffer, rng, self.drop_last, skip
         ):
             self.batches_yielded += 1
             yield to_batch(self.schema, cols)
+        self._cache = None
 
     def rank_rows(self) -> int:
         """Rows this rank reads in the current epoch (over all its DataLoader workers)."""

@@ -1,0 +1,176 @@
+"""``mixrank data {synth,convert-criteo,inspect,vocab}``. Heavy imports inside the commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+PRESET_CHOICES = ("criteo", "frappe", "movielens")
+
+
+def register(sub) -> None:
+    """Add the ``data`` command group to ``sub`` (an argparse subparsers object)."""
+    p = sub.add_parser("data", help="generate, convert and inspect data sets")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+
+    s = dsub.add_parser("synth", help="synthetic rows with a planted signal in a preset's schema")
+    s.add_argument("--preset", required=True, choices=PRESET_CHOICES)
+    s.add_argument("--rows", required=True, type=_positive)
+    s.add_argument("--out", required=True, help="output directory (part-NNNNN.parquet)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--chunk-rows", type=_positive, default=262144, help="rows per chunk / row group"
+    )
+    s.add_argument("--quiet", action="store_true", help="no progress line")
+    s.set_defaults(func=cmd_synth)
+
+    c = dsub.add_parser("convert-criteo", help="raw Kaggle Criteo TSV to Parquet, streamed")
+    c.add_argument("src", help="train.txt (or .gz)")
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_convert_criteo)
+
+    i = dsub.add_parser("inspect", help="schema, rows, label rate, per-column cardinality")
+    i.add_argument("path", help="Parquet file, directory or glob")
+    i.add_argument("--schema", help="also check the data against this schema (preset or YAML)")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.set_defaults(func=cmd_inspect)
+
+    v = dsub.add_parser("vocab", help="vocabulary files for the sparse features of a schema")
+    v.add_argument("--schema", required=True, help="preset name or YAML path")
+    v.add_argument("--data", required=True, help="Parquet file, directory or glob")
+    v.add_argument("--out", required=True, help="output directory: <feature>.txt, schema.yaml")
+    v.add_argument("--min-count", type=_positive, default=1)
+    v.set_defaults(func=cmd_vocab)
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def cmd_synth(args) -> int:
+    from ranking.data.synth import write_synthetic
+
+    files = write_synthetic(
+        args.preset,
+        args.rows,
+        args.out,
+        seed=args.seed,
+        chunk_rows=args.chunk_rows,
+        progress=not args.quiet,
+    )
+    print(json.dumps({"preset": args.preset, "rows": args.rows, "files": [str(f) for f in files]}))
+    return 0
+
+
+def cmd_convert_criteo(args) -> int:
+    from ranking.data.criteo import convert_criteo
+
+    rows, files = convert_criteo(args.src, args.out, progress=not args.quiet)
+    print(json.dumps({"rows": rows, "files": [str(f) for f in files]}))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    info = inspect_data(args.path, args.schema)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"files: {len(info['files'])}  rows: {info['rows']:,}  row groups: {info['row_groups']}")
+    for name, rate in info["label_rate"].items():
+        print(f"label rate ({name}): {rate:.4f}")
+    if "schema" in info:
+        print(f"schema {info['schema']}: OK")
+    w = max(len(c["name"]) for c in info["columns"])
+    print(f"{'column'.ljust(w)}  {'type':<20} {'nulls':>10} {'distinct':>10}")
+    for c in info["columns"]:
+        print(f"{c['name'].ljust(w)}  {c['type']:<20} {c['nulls']:>10,} {c['distinct']:>10,}")
+    return 0
+
+
+def inspect_data(path: str, schema_name: str | None = None) -> dict:
+    """Summary of a data set: files, rows, label rate, per-column type / nulls / distinct values.
+
+    Reads one column at a time. With a schema, also converts the first rows of every file.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    from ranking.data.errors import DataError
+    from ranking.data.reader import list_units, resolve_files
+
+    files = resolve_files(path)
+    units = list_units(files, 1 << 62)
+    try:
+        dataset = ds.dataset(files, format="parquet")
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: cannot open as Parquet: {e}") from None
+    rows = sum(u.rows for u in units)
+    if rows == 0:
+        raise DataError(f"{path}: the data set has no rows")
+    info: dict = {
+        "files": files,
+        "rows": rows,
+        "row_groups": len(units),
+        "label_rate": {},
+        "columns": [],
+    }
+    labels = set()
+    if schema_name:
+        schema = _check_schema(schema_name, files)
+        info["schema"] = schema.name
+        labels = set(schema.label_columns)
+    for field in dataset.schema:
+        col = dataset.to_table(columns=[field.name]).column(0)
+        flat = pc.list_flatten(col) if pa.types.is_list(field.type) else col
+        info["columns"].append(
+            {
+                "name": field.name,
+                "type": str(field.type),
+                "nulls": col.null_count,
+                "distinct": pc.count_distinct(flat).as_py(),
+            }
+        )
+        is_label = field.name in labels or (not labels and field.name.startswith("label"))
+        if is_label and (pa.types.is_integer(field.type) or pa.types.is_floating(field.type)):
+            info["label_rate"][field.name] = pc.mean(col).as_py()
+    return info
+
+
+def _check_schema(schema_name: str, files: list[str]):
+    import pyarrow.parquet as pq
+
+    from ranking.data.convert import columns_from_arrow
+    from ranking.features import load_schema
+
+    schema = load_schema(schema_name)
+    for f in files:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        from ranking.data.errors import DataError
+
+        for c in schema.columns:
+            if c not in names:
+                raise DataError(f"{f}: column {c!r}: missing (the file has {names})")
+        if pf.metadata.num_rows:
+            head = next(pf.iter_batches(batch_size=4096, columns=schema.columns))
+            columns_from_arrow(schema, head, source=f)
+    return schema
+
+
+def cmd_vocab(args) -> int:
+    from ranking.data.reader import resolve_files
+    from ranking.data.vocab import build_vocabs
+    from ranking.features import load_schema
+
+    schema = load_schema(args.schema)
+    sizes = build_vocabs(schema, resolve_files(args.data), args.out, min_count=args.min_count)
+    print(json.dumps({"out": args.out, "sizes": sizes}))
+    return 0

@@ -1,0 +1,232 @@
+"""Synthetic data in a preset's schema, with a planted signal made of feature interactions.
+
+Each categorical value ``v`` of field ``f`` has a hidden vector ``u_f[v]`` (rank ``RANK``) and a
+hidden bias ``b_f[v]``; an id list uses the mean of its elements' vectors. A row's logit is
+
+    logit = a * sum_{f < g} <u_f, u_g>  +  c * sum_f b_f  +  dense term  +  bias
+
+with ``a`` and ``c`` scaled so that the pairwise part dominates (std ~2 vs ~0.7) and ``bias`` set
+by bisection for a ~30% positive rate; the label is drawn from ``sigmoid(logit)``. A logistic
+regression on one-hot features sees only the first-order part, so a model with interactions
+beats it. Ids are Zipf-distributed (exponent ``ZIPF``). Rows are generated and written in chunks.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+RANK = 4
+ZIPF = 1.1
+TARGET_RATE = 0.30
+PAIR_STD, FIRST_STD, DENSE_STD = 2.0, 0.7, 0.4
+
+DAYTIME = ["morning", "afternoon", "evening", "night", "noon", "sunrise", "sunset"]
+WEEKDAY = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+WEATHER = ["sunny", "cloudy", "rainy", "snowy", "foggy", "drizzle", "stormy", "sleet", "unknown"]
+OCCUPATIONS = [
+    "administrator", "artist", "doctor", "educator", "engineer", "entertainment", "executive",
+    "healthcare", "homemaker", "lawyer", "librarian", "marketing", "none", "other",
+    "programmer", "retired", "salesman", "scientist", "student", "technician", "writer",
+]  # fmt: skip
+GENRES = [
+    "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+    "War", "Western", "unknown",
+]  # fmt: skip
+CRITEO_CARD = [
+    1400, 550, 200000, 100000, 300, 24, 12000, 630, 3, 90000, 5600, 180000, 3200,
+    27, 14000, 150000, 10, 5300, 2100, 4, 170000, 17, 15, 60000, 100, 50000,
+]  # fmt: skip
+
+
+@dataclass
+class Field:
+    """One synthetic column: ``card`` distinct values named by ``names`` (an Arrow array) or by
+    their integer id (``as_int``); ``kind`` is categorical, id_list or dense."""
+
+    column: str
+    kind: str
+    card: int = 0
+    names: pa.Array | None = None
+    as_int: bool = False
+    arrow_type: pa.DataType | None = None
+
+
+def preset_fields(preset: str) -> list[Field]:
+    """The columns of a preset, matching ``configs/schemas/<preset>.yaml`` (plus extras that
+    the real files carry, e.g. MovieLens ``timestamp``)."""
+
+    def names(vals) -> pa.Array:
+        return pa.array([str(v) for v in vals], pa.string())
+
+    if preset == "frappe":
+        return [
+            Field("user", "categorical", 957, names(range(957))),
+            Field("item", "categorical", 4082, names(range(4082))),
+            Field("daytime", "categorical", 7, names(DAYTIME)),
+            Field("weekday", "categorical", 7, names(WEEKDAY)),
+            Field("isweekend", "categorical", 2, names(["workday", "weekend"])),
+            Field("homework", "categorical", 3, names(["unknown", "home", "work"])),
+            Field("cost", "categorical", 2, names(["free", "paid"])),
+            Field("weather", "categorical", 9, names(WEATHER)),
+            Field("country", "categorical", 80, names(f"country{i}" for i in range(80))),
+            Field("city", "categorical", 233, names(range(233))),
+        ]
+    if preset == "movielens":
+        return [
+            Field("user_id", "categorical", 943, names(range(1, 944))),
+            Field("item_id", "categorical", 1682, names(range(1, 1683))),
+            Field("age", "categorical", 67, names(range(7, 74)), as_int=True, arrow_type=pa.int16()),
+            Field("gender", "categorical", 2, names(["M", "F"])),
+            Field("occupation", "categorical", 21, names(OCCUPATIONS)),
+            Field("zip_code", "categorical", 795, names(f"{10000 + 97 * i:05d}" for i in range(795))),
+            Field("release_year", "categorical", 72, names(range(1927, 1999))),
+            Field("genres", "id_list", 19, names(GENRES)),
+            Field("hour_of_day", "categorical", 24, names(range(24)), as_int=True, arrow_type=pa.int8()),
+        ]  # fmt: skip
+    if preset == "criteo":
+        dense = [Field(f"I{i}", "dense") for i in range(1, 14)]
+        cats = [Field(f"C{i}", "categorical", c, None) for i, c in enumerate(CRITEO_CARD, 1)]
+        return dense + cats
+    raise ValueError(f"unknown preset {preset!r} (expected criteo, frappe or movielens)")
+
+
+class Generator:
+    """Draws chunks of rows for one preset; hidden parameters fixed by ``seed``."""
+
+    def __init__(self, preset: str, seed: int = 0):
+        self.preset = preset
+        self.seed = seed
+        self.fields = preset_fields(preset)
+        rng = np.random.default_rng([seed, 1])
+        self.hidden = {}
+        for f in self.fields:
+            if f.kind == "dense":
+                self.hidden[f.column] = (rng.uniform(0.5, 3.0), rng.uniform(0.5, 1.5), rng.normal())
+                continue
+            if f.names is None:  # criteo-style 8-hex-digit values
+                f.names = pa.array(
+                    [f"{x:08x}" for x in rng.integers(0, 2**32, f.card)], pa.string()
+                )
+            vec = rng.normal(size=(f.card, RANK)) / np.sqrt(RANK)
+            bias = rng.normal(size=f.card)
+            cdf = np.cumsum(1.0 / np.arange(1, f.card + 1) ** ZIPF)
+            perm = rng.permutation(f.card)  # which value is the most frequent
+            self.hidden[f.column] = (vec, bias, cdf / cdf[-1], perm)
+        self.scale = (1.0, 1.0, 1.0)
+        self.bias = 0.0
+        self._calibrate()
+
+    def _calibrate(self, n: int = 50000) -> None:
+        _, parts = self._draw(np.random.default_rng([self.seed, 2]), n)
+        pair, first, dense = parts
+        self.scale = (
+            PAIR_STD / max(pair.std(), 1e-9),
+            FIRST_STD / max(first.std(), 1e-9),
+            DENSE_STD / max(dense.std(), 1e-9) if dense.any() else 0.0,
+        )
+        base = self.scale[0] * pair + self.scale[1] * first + self.scale[2] * dense
+        lo, hi = -20.0, 20.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            rate = (1 / (1 + np.exp(-(base + mid)))).mean()
+            lo, hi = (mid, hi) if rate < TARGET_RATE else (lo, mid)
+        self.bias = (lo + hi) / 2
+
+    def _draw(self, rng: np.random.Generator, n: int):
+        """``n`` rows: (Arrow columns dict, (pairwise ``[n]``, first-order ``[n]``, dense ``[n]``))."""
+        cols: dict[str, pa.Array] = {}
+        vec_sum = np.zeros((n, RANK))
+        sq_sum = np.zeros(n)
+        first = np.zeros(n)
+        dense = np.zeros(n)
+        for f in self.fields:
+            h = self.hidden[f.column]
+            if f.kind == "dense":
+                mu, sigma, w = h
+                x = np.floor(np.exp(rng.normal(mu, sigma, n))) - 1
+                z = (np.log1p(np.maximum(x, 0)) - mu) / sigma
+                dense += w * z
+                arr = pa.array(x.astype(np.int64), mask=rng.random(n) < 0.2)
+                cols[f.column] = arr
+                continue
+            vec, bias, cdf, perm = h
+            if f.kind == "id_list":
+                lens = rng.integers(1, 4, n)
+                flat = perm[np.searchsorted(cdf, rng.random(int(lens.sum())))]
+                starts = np.cumsum(lens) - lens
+                u = np.add.reduceat(vec[flat], starts, axis=0) / lens[:, None]
+                b = np.add.reduceat(bias[flat], starts) / lens
+                offsets = pa.array(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+                cols[f.column] = pa.ListArray.from_arrays(offsets, f.names.take(pa.array(flat)))
+            else:
+                ids = perm[np.searchsorted(cdf, rng.random(n))]
+                u, b = vec[ids], bias[ids]
+                if f.as_int:
+                    vals = pa.array(np.asarray(f.names.to_pylist(), dtype=np.int64)[ids])
+                    cols[f.column] = vals.cast(f.arrow_type)
+                else:
+                    cols[f.column] = f.names.take(pa.array(ids))
+            vec_sum += u
+            sq_sum += (u * u).sum(1)
+            first += b
+        pair = 0.5 * ((vec_sum * vec_sum).sum(1) - sq_sum)
+        return cols, (pair, first, dense)
+
+    def chunk(self, index: int, n: int) -> pa.Table:
+        """Chunk ``index`` of ``n`` rows (deterministic in ``seed``, ``index`` and ``n``)."""
+        rng = np.random.default_rng([self.seed, 3, index])
+        cols, (pair, first, dense) = self._draw(rng, n)
+        logit = self.scale[0] * pair + self.scale[1] * first + self.scale[2] * dense + self.bias
+        label = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int8)
+        return pa.table({"label": pa.array(label), **cols})
+
+
+def write_synthetic(
+    preset: str,
+    rows: int,
+    out: str | Path,
+    seed: int = 0,
+    chunk_rows: int = 262144,
+    chunks_per_file: int = 8,
+    progress: bool = True,
+) -> list[Path]:
+    """Write ``rows`` synthetic rows as ``out/part-NNNNN.parquet`` (one row group per chunk);
+    memory is bounded by one chunk. Prints a progress line (rows/s, ETA) on stderr."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = Generator(preset, seed)
+    files: list[Path] = []
+    writer = None
+    done, t0 = 0, time.perf_counter()
+    nchunks = -(-rows // chunk_rows)
+    for i in range(nchunks):
+        n = min(chunk_rows, rows - done)
+        table = gen.chunk(i, n)
+        if i % chunks_per_file == 0:
+            if writer is not None:
+                writer.close()
+            files.append(out / f"part-{len(files):05d}.parquet")
+            writer = pq.ParquetWriter(files[-1], table.schema, compression="zstd")
+        writer.write_table(table, row_group_size=chunk_rows)
+        done += n
+        if progress:
+            el = time.perf_counter() - t0
+            rate = done / max(el, 1e-9)
+            print(
+                f"\rsynth {preset}: {done:,}/{rows:,} rows ({100 * done / rows:.0f}%), "
+                f"{rate:,.0f} rows/s, ETA {(rows - done) / rate:.0f} s   ",
+                end="", file=sys.stderr, flush=True,
+            )  # fmt: skip
+    if writer is not None:
+        writer.close()
+    if progress:
+        print(file=sys.stderr)
+    return files
