@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -21,12 +23,51 @@ from .reference import MoERouting
 
 ENV = "MIXRANK_KERNELS"
 
-# op name -> Triton implementation (same signature as the reference); filled in by the op modules.
+# op name -> (module, attribute) of its Triton implementation (same signature as the reference).
+_TRITON_SOURCES = {
+    "token_mix": ("token_mix", "token_mix"),
+    "token_revert": ("token_mix", "token_revert"),
+    "mix_norm": ("mix_norm", "mix_norm"),
+    "topk_gate": ("moe_gate", "topk_gate"),
+    "relu_gate": ("moe_gate", "relu_gate"),
+    "moe_permute": ("moe_permute", "moe_permute"),
+    "moe_gather": ("moe_permute", "moe_gather"),
+    "grouped_ffn": ("grouped_ffn", "grouped_ffn"),
+    "moe_unpermute": ("moe_unpermute", "moe_unpermute"),
+}
 _TRITON: dict[str, Callable] = {}
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+def _load_triton() -> None:
+    """Import the Triton op modules on first use, so that ``import kernels`` (and every CPU run on
+    the reference) never imports triton: Triton's interpreter must be switched on (env
+    ``TRITON_INTERPRET=1``) before the first ``import triton``, which a test may do later.
+
+    Importing ``kernels.token_mix`` makes Python set ``kernels.token_mix`` to the module; the
+    package's public functions of the same names are put back afterwards.
+    """
+    pkg = sys.modules[__package__]
+    public = {name: getattr(pkg, name) for name in _TRITON_SOURCES if hasattr(pkg, name)}
+    impls = {
+        name: getattr(importlib.import_module(f"{__package__}.{mod}"), attr)
+        for name, (mod, attr) in _TRITON_SOURCES.items()
+    }
+    for name, fn in public.items():
+        setattr(pkg, name, fn)
+    _TRITON.update(impls)
+
+
+def _interpreter_problem() -> str | None:
+    """Why Triton kernels cannot run on the CPU now (None: the interpreter is usable)."""
+    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("1", "true", "on", "yes"):
+        return "needs Triton's interpreter: set TRITON_INTERPRET=1"
+    std = sys.modules.get("triton.language.standard")
+    if std is not None and type(std.max).__name__ != "InterpretedFunction":
+        return (
+            "needs Triton's interpreter, but triton was imported before TRITON_INTERPRET=1 was "
+            "set: set it before the first `import triton` (e.g. in the environment)"
+        )
+    return None
 
 
 def _mode() -> str:
@@ -41,11 +82,11 @@ def _choose(device: torch.device) -> str:
     if mode == "torch":
         return "torch"
     if mode == "triton":
-        if device.type != "cuda" and not _interpret():
+        problem = None if device.type == "cuda" else _interpreter_problem()
+        if problem:
             raise RuntimeError(
-                f"{ENV}=triton with {device.type} tensors needs Triton's interpreter: set "
-                f"TRITON_INTERPRET=1, or unset {ENV} (or set {ENV}=torch) to use the PyTorch "
-                "reference"
+                f"{ENV}=triton with {device.type} tensors {problem}; or unset {ENV} (or set "
+                f"{ENV}=torch) to use the PyTorch reference"
             )
         return "triton"
     return "triton" if device.type == "cuda" else "torch"
@@ -62,9 +103,11 @@ def backend(device: torch.device | str | None = None) -> str:
 
 
 def _impl(name: str, t: Tensor) -> Callable:
-    if _choose(t.device) == "triton" and name in _TRITON:
-        return _TRITON[name]
-    return getattr(ref, name)
+    if _choose(t.device) == "torch":
+        return getattr(ref, name)
+    if not _TRITON:
+        _load_triton()
+    return _TRITON[name]
 
 
 def token_mix(x: Tensor, num_heads: int) -> Tensor:
