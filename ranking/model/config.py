@@ -303,11 +303,10 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
     elif isinstance(default, str):
         if not isinstance(value, str):
             raise bad
-    elif isinstance(default, list):
-        if not isinstance(value, list) or not all(isinstance(v, int) and v > 0 for v in value):
-            raise ConfigError(
-                f"{source}: {key}: expected a list of positive integers, got {value!r}"
-            )
+    elif isinstance(default, list) and (
+        not isinstance(value, list) or not all(isinstance(v, int) and v > 0 for v in value)
+    ):
+        raise ConfigError(f"{source}: {key}: expected a list of positive integers, got {value!r}")
     return value
 
 

@@ -97,3 +97,37 @@ def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
         keys=keys, values=torch.cat(vals), lengths=torch.cat(lens)
     )
     return Batch(batch.dense[start:stop], sub, batch.labels[start:stop])
+
+
+def toy_schema(num_tasks: int = 1, num_buckets: int = 40, dim: int = 8) -> FeatureSchema:
+    """A small schema for tests: 3 groups (user, item, context), an id-list, 2 dense features."""
+    feats = [
+        {
+            "name": "user",
+            "kind": "categorical",
+            "num_buckets": num_buckets,
+            "dim": dim,
+            "group": "user",
+        },
+        {"name": "age", "kind": "categorical", "num_buckets": 8, "dim": dim, "group": "user"},
+        {
+            "name": "item",
+            "kind": "categorical",
+            "num_buckets": num_buckets,
+            "dim": dim,
+            "group": "item",
+        },
+        {
+            "name": "tags",
+            "kind": "id_list",
+            "num_buckets": 16,
+            "dim": dim,
+            "group": "item",
+            "pooling": "mean",
+        },
+        {"name": "hour", "kind": "categorical", "num_buckets": 24, "dim": dim, "group": "context"},
+        {"name": "price", "kind": "dense", "group": "item"},
+        {"name": "score", "kind": "dense", "group": "context"},
+    ]
+    tasks = [{"name": f"task{i}", "label": f"label{i}"} for i in range(num_tasks)]
+    return FeatureSchema.from_dict({"name": "toy", "tasks": tasks, "features": feats})

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor, nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from ranking.features import FeatureSchema
 
@@ -66,12 +66,16 @@ class SparseEmbeddings(nn.Module):
                 start, dim = offsets[f.name]
                 cols.extend(range(start, start + dim))
         self.width = len(cols)
-        self.register_buffer("columns", torch.tensor(cols, dtype=torch.long), persistent=False)
+        # Features in group order. The EBC's output is addressed by key, never by position: a
+        # sharded EBC (DistributedModelParallel) returns its keys in a sharding-dependent order.
+        self.ordered_keys = [
+            f.name for g in self.group_names for f in schema.features_in_group(g) if f.is_sparse
+        ]
 
     def forward(self, sparse: KeyedJaggedTensor) -> Tensor:
         """``KJT -> [B, E]`` (group order)."""
-        values = self.ebc(sparse).values()
-        return values.index_select(1, self.columns.to(values.device))
+        kt = self.ebc(sparse)
+        return KeyedTensor.regroup([kt], [self.ordered_keys])[0]
 
 
 class Tokenizer(nn.Module):
