@@ -246,7 +246,9 @@ def label_values(col: pa.Array | pa.ChunkedArray, column: str, source: str) -> n
     bad = (y != 0) & (y != 1)
     if bad.any():
         row = int(np.argmax(bad))
-        raise column_error(source, column, f"label is {y[row]!r} at row {row}, expected 0 or 1")
+        raise column_error(
+            source, column, f"label is {float(y[row]):g} at row {row}, expected 0 or 1"
+        )
     return y.astype(np.float32)
 
 
