@@ -105,7 +105,7 @@ def test_convert_criteo_sample(tmp_path, capsys, shared_data):
     assert rc == 0 and json.loads(stdout)["rows"] == 1000
     got = pq.read_table(tmp_path)
     assert got.num_rows == 1000 and got.column_names[0] == "label"
-    names = ["Id", "Label"] + got.column_names[1:]
+    names = ["Id", "Label", *got.column_names[1:]]
     types = {"Label": pa.int8(), **{f"I{i}": pa.int64() for i in range(1, 14)},
              **{f"C{i}": pa.string() for i in range(1, 27)}}  # fmt: skip
     ref = pacsv.read_csv(
@@ -176,7 +176,7 @@ def test_vocab(tmp_path, capsys):
         "  - {name: genres, kind: id_list, num_buckets: 1000, dim: 4, group: a}\n"
     )
     out = tmp_path / "vocab"
-    rc, stdout, _ = run_cli(["data", "vocab", "--schema", str(schema), "--data", str(tmp_path / "d.parquet"),
+    rc, _stdout, _ = run_cli(["data", "vocab", "--schema", str(schema), "--data", str(tmp_path / "d.parquet"),
                              "--out", str(out), "--min-count", "2"], capsys)  # fmt: skip
     assert rc == 0
     counts = collections.Counter(users)

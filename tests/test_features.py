@@ -71,7 +71,7 @@ def test_hash_matches_reference_on_mixed_strings():
 def test_hash_on_sliced_large_and_dictionary_arrays():
     vals = ["aa", None, "bbb", "c", "aa", "dddd", "", "c"]
     exp = [ref_bucket(v, 97, 3) for v in vals]
-    full = pa.array(["pre"] + vals + ["post"])
+    full = pa.array(["pre", *vals, "post"])
     assert hash_array(full.slice(1, len(vals)), 97, 3).tolist() == exp
     assert hash_array(pa.array(vals, pa.large_string()), 97, 3).tolist() == exp
     assert hash_array(pa.array(vals).dictionary_encode(), 97, 3).tolist() == exp
