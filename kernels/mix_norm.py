@@ -53,9 +53,9 @@ def _mix_norm_fwd_kernel(
     i = cols % d
     src = ((b[:, None] * A + a[None, :]) * C + c[:, None]).to(tl.int64) * d + i[None, :]
     dst = rows.to(tl.int64)[:, None] * W + cols[None, :]
-    xv = tl.load(X + src, mask=mask, other=0.0)
+    xv = tl.load(X + src, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
-        xv = xv + tl.load(RES + dst, mask=mask, other=0.0)
+        xv += tl.load(RES + dst, mask=mask, other=0.0).to(tl.float32)
     tl.store(Z + dst, xv.to(Z.dtype.element_ty), mask=mask)
     z = xv.to(Z.dtype.element_ty).to(tl.float32)  # normalise z as stored (as the reference)
     if IS_RMS:

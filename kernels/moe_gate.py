@@ -115,7 +115,7 @@ def _relu_gate_fwd_kernel(
     rmask = rows < N
     mask = rmask[:, None] & (cols < E)[None, :]
     off = rows.to(tl.int64)[:, None] * E + cols[None, :]
-    v = tl.load(L + off, mask=mask, other=0.0)
+    v = tl.load(L + off, mask=mask, other=0.0).to(tl.float32)
     g = tl.where(v > 0, v, 0.0).to(G.dtype.element_ty)
     tl.store(G + off, g, mask=mask)
     tl.store(IDS + off, tl.where(v > 0, cols[None, :], -1).to(tl.int64), mask=mask)
@@ -140,7 +140,7 @@ def _relu_gate_bwd_kernel(
     rmask = rows < N
     mask = rmask[:, None] & (cols < E)[None, :]
     off = rows.to(tl.int64)[:, None] * E + cols[None, :]
-    v = tl.load(L + off, mask=mask, other=0.0)
+    v = tl.load(L + off, mask=mask, other=0.0).to(tl.float32)
     g = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
     if HAS_DG:
         g += tl.load(DG + off, mask=mask, other=0.0).to(tl.float32)
