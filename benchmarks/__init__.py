@@ -8,6 +8,7 @@ docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 # name -> (module, one-line help). One line per benchmark.
 BENCHMARKS = {
@@ -21,6 +22,8 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="run a benchmark (JSON lines, then a table)")
     bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     for name, (modname, help_) in BENCHMARKS.items():
+        if importlib.util.find_spec(modname) is None:
+            continue  # not built yet
         bp = bsub.add_parser(name, help=help_)
         bp.set_defaults(func=_runner(modname), bench_module=modname)
         bp.add_argument("--json-only", action="store_true", help="print only the JSON lines")

@@ -11,16 +11,15 @@ import argparse
 import importlib
 import sys
 
+from ranking.errors import UserError
+
 # One line per command group: the module that registers it.
 COMMAND_MODULES = (
     "ranking.data.commands",  # mixrank data {synth,convert-criteo,inspect,vocab}
+    "ranking.train.commands",  # mixrank train, export, eval
     "benchmarks",  # mixrank bench {data,model,kernels,...}
     "ranking.demo",  # mixrank demo
 )
-
-
-class UserError(Exception):
-    """An error caused by the user's input; printed without a traceback, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,12 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from ranking.data.errors import DataError
     from ranking.features import SchemaError
+    from ranking.model.config import ConfigError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)
-    except (UserError, DataError, SchemaError) as e:
+    except (UserError, DataError, SchemaError, ConfigError) as e:
         print(f"mixrank: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -54,7 +54,10 @@ def test_binary_metrics_against_formulas():
     p[:20] = 0.5  # ties
     m = binary_metrics(p, y)
     assert abs(m["auc"] - _slow_auc(p.tolist(), y.tolist())) < 1e-6  # torchmetrics sums in fp32
-    ll = -sum(b * math.log(a) + (1 - b) * math.log(1 - a) for a, b in zip(p.tolist(), y.tolist())) / 300
+    ll = (
+        -sum(b * math.log(a) + (1 - b) * math.log(1 - a) for a, b in zip(p.tolist(), y.tolist()))
+        / 300
+    )
     assert abs(m["logloss"] - ll) < 1e-9
     r = y.double().mean().item()
     assert abs(m["ne"] - ll / -(r * math.log(r) + (1 - r) * math.log(1 - r))) < 1e-9

@@ -1,0 +1,198 @@
+"""The serving artifact: a directory with ``manifest.json`` and ``weights.pt``.
+
+``manifest.json``::
+
+    {"format_version": 1, "model_version": "<sha256 of weights + manifest body, 16 hex>",
+     "name": ..., "arch": ..., "config": {<resolved experiment config>},
+     "schema": {<FeatureSchema.to_dict()>}, "metrics": {<validation metrics at export>},
+     "dtype": "fp32"|"bf16", "step": N, "created": "<UTC ISO time>", "weights": "weights.pt"}
+
+``weights.pt`` is a plain ``state_dict`` of the unsharded model, loaded with
+``torch.load(weights_only=True)``: loading an artifact never executes code from it. An artifact
+is written into a temporary sibling directory and renamed into place, so a reader never sees a
+half-written one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+FORMAT_VERSION = 1
+WEIGHTS = "weights.pt"
+MANIFEST = "manifest.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class ArtifactError(ValueError):
+    """An artifact directory is unusable; the message names the file and the key."""
+
+
+@dataclass
+class Artifact:
+    model: torch.nn.Module
+    schema: Any  # FeatureSchema
+    manifest: dict
+    path: Path
+    dtype: str = "fp32"  # "bf16": the dense part runs under bf16 autocast
+
+    @torch.no_grad()
+    def predict(self, batch) -> torch.Tensor:
+        """``[B, n_tasks]`` probabilities for a ``Batch``."""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
+            out = self.model(batch)
+        return torch.sigmoid(out.logits.float())
+
+    @property
+    def model_version(self) -> str:
+        return self.manifest["model_version"]
+
+
+def _build(config: dict, schema_dict: dict, source: str):
+    from ranking.features import FeatureSchema
+    from ranking.model.config import ModelConfig
+    from ranking.model.ranker import build_model
+
+    schema = FeatureSchema.from_dict(schema_dict, source=f"{source}: schema")
+    model_cfg = ModelConfig.from_dict(config.get("model") or {}, source=source)
+    return build_model(model_cfg, schema), schema
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
+    """Turn a complete training checkpoint into a serving artifact at ``out``."""
+    import torch.distributed.checkpoint as dcp
+
+    from ranking.train import checkpoint as ckpt
+
+    checkpoint = Path(checkpoint)
+    if dtype not in DTYPES:
+        raise ArtifactError(f"--dtype: expected one of {list(DTYPES)}, got {dtype!r}")
+    if not (checkpoint / ckpt.MARKER).is_file():
+        raise ArtifactError(f"{checkpoint}: not a complete checkpoint (no {ckpt.MARKER} marker)")
+    marker = ckpt.read_marker(checkpoint)
+    config = marker.get("config")
+    if config is None:
+        cfg_file = checkpoint / "config.yaml"
+        if not cfg_file.is_file():
+            raise ArtifactError(f"{checkpoint}: no config in {ckpt.MARKER} and no config.yaml")
+        config = yaml.safe_load(cfg_file.read_text())
+    from ranking.features import load_schema
+
+    schema = load_schema(config["schema"])
+    model, schema = _build(config, schema.to_dict(), str(checkpoint))
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    model.load_state_dict(state["model"])
+    weights = {
+        k: v.detach().to(DTYPES[dtype]) if v.is_floating_point() else v.detach()
+        for k, v in model.state_dict().items()
+    }
+    return write_artifact(
+        out,
+        weights,
+        config=config,
+        schema=schema,
+        dtype=dtype,
+        metrics=marker.get("metrics") or {},
+        step=int(marker.get("step", 0)),
+    )
+
+
+def write_artifact(
+    out, weights: dict, *, config: dict, schema, dtype: str, metrics: dict, step: int
+) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        torch.save(weights, tmp / WEIGHTS)
+        body = {
+            "format_version": FORMAT_VERSION,
+            "name": config.get("name", "model"),
+            "arch": (config.get("model") or {}).get("arch"),
+            "config": config,
+            "schema": schema.to_dict(),
+            "metrics": metrics,
+            "dtype": dtype,
+            "step": step,
+            "weights": WEIGHTS,
+        }
+        h = hashlib.sha256()
+        with open(tmp / WEIGHTS, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(json.dumps(body, sort_keys=True, default=str).encode())
+        manifest = {
+            **body,
+            "model_version": h.hexdigest()[:16],
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    mf = path / MANIFEST
+    if not mf.is_file():
+        raise ArtifactError(f"{path}: not an artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{mf}: unreadable manifest: {e}") from e
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{mf}: expected a JSON object")
+    for key in ("format_version", "model_version", "config", "schema", "dtype", "weights"):
+        if key not in manifest:
+            raise ArtifactError(f"{mf}: missing key {key!r}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{mf}: format_version: {manifest['format_version']!r} is not supported "
+            f"(this mixrank reads {FORMAT_VERSION})"
+        )
+    if manifest["dtype"] not in DTYPES:
+        raise ArtifactError(f"{mf}: dtype: expected one of {list(DTYPES)}")
+    return manifest
+
+
+def load_artifact(path: str | Path, *, dtype: str | None = None) -> Artifact:
+    """Load an artifact (manifest validated, weights without executing code), eval mode.
+
+    Weights are held in fp32 (bf16 artifacts are upcast on load, halving the file but not the
+    resident size); with dtype "bf16" the forward runs under bf16 autocast.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    wf = path / manifest["weights"]
+    try:
+        weights = torch.load(wf, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or not a weights-only file
+        raise ArtifactError(f"{wf}: cannot load weights: {e}") from e
+    try:
+        model, schema = _build(manifest["config"], manifest["schema"], str(path / MANIFEST))
+    except ValueError as e:
+        raise ArtifactError(f"{path / MANIFEST}: {e}") from e
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ArtifactError(f"{wf}: weights do not match the manifest's model: {e}") from e
+    model.eval()
+    return Artifact(
+        model=model, schema=schema, manifest=manifest, path=path, dtype=dtype or manifest["dtype"]
+    )

@@ -1,0 +1,200 @@
+"""``mixrank train``, ``mixrank export`` and ``mixrank eval``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train under torchrun (DistributedModelParallel); resumes a run directory",
+        description="Validates the config, writes the run directory, then starts torchrun. "
+        "Re-running with the same --run-dir resumes from its newest complete checkpoint.",
+    )
+    p.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    p.add_argument("--nproc", type=int, default=1, help="processes per node (default 1)")
+    p.add_argument("--run-dir", default=None, help="default: runs/<config name>-<time>")
+    p.add_argument("--nnodes", default="1", help="torchrun --nnodes (multi-node: e.g. 2 or 1:4)")
+    p.add_argument("--node-rank", type=int, default=None, help="torchrun --node-rank")
+    p.add_argument(
+        "--rdzv-endpoint", default=None, help="host:port of the c10d rendezvous (multi-node)"
+    )
+    p.add_argument("--rdzv-id", default=None, help="rendezvous id (default: the run name)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=0.01")
+    p.set_defaults(func=train)
+
+    p = sub.add_parser("export", help="write a serving artifact from a training checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a checkpoints/step-N directory")
+    p.add_argument("--out", required=True, help="artifact directory to write")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.set_defaults(func=export)
+
+    p = sub.add_parser("eval", help="AUC/logloss/NE of an artifact on a Parquet data set")
+    p.add_argument("--artifact", required=True)
+    p.add_argument("--data", required=True, help="Parquet file, directory or glob")
+    p.add_argument("--batch-size", type=int, default=8192)
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: manifest's")
+    p.set_defaults(func=evaluate)
+
+
+def _resolve_paths(raw: dict) -> dict:
+    data = raw.get("data") or {}
+    for k in ("train", "valid"):
+        if data.get(k) and not os.path.isabs(data[k]):
+            data[k] = os.path.abspath(data[k])
+    return raw
+
+
+def prepare_run(config: str, overrides: list[str], run_dir: str | None) -> Path:
+    """Validate the config (before any process starts) and write ``<run>/config.yaml``."""
+    import yaml
+
+    from ranking.errors import UserError
+    from ranking.train.config import ConfigError, load_experiment
+
+    try:
+        exp = load_experiment(config, overrides)
+        check_model_shapes(exp)
+        check_data(exp)
+    except ConfigError as e:
+        raise UserError(str(e)) from e
+    raw = _resolve_paths(exp.raw)
+    raw["name"] = exp.name
+    if not isinstance(raw.get("schema"), str) or not os.path.isabs(raw["schema"]):
+        sch = raw.get("schema")
+        if isinstance(sch, str) and os.path.exists(sch):
+            raw["schema"] = os.path.abspath(sch)
+    run = Path(run_dir or f"runs/{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    existing = run / "config.yaml"
+    if existing.is_file():  # resuming: the run must be continued with the same config
+        old = yaml.safe_load(existing.read_text())
+        if old != raw:
+            diff = sorted(_diff_keys(old, raw))
+            raise UserError(
+                f"{existing}: the run directory holds a different config (differs at "
+                f"{', '.join(diff[:5])}); resume with the same config or use a new --run-dir"
+            )
+        print(f"[mixrank] resuming run {run}", file=sys.stderr, flush=True)
+        return run
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return run
+
+
+def _diff_keys(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in set(a) | set(b):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".") or "<root>"]
+
+
+def check_model_shapes(exp) -> None:
+    """Build the model on the meta device: shape errors (H not dividing T*D, ...) surface here,
+    naming the key, before any process is spawned; costs no memory even for the 1B configs."""
+    import torch
+
+    from ranking.model.ranker import build_model
+
+    with torch.device("meta"):
+        build_model(exp.model, exp.schema)
+
+
+def check_data(exp) -> None:
+    """Open the training and validation sets (footers and columns only) before spawning."""
+    from ranking.data.reader import ParquetBatches
+
+    for key in ("train", "valid"):
+        path = getattr(exp.data, key)
+        if path:
+            ParquetBatches(exp.schema, path, exp.data.batch_size, rank=0, world_size=1)
+
+
+def torchrun_command(run: Path, args) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}"]
+    if args.rdzv_endpoint:
+        cmd += [
+            f"--nnodes={args.nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={args.rdzv_endpoint}",
+            f"--rdzv-id={args.rdzv_id or run.name}",
+        ]
+        if args.node_rank is not None:
+            cmd.append(f"--node-rank={args.node_rank}")
+    else:
+        cmd += ["--standalone", "--nnodes=1"]
+    cmd += ["--max-restarts=0", "-m", "ranking.train.worker", "--run-dir", str(run)]
+    return cmd
+
+
+def train(args) -> int:
+    run = prepare_run(args.config, args.overrides, args.run_dir)
+    cmd = torchrun_command(run, args)
+    print(f"[mixrank] run directory: {run}", file=sys.stderr, flush=True)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, args.nproc))))
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum, _frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if rc == 0:
+        summary = run / "summary.json"
+        if summary.is_file():
+            print(summary.read_text())
+    return rc
+
+
+def export(args) -> int:
+    from ranking.errors import UserError
+    from ranking.export import ArtifactError, export_checkpoint, read_manifest
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype)
+    except (ArtifactError, FileNotFoundError) as e:
+        raise UserError(str(e)) from e
+    m = read_manifest(out)
+    print(
+        json.dumps({"artifact": str(out), "model_version": m["model_version"], "dtype": m["dtype"]})
+    )
+    return 0
+
+
+def evaluate(args) -> int:
+    """Stream ``--data`` through the artifact; print ``{"auc", "logloss", "ne", "rows"}``."""
+    import torch
+
+    from ranking.data.reader import ParquetBatches
+    from ranking.errors import UserError
+    from ranking.export import ArtifactError, load_artifact
+    from ranking.metrics import EvalAccumulator
+
+    try:
+        art = load_artifact(args.artifact, dtype=args.dtype)
+    except ArtifactError as e:
+        raise UserError(str(e)) from e
+    torch.set_num_threads(os.cpu_count() or 1)
+    acc = EvalAccumulator(art.schema.task_names)
+    reader = ParquetBatches(
+        art.schema, args.data, args.batch_size, rank=0, world_size=1, shuffle=False
+    )
+    for batch in reader:
+        acc.update(art.predict(batch), batch.labels)
+    print(json.dumps(acc.compute()))
+    return 0

@@ -1,0 +1,232 @@
+"""Experiment configuration: one YAML with ``name``, ``schema``, ``model``, ``data`` and ``train``.
+
+::
+
+    name: frappe_rankmixer
+    schema: frappe                      # preset name or path to a schema YAML
+    model: {arch: rankmixer, ...}       # see ranking/model/config.py and docs/MODELS.md
+    data:
+      train: ../shared/data/frappe/train.parquet
+      valid: ../shared/data/frappe/valid.parquet
+      batch_size: 1024                  # per rank
+    train:
+      epochs: 3
+      dense_optimizer: adamw
+      lr: 0.001
+
+``key=value`` overrides on the command line use dotted paths (``train.lr=0.01``,
+``model.num_layers=4``); values are parsed as YAML scalars. Every key is validated before any
+process is spawned, and errors name the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ranking.model.config import ConfigError  # one error type for every config section
+
+__all__ = ["ConfigError", "DataConfig", "ExperimentConfig", "TrainConfig", "load_experiment"]
+
+
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
+DENSE_OPTIMIZERS = ("adamw", "adagrad", "rmsprop", "adam")
+EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")  # fused CPU kernels
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is batched (``batch_size`` is per rank)."""
+
+    train: str = ""
+    valid: str = ""
+    batch_size: int = 1024
+    eval_batch_size: int = 8192
+    shuffle: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation, checkpointing and logging."""
+
+    seed: int = 0
+    epochs: int = 1
+    max_steps: int = 0  # 0: run `epochs` epochs
+    dense_optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # RMSProp
+    warmup_steps: int = 0
+    schedule: str = "constant"  # decay after warm-up
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 0.0  # 0: off; clips the dense parameters' global norm
+    embedding_optimizer: str = "rowwise_adagrad"
+    embedding_lr: float = 0.01
+    embedding_weight_decay: float = 0.0
+    embedding_eps: float = 1e-8
+    bf16: bool = False  # autocast the dense part on CPU/GPU
+    aux_loss_weight: float = 1.0  # multiplies the model's auxiliary loss terms
+    eval_every: int = 0  # steps; 0: only at the end of each epoch
+    checkpoint_every: int = 0  # steps; 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 20
+    prometheus_port: int = 0  # 0: off; rank 0 exports training metrics here
+    sharding: dict[str, str] = field(default_factory=dict)  # table -> sharding type
+    threads: int = 0  # torch threads per rank; 0: cores / local world size
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    schema: Any  # FeatureSchema
+    model: Any  # ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    raw: dict  # the resolved YAML (with overrides applied), written to the run directory
+    source: str = "<dict>"
+
+
+_TOP = {"name", "schema", "model", "data", "train"}
+
+
+def _set_dotted(d: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{source}: override {dotted}: {k} is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def apply_overrides(raw: dict, overrides: list[str], source: str = "<cli>") -> dict:
+    """Apply ``key=value`` overrides (dotted keys, YAML-parsed values) to a raw config dict."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected key=value (e.g. train.lr=0.01)")
+        key, _, value = ov.partition("=")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        _set_dotted(raw, key.strip(), parsed, source)
+    return raw
+
+
+def _dataclass_from(cls, raw: Any, section: str, source: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {section}: expected a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kw = {}
+    for k, v in raw.items():
+        if k not in fields:
+            raise ConfigError(
+                f"{source}: {section}.{k}: unknown key (expected one of {sorted(fields)})"
+            )
+        default = fields[k].default
+        if default is not dataclasses.MISSING and default is not None:
+            if isinstance(default, bool):
+                if not isinstance(v, bool):
+                    raise ConfigError(f"{source}: {section}.{k}: expected true/false, got {v!r}")
+            elif isinstance(default, int):
+                if not isinstance(v, int) or isinstance(v, bool):
+                    raise ConfigError(f"{source}: {section}.{k}: expected an integer, got {v!r}")
+            elif isinstance(default, float):
+                if not isinstance(v, int | float) or isinstance(v, bool):
+                    raise ConfigError(f"{source}: {section}.{k}: expected a number, got {v!r}")
+                v = float(v)
+            elif isinstance(default, str) and not isinstance(v, str):
+                raise ConfigError(f"{source}: {section}.{k}: expected a string, got {v!r}")
+        kw[k] = v
+    return cls(**kw)
+
+
+def _choice(value: str, choices: tuple, key: str, source: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{source}: {key}: expected one of {list(choices)}, got {value!r}")
+
+
+def _check_path(path: str, key: str, source: str) -> None:
+    if not path:
+        return
+    p = Path(path)
+    if not (p.exists() or glob.glob(path)):
+        raise ConfigError(f"{source}: {key}: no file or directory matches {path!r}")
+
+
+def load_experiment(
+    path_or_dict: str | Path | dict,
+    overrides: list[str] | None = None,
+    *,
+    require_data: bool = True,
+) -> ExperimentConfig:
+    """Load, override and validate an experiment config. Raises ``ConfigError``."""
+    from ranking.features import SchemaError
+    from ranking.model.config import ModelConfig
+
+    if isinstance(path_or_dict, dict):
+        raw, source = dict(path_or_dict), "<dict>"
+    else:
+        source = str(path_or_dict)
+        try:
+            raw = yaml.safe_load(Path(path_or_dict).read_text())
+        except OSError as e:
+            raise ConfigError(f"{source}: cannot read config: {e.strerror or e}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [], source)
+    unknown = set(raw) - _TOP
+    if unknown:
+        raise ConfigError(f"{source}: {sorted(unknown)[0]}: unknown key (expected {sorted(_TOP)})")
+    name = raw.get("name") or (Path(source).stem if source != "<dict>" else "experiment")
+
+    from ranking.features import load_schema
+
+    if "schema" not in raw:
+        raise ConfigError(f"{source}: schema: required (a preset name or a schema YAML path)")
+    try:
+        schema = load_schema(raw["schema"])
+    except (SchemaError, FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{source}: schema: {e}") from e
+
+    model = ModelConfig.from_dict(raw.get("model") or {}, source=source)
+
+    data = _dataclass_from(DataConfig, raw.get("data"), "data", source)
+    train = _dataclass_from(TrainConfig, raw.get("train"), "train", source)
+    _choice(train.dense_optimizer, DENSE_OPTIMIZERS, "train.dense_optimizer", source)
+    _choice(train.embedding_optimizer, EMBEDDING_OPTIMIZERS, "train.embedding_optimizer", source)
+    _choice(train.schedule, SCHEDULES, "train.schedule", source)
+    if not isinstance(train.sharding, dict):
+        raise ConfigError(f"{source}: train.sharding: expected a mapping table -> sharding type")
+    tables = {t.name for t in schema.tables}
+    for table, st in train.sharding.items():
+        if table not in tables:
+            raise ConfigError(
+                f"{source}: train.sharding.{table}: no such embedding table (tables: {sorted(tables)})"
+            )
+        _choice(st, SHARDING_TYPES, f"train.sharding.{table}", source)
+    for k in ("batch_size", "eval_batch_size"):
+        if getattr(data, k) < 1:
+            raise ConfigError(f"{source}: data.{k}: must be positive")
+    if train.epochs < 1 and train.max_steps < 1:
+        raise ConfigError(f"{source}: train.epochs: must be positive (or set train.max_steps)")
+    if require_data:
+        if not data.train:
+            raise ConfigError(f"{source}: data.train: required, a Parquet file, directory or glob")
+        _check_path(data.train, "data.train", source)
+        _check_path(data.valid, "data.valid", source)
+    return ExperimentConfig(
+        name=name, schema=schema, model=model, data=data, train=train, raw=raw, source=source
+    )

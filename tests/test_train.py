@@ -1,0 +1,200 @@
+"""The distributed training job, end to end: real torchrun, gloo, 2 processes.
+
+One uninterrupted run is shared by several tests (module fixture); the kill/resume test runs the
+same config again, SIGKILLs it after its first complete checkpoint, restarts it, and checks that
+it ends where the uninterrupted run ended.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ranking.cli import main as cli
+
+pytestmark = pytest.mark.slow
+
+ROWS = 12_000
+BATCH = 256  # per rank: 2 ranks x 256 -> 23 steps per epoch
+
+
+def _config(tmp: Path, data: Path, **train) -> Path:
+    cfg = {
+        "name": "test-train",
+        "schema": "frappe",
+        "model": {"arch": "rankmixer", "dim": 32, "num_tokens": 8, "num_layers": 1, "ffn_mult": 2},
+        "data": {
+            "train": str(data / "train"),
+            "valid": str(data / "valid"),
+            "batch_size": BATCH,
+            "eval_batch_size": 2048,
+        },
+        "train": {
+            "epochs": 2,
+            "lr": 0.003,
+            "embedding_lr": 0.05,
+            "log_every": 5,
+            "threads": 1,
+            "seed": 7,
+            **train,
+        },
+    }
+    path = tmp / f"cfg-{len(train)}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _train_cmd(cfg: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "ranking.cli",
+        "train",
+        "--config",
+        str(cfg),
+        "--nproc",
+        "2",
+        "--run-dir",
+        str(run_dir),
+        *extra,
+    ]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    # One synthetic data set (one hidden signal), split by rows into train and valid.
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("traindata")
+    assert (
+        cli(
+            [
+                "data",
+                "synth",
+                "--preset",
+                "frappe",
+                "--rows",
+                str(ROWS + ROWS // 3),
+                "--out",
+                str(root / "all"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    table = pq.read_table(root / "all")
+    for split, part in (("train", table.slice(0, ROWS)), ("valid", table.slice(ROWS))):
+        (root / split).mkdir()
+        pq.write_table(part, root / split / "part-0.parquet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def full_run(data, tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = _config(tmp, data, checkpoint_every=10)
+    run_dir = tmp / "full"
+    proc = subprocess.run(_train_cmd(cfg, run_dir), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return cfg, run_dir
+
+
+def test_training_reduces_loss_and_writes_run_dir(full_run):
+    _, run_dir = full_run
+    recs = [r for r in _records(run_dir) if "loss" in r]
+    assert len(recs) >= 4
+    first, last = recs[0]["loss"], recs[-1]["loss"]
+    assert last < first - 0.02, (first, last)
+    evals = [r["eval"] for r in _records(run_dir) if "eval" in r]
+    assert evals and evals[-1]["rows"] == ROWS // 3  # the whole validation set, all ranks
+    assert evals[-1]["auc"] > 0.6
+    assert (run_dir / "artifact" / "manifest.json").is_file()
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert all(not c.endswith(".partial") for c in ckpts)
+    assert len(ckpts) <= 2  # keep_checkpoints default
+
+
+def test_export_then_eval_reproduces_validation_auc(full_run, data, tmp_path, capsys):
+    _, run_dir = full_run
+    final_eval = json.loads((run_dir / "summary.json").read_text())["eval"]
+    # re-export from the last checkpoint through the CLI, then evaluate the artifact
+    last = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    assert cli(["export", "--checkpoint", str(last), "--out", str(tmp_path / "art")]) == 0
+    capsys.readouterr()
+    assert cli(["eval", "--artifact", str(tmp_path / "art"), "--data", str(data / "valid")]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["rows"] == final_eval["rows"]
+    assert abs(got["auc"] - final_eval["auc"]) < 1e-4
+    assert abs(got["logloss"] - final_eval["logloss"]) < 1e-4
+    # the artifact written by training is the same model
+    m1 = json.loads((run_dir / "artifact" / "manifest.json").read_text())
+    m2 = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert m1["model_version"] == m2["model_version"]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(full_run, tmp_path):
+    cfg, full_dir = full_run
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _train_cmd(cfg, run_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    ckdir = run_dir / "checkpoints"
+    while time.time() < deadline:
+        if ckdir.is_dir() and any((p / "COMPLETE").exists() for p in ckdir.glob("step-*")):
+            break
+        if proc.poll() is not None:
+            pytest.fail("training ended before it could be killed")
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # a half-written checkpoint from "another crash" must be skipped on resume
+    bogus = ckdir / "step-00009999"
+    bogus.mkdir()
+    (bogus / ".metadata").write_text("garbage")
+    proc = subprocess.run(_train_cmd(cfg, run_dir), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from step-" in proc.stderr
+    a = json.loads((full_dir / "summary.json").read_text())["eval"]
+    b = json.loads((run_dir / "summary.json").read_text())["eval"]
+    # same seed, same data order, restored optimiser/RNG state: equal up to float noise
+    assert abs(a["auc"] - b["auc"]) < 1e-6
+    assert abs(a["logloss"] - b["logloss"]) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.bogus=1", "train.bogus"),
+        ("model.num_heads=5", "num_heads"),
+        ("train.sharding.nosuch=row_wise", "train.sharding.nosuch"),
+        ("data.train=/nonexistent/x.parquet", "data.train"),
+        ("train.dense_optimizer=sgdx", "train.dense_optimizer"),
+    ],
+)
+def test_bad_config_fails_before_spawning(data, tmp_path, override, key):
+    cfg = _config(tmp_path, data)
+    t0 = time.time()
+    proc = subprocess.run(
+        _train_cmd(cfg, tmp_path / "r", override), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert key in proc.stderr, proc.stderr
+    assert "torch.distributed" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()  # nothing written, nothing spawned
+    assert time.time() - t0 < 60
