@@ -1,0 +1,266 @@
+"""``mixrank bench kernels``: each Triton kernel against its roofline floor and eager PyTorch.
+
+On CUDA, per op at production-like shapes: time (``triton.testing.do_bench``, median ms), bytes
+moved and FLOPs (counted from the op's definition: every input read once, every output written
+once), the roofline floor ``max(bytes / copy bandwidth, FLOPs / bf16 matmul peak)`` with both
+measured in the same run (a big device copy, a big bf16 matmul), time over floor, and the
+speed-up over the eager reference (``kernels.reference``). JSON lines, then a table.
+
+On CPU it says it needs a GPU and exits 0. ``--interpret-smoke`` instead runs every op once,
+forward and backward, at tiny shapes under Triton's interpreter on CPU (exercises the code path;
+used by the tests; no timings).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--interpret-smoke",
+        action="store_true",
+        help="run each op once at tiny shapes under TRITON_INTERPRET=1 on CPU (no timing)",
+    )
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument(
+        "--ops", default="all", help="comma-separated subset of op names (default: all)"
+    )
+    parser.add_argument("--quick", action="store_true", help="one shape per op")
+
+
+# ---------------------------------------------------------------------------- shapes
+
+
+def _cases(quick: bool):
+    """(name, B, T, D, H, E, k) production-like shapes (RankMixer 100M / 1B, TokenMixer-Large)."""
+    cases = [
+        ("rankmixer-100M", 4096, 16, 768, 16, 4, 2),
+        ("rankmixer-1B", 2048, 32, 1536, 32, 8, 2),
+        ("tokenmixer-moe", 8192, 16, 256, 8, 16, 4),
+        ("tokenmixer-moe-1:2", 4096, 32, 512, 16, 4, 2),
+    ]
+    return cases[:1] if quick else cases
+
+
+# ---------------------------------------------------------------------------- GPU run
+
+
+def _measure_peaks(torch, do_bench):
+    n = 1 << 28  # 512 MiB of bf16
+    src = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src))
+    bw = 2 * src.numel() * src.element_size() / (ms * 1e-3)
+    m = 8192
+    a = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
+    ms = do_bench(lambda: a @ b)
+    peak = 2 * m**3 / (ms * 1e-3)
+    return bw, peak
+
+
+def _ops(torch, kernels, ref, case, dtype):
+    """Yield (op, fn_triton, fn_ref, bytes, flops) for one shape."""
+    _, B, T, D, H, E, k = case
+    dev = "cuda"
+    es = torch.tensor([], dtype=dtype).element_size()
+    x = torch.randn(B, T, D, device=dev, dtype=dtype)
+    w = torch.ones(D, device=dev, dtype=dtype)
+    b = torch.zeros(D, device=dev, dtype=dtype)
+    n_el = B * T * D
+    yield (
+        "token_mix",
+        lambda: kernels.token_mix(x, H),
+        lambda: ref.token_mix(x, H),
+        2 * n_el * es,
+        0,
+    )
+    yield (
+        "mix_norm(layer,res)",
+        lambda: kernels.mix_norm(x, T, w, b, residual=x, norm="layer"),
+        lambda: ref.mix_norm(x, T, w, b, residual=x, norm="layer"),
+        4 * n_el * es,
+        8 * n_el,
+    )
+    N = B * T
+    logits = torch.randn(N, E, device=dev, dtype=dtype)
+    yield (
+        "topk_gate",
+        lambda: kernels.topk_gate(logits, k),
+        lambda: ref.topk_gate(logits, k),
+        N * E * es + N * k * (es + 8),
+        0,
+    )
+    yield (
+        "relu_gate",
+        lambda: kernels.relu_gate(logits),
+        lambda: ref.relu_gate(logits),
+        N * E * (2 * es + 8) + N * es,
+        0,
+    )
+    # per-token MoE: G = T * E groups, global ids t*E + e
+    G = T * E
+    Hd = max(16, 4 * D // E)
+    weights, ids = ref.topk_gate(logits.float(), k)
+    tok = torch.arange(N, device=dev) % T
+    gids = tok[:, None] * E + ids
+    yield (
+        "moe_permute",
+        lambda: kernels.moe_permute(gids, G),
+        lambda: ref.moe_permute(gids, G),
+        N * k * 8 * 3,
+        0,
+    )
+    routing = ref.moe_permute(gids, G)
+    M = routing.M
+    x2 = x.reshape(N, D)
+    x_perm = x2[routing.row_index].contiguous()
+    wu = torch.randn(G, D, Hd, device=dev, dtype=dtype) / D**0.5
+    wg = torch.randn(G, D, Hd, device=dev, dtype=dtype) / D**0.5
+    wd = torch.randn(G, Hd, D, device=dev, dtype=dtype) / Hd**0.5
+    ffn_bytes = (2 * M * D + 3 * G * D * Hd) * es
+    ffn_flops = 2 * M * D * Hd * 3
+    yield (
+        "grouped_ffn(swiglu)",
+        lambda: kernels.grouped_ffn(x_perm, routing.offsets, wu, wd, w_gate=wg),
+        lambda: ref.grouped_ffn(x_perm, routing.offsets, wu, wd, w_gate=wg),
+        ffn_bytes,
+        ffn_flops,
+    )
+    y_perm = torch.randn(M, D, device=dev, dtype=dtype)
+    wts = weights.to(dtype)
+    yield (
+        "moe_unpermute",
+        lambda: kernels.moe_unpermute(y_perm, routing, wts),
+        lambda: ref.moe_unpermute(y_perm, routing, wts),
+        (M * D + N * D) * es + N * k * (8 + es),
+        2 * M * D,
+    )
+    yield (
+        "moe_ffn(swiglu)",
+        lambda: kernels.moe_ffn(x2, wts, gids, wu, wd, w_gate=wg),
+        lambda: ref.moe_ffn(x2, wts, gids, wu, wd, w_gate=wg),
+        ffn_bytes + 2 * N * D * es,
+        ffn_flops,
+    )
+
+
+def _run_gpu(args) -> int:
+    import torch
+    from triton.testing import do_bench
+
+    import kernels
+    from kernels import reference as ref
+
+    from .common import emit, machine_info, table
+
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    want = None if args.ops == "all" else set(args.ops.split(","))
+    bw, peak = _measure_peaks(torch, do_bench)
+    info = machine_info()
+    emit({"bench": "kernels", **info, "copy_GBps": bw / 1e9, "bf16_matmul_TFLOPs": peak / 1e12})
+    records = []
+    with torch.no_grad():
+        for case in _cases(args.quick):
+            for op, fn, fn_ref, nbytes, flops in _ops(torch, kernels, ref, case, dtype):
+                if want and op.split("(")[0] not in want:
+                    continue
+                ms = do_bench(fn)
+                ms_ref = do_bench(fn_ref)
+                floor_ms = max(nbytes / bw, flops / peak) * 1e3
+                rec = {
+                    "op": op,
+                    "shape": case[0],
+                    "dtype": args.dtype,
+                    "ms": ms,
+                    "eager_ms": ms_ref,
+                    "speedup": ms_ref / ms,
+                    "MB": nbytes / 1e6,
+                    "GFLOP": flops / 1e9,
+                    "floor_ms": floor_ms,
+                    "x_floor": ms / floor_ms,
+                    "bound": "compute" if flops / peak > nbytes / bw else "memory",
+                }
+                emit(rec)
+                records.append(rec)
+    if not args.json_only:
+        table(records)
+    return 0
+
+
+# ---------------------------------------------------------------------------- interpreter smoke
+
+
+def _smoke() -> int:
+    """Every op once, forward + backward, tiny shapes, Triton interpreter on CPU."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["MIXRANK_KERNELS"] = "triton"
+    if "triton" in sys.modules and type(sys.modules["triton.language"].max).__name__ != (
+        "InterpretedFunction"
+    ):
+        print("--interpret-smoke: triton was imported before TRITON_INTERPRET=1", file=sys.stderr)
+        return 1
+    import torch
+
+    import kernels
+    from kernels import reference as ref
+
+    torch.manual_seed(0)
+    B, T, D, H, E, k, Hd = 2, 4, 16, 4, 4, 2, 16
+    x = torch.randn(B, T, D, requires_grad=True)
+    w = torch.ones(T * D // H, requires_grad=True)
+    checks = {}
+    y = kernels.token_mix(x, H)
+    checks["token_mix"] = torch.equal(y, ref.token_mix(x, H))
+    checks["token_revert"] = torch.equal(kernels.token_revert(y, T), x)
+    z, n = kernels.mix_norm(x, H, w, residual=y.detach(), norm="rms")
+    (n.sum() + z.sum()).backward()
+    checks["mix_norm"] = torch.allclose(n, ref.mix_norm(x, H, w, residual=y.detach())[1], atol=1e-5)
+    xf = torch.randn(B * T, D, requires_grad=True)
+    logits = torch.randn(B * T, E, requires_grad=True)
+    wts, ids = kernels.topk_gate(logits, k)
+    _, rids, l1 = kernels.relu_gate(logits)
+    checks["topk_gate"] = torch.equal(ids, ref.topk_gate(logits, k)[1])
+    checks["relu_gate"] = torch.equal(rids, ref.relu_gate(logits)[1])
+    gids = (torch.arange(B * T) % T)[:, None] * E + ids
+    routing = kernels.moe_permute(gids, T * E)
+    checks["moe_permute"] = torch.equal(routing.slot_of, ref.moe_permute(gids, T * E).slot_of)
+    wu = torch.randn(T * E, D, Hd, requires_grad=True)
+    wg = torch.randn(T * E, D, Hd, requires_grad=True)
+    wd = torch.randn(T * E, Hd, D, requires_grad=True)
+    out = kernels.moe_ffn(xf, wts, gids, wu, wd, w_gate=wg)
+    (out.sum() + l1.sum()).backward()
+    out_ref = ref.moe_ffn(xf, wts, gids, wu, wd, w_gate=wg)
+    checks["moe_ffn"] = torch.allclose(out, out_ref, rtol=1e-4, atol=1e-4)
+    checks["grads"] = all(
+        t.grad is not None and torch.isfinite(t.grad).all() for t in (x, w, xf, logits, wu, wg, wd)
+    )
+    for name, ok in checks.items():
+        print(f"{name:14s} {'ok' if ok else 'MISMATCH'}")
+    return 0 if all(checks.values()) else 1
+
+
+def run(args) -> int:
+    if getattr(args, "interpret_smoke", False):
+        return _smoke()
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench kernels: needs a CUDA GPU (Triton kernels); none found, nothing measured.")
+        return 0
+    return _run_gpu(args)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_kernels", description=__doc__)
+    p.add_argument("--json-only", action="store_true", help="print only the JSON lines")
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
