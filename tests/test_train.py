@@ -198,3 +198,28 @@ def test_bad_config_fails_before_spawning(data, tmp_path, override, key):
     assert "torch.distributed" not in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()  # nothing written, nothing spawned
     assert time.time() - t0 < 60
+
+
+def test_forced_sharding_types_train_and_export(data, tmp_path, capsys):
+    """Every sharding type the config can force trains, and the artifact reproduces the eval."""
+    cfg = _config(tmp_path, data, epochs=1)
+    run_dir = tmp_path / "sharded"
+    forced = {"user": "row_wise", "item": "table_row_wise", "city": "column_wise",
+              "cost": "data_parallel", "country": "table_wise"}  # fmt: skip
+    extra = [f"train.sharding.{t}={k}" for t, k in forced.items()]
+    proc = subprocess.run(_train_cmd(cfg, run_dir, *extra), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    plan: dict[str, str] = {}  # the first table of the printed plan: param | sharding type | ...
+    for line in proc.stderr.splitlines():
+        if line.count("|") >= 3:
+            plan.setdefault(line.split("|")[0].strip(), line.split("|")[1].strip())
+    for table, kind in forced.items():
+        assert plan.get(table) == kind, (table, plan)
+    final_eval = json.loads((run_dir / "summary.json").read_text())["eval"]
+    capsys.readouterr()
+    assert (
+        cli(["eval", "--artifact", str(run_dir / "artifact"), "--data", str(data / "valid")]) == 0
+    )
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(got["auc"] - final_eval["auc"]) < 1e-4

@@ -17,7 +17,13 @@ def register(sub) -> None:
     s.add_argument("--preset", required=True, choices=PRESET_CHOICES)
     s.add_argument("--rows", required=True, type=_positive)
     s.add_argument("--out", required=True, help="output directory (part-NNNNN.parquet)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the rows drawn")
+    s.add_argument(
+        "--signal-seed",
+        type=int,
+        default=0,
+        help="seed of the hidden signal; keep it and change --seed for train/valid splits",
+    )
     s.add_argument(
         "--chunk-rows", type=_positive, default=262144, help="rows per chunk / row group"
     )
@@ -63,6 +69,7 @@ def cmd_synth(args) -> int:
         args.out,
         seed=args.seed,
         chunk_rows=args.chunk_rows,
+        signal_seed=args.signal_seed,
         progress=not args.quiet,
     )
     print(json.dumps({"preset": args.preset, "rows": args.rows, "files": [str(f) for f in files]}))

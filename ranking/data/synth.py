@@ -99,13 +99,19 @@ def preset_fields(preset: str) -> list[Field]:
 
 
 class Generator:
-    """Draws chunks of rows for one preset; hidden parameters fixed by ``seed``."""
+    """Draws chunks of rows for one preset.
 
-    def __init__(self, preset: str, seed: int = 0):
+    The hidden signal (per-value vectors, biases, value names, calibration) is fixed by
+    ``signal_seed``; the rows drawn from it by ``seed``. Train and validation splits are the same
+    signal with different ``seed``s.
+    """
+
+    def __init__(self, preset: str, seed: int = 0, signal_seed: int = 0):
         self.preset = preset
         self.seed = seed
+        self.signal_seed = signal_seed
         self.fields = preset_fields(preset)
-        rng = np.random.default_rng([seed, 1])
+        rng = np.random.default_rng([signal_seed, 1])
         self.hidden = {}
         for f in self.fields:
             if f.kind == "dense":
@@ -125,7 +131,7 @@ class Generator:
         self._calibrate()
 
     def _calibrate(self, n: int = 50000) -> None:
-        _, parts = self._draw(np.random.default_rng([self.seed, 2]), n)
+        _, parts = self._draw(np.random.default_rng([self.signal_seed, 2]), n)
         pair, first, dense = parts
         self.scale = (
             PAIR_STD / max(pair.std(), 1e-9),
@@ -195,6 +201,7 @@ def write_synthetic(
     out: str | Path,
     seed: int = 0,
     chunk_rows: int = 262144,
+    signal_seed: int = 0,
     chunks_per_file: int = 8,
     progress: bool = True,
 ) -> list[Path]:
@@ -202,7 +209,7 @@ def write_synthetic(
     memory is bounded by one chunk. Prints a progress line (rows/s, ETA) on stderr."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    gen = Generator(preset, seed)
+    gen = Generator(preset, seed, signal_seed)
     files: list[Path] = []
     writer = None
     done, t0 = 0, time.perf_counter()

@@ -115,6 +115,9 @@ def sharding_plan(model, cfg: ExperimentConfig, world: int, device: torch.device
         planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
         return planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
 
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+
+    fused = EmbeddingComputeKernel.FUSED.value
     plan = {}
     rr = 0
     for path, module in embedding_modules(model).items():
@@ -122,15 +125,15 @@ def sharding_plan(model, cfg: ExperimentConfig, world: int, device: torch.device
         for cfg_t in module.embedding_bag_configs():
             kind = forced.get(cfg_t.name, "table_wise")
             if kind == "row_wise":
-                per_param[cfg_t.name] = row_wise()
+                per_param[cfg_t.name] = row_wise(compute_kernel=fused)
             elif kind == "table_row_wise":
                 per_param[cfg_t.name] = table_row_wise(host_index=0)
             elif kind == "column_wise":
-                per_param[cfg_t.name] = column_wise(ranks=list(range(world)))
+                per_param[cfg_t.name] = column_wise(ranks=list(range(world)), compute_kernel=fused)
             elif kind == "data_parallel":
                 per_param[cfg_t.name] = data_parallel()
             else:
-                per_param[cfg_t.name] = table_wise(rank=rr % world)
+                per_param[cfg_t.name] = table_wise(rank=rr % world, compute_kernel=fused)
                 rr += 1
         sharder = next(s for s in sharders if isinstance(module, s.module_type))
         plan[path] = construct_module_sharding_plan(
