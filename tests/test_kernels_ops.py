@@ -5,7 +5,7 @@ gradient buffer is poisoned (``torch.empty`` returns NaN / a sentinel while a te
 element a kernel forgot to write fails the comparison.
 
 Tolerances (max |triton - ref| / max |ref|): fp32 1e-5 (GEMMs 1e-4, other summation order);
-bf16 2e-2 against the reference run in fp32 on the same bf16 values (the kernels accumulate in
+bf16 2e-2 (GEMMs 3e-2, the composed MoE 4e-2; gradients twice these) against the reference run in fp32 on the same bf16 values (the kernels accumulate in
 fp32; the error is bf16 rounding of outputs and intermediates).
 
 ``TRITON_INTERPRET=1`` must be set before triton is first imported (Triton 3.7 builds its
@@ -72,7 +72,7 @@ def triton_ops(monkeypatch):
 
 def _tol(dtype, gemm=False):
     if dtype == torch.bfloat16:
-        return 2e-2
+        return 3e-2 if gemm else 2e-2
     return 1e-4 if gemm else 1e-5
 
 
@@ -391,7 +391,8 @@ def test_moe_ffn_per_token_experts(triton_ops, dtype, gate):
     rf = _fp32([x, logits, *params.values()])
     out = run(triton_ops, tri[0], tri[1], dict(zip(params, tri[2:])))
     out_r = run(ref, rf[0], rf[1], dict(zip(params, rf[2:])))
-    tol = _tol(dtype, gemm=True)
+    # four stages, each rounding to bf16 (x_perm, h, y_perm, out): measured up to ~2.3e-2
+    tol = 4e-2 if dtype == torch.bfloat16 else 1e-4
     assert_close(out, out_r, tol, "out")
     for a, e, name in zip(_grads(out, tri), _grads(out_r.to(dtype), rf), ["x", "logits", *params]):
         assert_close(a, e, 2 * tol, f"grad {name}")
