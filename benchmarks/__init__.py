@@ -15,6 +15,7 @@ BENCHMARKS = {
     "data": ("benchmarks.bench_data", "rows/s of reading Parquet and converting to Batch"),
     "model": ("benchmarks.bench_model", "forward samples/s and FLOP/s vs measured matmul peak"),
     "kernels": ("benchmarks.bench_kernels", "Triton kernels vs roofline and eager (GPU only)"),
+    "train": ("benchmarks.bench_train", "training samples/s with 1 and 2 processes, step/forward"),
 }
 
 

@@ -78,3 +78,31 @@ def test_accumulator_multi_task_concatenates_batches():
     for i, t in enumerate(["a", "b"]):
         assert abs(out[t]["auc"] - _slow_auc(p[:, i].tolist(), y[:, i].tolist())) < 1e-6
         assert out[t]["rows"] == 150
+
+
+def test_training_metrics_exporter_serves_prometheus_text():
+    """Rank 0's exporter: scrape it over HTTP and parse with prometheus_client's parser."""
+    import socket
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from ranking.train.worker import _PromExporter
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exp = _PromExporter(rank=0, port=port)
+    exp.update({"step": 42, "loss": 0.25, "samples_per_s": 1234.5, "eval_auc": 0.75})
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    got = {
+        s.name: s.value
+        for fam in text_string_to_metric_families(body)
+        for s in fam.samples
+        if s.name.startswith("mixrank_train_")
+    }
+    assert got["mixrank_train_step"] == 42
+    assert got["mixrank_train_loss"] == 0.25
+    assert got["mixrank_train_samples_per_second"] == 1234.5
+    assert got["mixrank_train_eval_auc"] == 0.75
+    assert _PromExporter(rank=1, port=port).gauges is None  # only rank 0 exports
