@@ -106,7 +106,7 @@ def test_dlrm_needs_one_embedding_dim():
             ],
         }
     )
-    with pytest.raises(ConfigError, match="model.arch"):
+    with pytest.raises(ConfigError, match=r"model\.arch"):
         build_model(ModelConfig.from_dict({"arch": "dlrm"}), schema)
 
 
