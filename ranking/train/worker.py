@@ -347,7 +347,7 @@ class Trainer:
     def _empty_like_schema(self):
         from ranking.features import batch_from_rows
 
-        return batch_from_rows(self.cfg.schema, [{}], with_labels=True)
+        return batch_from_rows(self.cfg.schema, [{}])  # labels are zeros; outputs discarded
 
     def _set_progress(self, frac: float) -> None:
         """Schedule hooks: e.g. the UniMixer Sinkhorn temperature (annealed 1.0 -> 0.05)."""
