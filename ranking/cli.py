@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "ranking.train.commands",  # mixrank train, export, eval
     "benchmarks",  # mixrank bench {data,model,kernels,...}
     "ranking.demo",  # mixrank demo
+    "serving.commands",  # mixrank serve, loadtest
 )
 
 

@@ -1,0 +1,323 @@
+"""The Ray Serve application: a thin ``RankIngress`` in front of a batching ``Ranker``.
+
+``RankIngress`` speaks the wire protocols: HTTP ``POST /v1/rank`` and ``GET /healthz``, and gRPC
+``mixrank.v1.RankingService/Rank`` through Serve's gRPC proxy. It checks the content type and
+body size, forwards the raw body to a ``Ranker`` and turns the answer into a response; it counts
+requests by route and status. ``Ranker`` holds the model: it parses and validates requests
+against the model's schema, builds features (context once per request), scores formed batches
+with ``@serve.batch`` (sized in candidates) and swaps models on ``reconfigure``.
+
+Deployment names, replica counts, batching and limits live in ``deploy/serve.yaml``; the values
+here are only defaults for ``serve.run(build({}))`` in tests and notebooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ray import serve
+
+from serving.errors import GRPC_CODES, RequestError
+
+log = logging.getLogger("ray.serve")
+
+HTTP_ROUTES = ("/v1/rank", "/healthz")
+GRPC_ROUTE = "grpc:/mixrank.v1.RankingService/Rank"
+
+
+@dataclass
+class _Prepared:
+    """One request's features, ready for a batch; ``art`` is the model they were built for."""
+
+    columns: Any  # FeatureColumns
+    size: int
+    art: Any  # Artifact
+
+
+def _candidates(items: list[_Prepared]) -> int:
+    return sum(p.size for p in items)
+
+
+@serve.deployment(name="Ranker", max_ongoing_requests=64)
+class Ranker:
+    """Scores requests with the artifact named by ``user_config["artifact"]``.
+
+    ``user_config`` keys: ``artifact`` (path, required), ``dtype`` (auto | fp32 | bf16),
+    ``max_batch_size`` (candidates per formed batch), ``batch_wait_timeout_s``,
+    ``max_candidates``, ``max_string_length``, ``max_list_items``, ``torch_threads``.
+    """
+
+    def __init__(self):
+        from serving.metrics import RankerMetrics
+        from serving.request import Limits
+
+        self._art = None
+        self._path = None
+        self._dtype = None
+        self._limits = Limits()
+        self._wait_s = 0.005
+        self._inflight = 0
+        self._last_error: str | None = None
+        self._metrics = RankerMetrics()
+
+    # ------------------------------------------------------------------ configuration
+    async def reconfigure(self, config: dict) -> None:
+        """Apply a new ``user_config``. A new artifact is loaded and validated off the event
+        loop (requests keep being answered by the old model) and swapped in only if valid; a
+        bad one is logged and counted, and the old model keeps serving. Without any model yet
+        (first start) a bad artifact fails the replica."""
+        import torch
+
+        from serving.request import Limits
+
+        limits = Limits(
+            max_candidates=int(config.get("max_candidates", Limits.max_candidates)),
+            max_string_length=int(config.get("max_string_length", Limits.max_string_length)),
+            max_list_items=int(config.get("max_list_items", Limits.max_list_items)),
+        )
+        max_batch = int(config.get("max_batch_size", 2048))
+        if limits.max_candidates > max_batch:
+            raise ValueError(
+                f"user_config: max_candidates ({limits.max_candidates}) must be <= "
+                f"max_batch_size ({max_batch}): a request is never split across batches"
+            )
+        self._limits = limits
+        self._wait_s = float(config.get("batch_wait_timeout_s", 0.005))
+        self._score.set_max_batch_size(max_batch)
+        self._score.set_batch_wait_timeout_s(self._wait_s)
+        threads = int(config.get("torch_threads", 0))
+        if threads > 0:
+            torch.set_num_threads(threads)
+        path, dtype = config.get("artifact"), config.get("dtype", "auto")
+        if not path:
+            raise ValueError("user_config: 'artifact' (the artifact directory) is required")
+        if (path, dtype) != (self._path, self._dtype):
+            await self._load(str(path), dtype)
+
+    async def _load(self, path: str, dtype: str) -> None:
+        from serving.model import load_validated
+
+        old = self._art
+        try:
+            art = await asyncio.to_thread(load_validated, path, dtype, old)
+        except Exception as e:
+            self._last_error = f"{type(e).__name__}: {e}"
+            self._metrics.reloads.inc(1, tags={"result": "failure"})
+            log.error("model reload failed, still serving %s: %s", self._version(), e)
+            if old is None:
+                raise
+            return
+        self._art, self._path, self._dtype, self._last_error = art, path, dtype, None
+        self._metrics.swapped(old.model_version if old else None, art.model_version)
+        log.info("serving model %s from %s (%s)", art.model_version, path, art.dtype)
+
+    def _version(self) -> str | None:
+        return self._art.model_version if self._art is not None else None
+
+    # ------------------------------------------------------------------ requests
+    def health(self) -> tuple[int, dict]:
+        if self._art is None:
+            return 503, RequestError(503, "not_ready", "no model loaded").body()
+        return 200, {
+            "status": "ok",
+            "model_version": self._art.model_version,
+            "dtype": self._art.dtype,
+            "last_reload_error": self._last_error,
+        }
+
+    def check_health(self) -> None:
+        if self._art is None:
+            raise RuntimeError("no model loaded")
+
+    async def rank(self, body: bytes, fmt: str = "json") -> tuple[int, dict]:
+        """Answer one request (``fmt``: "json" or "proto"): ``(HTTP status, body dict)``."""
+        from ranking.data.errors import DataError
+        from serving.featurize import request_columns
+        from serving.model import rank_response
+        from serving.request import parse_json, parse_proto
+
+        art = self._art
+        if art is None:
+            return 503, RequestError(503, "not_ready", "no model loaded").body()
+        try:
+            parse = parse_json if fmt == "json" else parse_proto
+            req = parse(body, art.schema, self._limits)
+            cols = request_columns(art.schema, req)
+        except RequestError as e:
+            return e.status, e.body()
+        except DataError as e:  # a value the feature pipeline refuses; names the column
+            field = getattr(e, "column", None)
+            return 422, RequestError(422, "invalid_value", str(e), field).body()
+        self._metrics.candidates.observe(req.size)
+        # Alone in the replica, waiting for company only adds latency: run at once.
+        self._inflight += 1
+        self._score.set_batch_wait_timeout_s(self._wait_s if self._inflight > 1 else 0.0)
+        try:
+            probs, used = await self._score(_Prepared(cols, req.size, art))
+        except Exception as e:
+            log.exception("forward failed")
+            return 503, RequestError(
+                503, "model_error", f"scoring failed: {type(e).__name__}"
+            ).body()
+        finally:
+            self._inflight -= 1
+        return 200, rank_response(used, req.request_id, probs, req.top_k)
+
+    @serve.batch(max_batch_size=2048, batch_wait_timeout_s=0.005, batch_size_fn=_candidates)
+    async def _score(self, items: list[_Prepared]) -> list:
+        """Score a formed batch: one forward per model (normally one), off the event loop."""
+        t0 = time.perf_counter()
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(items):
+            groups.setdefault(id(p.art), []).append(i)
+        out: list = [None] * len(items)
+        for idx in groups.values():
+            art = items[idx[0]].art
+            probs = await asyncio.to_thread(_forward, art, [items[i] for i in idx])
+            start = 0
+            for i in idx:
+                out[i] = (probs[start : start + items[i].size], art)
+                start += items[i].size
+        self._metrics.batch(len(items), _candidates(items), time.perf_counter() - t0)
+        return out
+
+
+def _forward(art, items: list[_Prepared]):
+    from serving.featurize import merged_batch
+
+    batch = merged_batch(art.schema, [p.columns for p in items])
+    return art.predict(batch).numpy()
+
+
+def _error_response(err: RequestError):
+    return err.status, err.body()
+
+
+@serve.deployment(name="RankIngress", max_ongoing_requests=256)
+class RankIngress:
+    """HTTP and gRPC front door; ``user_config``: ``max_body_bytes``."""
+
+    def __init__(self, ranker):
+        from serving.metrics import IngressMetrics
+
+        self._ranker = ranker
+        self._max_body = 8 << 20
+        self._metrics = IngressMetrics()
+
+    def reconfigure(self, config: dict) -> None:
+        self._max_body = int(config.get("max_body_bytes", self._max_body))
+
+    async def __call__(self, request):
+        from starlette.responses import Response
+
+        t0 = time.perf_counter()
+        route = request.url.path.rstrip("/") or "/"
+        try:
+            status, body = await self._http(request, route)
+        except Exception as e:  # a dead or overloaded replica: never a stack trace out
+            log.warning("request failed: %s: %s", type(e).__name__, e)
+            status, body = _error_response(
+                RequestError(503, "unavailable", "the ranking service is unavailable, retry")
+            )
+        route_tag = route if route in HTTP_ROUTES else "other"
+        error = body["error"]["code"] if status >= 400 else None
+        self._metrics.observe(route_tag, status, time.perf_counter() - t0, error)
+        return Response(json.dumps(body), status_code=status, media_type="application/json")
+
+    async def _http(self, request, route: str) -> tuple[int, dict]:
+        if route == "/healthz":
+            return await self._ranker.health.remote()
+        if route != "/v1/rank":
+            return _error_response(
+                RequestError(404, "not_found", f"no route {route[:64]!r}; try POST /v1/rank")
+            )
+        if request.method != "POST":
+            return _error_response(
+                RequestError(405, "method_not_allowed", "use POST /v1/rank", None)
+            )
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            return _error_response(
+                RequestError(
+                    400,
+                    "unsupported_content_type",
+                    f"expected application/json, got {ctype[:64]!r}",
+                    "content-type",
+                )
+            )
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self._max_body:
+            return _error_response(self._too_large(int(declared)))
+        body = await request.body()
+        if len(body) > self._max_body:
+            return _error_response(self._too_large(len(body)))
+        return await self._ranker.rank.remote(body, "json")
+
+    def _too_large(self, n: int) -> RequestError:
+        return RequestError(
+            413, "body_too_large", f"{n} bytes, the limit is {self._max_body}", "body"
+        )
+
+    async def Rank(self, request, grpc_context=None):
+        """gRPC ``mixrank.v1.RankingService/Rank``; errors set the gRPC status and put the JSON
+        error body, plus the HTTP-equivalent ``status``, in the details."""
+        from serving.proto import ranking_pb2
+
+        t0 = time.perf_counter()
+        try:
+            status, body = await self._ranker.rank.remote(request.SerializeToString(), "proto")
+        except Exception as e:
+            log.warning("request failed: %s: %s", type(e).__name__, e)
+            status, body = _error_response(
+                RequestError(503, "unavailable", "the ranking service is unavailable, retry")
+            )
+        error = body["error"]["code"] if status >= 400 else None
+        self._metrics.observe(GRPC_ROUTE, status, time.perf_counter() - t0, error)
+        if status != 200:
+            if grpc_context is not None:
+                grpc_context.set_code(GRPC_CODES.get(status, GRPC_CODES[500]))
+                grpc_context.set_details(json.dumps({"status": status, **body}))
+            return ranking_pb2.RankResponse()
+        return to_proto(body)
+
+
+def to_proto(body: dict):
+    """A JSON answer -> ``mixrank.v1.RankResponse``."""
+    from serving.proto import ranking_pb2
+
+    resp = ranking_pb2.RankResponse(
+        request_id=body["request_id"],
+        model_version=body["model_version"],
+        scores=body["scores"],
+        ranking=body["ranking"],
+    )
+    for task, scores in body.get("task_scores", {}).items():
+        resp.task_scores[task].scores.extend(scores)
+    return resp
+
+
+def build(args: dict | None = None):
+    """The application (``import_path: serving.app:build`` in deploy/serve.yaml)."""
+    return RankIngress.bind(Ranker.bind())
+
+
+# ------------------------------------------------------------------ the framework's floor
+@serve.deployment(name="NoOp", max_ongoing_requests=64)
+class NoOp:
+    """Parses the same JSON body and returns as many zeros: Ray Serve's floor (benchmarks)."""
+
+    async def __call__(self, request):
+        from starlette.responses import Response
+
+        body = json.loads(await request.body())
+        zeros = [0.0] * len(body.get("candidates", []))
+        return Response(json.dumps({"scores": zeros}), media_type="application/json")
+
+
+def build_noop(args: dict | None = None):
+    return NoOp.bind()

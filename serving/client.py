@@ -1,0 +1,135 @@
+"""Minimal clients for the ranking service (HTTP with ``http.client``, gRPC with the stub).
+
+Used by the demo, the tests, the load generator and the benchmark; loopback or any host.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from typing import Any
+
+from serving.errors import RequestError
+
+
+class HTTPClient:
+    """A keep-alive HTTP/1.1 connection to the service (not thread-safe: one per thread)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8000, timeout: float = 30.0):
+        self.host, self.port, self.timeout = host, port, timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict | None = None
+    ) -> tuple[int, bytes]:
+        """One request; reconnects once if the kept-alive connection was closed."""
+        for attempt in (0, 1):
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                self._conn.request(method, path, body=body, headers=headers or {})
+                resp = self._conn.getresponse()
+                return resp.status, resp.read()
+            except (ConnectionError, http.client.HTTPException):
+                self.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def rank_raw(self, body: bytes) -> tuple[int, dict]:
+        status, data = self.request("POST", "/v1/rank", body, {"Content-Type": "application/json"})
+        return status, json.loads(data)
+
+    def rank(self, request: dict[str, Any]) -> dict:
+        """POST /v1/rank; returns the answer or raises ``RequestError`` with the error body."""
+        status, body = self.rank_raw(json.dumps(request).encode())
+        if status != 200:
+            raise RequestError.from_body(status, body)
+        return body
+
+    def health(self) -> tuple[int, dict]:
+        status, data = self.request("GET", "/healthz")
+        return status, json.loads(data)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def to_proto_request(request: dict[str, Any]):
+    """The JSON request shape -> ``mixrank.v1.RankRequest``."""
+    from serving.proto import ranking_pb2
+
+    msg = ranking_pb2.RankRequest(
+        request_id=request.get("request_id") or "", top_k=request.get("top_k") or 0
+    )
+    for k, v in (request.get("context") or {}).items():
+        _set_value(msg.context[k], v)
+    for cand in request["candidates"]:
+        c = msg.candidates.add()
+        for k, v in cand.items():
+            _set_value(c.features[k], v)
+    return msg
+
+
+def _set_value(fv, v) -> None:
+    if v is None:
+        fv.Clear()
+    elif isinstance(v, str):
+        fv.string_value = v
+    elif isinstance(v, bool):
+        raise TypeError(f"booleans are not feature values: {v!r}")
+    elif isinstance(v, int):
+        fv.int_value = v
+    elif isinstance(v, float):
+        fv.float_value = v
+    elif isinstance(v, list | tuple):
+        fv.list_value.SetInParent()
+        for x in v:
+            _set_value(fv.list_value.values.add(), x)
+    else:
+        raise TypeError(f"not a feature value: {v!r}")
+
+
+def from_proto_response(resp) -> dict:
+    """``mixrank.v1.RankResponse`` -> the JSON answer shape."""
+    out = {
+        "request_id": resp.request_id,
+        "model_version": resp.model_version,
+        "scores": list(resp.scores),
+        "ranking": list(resp.ranking),
+    }
+    if resp.task_scores:
+        out["task_scores"] = {k: list(v.scores) for k, v in resp.task_scores.items()}
+    return out
+
+
+class GRPCClient:
+    """A channel and stub for ``mixrank.v1.RankingService``."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 9000, timeout: float = 30.0):
+        import grpc
+
+        from serving.proto import ranking_pb2_grpc
+
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(f"{host}:{port}")
+        self._stub = ranking_pb2_grpc.RankingServiceStub(self._channel)
+
+    def rank(self, request: dict[str, Any]) -> dict:
+        """Rank; a refused request raises ``RequestError`` decoded from the gRPC details."""
+        import grpc
+
+        try:
+            resp = self._stub.Rank(to_proto_request(request), timeout=self.timeout)
+        except grpc.RpcError as e:
+            try:
+                body = json.loads(e.details())
+            except (TypeError, ValueError):
+                raise e from None
+            raise RequestError.from_body(int(body.get("status", 422)), body) from None
+        return from_proto_response(resp)
+
+    def close(self) -> None:
+        self._channel.close()

@@ -1,0 +1,106 @@
+"""``mixrank serve`` and ``mixrank loadtest``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+from ranking.errors import UserError
+
+
+def register(sub) -> None:
+    from serving.config import DEFAULT_CONFIG
+
+    p = sub.add_parser("serve", help="serve an artifact on a local Ray Serve (foreground)")
+    p.add_argument("--artifact", required=True, help="exported artifact directory")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="Ray Serve config YAML")
+    p.add_argument(
+        "--metrics-port", type=int, default=8080, help="Ray's Prometheus endpoint (/metrics)"
+    )
+    p.add_argument("--replicas", type=int, default=None, help="fixed Ranker replica count")
+    p.set_defaults(func=serve)
+
+    p = sub.add_parser("loadtest", help="closed-loop load against a local ranking service")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="service URL (loopback)")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds")
+    p.add_argument("--candidates", type=int, default=256, help="candidates per request")
+    p.add_argument("--grpc", action="store_true", help="send over gRPC instead of HTTP")
+    p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--schema", default="frappe", help="schema the requests are made for")
+    p.add_argument("--max-requests", type=int, default=1_000_000)
+    p.set_defaults(func=loadtest)
+
+
+def serve(args) -> int:
+    from ranking.export import ArtifactError, read_manifest
+    from serving import config
+
+    try:
+        manifest = read_manifest(args.artifact)
+    except ArtifactError as e:
+        raise UserError(str(e)) from e
+    overrides = {"Ranker": {"num_replicas": args.replicas}} if args.replicas else None
+    cfg = config.load_config(
+        args.config,
+        artifact=args.artifact,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        host=args.host,
+        deployments=overrides,
+    )
+    # Ctrl-C and SIGTERM both end the loop below and shut down cleanly.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        print(f"starting Ray Serve with {args.config} ...", flush=True)
+        config.start(cfg, metrics_port=args.metrics_port)
+        print(
+            f"serving model {manifest['model_version']} ({manifest.get('arch')}) from "
+            f"{Path(args.artifact).resolve()}\n"
+            f"  HTTP  http://{args.host}:{args.http_port}/v1/rank  (GET /healthz)\n"
+            f"  gRPC  {args.host}:{args.grpc_port}  mixrank.v1.RankingService/Rank\n"
+            f"  metrics http://127.0.0.1:{args.metrics_port}/metrics\n"
+            "Ctrl-C to stop.",
+            flush=True,
+        )
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("\nshutting down ...", flush=True)
+    finally:
+        config.stop()
+    return 0
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def loadtest(args) -> int:
+    from ranking.features import load_schema
+    from serving.loadtest import run_load, synthetic_request
+
+    if not 1 <= args.candidates <= 100_000:
+        raise UserError(f"--candidates: expected 1..100000, got {args.candidates}")
+    request = synthetic_request(load_schema(args.schema), args.candidates)
+    result = run_load(
+        args.url,
+        request,
+        concurrency=args.concurrency,
+        duration=args.duration,
+        grpc_port=args.grpc_port if args.grpc else None,
+        max_requests=args.max_requests,
+    )
+    print(json.dumps(result))
+    print(
+        f"{result['transport']}: {result['ok']} ok, {sum(result['errors'].values())} errors "
+        f"in {result['seconds']} s at concurrency {args.concurrency}: "
+        f"p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms, p99 {result['p99_ms']} ms, "
+        f"{result['rps']} req/s, {result['candidates_per_s']:,.0f} candidates/s"
+    )
+    return 1 if result["errors"] else 0

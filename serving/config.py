@@ -1,0 +1,161 @@
+"""Run ``deploy/serve.yaml`` on a local Ray: the path ``mixrank serve``, the tests and the demo
+share, so that the file operators edit is the file that is exercised.
+
+``load_config`` reads the YAML and applies command-line overrides (artifact, ports, per-
+deployment options); ``start`` starts Ray (with its metrics endpoint) and deploys the config the
+way ``serve run CONFIG`` does; ``stop`` shuts both down.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ranking.errors import UserError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "serve.yaml"
+APP = "mixrank"
+RANKER = "Ranker"
+
+
+def load_config(
+    path: str | Path = DEFAULT_CONFIG,
+    *,
+    artifact: str | Path | None = None,
+    http_port: int | None = None,
+    grpc_port: int | None = None,
+    host: str | None = None,
+    deployments: dict[str, dict[str, Any]] | None = None,
+) -> dict:
+    """The Serve config as a dict, with overrides applied and the result validated by Serve's
+    own schema (``UserError`` naming the file otherwise).
+
+    ``deployments``: ``{name: {option: value}}`` merged into the named deployments of the
+    ``mixrank`` application; a ``user_config`` dict is merged key by key.
+    """
+    path = Path(path)
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: cannot read the Serve config: {e}") from e
+    cfg = copy.deepcopy(cfg)
+    if http_port is not None:
+        cfg.setdefault("http_options", {})["port"] = http_port
+    if host is not None:
+        cfg.setdefault("http_options", {})["host"] = host
+    if grpc_port is not None:
+        cfg.setdefault("grpc_options", {})["port"] = grpc_port
+    app = next((a for a in cfg.get("applications", []) if a.get("name") == APP), None)
+    if app is None:
+        raise UserError(f"{path}: applications: no application named {APP!r}")
+    by_name = {d["name"]: d for d in app.get("deployments", [])}
+    overrides = copy.deepcopy(deployments or {})
+    if artifact is not None:
+        overrides.setdefault(RANKER, {}).setdefault("user_config", {})["artifact"] = str(
+            Path(artifact).resolve()
+        )
+    for name, opts in overrides.items():
+        if name not in by_name:
+            raise UserError(f"{path}: applications[{APP}].deployments: no deployment {name!r}")
+        dep = by_name[name]
+        for k, v in opts.items():
+            if k == "user_config":
+                dep.setdefault("user_config", {}).update(v)
+            else:
+                if k == "num_replicas":
+                    dep.pop("autoscaling_config", None)
+                dep[k] = v
+    _validate(cfg, path)
+    return cfg
+
+
+def _validate(cfg: dict, path: Path) -> None:
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        ServeDeploySchema.model_validate(cfg)
+    except ValidationError as e:
+        raise UserError(f"{path}: not a valid Serve config: {e}") from e
+
+
+def start(
+    cfg: dict,
+    *,
+    metrics_port: int | None = None,
+    num_cpus: int | None = None,
+    timeout_s: float = 120.0,
+    quiet: bool = True,
+) -> None:
+    """Start a local Ray (metrics on ``metrics_port``) and deploy ``cfg``; wait until every
+    application is RUNNING (``UserError`` with Serve's message if one fails)."""
+    import ray
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    repo = str(Path(__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=num_cpus or max(os.cpu_count() or 1, 8),
+            include_dashboard=False,
+            namespace="serve",
+            log_to_driver=not quiet,
+            _metrics_export_port=metrics_port,
+            _system_config={"metrics_report_interval_ms": 1000},
+            runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}},
+        )
+    schema = ServeDeploySchema.model_validate(cfg)
+    client = serve_api.serve_start(
+        http_options=schema.http_options.model_dump(),
+        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+        proxy_location=schema.proxy_location,
+    )
+    client.deploy_apps(schema, _blocking=False)
+    wait_running(timeout_s)
+
+
+def wait_running(timeout_s: float = 120.0) -> None:
+    """Block until every application is RUNNING; ``UserError`` on DEPLOY_FAILED or timeout."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        apps = serve.status().applications
+        states = {name: a.status for name, a in apps.items()}
+        if apps and all(s == "RUNNING" for s in states.values()):
+            return
+        for name, a in apps.items():
+            if a.status == "DEPLOY_FAILED":
+                raise UserError(f"application {name!r} failed to deploy: {a.message}")
+        if time.monotonic() > deadline:
+            raise UserError(f"applications not running after {timeout_s:.0f} s: {states}")
+        time.sleep(0.5)
+
+
+def redeploy(cfg: dict) -> None:
+    """Apply a changed config to the running Serve (e.g. a new artifact in ``user_config``:
+    replicas are reconfigured in place, no restart)."""
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
+
+    client = serve_api.serve_start()
+    client.deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=False)
+
+
+def stop() -> None:
+    """Shut down Serve and the local Ray (safe to call twice)."""
+    import ray
+    from ray import serve
+
+    try:
+        if ray.is_initialized():
+            serve.shutdown()
+    finally:
+        ray.shutdown()

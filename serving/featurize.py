@@ -1,0 +1,62 @@
+"""Validated requests -> model input, through ``ranking.data.convert`` (no feature logic here).
+
+The context is turned into feature columns once (one row) and broadcast to the candidates; a
+candidate that sends a feature of its own keeps it. The result is exactly the ``Batch`` that
+``batch_from_rows(schema, [{**context, **cand} for cand in candidates])`` gives
+(tests/test_serving_request.py checks it), at the cost of hashing each context value once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ranking.data.convert import (
+    FeatureColumns,
+    columns_from_arrow,
+    jagged_take,
+    table_from_rows,
+    to_batch,
+)
+from ranking.features import Batch, FeatureSchema
+from serving.request import RankRequest
+
+
+def _columns(schema: FeatureSchema, rows: list[dict]) -> FeatureColumns:
+    return columns_from_arrow(
+        schema, table_from_rows(schema, rows), source="<request>", with_labels=False
+    )
+
+
+def request_columns(schema: FeatureSchema, req: RankRequest) -> FeatureColumns:
+    """``FeatureColumns`` of ``req.size`` rows: candidate features, plus context features
+    broadcast to every candidate that does not send its own value."""
+    cand = _columns(schema, req.candidates)
+    if not req.context:
+        return cand
+    n = req.size
+    ctx = _columns(schema, [req.context])
+    both = FeatureColumns.concat([ctx, cand])  # row 0: the context, rows 1..n: candidates
+    rows = np.arange(1, n + 1, dtype=np.int64)
+    dense_pos = {f.column: j for j, f in enumerate(schema.dense_features)}
+    dense = cand.dense
+    ids, lengths = dict(cand.ids), dict(cand.lengths)
+    for f in schema.features:
+        if f.column not in req.context:
+            continue
+        own = np.fromiter((f.column in c for c in req.candidates), dtype=bool, count=n)
+        idx = np.where(own, rows, 0)  # a candidate's own value, else the context row
+        if f.column in dense_pos:
+            if dense is cand.dense:
+                dense = dense.copy()
+            j = dense_pos[f.column]
+            dense[:, j] = both.dense[idx, j]
+        elif f.name in both.jagged:
+            ids[f.name], lengths[f.name] = jagged_take(both.ids[f.name], both.lengths[f.name], idx)
+        else:
+            ids[f.name], lengths[f.name] = both.ids[f.name][idx], both.lengths[f.name][idx]
+    return FeatureColumns(dense, ids, lengths, cand.labels, cand.jagged)
+
+
+def merged_batch(schema: FeatureSchema, parts: list[FeatureColumns]) -> Batch:
+    """One ``Batch`` holding the rows of several requests, in order."""
+    return to_batch(schema, FeatureColumns.concat(parts))

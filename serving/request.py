@@ -1,0 +1,254 @@
+"""Parse and validate ranking requests (JSON or protobuf) against a model's feature schema.
+
+Everything a request can get wrong is caught here, before any feature processing, and raised
+as a ``RequestError`` naming the field: malformed JSON (400), a body or candidate list over the
+configured limits (413), wrong types, unknown features, NaN or infinite numbers, empty candidate
+lists, over-long strings or lists, nested values (422). Accepted values are exactly those
+``ranking.features.batch_from_rows`` turns into model input: a string or integer (or integral
+float) for a categorical, a list of those for an id_list, a finite number for a dense feature,
+and null for any missing value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ranking.features import CATEGORICAL, DENSE, FeatureSchema
+from serving.errors import RequestError
+
+_TOP_KEYS = ("request_id", "context", "candidates", "top_k")
+_INT64 = 2**63
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits (set from the Serve config's ``user_config``)."""
+
+    max_candidates: int = 1024
+    max_string_length: int = 1024
+    max_list_items: int = 1024
+    max_request_id_length: int = 256
+
+
+@dataclass
+class RankRequest:
+    """A validated request: ``context`` is shared by every candidate; a candidate's own value
+    for a feature wins over the context's (as if each candidate were ``{**context, **cand}``)."""
+
+    request_id: str
+    context: dict[str, Any]
+    candidates: list[dict[str, Any]]
+    top_k: int | None
+
+    @property
+    def size(self) -> int:
+        return len(self.candidates)
+
+
+def parse_json(body: bytes, schema: FeatureSchema, limits: Limits) -> RankRequest:
+    """A JSON request body -> ``RankRequest`` (``RequestError`` on anything invalid)."""
+    try:
+        obj = json.loads(body)
+    except RecursionError:
+        raise RequestError(400, "invalid_json", "request body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        # JSONDecodeError's message names the line and column; nothing else leaks out.
+        raise RequestError(400, "invalid_json", f"request body is not valid JSON: {e}") from None
+    return validate(obj, schema, limits)
+
+
+def parse_proto(body: bytes, schema: FeatureSchema, limits: Limits) -> RankRequest:
+    """A serialized ``mixrank.v1.RankRequest`` -> ``RankRequest``."""
+    from google.protobuf.message import DecodeError
+
+    from serving.proto import ranking_pb2
+
+    msg = ranking_pb2.RankRequest()
+    try:
+        msg.ParseFromString(body)
+    except (DecodeError, RecursionError) as e:
+        raise RequestError(400, "invalid_proto", f"cannot decode RankRequest: {e}") from None
+    return validate(proto_to_dict(msg), schema, limits)
+
+
+def proto_to_dict(msg) -> dict:
+    """A ``RankRequest`` message -> the JSON request shape (unset values become null)."""
+    return {
+        "request_id": msg.request_id or None,
+        "context": {k: _proto_value(v) for k, v in msg.context.items()},
+        "candidates": [{k: _proto_value(v) for k, v in c.features.items()} for c in msg.candidates],
+        "top_k": msg.top_k or None,
+    }
+
+
+def _proto_value(v):
+    kind = v.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "list_value":
+        return [_proto_value(x) for x in v.list_value.values]
+    return getattr(v, kind)
+
+
+def validate(obj: Any, schema: FeatureSchema, limits: Limits) -> RankRequest:
+    """Check a decoded request against the schema and limits; see the module docstring."""
+    if not isinstance(obj, dict):
+        raise RequestError(
+            422, "invalid_type", f"request must be a JSON object, got {_type(obj)}", None
+        )
+    for key in obj:
+        if key not in _TOP_KEYS:
+            raise RequestError(
+                422,
+                "unknown_field",
+                f"unknown field {_short(key)!r} (expected {', '.join(_TOP_KEYS)})",
+                _short(key),
+            )
+    request_id = obj.get("request_id")
+    if request_id is None:
+        request_id = uuid.uuid4().hex
+    elif not isinstance(request_id, str):
+        raise RequestError(
+            422, "invalid_type", f"expected a string, got {_type(request_id)}", "request_id"
+        )
+    elif len(request_id) > limits.max_request_id_length:
+        raise RequestError(
+            422,
+            "value_too_long",
+            f"longer than {limits.max_request_id_length} characters",
+            "request_id",
+        )
+    top_k = obj.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
+        raise RequestError(422, "invalid_type", f"expected an integer, got {_type(top_k)}", "top_k")
+    if top_k is not None and top_k < 1:
+        raise RequestError(422, "invalid_value", f"must be >= 1, got {top_k}", "top_k")
+
+    columns = {f.column: f for f in schema.features}
+    context = obj.get("context")
+    if context is None:
+        context = {}
+    if not isinstance(context, dict):
+        raise RequestError(
+            422, "invalid_type", f"expected an object of features, got {_type(context)}", "context"
+        )
+    _check_features(context, "context", columns, limits)
+
+    candidates = obj.get("candidates")
+    if candidates is None:
+        raise RequestError(422, "missing_field", "required: a list of candidates", "candidates")
+    if not isinstance(candidates, list):
+        raise RequestError(
+            422, "invalid_type", f"expected a list, got {_type(candidates)}", "candidates"
+        )
+    if not candidates:
+        raise RequestError(
+            422, "empty_candidates", "at least one candidate is required", "candidates"
+        )
+    if len(candidates) > limits.max_candidates:
+        raise RequestError(
+            413,
+            "too_many_candidates",
+            f"{len(candidates)} candidates, the limit is {limits.max_candidates}",
+            "candidates",
+        )
+    for i, cand in enumerate(candidates):
+        if not isinstance(cand, dict):
+            raise RequestError(
+                422,
+                "invalid_type",
+                f"expected an object of features, got {_type(cand)}",
+                f"candidates[{i}]",
+            )
+        _check_features(cand, f"candidates[{i}]", columns, limits)
+    return RankRequest(request_id, context, candidates, top_k if top_k is None else int(top_k))
+
+
+def _check_features(feats: dict, where: str, columns: dict, limits: Limits) -> None:
+    for name, value in feats.items():
+        spec = columns.get(name)
+        if spec is None:
+            raise RequestError(
+                422,
+                "unknown_feature",
+                f"unknown feature {_short(name)!r} (the model's features: {', '.join(columns)})",
+                f"{where}.{_short(name)}",
+            )
+        if value is None:
+            continue
+        field = f"{where}.{name}"
+        if spec.kind == DENSE:
+            _check_number(value, field)
+        elif spec.kind == CATEGORICAL:
+            _check_id(value, field, limits)
+        else:
+            if not isinstance(value, list):
+                raise RequestError(
+                    422,
+                    "invalid_type",
+                    f"id_list feature: expected a list, got {_type(value)}",
+                    field,
+                )
+            if len(value) > limits.max_list_items:
+                raise RequestError(
+                    422,
+                    "value_too_long",
+                    f"{len(value)} ids, the limit is {limits.max_list_items}",
+                    field,
+                )
+            for j, v in enumerate(value):
+                if v is not None:
+                    _check_id(v, f"{field}[{j}]", limits)
+
+
+def _check_number(v, field: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise RequestError(
+            422, "invalid_type", f"dense feature: expected a number or null, got {_type(v)}", field
+        )
+    try:
+        ok = math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        ok = False
+    if not ok:
+        raise RequestError(422, "invalid_value", "dense feature: must be a finite number", field)
+
+
+def _check_id(v, field: str, limits: Limits) -> None:
+    if isinstance(v, str):
+        if len(v) > limits.max_string_length:
+            raise RequestError(
+                422,
+                "value_too_long",
+                f"string of {len(v)} characters, the limit is {limits.max_string_length}",
+                field,
+            )
+        return
+    if isinstance(v, int) and not isinstance(v, bool):
+        if not -_INT64 <= v < _INT64:
+            raise RequestError(422, "invalid_value", "integer id outside the int64 range", field)
+        return
+    if isinstance(v, float):
+        if not math.isfinite(v) or not v.is_integer():
+            raise RequestError(
+                422, "invalid_value", f"expected a string or an integer, got {v!r}", field
+            )
+        return
+    raise RequestError(
+        422, "invalid_type", f"expected a string or an integer, got {_type(v)}", field
+    )
+
+
+def _type(v) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(v), "null" if v is None else type(v).__name__
+    )
+
+
+def _short(s: str, n: int = 64) -> str:
+    s = str(s)
+    return s if len(s) <= n else s[:n] + "..."
