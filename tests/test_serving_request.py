@@ -1,0 +1,243 @@
+"""Serving without Ray: request validation, context broadcast, answers, the committed proto code.
+
+The references are independent of the code under test: broadcast is checked against
+``batch_from_rows`` on the merged dicts, rankings against a plain sort, and the generated
+protobuf modules against a fresh ``grpc_tools.protoc`` run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ranking.features import FeatureSchema, batch_from_rows
+from serving.errors import RequestError
+from serving.featurize import merged_batch, request_columns
+from serving.request import Limits, parse_json, parse_proto, validate
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCHEMA = FeatureSchema.from_dict(
+    {
+        "name": "mixed",
+        "tasks": [{"name": "click", "label": "label"}, {"name": "like", "label": "like"}],
+        "features": [
+            {"name": "user", "kind": "categorical", "num_buckets": 64, "dim": 4, "group": "u"},
+            {"name": "age", "kind": "dense", "transform": "log1p", "fill": 1.5, "group": "u"},
+            {"name": "item", "kind": "categorical", "num_buckets": 128, "dim": 4, "group": "i"},
+            {"name": "tags", "kind": "id_list", "num_buckets": 32, "dim": 4, "group": "i"},
+            {"name": "price", "kind": "dense", "clip": [0, 50], "group": "i"},
+        ],
+    }
+)
+LIMITS = Limits(max_candidates=8, max_string_length=16, max_list_items=4)
+
+
+def _parse(obj) -> object:
+    return parse_json(
+        json.dumps(obj).encode() if not isinstance(obj, bytes) else obj, SCHEMA, LIMITS
+    )
+
+
+def _assert_same_batch(a, b) -> None:
+    torch.testing.assert_close(a.dense, b.dense, rtol=0, atol=0)
+    assert a.sparse.keys() == b.sparse.keys()
+    assert torch.equal(a.sparse.values(), b.sparse.values())
+    assert torch.equal(a.sparse.lengths(), b.sparse.lengths())
+
+
+# ----------------------------------------------------------------------------- context broadcast
+CANDIDATES = [
+    {"item": "a", "tags": [1, "x"], "price": 3.5},
+    {"item": 7, "user": "override", "age": None},  # own user wins; explicit null wins too
+    {"item": "c", "tags": None},
+    {"item": 9.0, "tags": [], "price": 80},
+    {"age": 12, "tags": ["q", None, 5, 6]},
+]
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        {},
+        {"user": "u1", "age": 33},
+        {"user": 5, "tags": [4, 4, "z"], "price": 1.25},  # an id_list and a dense in context
+        {"age": 0.5, "item": "ctx-item"},  # every candidate but one overrides item
+    ],
+)
+def test_context_broadcast_equals_merged_dicts(context):
+    req = _parse({"context": context, "candidates": CANDIDATES})
+    got = merged_batch(SCHEMA, [request_columns(SCHEMA, req)])
+    want = batch_from_rows(SCHEMA, [{**context, **c} for c in CANDIDATES])
+    _assert_same_batch(got, want)
+
+
+def test_several_requests_concatenate_in_order():
+    r1 = _parse({"context": {"user": "a"}, "candidates": CANDIDATES[:2]})
+    r2 = _parse({"context": {"tags": [1]}, "candidates": CANDIDATES[2:]})
+    got = merged_batch(SCHEMA, [request_columns(SCHEMA, r1), request_columns(SCHEMA, r2)])
+    rows = [{"user": "a", **c} for c in CANDIDATES[:2]] + [
+        {"tags": [1], **c} for c in CANDIDATES[2:]
+    ]
+    _assert_same_batch(got, batch_from_rows(SCHEMA, rows))
+
+
+# ----------------------------------------------------------------------------- validation
+BAD = [
+    (b"{not json", 400, "invalid_json", None),
+    (b"\xff\xfe", 400, "invalid_json", None),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json", None),
+    ([1, 2], 422, "invalid_type", None),
+    ({"candidates": [{}], "extra": 1}, 422, "unknown_field", "extra"),
+    ({}, 422, "missing_field", "candidates"),
+    ({"candidates": {}}, 422, "invalid_type", "candidates"),
+    ({"candidates": []}, 422, "empty_candidates", "candidates"),
+    ({"candidates": [{}] * 9}, 413, "too_many_candidates", "candidates"),
+    ({"candidates": [{}, "x"]}, 422, "invalid_type", "candidates[1]"),
+    ({"candidates": [{"colour": 1}]}, 422, "unknown_feature", "candidates[0].colour"),
+    ({"context": {"colour": 1}, "candidates": [{}]}, 422, "unknown_feature", "context.colour"),
+    ({"context": [], "candidates": [{}]}, 422, "invalid_type", "context"),
+    ({"candidates": [{"item": True}]}, 422, "invalid_type", "candidates[0].item"),
+    ({"candidates": [{"item": {"a": 1}}]}, 422, "invalid_type", "candidates[0].item"),
+    ({"candidates": [{"item": [1]}]}, 422, "invalid_type", "candidates[0].item"),
+    ({"candidates": [{"item": 1.5}]}, 422, "invalid_value", "candidates[0].item"),
+    ({"candidates": [{}, {"item": "x" * 17}]}, 422, "value_too_long", "candidates[1].item"),
+    ({"candidates": [{"item": 2**70}]}, 422, "invalid_value", "candidates[0].item"),
+    ({"candidates": [{"price": "3"}]}, 422, "invalid_type", "candidates[0].price"),
+    ({"candidates": [{"price": [1.0]}]}, 422, "invalid_type", "candidates[0].price"),
+    (b'{"candidates": [{"price": NaN}]}', 422, "invalid_value", "candidates[0].price"),
+    (b'{"candidates": [{"price": Infinity}]}', 422, "invalid_value", "candidates[0].price"),
+    (b'{"context": {"age": -Infinity}, "candidates": [{}]}', 422, "invalid_value", "context.age"),
+    ({"candidates": [{"price": 10**400}]}, 422, "invalid_value", "candidates[0].price"),
+    ({"candidates": [{"tags": "abc"}]}, 422, "invalid_type", "candidates[0].tags"),
+    ({"candidates": [{"tags": [1, [2]]}]}, 422, "invalid_type", "candidates[0].tags[1]"),
+    ({"candidates": [{"tags": [1, 2, 3, 4, 5]}]}, 422, "value_too_long", "candidates[0].tags"),
+    ({"candidates": [{}], "top_k": 0}, 422, "invalid_value", "top_k"),
+    ({"candidates": [{}], "top_k": "3"}, 422, "invalid_type", "top_k"),
+    ({"candidates": [{}], "top_k": True}, 422, "invalid_type", "top_k"),
+    ({"candidates": [{}], "request_id": 5}, 422, "invalid_type", "request_id"),
+    ({"candidates": [{}], "request_id": "r" * 300}, 422, "value_too_long", "request_id"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "code", "field"), BAD)
+def test_bad_requests_name_status_code_and_field(body, status, code, field):
+    with pytest.raises(RequestError) as ei:
+        _parse(body)
+    e = ei.value
+    assert (e.status, e.code, e.field) == (status, code, field), e.message
+    assert "Traceback" not in e.message and len(e.message) < 600
+
+
+def test_valid_values_accepted():
+    req = _parse(
+        {
+            "request_id": "r1",
+            "context": {"user": None, "age": 3},
+            "candidates": [{"item": -4, "tags": [1, "a", None], "price": 2.5}, {"item": 3.0}],
+            "top_k": 5,
+        }
+    )
+    assert (req.request_id, req.size, req.top_k) == ("r1", 2, 5)
+    assert len(_parse({"candidates": [{}]}).request_id) == 32  # generated when absent
+
+
+def test_proto_request_round_trips_to_the_json_shape():
+    from serving.client import to_proto_request
+
+    request = {
+        "request_id": "p1",
+        "context": {"user": "u", "age": 2.5},
+        "candidates": [{"item": 3, "tags": ["a", 2, None]}, {"item": None, "price": 1.0}],
+        "top_k": 1,
+    }
+    req = parse_proto(to_proto_request(request).SerializeToString(), SCHEMA, LIMITS)
+    assert (req.request_id, req.context, req.candidates, req.top_k) == (
+        "p1",
+        request["context"],
+        request["candidates"],
+        1,
+    )
+    with pytest.raises(RequestError) as ei:
+        parse_proto(b"\xff\xff\xff", SCHEMA, LIMITS)
+    assert (ei.value.status, ei.value.code) == (400, "invalid_proto")
+
+
+def test_validate_rejects_what_batch_from_rows_would_reject():
+    # Anything validate() accepts must convert without error (no 500s from the feature code).
+    ok = validate(
+        {"candidates": [{"item": 2**63 - 1, "tags": [-(2**63)], "price": 1e300}]}, SCHEMA, LIMITS
+    )
+    request_columns(SCHEMA, ok)
+
+
+# ----------------------------------------------------------------------------- answers
+def test_rank_response_orders_best_first_and_keeps_input_order(tmp_path):
+    from serving.artifacts import make_artifact
+    from serving.model import load_validated, rank_response
+
+    art = load_validated(
+        make_artifact(
+            tmp_path / "mt",
+            tasks=[{"name": "click", "label": "label"}, {"name": "like", "label": "like"}],
+        ),
+        None,
+        None,
+    )
+    probs = np.array([[0.2, 0.9], [0.7, 0.1], [0.2, 0.5], [0.9, 0.3]], dtype=np.float32)
+    out = rank_response(art, "r", probs, None)
+    assert out["scores"] == probs[:, 0].tolist()
+    want = sorted(range(4), key=lambda i: (-float(probs[i, 0]), i))
+    assert out["ranking"] == want == [3, 1, 0, 2]
+    assert out["task_scores"] == {"click": probs[:, 0].tolist(), "like": probs[:, 1].tolist()}
+    assert rank_response(art, "r", probs, 2)["ranking"] == [3, 1]
+    assert rank_response(art, "r", probs, 10)["ranking"] == want
+
+
+def test_reload_validation_refuses_incompatible_and_corrupt_artifacts(tmp_path):
+    from ranking.export import ArtifactError
+    from serving.artifacts import make_artifact
+    from serving.model import load_validated
+
+    base = load_validated(make_artifact(tmp_path / "a"), "auto", None)
+    assert load_validated(make_artifact(tmp_path / "b", seed=1), "bf16", base).dtype == "bf16"
+    other = make_artifact(tmp_path / "c", schema="movielens")
+    with pytest.raises(ArtifactError, match="not compatible"):
+        load_validated(other, None, base)
+    bad = make_artifact(tmp_path / "d", seed=2)
+    (bad / "weights.pt").write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match=r"weights\.pt"):
+        load_validated(bad, None, base)
+
+
+# ----------------------------------------------------------------------------- generated code
+def test_committed_proto_code_matches_regeneration(tmp_path):
+    pytest.importorskip("grpc_tools")
+    (tmp_path / "serving" / "proto").mkdir(parents=True)
+    src = REPO / "serving" / "proto" / "ranking.proto"
+    (tmp_path / "serving" / "proto" / "ranking.proto").write_bytes(src.read_bytes())
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I",
+            ".",
+            "--python_out=.",
+            "--grpc_python_out=.",
+            "serving/proto/ranking.proto",
+        ],
+        cwd=tmp_path,
+        check=True,
+    )
+    for name in ("ranking_pb2.py", "ranking_pb2_grpc.py"):
+        fresh = (tmp_path / "serving" / "proto" / name).read_text()
+        assert fresh == (REPO / "serving" / "proto" / name).read_text(), (
+            f"serving/proto/{name} is stale: regenerate it (see ranking.proto's header)"
+        )
