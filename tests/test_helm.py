@@ -527,3 +527,28 @@ def test_bad_values_are_rejected_naming_the_key(values, message, tmp_path):
     proc = _helm("template", RELEASE, str(CHART), "-f", str(f), check=False)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr
+
+
+def test_notes_render(tmp_path):
+    """NOTES.txt renders for every values set (`helm template` skips it and `helm install
+    --dry-run` needs a cluster, so it is rendered through a copy of the chart)."""
+    chart = tmp_path / "mixrank"
+    shutil.copytree(CHART, chart, symlinks=False)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "NOTES.txt").unlink()
+    (chart / "templates" / "_notes_test.tpl").write_text(
+        '{{- define "notes-test" }}' + notes + "{{- end }}"
+    )
+    (chart / "templates" / "notes-test.yaml").write_text(
+        'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: {{ include "notes-test" . | toJson }}\n'
+    )
+    for values in VALUE_SETS:
+        args = ["template", RELEASE, str(chart), "-n", "ranking", "-s", "templates/notes-test.yaml"]
+        if values != "default":
+            args += ["-f", str(CHART / "ci" / values)]
+        text = yaml.safe_load(_helm(*args).stdout)["data"]["notes"]
+        v = chart_values(values)
+        assert f"svc/{RELEASE}-mixrank-serve" in text
+        if v["training"]["enabled"]:
+            t = v["training"]
+            assert f"world size {t['nodes'] * t['nprocPerNode']}" in text
