@@ -85,7 +85,11 @@ def prepare_run(config: str, overrides: list[str], run_dir: str | None) -> Path:
         print(f"[mixrank] resuming run {run}", file=sys.stderr, flush=True)
         return run
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    # Atomic: on a shared volume every node of a multi-node job writes the same file, and
+    # another may be reading it to check that it is resuming the same config.
+    tmp = run / f".config.yaml.{os.getpid()}"
+    tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
+    os.replace(tmp, existing)
     return run
 
 

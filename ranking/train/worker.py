@@ -234,7 +234,7 @@ class Trainer:
         # Units small enough that ranks get near-equal rows (every rank runs the same number of
         # steps: the epoch ends when the first rank runs out).
         shards = self.world * max(1, self.cfg.data.num_workers)
-        unit_rows = int(min(65536, max(1024, self._rows(path) // (shards * 8))))
+        unit_rows = int(min(65536, max(1024, self._rows(path) // (shards * 32))))
         reader = ParquetBatches(
             self.cfg.schema,
             path,
