@@ -75,7 +75,8 @@ class ModelConfig:
     Common: ``arch``, ``dim`` (D), ``num_layers`` (L), ``ffn_mult`` (k for PFFN, n for pSwiGLU),
     ``pooling`` (``mean`` | ``first`` | ``flatten``), ``head_hidden`` (task head MLP widths),
     ``compute_dtype`` (``fp32`` | ``bf16``: autocast of the dense part), ``micro_batch`` (rows
-    per chunk of the mixer stack; 0 = whole batch; a cache-friendly CPU layout).
+    per chunk of the mixer stack; 0 = whole batch; a cache-friendly CPU layout), ``compile``
+    (``torch.compile`` the mixer stack; fuses the per-token FFN's bias/activation passes).
 
     Tokenizer: ``tokenizer`` (``groups`` | ``slices``), ``num_tokens`` (total T incl. dense and
     global tokens; required for ``slices``, checked for ``groups``), ``token_proj`` (``linear`` |
@@ -103,6 +104,7 @@ class ModelConfig:
     head_hidden: list[int] = field(default_factory=list)
     compute_dtype: str = "fp32"
     micro_batch: int = 0
+    compile: bool = False
     # tokenizer
     tokenizer: str = ""
     num_tokens: int = 0

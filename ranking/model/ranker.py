@@ -70,6 +70,7 @@ class Ranker(nn.Module):
             (TokenMixer-Large), training only.
         micro_batch: run the stack on row chunks of this size (exact; better cache use on CPU).
         compute_dtype: ``bf16`` autocasts the dense part.
+        compile: run the stack through ``torch.compile`` (compiled on first use).
     """
 
     def __init__(
@@ -81,9 +82,12 @@ class Ranker(nn.Module):
         aux_loss_weight: float = 0.0,
         micro_batch: int = 0,
         compute_dtype: str = "fp32",
+        compile: bool = False,
     ):
         super().__init__()
         self.tokenizer, self.blocks, self.heads = tokenizer, blocks, heads
+        self.compile = compile
+        self._compiled = None  # a compiled function, not a submodule: state_dict keys unchanged
         self.pooling, self.aux_loss_weight = pooling, aux_loss_weight
         self.micro_batch, self.compute_dtype = micro_batch, compute_dtype
 
@@ -97,7 +101,9 @@ class Ranker(nn.Module):
 
     def _stack(self, tokens: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
         """Stack + heads on one chunk: ``(logits [b, n_tasks], aux summed over the chunk's rows)``."""
-        out = self.blocks(tokens)
+        if self.compile and self._compiled is None:
+            self._compiled = torch.compile(self.blocks.forward, dynamic=False)
+        out = self._compiled(tokens) if self.compile else self.blocks(tokens)
         logits = self.heads(self.pool(out.x))
         aux = out.aux * tokens.shape[0]
         if self.training and self.aux_loss_weight and labels is not None and out.hidden:
@@ -120,6 +126,8 @@ class Ranker(nn.Module):
         )
         with ctx:
             tokens = self.tokenizer(batch.dense, batch.sparse)
+            if not torch.is_autocast_enabled(device.type):  # weights converted with .to(dtype)
+                tokens = tokens.to(self.heads.heads[0][-1].weight.dtype)
             B = tokens.shape[0]
             labels = batch.labels.float() if batch.labels is not None else None
             step = self.micro_batch if 0 < self.micro_batch < B else B
@@ -184,4 +192,5 @@ def build_model(
         aux_loss_weight=c.aux_loss_weight,
         micro_batch=c.micro_batch,
         compute_dtype=c.compute_dtype,
+        compile=c.compile,
     )

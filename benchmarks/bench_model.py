@@ -1,0 +1,242 @@
+"""``mixrank bench model``: forward throughput of each architecture and its achieved dense FLOP/s
+over the bf16 matmul peak measured in the same run.
+
+For each config (default: the ``*_medium`` presets) at ``--batch`` rows it measures, in eval
+mode with no grad:
+
+- ``fp32``: the whole forward (embeddings + dense part) in fp32;
+- ``bf16``: bf16 weights (``.to(bfloat16)`` of the dense part) or autocast (``--bf16 autocast``);
+- samples/s of the whole forward and of the dense part alone (tokens -> logits; the whole
+  forward for DLRM/DCNv2), achieved dense FLOP/s (analytic FLOPs per sample from
+  ``ranking.model.flops`` x dense samples/s), and ``frac_of_peak``: its ratio to a 2048^3
+  matmul of the same dtype timed right before and after each measurement (median over pairs;
+  the machines are shared, so unpaired peaks drift).
+
+Run: ``python -m benchmarks.bench_model --configs rankmixer_medium tokenmixer_large_medium``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import emit, machine_info, table
+
+DEFAULT_CONFIGS = [
+    "rankmixer_medium",
+    "tokenmixer_large_medium",
+    "unimixer_medium",
+    "unimixer_lite_medium",
+    "dlrm_medium",
+    "dcnv2_medium",
+]
+MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--configs", nargs="+", default=DEFAULT_CONFIGS, help="preset names or YAML paths"
+    )
+    parser.add_argument("--batch", type=int, default=4096, help="rows per forward (default 4096)")
+    parser.add_argument("--iters", type=int, default=5, help="timed forwards per measurement")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument(
+        "--bf16",
+        default="weights",
+        choices=["weights", "autocast"],
+        help="bf16 by converting the dense weights (default) or by autocast",
+    )
+    parser.add_argument(
+        "--micro-batch", type=int, default=None, help="override model.micro_batch (0 = off)"
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the mixer stack")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+
+
+def _time(fn, iters: int, warmup: int) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+class MatmulPeak:
+    """An n^3 matmul in ``dtype``: the machine's practical GEMM peak, timed on demand."""
+
+    def __init__(self, dtype, n: int = 2048):
+        import torch
+
+        self.n = n
+        self.a, self.b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        self()
+
+    def __call__(self) -> float:
+        """Seconds of one matmul."""
+        t = time.perf_counter()
+        self.a @ self.b
+        return time.perf_counter() - t
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.n**3
+
+
+def paired(fn, peak: MatmulPeak, iters: int, warmup: int) -> tuple[float, float, float]:
+    """Time ``fn`` and the matmul peak alternately (the machine is shared and its speed drifts):
+    returns (min seconds of fn, min seconds of the matmul, median over pairs of
+    (1 / t_fn) / (1 / t_matmul)), the last being robust to slow drifts in contention."""
+    for _ in range(warmup):
+        fn()
+    tf, tp, ratios = [], [], []
+    for _ in range(iters):
+        p0 = peak()
+        t = time.perf_counter()
+        fn()
+        t = time.perf_counter() - t
+        p1 = peak()
+        tf.append(t)
+        tp.append(min(p0, p1))
+        ratios.append(min(p0, p1) / t)
+    return min(tf), min(tp), statistics.median(ratios)
+
+
+def _resolve(name: str) -> Path:
+    p = Path(name)
+    return p if p.suffix in (".yaml", ".yml") else MODELS_DIR / f"{name}.yaml"
+
+
+def bench_config(name: str, args) -> list[dict]:
+    import torch
+
+    from ranking.model.config import ModelConfig, load_schema
+    from ranking.model.flops import forward_flops
+    from ranking.model.ranker import Ranker, build_model
+    from ranking.model.synthetic import random_batch
+
+    path = _resolve(name)
+    cfg, schema_ref = ModelConfig.from_yaml(path)
+    if args.micro_batch is not None:
+        cfg.micro_batch = args.micro_batch
+    schema = load_schema(schema_ref, path)
+    torch.manual_seed(0)
+    model = build_model(cfg, schema).eval()
+    batch = random_batch(schema, args.batch)
+    flops = forward_flops(cfg, schema)
+    is_mixer = isinstance(model, Ranker)
+    records = []
+    peaks = {"bf16": MatmulPeak(torch.bfloat16), "fp32": MatmulPeak(torch.float32)}
+    for dt in args.dtypes:
+        m = model
+        if dt == "bf16" and args.bf16 == "weights" and is_mixer:
+            m = copy.deepcopy(model)
+            m.blocks.to(torch.bfloat16)
+            m.heads.to(torch.bfloat16)
+        if is_mixer:
+            m.compute_dtype = "bf16" if dt == "bf16" and args.bf16 == "autocast" else "fp32"
+            m.compile = bool(args.compile or cfg.compile)
+        # DLRM has no dtype switch: its bf16 run is autocast
+        use_autocast = dt == "bf16" and (args.bf16 == "autocast" or not is_mixer)
+
+        def ctx(on=use_autocast):
+            return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+        def forward(m=m):
+            with torch.no_grad(), ctx():
+                return m(batch)
+
+        t_full = _time(forward, max(args.iters // 2, 1), args.warmup)
+        if is_mixer:
+            with torch.no_grad(), ctx():
+                tokens = m.tokenizer(batch.dense, batch.sparse)
+                if dt == "bf16" and args.bf16 == "weights":
+                    tokens = tokens.to(torch.bfloat16)
+
+            def dense_only(m=m, tokens=tokens):
+                with torch.no_grad(), ctx():
+                    return _chunks(m, tokens)
+
+            dense_fn = dense_only
+        else:
+            dense_fn = forward
+        peak = peaks[dt]
+        t_dense, t_peak, ratio = paired(dense_fn, peak, args.iters, args.warmup)
+        t_bf16 = min(peaks["bf16"]() for _ in range(3))
+        per_sample = flops / peak.flops
+        rec = {
+            "config": path.stem,
+            "arch": cfg.arch,
+            "dtype": dt,
+            "batch": args.batch,
+            "micro_batch": cfg.micro_batch if is_mixer else None,
+            "compile": bool(is_mixer and m.compile),
+            "flops_per_sample": flops,
+            "samples_s": args.batch / t_full,
+            "dense_samples_s": args.batch / t_dense,
+            "dense_gflop_s": flops * args.batch / t_dense / 1e9,
+            "peak_gflop_s": peak.flops / t_peak / 1e9,
+            "peak_bf16_gflop_s": peaks["bf16"].flops / t_bf16 / 1e9,
+            # paired ratio: achieved dense FLOP/s over the matmul FLOP/s timed next to it
+            "frac_of_peak": ratio * per_sample * args.batch,
+        }
+        rec["frac_of_bf16_peak"] = rec["dense_gflop_s"] / rec["peak_bf16_gflop_s"]
+        records.append(rec)
+    return records
+
+
+def _chunks(m, tokens):
+    B = tokens.shape[0]
+    step = m.micro_batch if 0 < m.micro_batch < B else B
+    return [m._stack(tokens[i : i + step], None)[0] for i in range(0, B, step)]
+
+
+def run(args) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine_info()
+    if not getattr(args, "json_only", False):
+        print(f"# machine: {info}", file=sys.stderr)
+    records = []
+    for name in args.configs:
+        for rec in bench_config(name, args):
+            rec["bf16_mode"] = args.bf16
+            emit(rec)
+            records.append(rec)
+    if not getattr(args, "json_only", False):
+        table(
+            records,
+            [
+                "config",
+                "dtype",
+                "compile",
+                "samples_s",
+                "dense_samples_s",
+                "dense_gflop_s",
+                "peak_gflop_s",
+                "frac_of_peak",
+            ],
+        )
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    parser.add_argument("--json-only", action="store_true")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
