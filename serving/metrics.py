@@ -4,6 +4,8 @@ They are ``ray.serve.metrics`` objects, exported by Ray's metrics agent (``ray s
 --metrics-export-port``) with ``application``, ``deployment`` and ``replica`` tags added, so that
 several replicas add up correctly in Prometheus (sum over ``replica``). Ray prefixes every name
 with ``ray_``: ``mixrank_requests_total`` is scraped as ``ray_mixrank_requests_total``.
+Ray estimates a histogram's ``_sum`` from bucket midpoints: use ``_count`` and the buckets, and
+the counters (exact) for totals.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ FORWARD_LATENCY = "mixrank_forward_latency_seconds"
 CANDIDATES = "mixrank_candidates_per_request"
 BATCH_CANDIDATES = "mixrank_batch_candidates"
 BATCH_REQUESTS = "mixrank_batch_requests"
+SCORED = "mixrank_scored_candidates_total"
 MODEL_INFO = "mixrank_model_info"
 RELOADS = "mixrank_model_reloads_total"
 
@@ -86,6 +89,7 @@ class RankerMetrics:
         self.batch_requests = Histogram(
             BATCH_REQUESTS, "Requests per formed batch.", boundaries=_SIZES[:9]
         )
+        self.scored = Counter(SCORED, "Candidates scored (all formed batches).")
         self.model_info = Gauge(
             MODEL_INFO, "1 for the model version this replica serves.", tag_keys=("model_version",)
         )
@@ -97,6 +101,7 @@ class RankerMetrics:
         self.forward.observe(seconds)
         self.batch_candidates.observe(candidates)
         self.batch_requests.observe(requests)
+        self.scored.inc(candidates)
 
     def swapped(self, old: str | None, new: str) -> None:
         if old is not None and old != new:
