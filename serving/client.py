@@ -108,12 +108,20 @@ def from_proto_response(resp) -> dict:
 class GRPCClient:
     """A channel and stub for ``mixrank.v1.RankingService``."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 9000, timeout: float = 30.0):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 9000,
+        timeout: float = 30.0,
+        application: str = "mixrank",
+    ):
         import grpc
 
         from serving.proto import ranking_pb2_grpc
 
         self.timeout = timeout
+        # Serve's gRPC proxy needs the application's name when several are deployed.
+        self.metadata = (("application", application),)
         self._channel = grpc.insecure_channel(f"{host}:{port}")
         self._stub = ranking_pb2_grpc.RankingServiceStub(self._channel)
 
@@ -122,7 +130,9 @@ class GRPCClient:
         import grpc
 
         try:
-            resp = self._stub.Rank(to_proto_request(request), timeout=self.timeout)
+            resp = self._stub.Rank(
+                to_proto_request(request), timeout=self.timeout, metadata=self.metadata
+            )
         except grpc.RpcError as e:
             try:
                 body = json.loads(e.details())

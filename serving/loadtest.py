@@ -89,6 +89,7 @@ def run_load(
         raise UserError(f"--concurrency: expected 1..256, got {concurrency}")
     if not 0 < duration <= 3600:
         raise UserError(f"--duration: expected 0 < S <= 3600, got {duration}")
+    path = u.path if u.path not in ("", "/") else "/v1/rank"
     n = len(request["candidates"])
     body = json.dumps(request).encode()
     proto = to_proto_request(request)
@@ -105,7 +106,7 @@ def run_load(
 
             def call():
                 try:
-                    g._stub.Rank(proto, timeout=30)
+                    g._stub.Rank(proto, timeout=30, metadata=g.metadata)
                     return None
                 except grpc.RpcError as e:
                     return f"grpc:{e.code().name}"
@@ -115,9 +116,7 @@ def run_load(
 
         def call():
             try:
-                status, _ = c.request(
-                    "POST", "/v1/rank", body, {"Content-Type": "application/json"}
-                )
+                status, _ = c.request("POST", path, body, {"Content-Type": "application/json"})
             except OSError as e:
                 return f"conn:{type(e).__name__}"
             return None if status == 200 else f"http:{status}"

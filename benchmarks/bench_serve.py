@@ -1,0 +1,187 @@
+"""``mixrank bench serve``: the ranking service against the model's own forward, in one run.
+
+For the default model (configs/demo.yaml shapes, Frappe schema) and a medium one (T=16, D=256,
+L=2; configs/models/rankmixer_medium.yaml, Criteo schema), random weights, 256 candidates per
+request:
+
+- in-process: model forward p50 of the request's ``Batch`` (fp32 and bf16; the faster is served),
+  and the full in-process answer p50 (parse + features + forward) of the same JSON body;
+- raw batched forward throughput (candidates/s of 8 requests' rows in one forward);
+- the framework floor: p50 of a no-op Serve deployment that parses the same body and returns
+  as many zeros (HTTP, concurrency 1);
+- end to end ``/v1/rank`` p50/p99 at concurrency 1 over HTTP and over gRPC, and candidates/s
+  at concurrency 8 (HTTP), with deploy/serve.yaml (one Ranker replica, one torch thread).
+
+Targets: e2e p50 <= 1.15 x (in-process answer p50 + no-op p50); candidates/s at concurrency 8
+>= 0.7 x raw batched forward throughput. The load generator runs in this process and shares
+the CPUs with Ray: on a 2-core machine that is part of what is measured.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CANDIDATES = 256
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per load phase")
+    parser.add_argument("--models", default="default,medium", help="comma-separated subset")
+    parser.add_argument("--iters", type=int, default=30, help="in-process timing iterations")
+
+
+def _models() -> dict:
+    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    medium = yaml.safe_load((REPO / "configs" / "models" / "rankmixer_medium.yaml").read_text())
+    return {
+        "default": (demo["schema"], demo["model"]),
+        "medium": (medium["schema"], medium["model"]),
+    }
+
+
+def _p(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, round(q * (len(v) - 1)))]
+
+
+def _time(fn, iters: int) -> list[float]:
+    fn()
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def in_process(art, request: dict, iters: int) -> dict:
+    """Forward p50 per dtype, full-answer p50, raw batched forward candidates/s."""
+    import torch
+
+    from serving.featurize import merged_batch, request_columns
+    from serving.model import rank_response
+    from serving.request import Limits, parse_json
+
+    torch.set_num_threads(1)  # as deploy/serve.yaml's torch_threads
+    body = json.dumps(request).encode()
+    req = parse_json(body, art.schema, Limits())
+    cols = request_columns(art.schema, req)
+    batch = merged_batch(art.schema, [cols])
+    big = merged_batch(art.schema, [cols] * 8)
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        art.dtype = dtype
+        out[f"forward_p50_ms_{dtype}"] = _p(_time(lambda: art.predict(batch), iters), 0.5) * 1e3
+    art.dtype = min(("fp32", "bf16"), key=lambda d: out[f"forward_p50_ms_{d}"])
+    out["dtype"] = art.dtype
+
+    def answer():
+        r = parse_json(body, art.schema, Limits())
+        b = merged_batch(art.schema, [request_columns(art.schema, r)])
+        rank_response(art, r.request_id, art.predict(b).numpy(), None)
+
+    out["answer_p50_ms"] = _p(_time(answer, iters), 0.5) * 1e3
+    sec = statistics.median(_time(lambda: art.predict(big), max(5, iters // 3)))
+    out["raw_forward_cand_per_s"] = big.size / sec
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_phase(artifact: Path, dtype: str, request: dict, duration: float) -> dict:
+    from ray import serve
+
+    from serving import config
+    from serving.loadtest import run_load
+
+    http, grpc = _free_port(), _free_port()
+    cfg = config.load_config(
+        artifact=artifact,
+        http_port=http,
+        grpc_port=grpc,
+        host="127.0.0.1",
+        deployments={"Ranker": {"num_replicas": 1, "user_config": {"dtype": dtype}}},
+    )
+    cfg["applications"].append(
+        {"name": "noop", "route_prefix": "/noop", "import_path": "serving.app:build_noop"}
+    )
+    url = f"http://127.0.0.1:{http}"
+    out = {}
+    config.start(cfg)
+    try:
+        floor = run_load(url + "/noop", request, concurrency=1, duration=duration, progress=None)
+        out["noop_p50_ms"] = floor["p50_ms"]
+        h1 = run_load(url, request, concurrency=1, duration=duration, progress=None)
+        g1 = run_load(url, request, concurrency=1, duration=duration, grpc_port=grpc, progress=None)
+        h8 = run_load(url, request, concurrency=8, duration=duration, progress=None)
+        out.update(
+            http_p50_ms=h1["p50_ms"],
+            http_p99_ms=h1["p99_ms"],
+            grpc_p50_ms=g1["p50_ms"],
+            grpc_p99_ms=g1["p99_ms"],
+            c8_cand_per_s=h8["candidates_per_s"],
+            c8_p50_ms=h8["p50_ms"],
+            errors=sum(sum(r["errors"].values()) for r in (floor, h1, g1, h8)),
+        )
+    finally:
+        serve.shutdown()
+        config.stop()
+    return out
+
+
+def run(args) -> int:
+    from benchmarks.common import emit, machine_info, table
+    from ranking.export import load_artifact
+    from ranking.features import load_schema
+    from serving.artifacts import make_artifact
+    from serving.loadtest import synthetic_request
+
+    models = _models()
+    records = []
+    emit({"bench": "serve", "machine": machine_info()})
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        for name in args.models.split(","):
+            schema_name, model_cfg = models[name]
+            path = make_artifact(Path(tmp) / name, schema=schema_name, model=model_cfg)
+            art = load_artifact(path)
+            request = synthetic_request(load_schema(schema_name), CANDIDATES, seed=1)
+            rec = {"bench": "serve", "model": name, "candidates": CANDIDATES}
+            rec.update(in_process(art, request, args.iters))
+            rec.update(serve_phase(path, rec["dtype"], request, args.duration))
+            floor = rec["answer_p50_ms"] + rec["noop_p50_ms"]
+            rec["latency_ratio"] = rec["http_p50_ms"] / floor
+            rec["latency_target"] = 1.15
+            rec["throughput_ratio"] = rec["c8_cand_per_s"] / rec["raw_forward_cand_per_s"]
+            rec["throughput_target"] = 0.7
+            emit(rec)
+            records.append(rec)
+    if not args.json_only:
+        cols = [
+            "model", "dtype", "forward_p50_ms_fp32", "forward_p50_ms_bf16", "answer_p50_ms",
+            "noop_p50_ms", "http_p50_ms", "http_p99_ms", "grpc_p50_ms", "grpc_p99_ms",
+            "latency_ratio", "raw_forward_cand_per_s", "c8_cand_per_s", "throughput_ratio",
+            "errors",
+        ]  # fmt: skip
+        table(records, cols)
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    p.add_argument("--json-only", action="store_true")
+    raise SystemExit(run(p.parse_args()))
