@@ -16,6 +16,7 @@ BENCHMARKS = {
     "model": ("benchmarks.bench_model", "forward samples/s and FLOP/s vs measured matmul peak"),
     "kernels": ("benchmarks.bench_kernels", "Triton kernels vs roofline and eager (GPU only)"),
     "train": ("benchmarks.bench_train", "training samples/s with 1 and 2 processes, step/forward"),
+    "quality": ("benchmarks.quality", "AUC/logloss of every arch on Frappe and MovieLens, scaling"),
     "serve": ("benchmarks.bench_serve", "Ray Serve /v1/rank latency and throughput vs forward"),
 }
 
