@@ -54,11 +54,14 @@ def serve(args) -> int:
         host=args.host,
         deployments=overrides,
     )
-    # Ctrl-C and SIGTERM both end the loop below and shut down cleanly.
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
         print(f"starting Ray Serve with {args.config} ...", flush=True)
         config.start(cfg, metrics_port=args.metrics_port)
+        # Ctrl-C and SIGTERM end the loop below and shut down cleanly. Installed after
+        # ray.init, which sets its own handlers; SIGINT explicitly, since a shell starts
+        # background jobs with it ignored.
+        signal.signal(signal.SIGINT, _interrupt)
+        signal.signal(signal.SIGTERM, _interrupt)
         print(
             f"serving model {manifest['model_version']} ({manifest.get('arch')}) from "
             f"{Path(args.artifact).resolve()}\n"

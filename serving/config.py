@@ -102,15 +102,18 @@ def start(
     repo = str(Path(__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=num_cpus or max(os.cpu_count() or 1, 8),
-            include_dashboard=False,
-            namespace="serve",
-            log_to_driver=not quiet,
-            _metrics_export_port=metrics_port,
-            _system_config={"metrics_report_interval_ms": 1000},
-            runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}},
-        )
+        try:
+            ray.init(
+                num_cpus=num_cpus or max(os.cpu_count() or 1, 8),
+                include_dashboard=False,
+                namespace="serve",
+                log_to_driver=not quiet,
+                _metrics_export_port=metrics_port,
+                _system_config={"metrics_report_interval_ms": 1000},
+                runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}},
+            )
+        except Exception as e:  # a busy machine: the raylet or GCS did not come up
+            raise UserError(f"could not start a local Ray: {e}") from e
     schema = ServeDeploySchema.model_validate(cfg)
     client = serve_api.serve_start(
         http_options=schema.http_options.model_dump(),
