@@ -46,6 +46,16 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is as fast, and immune to OpenMP barrier stalls when the shared
+    machine is oversubscribed (two threads made a 10 s test take minutes there)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data():
     schema = toy_schema()
