@@ -72,7 +72,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--scale-dims",
         default=None,
-        help="D values of the Frappe scaling sweep (default 16,32,64,128)",
+        help="D values of the Frappe scaling sweep (default 8,16,32,64)",
     )
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling sweep")
     parser.add_argument("--compare-nproc", action="store_true", help="time nproc 1 vs 2 first")
@@ -194,7 +194,7 @@ def plan(args) -> list[dict]:
     datasets = args.datasets.split(",") if args.datasets else list(DATASETS)
     seeds = args.seeds or (1 if quick else 3)
     dims = [int(x) for x in args.scale_dims.split(",")] if args.scale_dims else (
-        [16] if quick else [16, 32, 64, 128]
+        [16] if quick else [8, 16, 32, 64]
     )  # fmt: skip
     specs = []
     for ds in datasets:
