@@ -182,6 +182,16 @@ class FeatureSchema:
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise err("features", f"duplicate feature name {sorted(dup)[0]!r}")
+        columns = [f.column for f in features]
+        shared = {c for c in columns if columns.count(c) > 1}
+        if shared:
+            c = sorted(shared)[0]
+            users = [f.name for f in features if f.column == c]
+            raise err(
+                "features",
+                f"column {c!r} is the source of several features ({', '.join(users)}); "
+                "each feature needs its own column (a request names features by column)",
+            )
         label_cols = {t.label for t in tasks}
         for f in features:
             if f.column in label_cols:
@@ -436,7 +446,9 @@ def load_schema(name_or_path: str | Path) -> FeatureSchema:
     """A schema from a YAML path, or a preset name (``frappe``, ``movielens``, ``criteo``, or
     any ``<name>.yaml`` in ``schema_dirs()``)."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists() or os.sep in str(name_or_path):
+    # A path only if it looks like one: a folder named "frappe" in the working directory must
+    # not shadow the preset.
+    if p.suffix in (".yaml", ".yml") or p.is_file() or os.sep in str(name_or_path):
         return FeatureSchema.from_yaml(p)
     for d in schema_dirs():
         cand = d / f"{name_or_path}.yaml"

@@ -227,6 +227,12 @@ def _check_id(v, field: str, limits: Limits) -> None:
                 f"string of {len(v)} characters, the limit is {limits.max_string_length}",
                 field,
             )
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:  # JSON allows lone surrogates ("\ud800"); UTF-8 does not
+            raise RequestError(
+                422, "invalid_value", "string is not valid Unicode (lone surrogate)", field
+            ) from None
         return
     if isinstance(v, int) and not isinstance(v, bool):
         if not -_INT64 <= v < _INT64:

@@ -346,3 +346,57 @@ def test_rows_errors_name_the_field():
         batch_from_rows(SCHEMA, [{"tags": "x"}])
     with pytest.raises(DataError, match=r"column 'u': categorical feature 'u' got 1.5"):
         batch_from_rows(SCHEMA, [{"u": 1.5}])
+
+
+def test_float_ids_hash_alike_in_training_and_serving():
+    """Integral floats are ids in both paths (1e16, -0.0, 42.0 -> the integer's digits);
+    fractional floats are refused by both, naming the column."""
+    import pyarrow as pa
+
+    from ranking.data.errors import DataError
+    from ranking.features import FeatureSchema, batch_from_arrow, batch_from_rows
+
+    schema = FeatureSchema.from_dict(
+        {
+            "name": "f",
+            "tasks": [{"name": "t", "label": "label"}],
+            "features": [{"name": "item", "kind": "categorical", "num_buckets": 10007,
+                          "dim": 4, "group": "g"}],
+        }
+    )  # fmt: skip
+    vals = [1e16, -0.0, 42.0, 123456789012.0]
+    table = pa.table({"item": pa.array(vals, pa.float64()), "label": pa.array([0, 1, 0, 1])})
+    trained = batch_from_arrow(schema, table).sparse["item"].values()
+    served = batch_from_rows(schema, [{"item": v} for v in vals]).sparse["item"].values()
+    as_ints = batch_from_rows(schema, [{"item": int(v)} for v in vals]).sparse["item"].values()
+    assert trained.tolist() == served.tolist() == as_ints.tolist()
+    bad = pa.table({"item": pa.array([1.5], pa.float64()), "label": pa.array([0])})
+    with pytest.raises(DataError, match="item"):
+        batch_from_arrow(schema, bad)
+    with pytest.raises(DataError, match="item"):
+        batch_from_rows(schema, [{"item": 1.5}])
+
+
+def test_schema_refuses_two_features_on_one_column():
+    from ranking.features import FeatureSchema, SchemaError
+
+    with pytest.raises(SchemaError, match="column 'x' is the source of several features"):
+        FeatureSchema.from_dict(
+            {
+                "name": "f",
+                "tasks": [{"name": "t", "label": "label"}],
+                "features": [
+                    {"name": "a", "column": "x", "kind": "dense", "group": "g"},
+                    {"name": "b", "column": "x", "kind": "categorical", "num_buckets": 8,
+                     "dim": 4, "group": "g"},
+                ],
+            }
+        )  # fmt: skip
+
+
+def test_preset_name_is_not_shadowed_by_a_folder(tmp_path, monkeypatch):
+    from ranking.features import load_schema
+
+    (tmp_path / "frappe").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_schema("frappe").name == "frappe"

@@ -109,6 +109,7 @@ BAD = [
     ({"candidates": [{"item": 1.5}]}, 422, "invalid_value", "candidates[0].item"),
     ({"candidates": [{}, {"item": "x" * 17}]}, 422, "value_too_long", "candidates[1].item"),
     ({"candidates": [{"item": 2**70}]}, 422, "invalid_value", "candidates[0].item"),
+    (b'{"candidates": [{"item": "\\ud800"}]}', 422, "invalid_value", "candidates[0].item"),
     ({"candidates": [{"price": "3"}]}, 422, "invalid_type", "candidates[0].price"),
     ({"candidates": [{"price": [1.0]}]}, 422, "invalid_type", "candidates[0].price"),
     (b'{"candidates": [{"price": NaN}]}', 422, "invalid_value", "candidates[0].price"),

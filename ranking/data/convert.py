@@ -339,7 +339,15 @@ def _categorical_array(f: FeatureSpec, vals: list[Any]) -> pa.Array:
     as ``canonical_strings`` does for an integer column."""
     out = []
     for v in vals:
-        if v is None or isinstance(v, str):
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:  # e.g. a lone surrogate from JSON "\ud800"
+                raise column_error(
+                    "<rows>", f.column, f"{f.kind} feature {f.name!r}: not valid UTF-8"
+                ) from None
+            out.append(v)
+        elif v is None:
             out.append(v)
         elif isinstance(v, int) and not isinstance(v, bool):
             out.append(str(v))

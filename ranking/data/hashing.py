@@ -45,7 +45,8 @@ class HashTypeError(TypeError):
 def canonical_strings(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     """The canonical string form of a categorical column: ``[n]`` Arrow string array, nulls kept.
 
-    Strings pass through; integers (and integral floats) become their decimal form.
+    Strings pass through; integers and integral floats become the integer's decimal form
+    (``42``, ``42.0`` and ``"42"`` hash alike); fractional floats raise ``HashTypeError``.
     Dictionary arrays are decoded. Raises ``HashTypeError`` for other types.
     """
     arr = _one_chunk(arr)
@@ -57,8 +58,19 @@ def canonical_strings(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
         return arr
     if pa.types.is_string_view(t):
         return arr.cast(pa.string())
-    if pa.types.is_integer(t) or pa.types.is_floating(t):
+    if pa.types.is_integer(t):
         return pc.cast(arr, pa.string())
+    if pa.types.is_floating(t):
+        # An integral float is its integer (1e16 -> "10000000000000000", -0.0 -> "0"), exactly
+        # as the serving path canonicalises a JSON number; a fractional id is an error there
+        # and here.
+        valid = arr.drop_null()
+        if len(valid) and not pc.all(pc.equal(pc.floor(valid), valid)).as_py():
+            raise HashTypeError("expected integral values, got fractional floats")
+        try:
+            return pc.cast(pc.cast(arr, pa.int64()), pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise HashTypeError(f"float ids outside the int64 range: {e}") from None
     if pa.types.is_null(t):
         return pa.nulls(len(arr), pa.string())
     raise HashTypeError(f"expected strings or integers, got Arrow type {t}")
