@@ -86,10 +86,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
         if not cfg_file.is_file():
             raise ArtifactError(f"{checkpoint}: no config in {ckpt.MARKER} and no config.yaml")
         config = yaml.safe_load(cfg_file.read_text())
-    from ranking.features import load_schema
+    schema_dict = marker.get("schema")
+    if schema_dict is None:  # a checkpoint from before the schema was recorded: re-resolve
+        from ranking.features import load_schema
 
-    schema = load_schema(config["schema"])
-    model, schema = _build(config, schema.to_dict(), str(checkpoint))
+        schema_dict = load_schema(config["schema"]).to_dict()
+    model, schema = _build(config, schema_dict, str(checkpoint))
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     model.load_state_dict(state["model"])

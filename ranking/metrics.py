@@ -16,8 +16,8 @@ import torch
 EPS = 1e-7
 
 
-def binary_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """AUC, logloss, NE and row count of one task.
+def binary_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
+    """AUC, logloss, NE and row count of one task (None where undefined: one class only).
 
     Args:
         probs: ``[N]`` predicted probabilities.
@@ -29,23 +29,24 @@ def binary_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float
     labels = labels.double()
     n = labels.numel()
     if n == 0:
-        return {"auc": float("nan"), "logloss": float("nan"), "ne": float("nan"), "rows": 0}
+        return {"auc": None, "logloss": None, "ne": None, "rows": 0}
     logloss = torch.nn.functional.binary_cross_entropy(probs, labels).item()
     p = labels.mean().item()
     if 0.0 < p < 1.0:
         auc = binary_auroc(probs, labels.long(), thresholds=None).item()
         base = -(p * math.log(p) + (1 - p) * math.log(1 - p))
         ne = logloss / base
-    else:  # AUC and NE are undefined for a single-class set
-        auc, ne = float("nan"), float("nan")
+    else:  # AUC and NE are undefined for a single-class set: null in JSON, not NaN
+        auc, ne = None, None
     return {"auc": auc, "logloss": logloss, "ne": ne, "rows": n}
 
 
 class EvalAccumulator:
     """Collects ``[B, n_tasks]`` probabilities and labels; computes metrics over all ranks."""
 
-    def __init__(self, task_names: list[str]):
+    def __init__(self, task_names: list[str], device=None):
         self.task_names = list(task_names)
+        self.device = device  # where the gather runs (NCCL needs CUDA tensors); None: CPU
         self._probs: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
 
@@ -65,17 +66,18 @@ class EvalAccumulator:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return probs, labels
         ws = torch.distributed.get_world_size()
-        size = torch.tensor([probs.shape[0]], dtype=torch.int64)
+        dev = self.device or torch.device("cpu")
+        size = torch.tensor([probs.shape[0]], dtype=torch.int64, device=dev)
         sizes = [torch.zeros_like(size) for _ in range(ws)]
         torch.distributed.all_gather(sizes, size)
         sizes = [int(s.item()) for s in sizes]
         cap = max(sizes)
         both = torch.cat([probs, labels], dim=1)
-        padded = torch.zeros(cap, both.shape[1])
-        padded[: both.shape[0]] = both
+        padded = torch.zeros(cap, both.shape[1], device=dev)
+        padded[: both.shape[0]] = both.to(dev)
         outs = [torch.zeros_like(padded) for _ in range(ws)]
         torch.distributed.all_gather(outs, padded)
-        allrows = torch.cat([o[:s] for o, s in zip(outs, sizes)])
+        allrows = torch.cat([o[:s].cpu() for o, s in zip(outs, sizes)])
         n = len(self.task_names)
         return allrows[:, :n], allrows[:, n:]
 

@@ -138,6 +138,22 @@ def test_export_then_eval_reproduces_validation_auc(full_run, data, tmp_path, ca
     assert got["rows"] == final_eval["rows"]
     assert abs(got["auc"] - final_eval["auc"]) < 1e-4
     assert abs(got["logloss"] - final_eval["logloss"]) < 1e-4
+    # and independently of EvalAccumulator: the artifact's predictions on every valid row,
+    # scored with the Mann-Whitney rank formula
+    import pyarrow.parquet as pq
+    import torch
+
+    from ranking.export import load_artifact
+    from ranking.features import batch_from_arrow
+
+    art = load_artifact(tmp_path / "art")
+    batch = batch_from_arrow(art.schema, pq.read_table(data / "valid"))
+    p, y = art.predict(batch)[:, 0].double(), batch.labels[:, 0].double()
+    ranks = torch.empty_like(p)
+    ranks[p.argsort()] = torch.arange(1, len(p) + 1, dtype=torch.double)
+    pos = float(y.sum())
+    mw_auc = float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * (len(y) - pos)))
+    assert abs(mw_auc - final_eval["auc"]) < 1e-4
     # the artifact written by training is the same model
     m1 = json.loads((run_dir / "artifact" / "manifest.json").read_text())
     m2 = json.loads((tmp_path / "art" / "manifest.json").read_text())

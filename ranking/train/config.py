@@ -71,8 +71,6 @@ class TrainConfig:
     embedding_lr: float = 0.01
     embedding_weight_decay: float = 0.0
     embedding_eps: float = 1e-8
-    bf16: bool = False  # autocast the dense part on CPU/GPU
-    aux_loss_weight: float = 1.0  # multiplies the model's auxiliary loss terms
     eval_every: int = 0  # steps; 0: only at the end of each epoch
     checkpoint_every: int = 0  # steps; 0: only at the end
     keep_checkpoints: int = 2

@@ -261,7 +261,7 @@ class Trainer:
 
     def _any_rank_done(self, have: bool) -> bool:
         """True when some rank has no batch left: every rank must run the same number of steps."""
-        flag = torch.tensor([0 if have else 1], dtype=torch.int32)
+        flag = torch.tensor([0 if have else 1], dtype=torch.int32, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -279,7 +279,12 @@ class Trainer:
             self.run_dir / "checkpoints",
             step,
             keep=self.cfg.train.keep_checkpoints,
-            info={**info, "metrics": metrics or {}, "config": self.cfg.raw},
+            info={
+                **info,
+                "metrics": metrics or {},
+                "config": self.cfg.raw,
+                "schema": self.cfg.schema.to_dict(),
+            },
             local=local,
         )
         if self.rank == 0:
@@ -292,6 +297,13 @@ class Trainer:
         if path is None:
             return 0, 0, 0
         marker = ckpt.read_marker(path)
+        if marker.get("world_size", self.world) != self.world:
+            raise RuntimeError(
+                f"{path}: this checkpoint was written by {marker['world_size']} ranks and cannot "
+                f"resume with {self.world} (the data position and per-rank state depend on it); "
+                f"rerun with --nproc/--nnodes giving {marker['world_size']} ranks, or export it "
+                f"and start a new run"
+            )
         state = self.state()
         ckpt.load(state, path)
         self.model.load_state_dict(state["model"])
@@ -305,21 +317,19 @@ class Trainer:
 
     # ----------------------------------------------------------- loops
     def _forward(self, batch):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
-            out = self.model(batch)
-        return out
+        return self.model(batch)  # bf16 autocast, if any, is the model's `compute_dtype`
 
     def _loss(self, out, batch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = out.logits.float()
         bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
         aux = out.aux_loss if out.aux_loss is not None else torch.zeros(())
-        return bce + self.cfg.train.aux_loss_weight * aux.float(), bce
+        return bce + aux.float(), bce  # aux terms carry their weights (model config)
 
     def evaluate(self, path: str) -> dict:
         from ranking.metrics import EvalAccumulator
 
         self.model.eval()
-        acc = EvalAccumulator(self.cfg.schema.task_names)
+        acc = EvalAccumulator(self.cfg.schema.task_names, device=self.device)
         reader = self._reader(path, self.cfg.data.eval_batch_size, False, 0, drop_last=False)
         it = iter(self._loader(reader))
         dummy = None
@@ -340,7 +350,7 @@ class Trainer:
         return acc.compute()
 
     def _ranks_with_data(self, have: bool) -> int:
-        flag = torch.tensor([1 if have else 0], dtype=torch.int32)
+        flag = torch.tensor([1 if have else 0], dtype=torch.int32, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.SUM)
         return int(flag.item())
 
@@ -396,6 +406,7 @@ class Trainer:
             f"{total} steps ({steps_per_epoch}/epoch)"
         )
         last_eval: dict = {}
+        batch_in_epoch = skip
         t_start, s_start = time.perf_counter(), step
         t_log, s_log = t_start, step
         loss_sum, loss_n = 0.0, 0
@@ -452,13 +463,14 @@ class Trainer:
             if step >= total:
                 break
             epoch += 1  # this epoch's data is exhausted
+            batch_in_epoch = 0
             if cfg.data.valid and not t.eval_every:
                 paused = time.perf_counter()
                 last_eval = self._eval_and_log(step, epoch)
                 t_log += time.perf_counter() - paused
         if cfg.data.valid and (not last_eval or last_eval.get("step") != step):
             last_eval = self._eval_and_log(step, epoch)
-        final = self.save(step, epoch, 0, last_eval)
+        final = self.save(step, epoch, batch_in_epoch, last_eval)
         dist.barrier()
         if self.rank == 0:
             from ranking.export import export_checkpoint
