@@ -139,3 +139,12 @@ def test_large_presets_build_on_meta(name):
     if name in PUBLISHED:
         size, lo, hi = PUBLISHED[name]
         assert lo * size <= n_dense <= hi * size, f"{name}: {n_dense / 1e6:.1f}M dense params"
+
+
+def test_load_experiment_resolves_the_schema():
+    from ranking.model import load_experiment
+
+    cfg, schema = load_experiment(MODELS / "tokenmixer_large_small.yaml")
+    assert cfg.arch == "tokenmixer_large" and schema.name == "frappe"
+    with pytest.raises(ConfigError, match="schema: 'no_such_preset'"):
+        load_schema("no_such_preset")

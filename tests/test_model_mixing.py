@@ -176,3 +176,18 @@ def test_temperature_schedule_is_linear():
     assert anneal_temperature(m, 20, 10) == pytest.approx(0.05)
     assert float(m.tau) == pytest.approx(0.05)
     assert "tau" in m.state_dict()  # the serving temperature travels with the weights
+
+
+def test_eval_matrices_are_reused_but_follow_parameter_and_tau_changes():
+    torch.manual_seed(0)
+    m = UniMixing(2, 8, 4, iters=5).eval()
+    x = torch.randn(3, 2, 8)
+    with torch.no_grad():
+        y0 = m(x)
+        assert m._cache is not None
+        m.set_temperature(0.3)  # new tau: recomputed
+        y1 = m(x)
+        assert not torch.allclose(y0, y1)
+        m.global_logits.add_(1.0)  # in-place parameter update: recomputed
+        local, glob = m.matrices()
+        torch.testing.assert_close(m(x), m._unflatten(m.mix_flat(m._flatten(x), local, glob)))

@@ -332,3 +332,10 @@ def temperature_at(step: int, total_steps: int, start: float = 1.0, end: float =
         return end
     frac = min(max(step / total_steps, 0.0), 1.0)
     return start + (end - start) * frac
+
+
+def load_experiment(path: str | Path):
+    """``(ModelConfig, FeatureSchema)`` of an experiment YAML (schema resolved next to it or as a
+    preset)."""
+    cfg, schema_ref = ModelConfig.from_yaml(path)
+    return cfg, load_schema(schema_ref, path)

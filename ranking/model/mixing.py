@@ -86,6 +86,7 @@ class _SinkhornMixing(nn.Module):
         self.num_blocks = L // block_size
         self.iters, self.flatten = iters, flatten
         self.register_buffer("tau", torch.tensor(1.0))
+        self._cache = None
 
     def set_temperature(self, tau: float) -> None:
         """Set the Sinkhorn temperature (annealed 1.0 -> 0.05 during training; kept for serving)."""
@@ -110,9 +111,21 @@ class _SinkhornMixing(nn.Module):
         out = torch.matmul(glob.to(h.dtype), h.flatten(1))  # [n, B*Bk]
         return out.view_as(h).transpose(0, 1)
 
+    def mixing_matrices(self) -> tuple[Tensor, Tensor]:
+        """``matrices()``, reused across calls without autograd while the parameters, their
+        storage and tau are unchanged (a micro-batched eval forward normalises once, not once
+        per chunk; training always recomputes)."""
+        if torch.is_grad_enabled():
+            self._cache = None
+            return self.matrices()
+        key = (float(self.tau), *((p.data_ptr(), p._version, p.dtype) for p in self.parameters()))
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.matrices())
+        return self._cache[1]
+
     def forward(self, x: Tensor) -> Tensor:
         """``[B, T, D] -> [B, T, D]``."""
-        local, glob = self.matrices()
+        local, glob = self.mixing_matrices()
         return self._unflatten(self.mix_flat(self._flatten(x), local, glob))
 
 
