@@ -19,9 +19,8 @@ Dispatch (``kernels.dispatch``): Triton for CUDA tensors, the reference for CPU 
 
 from __future__ import annotations
 
-# The public functions are bound after the op modules are imported: importing a submodule sets
-# an attribute of the same name on this package (kernels.token_mix is the function, not the
-# module; use ``from kernels.token_mix import ...`` or importlib to reach the module).
+# The Triton op modules live in ``kernels.triton_ops`` (imported lazily by the dispatch), so
+# these names are always the dispatching functions.
 from .dispatch import (
     backend,
     grouped_ffn,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import threading
 from collections.abc import Callable
 
 import torch
@@ -36,25 +37,20 @@ _TRITON_SOURCES = {
     "moe_unpermute": ("moe_unpermute", "moe_unpermute"),
 }
 _TRITON: dict[str, Callable] = {}
+_TRITON_LOCK = threading.Lock()  # serving runs forwards in threads: load the modules once
 
 
 def _load_triton() -> None:
-    """Import the Triton op modules on first use, so that ``import kernels`` (and every CPU run on
-    the reference) never imports triton: Triton's interpreter must be switched on (env
-    ``TRITON_INTERPRET=1``) before the first ``import triton``, which a test may do later.
-
-    Importing ``kernels.token_mix`` makes Python set ``kernels.token_mix`` to the module; the
-    package's public functions of the same names are put back afterwards.
-    """
-    pkg = sys.modules[__package__]
-    public = {name: getattr(pkg, name) for name in _TRITON_SOURCES if hasattr(pkg, name)}
-    impls = {
-        name: getattr(importlib.import_module(f"{__package__}.{mod}"), attr)
-        for name, (mod, attr) in _TRITON_SOURCES.items()
-    }
-    for name, fn in public.items():
-        setattr(pkg, name, fn)
-    _TRITON.update(impls)
+    """Import the Triton op modules (``kernels.triton_ops``) on first use, so that
+    ``import kernels`` (and every CPU run on the reference) never imports triton: Triton's
+    interpreter must be switched on (env ``TRITON_INTERPRET=1``) before the first
+    ``import triton``, which a test may do later."""
+    _TRITON.update(
+        {
+            name: getattr(importlib.import_module(f"{__package__}.triton_ops.{mod}"), attr)
+            for name, (mod, attr) in _TRITON_SOURCES.items()
+        }
+    )
 
 
 def _interpreter_problem() -> str | None:
@@ -106,7 +102,9 @@ def _impl(name: str, t: Tensor) -> Callable:
     if _choose(t.device) == "torch":
         return getattr(ref, name)
     if not _TRITON:
-        _load_triton()
+        with _TRITON_LOCK:
+            if not _TRITON:
+                _load_triton()
     return _TRITON[name]
 
 

@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..reference import _check_ffn
 from ._triton import dot_precision, interpreting, kernel, next_pow2
-from .reference import _check_ffn
 
 _SWIGLU = 0
 _GELU = 1

@@ -21,9 +21,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..reference import MoERouting
 from ._triton import interpreting, kernel, next_pow2
 from .moe_unpermute import combine, scatter
-from .reference import MoERouting
 
 
 @kernel

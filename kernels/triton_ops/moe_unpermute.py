@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..reference import MoERouting
 from ._triton import interpreting, kernel, next_pow2
-from .reference import MoERouting
 
 
 @kernel

@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..reference import _check_mix
 from ._triton import interpreting, kernel, next_pow2
-from .reference import _check_mix
 
 
 @kernel
