@@ -442,9 +442,14 @@ def schema_dirs() -> list[Path]:
     return dirs
 
 
-def load_schema(name_or_path: str | Path) -> FeatureSchema:
+def load_schema(name_or_path: str | Path, relative_to: str | Path | None = None) -> FeatureSchema:
     """A schema from a YAML path, or a preset name (``frappe``, ``movielens``, ``criteo``, or
-    any ``<name>.yaml`` in ``schema_dirs()``)."""
+    any ``<name>.yaml`` in ``schema_dirs()``). A relative path is tried against the working
+    directory, then next to ``relative_to`` (the experiment YAML that names it)."""
+    if relative_to is not None and not Path(name_or_path).is_absolute():
+        beside = Path(relative_to).parent / name_or_path
+        if beside.is_file() and not Path(name_or_path).is_file():
+            return FeatureSchema.from_yaml(beside)
     p = Path(name_or_path)
     # A path only if it looks like one: a folder named "frappe" in the working directory must
     # not shadow the preset.

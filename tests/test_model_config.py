@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ranking.model.config import ConfigError, ModelConfig, load_schema
+from ranking.features import load_schema
+from ranking.model.config import ConfigError, ModelConfig
 from ranking.model.flops import dense_params, embedding_params
 from ranking.model.ranker import build_model
 from ranking.model.synthetic import random_batch, toy_schema
@@ -146,5 +147,7 @@ def test_load_experiment_resolves_the_schema():
 
     cfg, schema = load_experiment(MODELS / "tokenmixer_large_small.yaml")
     assert cfg.arch == "tokenmixer_large" and schema.name == "frappe"
-    with pytest.raises(ConfigError, match="schema: 'no_such_preset'"):
+    from ranking.features import SchemaError
+
+    with pytest.raises(SchemaError, match="no_such_preset: not a schema file and not a preset"):
         load_schema("no_such_preset")

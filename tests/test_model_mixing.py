@@ -191,3 +191,24 @@ def test_eval_matrices_are_reused_but_follow_parameter_and_tau_changes():
         m.global_logits.add_(1.0)  # in-place parameter update: recomputed
         local, glob = m.matrices()
         torch.testing.assert_close(m(x), m._unflatten(m.mix_flat(m._flatten(x), local, glob)))
+
+
+def test_ranker_set_progress_anneals_every_sinkhorn_temperature_linearly():
+    """The trainer's schedule hook: tau goes tau_start -> tau_end linearly in the fraction."""
+    from ranking.features import load_schema
+    from ranking.model.config import ModelConfig
+    from ranking.model.mixing import UniMixing, UniMixingLite
+    from ranking.model.ranker import build_model
+
+    schema = load_schema("frappe")
+    for arch in ("unimixer", "unimixer_lite"):
+        cfg = ModelConfig.from_dict({"arch": arch, "dim": 16, "block_size": 16, "num_layers": 2,
+                                     "tau_start": 0.8, "tau_end": 0.1})  # fmt: skip
+        model = build_model(cfg, schema)
+        mixers = [m for m in model.modules() if isinstance(m, UniMixing | UniMixingLite)]
+        assert len(mixers) == 2
+        for frac, want in ((0.0, 0.8), (0.5, 0.45), (1.0, 0.1)):
+            model.set_progress(frac)
+            assert all(abs(float(m.tau) - want) < 1e-6 for m in mixers), (arch, frac)
+        # a buffer in the state dict: the artifact serves with the annealed value
+        assert sum(k.endswith(".tau") for k in model.state_dict()) == 2

@@ -8,7 +8,9 @@
 See docs/MODELS.md for the equations, config keys and defaults.
 """
 
-from .config import ConfigError, ModelConfig, MoEConfig, load_experiment, load_schema
+from ranking.features import load_schema
+
+from .config import ConfigError, ModelConfig, MoEConfig, load_experiment
 from .ranker import Ranker, RankerOutput, build_model
 
 __all__ = [

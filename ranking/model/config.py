@@ -28,8 +28,6 @@ import yaml
 
 ARCHS = ("rankmixer", "tokenmixer_large", "unimixer", "unimixer_lite", "dlrm", "dcnv2")
 MIXER_ARCHS = ("rankmixer", "tokenmixer_large", "unimixer", "unimixer_lite")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_DIR = REPO_ROOT / "configs" / "schemas"
 
 
 class ConfigError(ValueError):
@@ -312,20 +310,6 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
     return value
 
 
-def load_schema(ref: str, relative_to: str | Path | None = None):
-    """A ``FeatureSchema`` from a preset name (``configs/schemas/<name>.yaml``) or a path."""
-    from ranking.features import FeatureSchema
-
-    candidates = [Path(ref)]
-    if relative_to is not None:
-        candidates.append(Path(relative_to).parent / ref)
-    candidates.append(SCHEMA_DIR / f"{ref}.yaml")
-    for p in candidates:
-        if p.is_file():
-            return FeatureSchema.from_yaml(p)
-    raise ConfigError(f"schema: {ref!r} is neither a file nor a preset in {SCHEMA_DIR}")
-
-
 def temperature_at(step: int, total_steps: int, start: float = 1.0, end: float = 0.05) -> float:
     """UniMixer's linear temperature schedule: ``start`` at step 0 to ``end`` at ``total_steps``."""
     if total_steps <= 0:
@@ -337,5 +321,7 @@ def temperature_at(step: int, total_steps: int, start: float = 1.0, end: float =
 def load_experiment(path: str | Path):
     """``(ModelConfig, FeatureSchema)`` of an experiment YAML (schema resolved next to it or as a
     preset)."""
+    from ranking.features import load_schema  # the one schema resolver
+
     cfg, schema_ref = ModelConfig.from_yaml(path)
-    return cfg, load_schema(schema_ref, path)
+    return cfg, load_schema(schema_ref, relative_to=path)

@@ -24,7 +24,7 @@ from .blocks import (
     UniMixerBlock,
     UniMixerStack,
 )
-from .config import ModelConfig
+from .config import ModelConfig, temperature_at
 from .mixing import UniMixing, UniMixingLite
 from .tokenizer import Tokenizer
 
@@ -83,13 +83,24 @@ class Ranker(nn.Module):
         micro_batch: int = 0,
         compute_dtype: str = "fp32",
         compile: bool = False,
+        temperature: tuple[float, float] = (1.0, 0.05),
     ):
         super().__init__()
+        self.temperature = temperature  # UniMixer's Sinkhorn tau: (start, end) of the anneal
         self.tokenizer, self.blocks, self.heads = tokenizer, blocks, heads
         self.compile = compile
         self._compiled = None  # a compiled function, not a submodule: state_dict keys unchanged
         self.pooling, self.aux_loss_weight = pooling, aux_loss_weight
         self.micro_batch, self.compute_dtype = micro_batch, compute_dtype
+
+    def set_progress(self, fraction: float) -> None:
+        """Training-schedule hook (the trainer calls it every step with steps done / total):
+        anneals UniMixer's Sinkhorn temperature linearly from ``tau_start`` to ``tau_end``. The
+        temperature is a buffer, so the exported model serves with the final value."""
+        from .mixing import set_temperature
+
+        start, end = self.temperature
+        set_temperature(self, temperature_at(fraction, 1.0, start, end))
 
     def pool(self, x: Tensor) -> Tensor:
         """``[B, T, D] -> [B, P]``."""
@@ -193,4 +204,5 @@ def build_model(
         micro_batch=c.micro_batch,
         compute_dtype=c.compute_dtype,
         compile=c.compile,
+        temperature=(c.tau_start, c.tau_end),
     )

@@ -195,7 +195,7 @@ def load_experiment(
     if "schema" not in raw:
         raise ConfigError(f"{source}: schema: required (a preset name or a schema YAML path)")
     try:
-        schema = load_schema(raw["schema"])
+        schema = load_schema(raw["schema"], relative_to=None if source == "<dict>" else source)
     except (SchemaError, FileNotFoundError, ValueError) as e:
         raise ConfigError(f"{source}: schema: {e}") from e
 

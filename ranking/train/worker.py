@@ -468,6 +468,7 @@ class Trainer:
                 paused = time.perf_counter()
                 last_eval = self._eval_and_log(step, epoch)
                 t_log += time.perf_counter() - paused
+        self._set_progress(1.0)  # schedules end at their final value (exported with the model)
         if cfg.data.valid and (not last_eval or last_eval.get("step") != step):
             last_eval = self._eval_and_log(step, epoch)
         final = self.save(step, epoch, batch_in_epoch, last_eval)
