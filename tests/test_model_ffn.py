@@ -186,3 +186,23 @@ def test_dtsi_inference_router_gradients(mode, infer_gets_task_grad):
     aux.backward()
     assert m.router_infer.grad.abs().sum() > 0
     assert m.router_train.grad is None or m.router_train.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_tokenmixer_large_gate_renormalize_switch(renormalize):
+    """renormalize=True: softmax over the k chosen logits; False: top-k of the full softmax.
+    Both scaled by alpha; checked against the formula on the router's own logits."""
+    torch.manual_seed(0)
+    moe = SparsePerTokenMoE(3, 8, 4, 6, kind="tokenmixer_large", top_k=2, alpha=2.0,
+                            renormalize=renormalize)  # fmt: skip
+    x = torch.randn(5, 3, 8)
+    weights, ids, _ = moe.route(x)
+    logits = moe._logits(x, moe.router_infer, moe.router_infer_bias)  # [B*T, E]
+    top = logits.topk(2, dim=-1)
+    if renormalize:
+        want = torch.softmax(top.values, dim=-1)
+    else:
+        want = torch.softmax(logits, dim=-1).gather(1, top.indices)
+    assert torch.allclose(weights, 2.0 * want, atol=1e-6)
+    local = ids - (torch.arange(15).remainder(3) * 4).unsqueeze(1)
+    assert torch.equal(local, top.indices)

@@ -41,7 +41,11 @@ class MoEConfig:
     kind: ``rankmixer`` (ReLU gate, L1 penalty, DTSI routers) or ``tokenmixer_large`` (top-k
         softmax over E sub-experts plus an always-on shared expert); default: the arch's own.
     num_experts: E experts per token.
-    top_k: routed experts per token (``tokenmixer_large`` only).
+    top_k: routed experts per token (``tokenmixer_large`` only). The paper's notes write
+        ``sum over the top (k-1)`` plus the shared expert, i.e. k active experts in all: their k
+        is ``top_k + 1`` here when ``shared_expert`` is on.
+    renormalize: top-k gate weights are a softmax over the k chosen logits (default, True) or
+        the full softmax's top-k probabilities (False); the notes do not settle which.
     expert_mult: expert hidden width as a multiple of D; default ``ffn_mult`` for ``rankmixer``
         (each expert is a full PFFN) and ``ffn_mult / E`` for ``tokenmixer_large`` (the pSwiGLU
         split into E sub-experts).
@@ -58,6 +62,7 @@ class MoEConfig:
     kind: str = ""
     num_experts: int = 4
     top_k: int = 2
+    renormalize: bool = True
     expert_mult: float = 0.0
     shared_expert: bool = True
     alpha: float = 0.0

@@ -96,6 +96,7 @@ class SparsePerTokenMoE(nn.Module):
         expert_hidden: int,
         kind: str = "rankmixer",
         top_k: int = 2,
+        renormalize: bool = True,
         shared_expert: bool = True,
         alpha: float = 1.0,
         l1_weight: float = 1e-4,
@@ -107,6 +108,7 @@ class SparsePerTokenMoE(nn.Module):
         T, D, E, Hd = num_tokens, dim, num_experts, expert_hidden
         self.num_tokens, self.num_experts, self.kind = T, E, kind
         self.top_k, self.alpha, self.l1_weight = top_k, alpha, l1_weight
+        self.renormalize = renormalize
         self.dtsi, self.dtsi_train_mode = dtsi and kind == "rankmixer", dtsi_train_mode
         G = T * E
         self.w_up = nn.Parameter(_uniform_(torch.empty(G, D, Hd), D))
@@ -148,7 +150,7 @@ class SparsePerTokenMoE(nn.Module):
         B = x.shape[0]
         logits = self._logits(x, self.router_infer, self.router_infer_bias)
         if self.kind == "tokenmixer_large":
-            weights, ids = kernels.topk_gate(logits, self.top_k)
+            weights, ids = kernels.topk_gate(logits, self.top_k, renormalize=self.renormalize)
             return weights * self.alpha, self._global_ids(ids), logits.new_zeros(())
         gates, ids, l1 = kernels.relu_gate(logits)
         aux = self.l1_weight * l1.float().sum() / B
@@ -209,6 +211,7 @@ def make_ffn(num_tokens: int, dim: int, mult: float, cfg, swiglu: bool) -> nn.Mo
             int(m.expert_mult * dim),
             kind=m.kind,
             top_k=m.top_k,
+            renormalize=m.renormalize,
             shared_expert=m.shared_expert,
             alpha=m.alpha,
             l1_weight=m.l1_weight,

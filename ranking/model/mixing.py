@@ -100,8 +100,11 @@ class _SinkhornMixing(nn.Module):
         return x.reshape(B, self.num_blocks, self.block_size)
 
     def _unflatten(self, f: Tensor) -> Tensor:
-        """``[B, n, Bk] -> [B, T, D]`` read token-major in both modes (as the authors' code does:
-        with identity mixing, channel-major flattening reduces to head mixing with H = T)."""
+        """``[B, n, Bk] -> [B, T, D]`` read token-major in both modes (as the authors' code does).
+        With identity mixing, channel-major flattening is a fixed token-mixing permutation: new
+        token i holds channels ``i*D/T .. (i+1)*D/T`` of every input token (the same set as
+        RankMixer's head mixing with H = T), interleaved by token instead of grouped by token;
+        it equals head mixing exactly only when D = T."""
         return f.reshape(f.shape[0], self.num_tokens, self.dim)
 
     def mix_flat(self, blocks: Tensor, local: Tensor, glob: Tensor) -> Tensor:
