@@ -58,14 +58,45 @@ class Artifact:
         return self.manifest["model_version"]
 
 
-def _build(config: dict, schema_dict: dict, source: str):
+def _build(config: dict, schema_d: dict, source: str):
     from ranking.features import FeatureSchema
     from ranking.model.config import ModelConfig
     from ranking.model.ranker import build_model
 
-    schema = FeatureSchema.from_dict(schema_dict, source=f"{source}: schema")
+    schema = FeatureSchema.from_dict(schema_d, source=f"{source}: schema")
     model_cfg = ModelConfig.from_dict(config.get("model") or {}, source=source)
     return build_model(model_cfg, schema), schema
+
+
+def schema_dict(schema) -> dict:
+    """``schema.to_dict()`` with vocabulary paths made absolute (resolved against the schema
+    file), so the dict can be rebuilt anywhere: it is what checkpoints record."""
+    from ranking.data.convert import resolve_vocab_path
+
+    d = schema.to_dict()
+    for fd, f in zip(d["features"], schema.features):
+        if f.is_sparse and f.vocab:
+            fd["vocab"] = str(resolve_vocab_path(schema, f).resolve())
+    return d
+
+
+def _bundle_vocabs(schema_d: dict, out_dir: Path, h) -> dict:
+    """Copy every vocabulary file into ``out_dir/vocab/`` and point the schema at the copies
+    (relative to the manifest); the copies' bytes go into the content hash."""
+    d = json.loads(json.dumps(schema_d))
+    for fd in d["features"]:
+        src = fd.get("vocab")
+        if not src:
+            continue
+        dst = out_dir / "vocab" / f"{fd['name']}.txt"
+        dst.parent.mkdir(exist_ok=True)
+        try:
+            shutil.copyfile(src, dst)
+        except OSError as e:
+            raise ArtifactError(f"features[{fd['name']}].vocab: cannot copy {src}: {e}") from e
+        h.update(dst.read_bytes())
+        fd["vocab"] = f"vocab/{fd['name']}.txt"
+    return d
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
@@ -86,12 +117,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
         if not cfg_file.is_file():
             raise ArtifactError(f"{checkpoint}: no config in {ckpt.MARKER} and no config.yaml")
         config = yaml.safe_load(cfg_file.read_text())
-    schema_dict = marker.get("schema")
-    if schema_dict is None:  # a checkpoint from before the schema was recorded: re-resolve
+    sd = marker.get("schema")
+    if sd is None:  # a checkpoint from before the schema was recorded: re-resolve
         from ranking.features import load_schema
 
-        schema_dict = load_schema(config["schema"]).to_dict()
-    model, schema = _build(config, schema_dict, str(checkpoint))
+        sd = schema_dict(load_schema(config["schema"]))
+    model, schema = _build(config, sd, str(checkpoint))
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     model.load_state_dict(state["model"])
@@ -118,18 +149,18 @@ def write_artifact(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         torch.save(weights, tmp / WEIGHTS)
+        h = hashlib.sha256()
         body = {
             "format_version": FORMAT_VERSION,
             "name": config.get("name", "model"),
             "arch": (config.get("model") or {}).get("arch"),
             "config": config,
-            "schema": schema.to_dict(),
+            "schema": _bundle_vocabs(schema_dict(schema), tmp, h),
             "metrics": metrics,
             "dtype": dtype,
             "step": step,
             "weights": WEIGHTS,
         }
-        h = hashlib.sha256()
         with open(tmp / WEIGHTS, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)

@@ -212,3 +212,44 @@ def test_cli_as_subprocess(tmp_path):
         and "nope: no such file or directory" in r.stderr
         and "Traceback" not in r.stderr
     )
+
+
+def test_vocab_schema_survives_export_to_a_self_contained_artifact(tmp_path, capsys):
+    """An artifact of a model with vocabulary features carries copies of the vocab files: moved
+    away from the originals, it maps ids exactly as the training-time schema did."""
+    import shutil
+
+    import torch
+
+    from ranking.export import load_artifact, write_artifact
+    from ranking.features import batch_from_arrow
+    from ranking.model.config import ModelConfig
+    from ranking.model.ranker import build_model
+
+    rng = np.random.default_rng(1)
+    users = [f"u{x}" for x in rng.integers(0, 30, 500)]
+    t = pa.table({"label": pa.array(rng.integers(0, 2, 500), pa.int8()), "user": users})
+    pq.write_table(t, tmp_path / "d.parquet")
+    (tmp_path / "s.yaml").write_text(
+        "name: v\ntasks: [{name: click, label: label}]\nfeatures:\n"
+        "  - {name: user, kind: categorical, num_buckets: 1000, dim: 8, group: a}\n"
+    )
+    rc, _, _ = run_cli(["data", "vocab", "--schema", str(tmp_path / "s.yaml"), "--data",
+                        str(tmp_path / "d.parquet"), "--out", str(tmp_path / "voc")], capsys)  # fmt: skip
+    assert rc == 0
+    schema = FeatureSchema.from_yaml(tmp_path / "voc" / "schema.yaml")
+    cfg = {"name": "v", "schema": "unused", "model": {"arch": "dlrm", "dense_arch": [8],
+                                                      "over_arch": [8]}}  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_dict(cfg["model"]), schema).eval()
+    want = torch.sigmoid(model(batch_from_arrow(schema, t)).logits)
+    write_artifact(tmp_path / "art", model.state_dict(), config=cfg, schema=schema,
+                   dtype="fp32", metrics={}, step=0)  # fmt: skip
+    shutil.rmtree(tmp_path / "voc")  # the originals are gone
+    moved = tmp_path / "elsewhere" / "art"
+    moved.parent.mkdir()
+    (tmp_path / "art").rename(moved)
+    art = load_artifact(moved)
+    assert (moved / "vocab" / "user.txt").is_file()
+    got = art.predict(batch_from_arrow(art.schema, t))
+    assert torch.allclose(got, want, atol=1e-6)

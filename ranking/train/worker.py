@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ranking.export import schema_dict
 from ranking.train import checkpoint as ckpt
 from ranking.train.config import ExperimentConfig, load_experiment
 
@@ -283,7 +284,7 @@ class Trainer:
                 **info,
                 "metrics": metrics or {},
                 "config": self.cfg.raw,
-                "schema": self.cfg.schema.to_dict(),
+                "schema": schema_dict(self.cfg.schema),
             },
             local=local,
         )
