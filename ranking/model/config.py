@@ -152,7 +152,7 @@ class ModelConfig:
                     f"{source}: model.{key}: unknown key (expected one of {sorted(fields)})"
                 )
             if key == "moe":
-                kw["moe"] = _moe_from_dict(value, source)
+                kw["moe"] = section_from_dict(MoEConfig, value, "model.moe", source)
             else:
                 kw[key] = _coerce(f"model.{key}", value, fields[key], source)
         cfg = cls(**kw, source=source)
@@ -277,18 +277,22 @@ class ModelConfig:
                 raise self._err("block_size", f"B={Bk} must divide T*D={T * D}")
 
 
-def _moe_from_dict(data: Any, source: str) -> MoEConfig:
+def section_from_dict(cls, data: Any, section: str, source: str):
+    """A config dataclass from a YAML mapping: unknown keys and wrong types are errors naming
+    ``<section>.<key>`` and the file. Shared by every config section (model, moe, data, train)."""
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: model.moe: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(MoEConfig)}
+        raise ConfigError(f"{source}: {section}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kw = {}
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(
-                f"{source}: model.moe.{key}: unknown key (expected one of {sorted(fields)})"
+                f"{source}: {section}.{key}: unknown key (expected one of {sorted(fields)})"
             )
-        kw[key] = _coerce(f"model.moe.{key}", value, fields[key], source)
-    return MoEConfig(**kw)
+        kw[key] = _coerce(f"{section}.{key}", value, fields[key], source)
+    return cls(**kw)
 
 
 def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:

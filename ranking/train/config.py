@@ -21,7 +21,6 @@ process is spawned, and errors name the file and the key.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from ranking.model.config import ConfigError  # one error type for every config section
+from ranking.model.config import ConfigError, section_from_dict  # one error type, one parser
 
 __all__ = ["ConfigError", "DataConfig", "ExperimentConfig", "TrainConfig", "load_experiment"]
 
@@ -119,36 +118,6 @@ def apply_overrides(raw: dict, overrides: list[str], source: str = "<cli>") -> d
     return raw
 
 
-def _dataclass_from(cls, raw: Any, section: str, source: str):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {section}: expected a mapping")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kw = {}
-    for k, v in raw.items():
-        if k not in fields:
-            raise ConfigError(
-                f"{source}: {section}.{k}: unknown key (expected one of {sorted(fields)})"
-            )
-        default = fields[k].default
-        if default is not dataclasses.MISSING and default is not None:
-            if isinstance(default, bool):
-                if not isinstance(v, bool):
-                    raise ConfigError(f"{source}: {section}.{k}: expected true/false, got {v!r}")
-            elif isinstance(default, int):
-                if not isinstance(v, int) or isinstance(v, bool):
-                    raise ConfigError(f"{source}: {section}.{k}: expected an integer, got {v!r}")
-            elif isinstance(default, float):
-                if not isinstance(v, int | float) or isinstance(v, bool):
-                    raise ConfigError(f"{source}: {section}.{k}: expected a number, got {v!r}")
-                v = float(v)
-            elif isinstance(default, str) and not isinstance(v, str):
-                raise ConfigError(f"{source}: {section}.{k}: expected a string, got {v!r}")
-        kw[k] = v
-    return cls(**kw)
-
-
 def _choice(value: str, choices: tuple, key: str, source: str) -> None:
     if value not in choices:
         raise ConfigError(f"{source}: {key}: expected one of {list(choices)}, got {value!r}")
@@ -201,8 +170,8 @@ def load_experiment(
 
     model = ModelConfig.from_dict(raw.get("model") or {}, source=source)
 
-    data = _dataclass_from(DataConfig, raw.get("data"), "data", source)
-    train = _dataclass_from(TrainConfig, raw.get("train"), "train", source)
+    data = section_from_dict(DataConfig, raw.get("data"), "data", source)
+    train = section_from_dict(TrainConfig, raw.get("train"), "train", source)
     _choice(train.dense_optimizer, DENSE_OPTIMIZERS, "train.dense_optimizer", source)
     _choice(train.embedding_optimizer, EMBEDDING_OPTIMIZERS, "train.embedding_optimizer", source)
     _choice(train.schedule, SCHEDULES, "train.schedule", source)
