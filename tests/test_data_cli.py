@@ -253,3 +253,15 @@ def test_vocab_schema_survives_export_to_a_self_contained_artifact(tmp_path, cap
     assert (moved / "vocab" / "user.txt").is_file()
     got = art.predict(batch_from_arrow(art.schema, t))
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_convert_criteo_corrupt_gzip_is_a_clear_error(tmp_path, capsys):
+    import gzip
+
+    good = gzip.compress(b"0\t1\t2\n" * 2000)
+    bad = good[:10] + b"\xff" * 64 + good[74:]  # a valid header, then a broken deflate stream
+    (tmp_path / "x.txt.gz").write_bytes(bad)
+    rc, _out, err = run_cli(["data", "convert-criteo", str(tmp_path / "x.txt.gz"), "--out",
+                             str(tmp_path / "o"), "--quiet"], capsys)  # fmt: skip
+    assert rc == 2
+    assert "x.txt.gz" in err and "Traceback" not in err

@@ -10,6 +10,7 @@ import gzip
 import io
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -90,7 +91,7 @@ def convert_criteo(
         while True:
             try:
                 chunk = fh.read(block_bytes)
-            except (OSError, EOFError) as e:
+            except (OSError, EOFError, zlib.error) as e:  # zlib.error: a corrupt .gz stream
                 raise DataError(f"{src}: cannot read: {e}") from None
             data = carry + chunk
             if chunk:
