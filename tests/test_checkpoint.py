@@ -106,3 +106,27 @@ def test_training_metrics_exporter_serves_prometheus_text():
     assert got["mixrank_train_samples_per_second"] == 1234.5
     assert got["mixrank_train_eval_auc"] == 0.75
     assert _PromExporter(rank=1, port=port).gauges is None  # only rank 0 exports
+
+
+def test_fused_embedding_optimiser_params_from_config():
+    """The sharders' fused params name real FBGEMM optimiser and weight-decay modes."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
+
+    from ranking.train.config import load_experiment
+    from ranking.train.worker import fused_params
+
+    exp = load_experiment(
+        "configs/demo.yaml",
+        ["train.embedding_weight_decay=0.01", "train.embedding_lr=0.3"],
+        require_data=False,
+    )
+    fp = fused_params(exp)
+    assert fp["optimizer"] == EmbOptimType.EXACT_ROWWISE_ADAGRAD
+    assert fp["learning_rate"] == 0.3 and fp["weight_decay"] == 0.01
+    assert fp["weight_decay_mode"] == WeightDecayMode.DECOUPLE
+    exp = load_experiment(
+        "configs/demo.yaml", ["train.embedding_optimizer=sgd"], require_data=False
+    )
+    assert fused_params(exp)["optimizer"] == EmbOptimType.EXACT_SGD
+    assert "weight_decay" not in fused_params(exp)

@@ -83,7 +83,7 @@ def fused_params(cfg: ExperimentConfig) -> dict:
     params = {"optimizer": optim, "learning_rate": t.embedding_lr, "eps": t.embedding_eps}
     if t.embedding_weight_decay:
         params["weight_decay"] = t.embedding_weight_decay
-        params["weight_decay_mode"] = WeightDecayMode.DECOUPLED
+        params["weight_decay_mode"] = WeightDecayMode.DECOUPLE
     return params
 
 
