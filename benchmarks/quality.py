@@ -433,13 +433,16 @@ def _eta(s: float) -> str:
 
 
 def _estimate(spec: dict, took: dict[tuple, float], mean: float) -> float:
-    """Expected seconds of a run: the same (data set, arch, size) if one ran, else the same
-    (data set, arch), else the mean so far."""
+    """Expected seconds of a run: the last run of the same (data set, arch, size), else the mean
+    of the same (data set, arch), else of the same data set, else of all trained runs."""
     key = (spec["dataset"], spec["arch"], spec["size"])
     if key in took:
         return took[key]
-    same = [v for k, v in took.items() if k[:2] == key[:2]]
-    return statistics.fmean(same) if same else mean
+    for n in (2, 1):  # the same (data set, arch), else the same data set
+        same = [v for k, v in took.items() if k[:n] == key[:n]]
+        if same:
+            return statistics.fmean(same)
+    return mean
 
 
 def compare_nproc(args) -> list[dict]:
@@ -486,8 +489,7 @@ def run(args) -> int:
             n_trained += 1
         records.append(rec)
         emit(rec)
-        if not rec["cached"]:
-            took[(spec["dataset"], spec["arch"], spec["size"])] = time.perf_counter() - t0
+        took[(spec["dataset"], spec["arch"], spec["size"])] = rec["wall_s"]  # cached: recorded
         eta = sum(_estimate(s, took, trained_s / max(n_trained, 1)) for s in specs[i + 1 :])
         line = (f"[quality] {i + 1}/{len(specs)} {spec['key']}: valid AUC {rec['valid_auc']:.4f} "
                 f"logloss {rec['valid_logloss']:.4f}")  # fmt: skip
