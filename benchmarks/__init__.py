@@ -15,6 +15,7 @@ BENCHMARKS = {
     "data": ("benchmarks.bench_data", "rows/s of reading Parquet and converting to Batch"),
     "model": ("benchmarks.bench_model", "forward samples/s and FLOP/s vs measured matmul peak"),
     "kernels": ("benchmarks.bench_kernels", "Triton kernels vs roofline and eager (GPU only)"),
+    "stack": ("benchmarks.bench_stack_gpu", "mixer stacks on a GPU: Triton vs eager, % of peak"),
     "train": ("benchmarks.bench_train", "training samples/s with 1 and 2 processes, step/forward"),
     "quality": ("benchmarks.quality", "AUC/logloss of every arch on Frappe and MovieLens, scaling"),
     "serve": ("benchmarks.bench_serve", "Ray Serve /v1/rank latency and throughput vs forward"),

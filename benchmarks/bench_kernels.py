@@ -64,7 +64,7 @@ def _measure_peaks(torch, do_bench):
 def _ops(torch, kernels, ref, case, dtype):
     """Yield (op, fn_triton, fn_ref, bytes, flops) for one shape."""
     _, B, T, D, H, E, k = case
-    dev = "cuda"
+    dev = os.environ.get("MIXRANK_BENCH_DEVICE", "cuda")  # cpu: a logic check under the interpreter
     es = torch.tensor([], dtype=dtype).element_size()
     x = torch.randn(B, T, D, device=dev, dtype=dtype)
     w = torch.ones(D, device=dev, dtype=dtype)
@@ -145,6 +145,104 @@ def _ops(torch, kernels, ref, case, dtype):
         ffn_bytes + 2 * N * D * es,
         ffn_flops,
     )
+    # forward + backward (training): gradients of <out, cotangent> w.r.t. every input
+    xl = x.detach().clone().requires_grad_()
+    wl = (1 + 0.1 * torch.randn(D, device=dev, dtype=dtype)).requires_grad_()
+    bl = torch.zeros(D, device=dev, dtype=dtype, requires_grad=True)
+    cot3 = torch.randn(B, T, D, device=dev, dtype=dtype)
+    yield (
+        "mix_norm+bwd",
+        _grad_fn(
+            torch,
+            lambda m: m.mix_norm(xl, T, wl, bl, residual=xl, norm="layer")[1],
+            kernels,
+            cot3,
+            [xl, wl, bl],
+        ),
+        _grad_fn(
+            torch,
+            lambda m: m.mix_norm(xl, T, wl, bl, residual=xl, norm="layer")[1],
+            ref,
+            cot3,
+            [xl, wl, bl],
+        ),
+        8 * n_el * es,
+        24 * n_el,
+    )
+    xp = x_perm.detach().clone().requires_grad_()
+    wul, wgl, wdl = (t.detach().clone().requires_grad_() for t in (wu, wg, wd))
+    cot2 = torch.randn(M, D, device=dev, dtype=dtype)
+    yield (
+        "grouped_ffn+bwd",
+        _grad_fn(
+            torch,
+            lambda m: m.grouped_ffn(xp, routing.offsets, wul, wdl, w_gate=wgl),
+            kernels,
+            cot2,
+            [xp, wul, wgl, wdl],
+        ),
+        _grad_fn(
+            torch,
+            lambda m: m.grouped_ffn(xp, routing.offsets, wul, wdl, w_gate=wgl),
+            ref,
+            cot2,
+            [xp, wul, wgl, wdl],
+        ),
+        3 * ffn_bytes,
+        3 * ffn_flops,
+    )
+    x2l = x2.detach().clone().requires_grad_()
+    wtl = wts.detach().clone().requires_grad_()
+    cot1 = torch.randn(N, D, device=dev, dtype=dtype)
+    yield (
+        "moe_ffn+bwd",
+        _grad_fn(
+            torch,
+            lambda m: m.moe_ffn(x2l, wtl, gids, wul, wdl, w_gate=wgl),
+            kernels,
+            cot1,
+            [x2l, wtl, wul, wgl, wdl],
+        ),
+        _grad_fn(
+            torch,
+            lambda m: m.moe_ffn(x2l, wtl, gids, wul, wdl, w_gate=wgl),
+            ref,
+            cot1,
+            [x2l, wtl, wul, wgl, wdl],
+        ),
+        3 * (ffn_bytes + 2 * N * D * es),
+        3 * ffn_flops,
+    )
+
+
+def _grad_fn(torch, forward, module, cot, inputs):
+    """A callable running ``forward(module)`` and the gradients of ``<out, cot>``; returns
+    ``(out, *grads)`` so both backends' results can be compared."""
+
+    def fn():
+        with torch.enable_grad():
+            out = forward(module)
+            grads = torch.autograd.grad(out, inputs, cot)
+        return (out.detach(), *grads)
+
+    return fn
+
+
+def _err(torch, a, b) -> float:
+    """Largest relative error ``||a - b|| / ||b||`` over the tensors of two results (integer
+    tensors: 0 when equal, else the fraction of elements that differ)."""
+    if isinstance(a, torch.Tensor):
+        if not a.is_floating_point():
+            if a.shape != b.shape:
+                return 1.0
+            return float((a != b).float().mean()) if a.numel() else 0.0
+        a64, b64 = a.double(), b.double()
+        if not torch.isfinite(a64).all():
+            return float("inf")
+        return float((a64 - b64).norm() / b64.norm().clamp_min(1e-30))
+    if isinstance(a, (tuple, list)):
+        return max((_err(torch, x, y) for x, y in zip(a, b)), default=0.0)
+    return 0.0 if a == b else 1.0
 
 
 def _run_gpu(args) -> int:
@@ -165,8 +263,9 @@ def _run_gpu(args) -> int:
     with torch.no_grad():
         for case in _cases(args.quick):
             for op, fn, fn_ref, nbytes, flops in _ops(torch, kernels, ref, case, dtype):
-                if want and op.split("(")[0] not in want:
+                if want and op.split("(")[0].split("+")[0] not in want:
                     continue
+                err = _err(torch, fn(), fn_ref())
                 ms = do_bench(fn)
                 ms_ref = do_bench(fn_ref)
                 floor_ms = max(nbytes / bw, flops / peak) * 1e3
@@ -182,6 +281,7 @@ def _run_gpu(args) -> int:
                     "floor_ms": floor_ms,
                     "x_floor": ms / floor_ms,
                     "bound": "compute" if flops / peak > nbytes / bw else "memory",
+                    "err_vs_eager": err,
                 }
                 emit(rec)
                 records.append(rec)

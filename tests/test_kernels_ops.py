@@ -12,6 +12,10 @@ fp32; the error is bf16 rounding of outputs and intermediates).
 ``tl.*`` helpers at import): it is set here, before ``kernels`` can import triton. If another
 test module imported triton first in this process, these tests are skipped and
 ``test_rerun_in_subprocess`` runs this file in a fresh interpreter instead.
+
+On a GPU machine, ``MIXRANK_TEST_DEVICE=cuda pytest tests/test_kernels_ops.py`` runs the same
+tests on CUDA tensors with the kernels compiled (no interpreter); ``benchmarks/gpu_check.sh``
+does that. CI has no GPU, so there they run interpreted on the CPU.
 """
 
 from __future__ import annotations
@@ -20,15 +24,26 @@ import os
 import subprocess
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = os.environ.get("MIXRANK_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels on the GPU
 
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 _std = sys.modules.get("triton.language.standard")
-INTERPRETER_OK = os.environ["TRITON_INTERPRET"] == "1" and (
-    _std is None or type(_std.max).__name__ == "InterpretedFunction"
-)
+if DEVICE == "cpu":
+    INTERPRETER_OK = os.environ["TRITON_INTERPRET"] == "1" and (
+        _std is None or type(_std.max).__name__ == "InterpretedFunction"
+    )
+else:
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"MIXRANK_TEST_DEVICE={DEVICE} but torch sees no CUDA device")
+    # every tensor a test makes lands on the GPU; seeded generators stay on the CPU
+    torch.set_default_device(DEVICE)
+    INTERPRETER_OK = True
 needs_interpreter = pytest.mark.skipif(
     not INTERPRETER_OK, reason="triton imported before TRITON_INTERPRET=1: run in a subprocess"
 )
@@ -39,7 +54,9 @@ from kernels import reference as ref  # noqa: E402
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.mark.skipif(INTERPRETER_OK, reason="the interpreter works in this process")
+@pytest.mark.skipif(
+    INTERPRETER_OK or DEVICE != "cpu", reason="the interpreter works in this process"
+)
 def test_rerun_in_subprocess():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
@@ -50,6 +67,31 @@ def test_rerun_in_subprocess():
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+@needs_interpreter
+def test_autotune_keys_cover_caller_constexprs():
+    """An autotuned kernel's key names every constexpr its caller sets (all but the tuned block
+    sizes): a config tuned for one variant must not be reused for another (a missing HAS_A2 made
+    the grouped FFN backward ask an H200 for more shared memory than it has)."""
+    import importlib
+    import inspect
+
+    from kernels.triton_ops._triton import Kernel
+
+    checked = 0
+    for mod in ("grouped_ffn", "mix_norm", "moe_gate", "moe_permute", "moe_unpermute", "token_mix"):
+        m = importlib.import_module(f"kernels.triton_ops.{mod}")
+        for name, k in vars(m).items():
+            if not isinstance(k, Kernel) or not k.configs:
+                continue
+            tuned = {n for c in k.configs for n in c.kwargs}
+            params = inspect.signature(k.fn).parameters.values()
+            constexprs = {p.name for p in params if "constexpr" in str(p.annotation)}
+            missing = constexprs - tuned - set(k.key)
+            assert not missing, f"{mod}.{name}: autotune key lacks {sorted(missing)}"
+            checked += 1
+    assert checked >= 3
 
 
 @pytest.fixture
@@ -89,7 +131,7 @@ def _grads(out, inputs, seed=1):
     """Gradients of <out, random cotangent> (cotangents are the same for both backends)."""
     outs = out if isinstance(out, tuple) else (out,)
     g = torch.Generator().manual_seed(seed)
-    cot = [torch.randn(o.shape, generator=g).to(o.dtype) for o in outs]
+    cot = [torch.randn(o.shape, generator=g, device="cpu").to(o.device, o.dtype) for o in outs]
     loss = sum((o.float() * c.float()).sum() for o, c in zip(outs, cot))
     return torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
 
@@ -228,14 +270,14 @@ def test_relu_gate(triton_ops, dtype):
 
 def _ids(N, k, G, seed, empty=(), all_to=None, drop=0.0):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, G, (N, k), generator=g)
+    ids = torch.randint(0, G, (N, k), generator=g, device="cpu")
     for e in empty:
         ids[ids == e] = (e + 1) % G
     if all_to is not None:
         ids[:, 0] = all_to
     if drop:
-        ids[torch.rand(N, k, generator=g) < drop] = -1
-    return ids
+        ids[torch.rand(N, k, generator=g, device="cpu") < drop] = -1
+    return ids.to(DEVICE)
 
 
 ROUTING_CASES = {
@@ -305,14 +347,18 @@ def test_gather_and_unpermute(triton_ops, dtype, case):
 
 def _ffn_params(G, D, Hd, dtype, act, bias, seed):
     g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device="cpu")
+
     p = {
-        "w_up": torch.randn(G, D, Hd, generator=g) / D**0.5,
-        "w_down": torch.randn(G, Hd, D, generator=g) / Hd**0.5,
-        "w_gate": torch.randn(G, D, Hd, generator=g) / D**0.5 if act == "swiglu" else None,
-        "b_up": torch.randn(G, Hd, generator=g) if bias else None,
-        "b_down": torch.randn(G, D, generator=g) if bias else None,
+        "w_up": rnd(G, D, Hd) / D**0.5,
+        "w_down": rnd(G, Hd, D) / Hd**0.5,
+        "w_gate": rnd(G, D, Hd) / D**0.5 if act == "swiglu" else None,
+        "b_up": rnd(G, Hd) if bias else None,
+        "b_down": rnd(G, D) if bias else None,
     }
-    return {k: v.to(dtype) if v is not None else None for k, v in p.items()}
+    return {k: v.to(DEVICE, dtype) if v is not None else None for k, v in p.items()}
 
 
 FFN_CASES = [

@@ -84,3 +84,31 @@ def test_flops_scale_as_published():
     ratio = forward_flops(b, schema) / forward_flops(a, schema)
     assert 3.8 < ratio < 4.05
     assert forward_flops(a, schema) == pytest.approx(2 * 4 * 4 * 16 * 256**2, rel=0.05)
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if n not in ("dlrm", "dcnv2")])
+def test_stack_flops_match_counter(name):
+    """``stack_flops`` (what ``bench stack`` divides by) against FlopCounterMode on the stack
+    alone, built without the tokenizer by ``blocks.build_stack``."""
+    from ranking.model.blocks import build_stack
+    from ranking.model.flops import stack_flops, token_layout
+
+    schema = toy_schema(num_tasks=2)
+    cfg = ModelConfig.from_dict(CONFIGS[name])
+    T = token_layout(cfg, schema).num_tokens
+    cfg.resolve(T)
+    torch.manual_seed(0)
+    stack = build_stack(cfg, T).eval()
+    moe_active = None
+    if name == "rankmixer_moe_all_on":
+        for blk in stack.blocks:
+            blk.ffn.router_infer_bias.data.fill_(10.0)
+        moe_active = cfg.moe.num_experts
+    B = 64
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        stack(torch.randn(B, T, cfg.dim))
+    measured = counter.get_total_flops() / B
+    analytic = stack_flops(cfg, schema, moe_active=moe_active, batch_size=B)
+    assert measured > 0
+    assert abs(analytic - measured) <= 0.05 * measured, (analytic, measured)
+    assert analytic < forward_flops(cfg, schema, moe_active=moe_active, batch_size=B)

@@ -45,6 +45,7 @@ _GEMM_CONFIGS = [
         (128, 128, 8, 3),
         (256, 64, 8, 3),
         (64, 32, 4, 5),
+        (64, 32, 4, 2),  # fits in shared memory in every case (fp32, two operand pairs, BM 128)
     ]
 ]
 _WGRAD_CONFIGS = [
@@ -54,12 +55,17 @@ _WGRAD_CONFIGS = [
         (128, 64, 8, 3),
         (64, 128, 8, 3),
         (128, 128, 8, 3),
+        (64, 64, 4, 2),
     ]
 ]
 _INTERPRET_META = {"BLOCK_N": 64, "BLOCK_K": 64}
 
 
-@kernel(configs=_GEMM_CONFIGS, key=["D", "Hd", "BLOCK_M", "ACT"], interpret_meta=_INTERPRET_META)
+@kernel(
+    configs=_GEMM_CONFIGS,
+    key=["D", "Hd", "ACT", "HAS_BU", "SAVE_PRE", "LOG_G", "PRECISION", "DOT_F32", "BLOCK_M"],
+    interpret_meta=_INTERPRET_META,
+)
 def _up_kernel(
     X,  # [M, D]
     WU,  # [G, D, Hd]
@@ -145,7 +151,15 @@ def _up_kernel(
     tl.store(H + out, h.to(H.dtype.element_ty), mask=out_mask)
 
 
-@kernel(configs=_GEMM_CONFIGS, key=["Kd", "N", "BLOCK_M", "EPI"], interpret_meta=_INTERPRET_META)
+# Every constexpr the caller sets is in the key (tests/test_kernels_ops.py checks): a config tuned
+# for one variant can be wrong for another. Seen on an H200 when HAS_A2 was missing: the
+# backward's dx GEMM (two operand pairs) reused the forward down GEMM's config (same sizes, one
+# pair) and asked for 288 KiB of shared memory (227 KiB there).
+@kernel(
+    configs=_GEMM_CONFIGS,
+    key=["Kd", "N", "HAS_A2", "HAS_BIAS", "EPI", "LOG_G", "PRECISION", "DOT_F32", "BLOCK_M"],
+    interpret_meta=_INTERPRET_META,
+)
 def _gemm_kernel(
     A1,  # [M, Kd]
     B1,  # [G, Kd, N] by strides
@@ -244,7 +258,11 @@ def _gemm_kernel(
         tl.store(HOUT + out, (u_pre * cdf).to(HOUT.dtype.element_ty), mask=out_mask)
 
 
-@kernel(configs=_WGRAD_CONFIGS, key=["Kd", "N", "HAS_B2"], interpret_meta=_INTERPRET_META)
+@kernel(
+    configs=_WGRAD_CONFIGS,
+    key=["Kd", "N", "HAS_B2", "HAS_DB", "PRECISION", "DOT_F32", "BLOCK_M"],
+    interpret_meta=_INTERPRET_META,
+)
 def _wgrad_kernel(
     A,  # [M, Kd]
     B1,  # [M, N]

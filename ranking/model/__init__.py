@@ -8,10 +8,29 @@
 See docs/MODELS.md for the equations, config keys and defaults.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from ranking.features import load_schema
 
 from .config import ConfigError, ModelConfig, MoEConfig, load_experiment
-from .ranker import Ranker, RankerOutput, build_model
+
+if TYPE_CHECKING:
+    from .ranker import Ranker, RankerOutput, build_model
+
+# The ranker (and with it torchrec, through the tokenizer) is imported on first use, so that
+# ``ranking.model.blocks`` / ``mixing`` / ``ffn`` / ``flops`` load without torchrec (the GPU
+# stack benchmark runs where only torch and triton are installed).
+_LAZY = {"Ranker": "ranker", "RankerOutput": "ranker", "build_model": "ranker"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ConfigError",

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 import kernels
 
 from .ffn import make_ffn
-from .mixing import TokenMixing
+from .mixing import TokenMixing, UniMixing, UniMixingLite
 
 
 class StackOutput(NamedTuple):
@@ -170,3 +170,26 @@ class UniMixerStack(nn.Module):
             aux = aux + a
             hidden.append(xbar + self.out_norm(ybar))
         return StackOutput(hidden[-1], aux, hidden[:-1])
+
+
+def build_stack(c, num_tokens: int) -> nn.Module:
+    """The mixer stack of a resolved ``ModelConfig`` (``c.resolve(T)`` done) over ``T`` tokens."""
+    T, D = num_tokens, c.dim
+    if c.arch == "rankmixer":
+        return RankMixerStack([RankMixerBlock(T, D, c) for _ in range(c.num_layers)])
+    if c.arch == "tokenmixer_large":
+        H = c.num_heads or T
+        return TokenMixerLargeStack(
+            [TokenMixerLargeBlock(T, D, H, c) for _ in range(c.num_layers)],
+            c.interlayer_residual_every,
+        )
+    if c.arch not in ("unimixer", "unimixer_lite"):
+        raise ValueError(f"model.arch={c.arch!r} has no mixer stack")
+    Bk = c.block_size or D
+
+    def mixing():
+        if c.arch == "unimixer":
+            return UniMixing(T, D, Bk, c.sinkhorn_iters, c.flatten)
+        return UniMixingLite(T, D, Bk, c.sinkhorn_iters, c.flatten, c.lite_bases, c.lite_rank)
+
+    return UniMixerStack([UniMixerBlock(T, D, mixing(), c) for _ in range(c.num_layers)], D)

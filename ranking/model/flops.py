@@ -181,3 +181,19 @@ def forward_flops(
 
 def embedding_params(schema: FeatureSchema) -> int:
     return sum(t.num_buckets * t.dim for t in schema.tables)
+
+
+def stack_flops(
+    c: ModelConfig,
+    schema: FeatureSchema,
+    moe_active: float | None = None,
+    batch_size: int | None = None,
+) -> float:
+    """Forward GEMM FLOPs per sample of the mixer stack alone (no tokenizer, no task heads)."""
+    if c.arch in ("dlrm", "dcnv2"):
+        raise ValueError(f"model.arch={c.arch!r} has no mixer stack")
+    total = _mixer_counts(c, schema, moe_active, batch_size)[1]
+    tok = _tokenizer(c, token_layout(c, schema))[1]
+    pooled = c.dim * token_layout(c, schema).num_tokens if c.pooling == "flatten" else c.dim
+    heads = len(schema.tasks) * _chain([pooled, *c.head_hidden, 1])[1]
+    return float(total - tok - heads)

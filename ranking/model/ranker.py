@@ -16,16 +16,8 @@ from torch import Tensor, nn
 
 from ranking.features import Batch, FeatureSchema
 
-from .blocks import (
-    RankMixerBlock,
-    RankMixerStack,
-    TokenMixerLargeBlock,
-    TokenMixerLargeStack,
-    UniMixerBlock,
-    UniMixerStack,
-)
+from .blocks import build_stack
 from .config import ModelConfig, temperature_at
-from .mixing import UniMixing, UniMixingLite
 from .tokenizer import Tokenizer
 
 
@@ -176,23 +168,7 @@ def build_model(
     )
     T, D = tok.num_tokens, c.dim
     c.resolve(T)
-    if c.arch == "rankmixer":
-        stack = RankMixerStack([RankMixerBlock(T, D, c) for _ in range(c.num_layers)])
-    elif c.arch == "tokenmixer_large":
-        H = c.num_heads or T
-        stack = TokenMixerLargeStack(
-            [TokenMixerLargeBlock(T, D, H, c) for _ in range(c.num_layers)],
-            c.interlayer_residual_every,
-        )
-    else:
-        Bk = c.block_size or D
-
-        def mixing():
-            if c.arch == "unimixer":
-                return UniMixing(T, D, Bk, c.sinkhorn_iters, c.flatten)
-            return UniMixingLite(T, D, Bk, c.sinkhorn_iters, c.flatten, c.lite_bases, c.lite_rank)
-
-        stack = UniMixerStack([UniMixerBlock(T, D, mixing(), c) for _ in range(c.num_layers)], D)
+    stack = build_stack(c, T)
     pooled = T * D if c.pooling == "flatten" else D
     heads = TaskHeads(pooled, schema.task_names, c.head_hidden)
     return Ranker(

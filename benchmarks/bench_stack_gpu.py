@@ -1,0 +1,184 @@
+"""``mixrank bench stack``: the mixer stacks on a CUDA GPU, Triton kernels against eager PyTorch.
+
+For each config (the papers' shapes by default) at ``--batch`` rows of random tokens
+``[B, T, D]`` in bf16 (weights converted with ``.to(bfloat16)``), it measures with
+``triton.testing.do_bench`` (median ms):
+
+- ``fwd``: eval-mode forward (no grad);
+- ``train``: train-mode forward + backward of ``<out, cotangent>``;
+
+once with ``MIXRANK_KERNELS=triton`` and once with ``MIXRANK_KERNELS=torch`` (the reference ops,
+eager), samples/s, achieved FLOP/s from the analytic stack FLOPs (``ranking.model.flops.
+stack_flops``; training = 3x forward), the fraction of the bf16 matmul peak measured in the same
+run (8192^3), and the relative error ``||triton - torch|| / ||torch||`` of the outputs and of
+the input gradient. The stack alone: the tokenizer (TorchRec EBC, not installed on the GPU
+machine) and the task heads are left out.
+
+CPU: says it needs a GPU and exits 0. Run: ``python -m benchmarks.bench_stack_gpu``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+
+from benchmarks.common import emit, machine_info, table
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+DEFAULT_CONFIGS = [
+    "rankmixer_medium",
+    "rankmixer_100m",
+    "rankmixer_1b",
+    "rankmixer_100m+moe",
+    "tokenmixer_large_500m",
+    "tokenmixer_large_500m+moe",
+    "unimixer_67m",
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=DEFAULT_CONFIGS,
+        help="preset names or YAML paths; NAME+moe enables the arch's sparse MoE (E=4, top-2)",
+    )
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--no-train", action="store_true", help="forward only")
+
+
+def _config(name: str):
+    from ranking.features import load_schema
+    from ranking.model.config import ModelConfig
+    from ranking.model.flops import token_layout
+
+    base, _, variant = name.partition("+")
+    path = Path(base) if base.endswith(".yaml") else MODELS_DIR / f"{base}.yaml"
+    cfg, schema_ref = ModelConfig.from_yaml(path)
+    schema = load_schema(schema_ref, relative_to=path)
+    if variant == "moe":
+        cfg.moe = dataclasses.replace(cfg.moe, enabled=True, num_experts=4, top_k=2)
+    elif variant:
+        raise ValueError(f"{name}: unknown variant {variant!r} (expected +moe)")
+    cfg.micro_batch = 0
+    cfg.num_tokens = token_layout(cfg, schema).num_tokens
+    cfg.resolve(cfg.num_tokens)
+    return cfg, schema
+
+
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def bench_config(name: str, args, peak: float) -> list[dict]:
+    import torch
+    from triton.testing import do_bench
+
+    from ranking.model.blocks import build_stack
+    from ranking.model.flops import stack_flops
+
+    cfg, schema = _config(name)
+    T, D, B = cfg.num_tokens, cfg.dim, args.batch
+    torch.manual_seed(0)
+    stack = build_stack(cfg, T).to("cuda", torch.bfloat16)
+    params = sum(p.numel() for p in stack.parameters())
+    flops = stack_flops(cfg, schema) * B
+    x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
+    cot = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
+    records, outs = [], {}
+    for backend in ("triton", "torch"):
+        os.environ["MIXRANK_KERNELS"] = backend
+        stack.eval()
+        with torch.no_grad():
+            ms_fwd = do_bench(lambda: stack(x))
+            y = stack(x).x.float()
+        stack.train()
+        xg = x.detach().clone().requires_grad_()
+
+        def step(xg=xg):
+            out = stack(xg)
+            loss = (out.x.float() * cot.float()).sum() + out.aux
+            grads = torch.autograd.grad(loss, [xg, *stack.parameters()], allow_unused=True)
+            return grads[0]
+
+        ms_train = None if args.no_train else do_bench(step)
+        gx = None if args.no_train else step().float()
+        outs[backend] = (y, gx)
+        for mode, ms, mult in (("fwd", ms_fwd, 1), ("train", ms_train, 3)):
+            if ms is None:
+                continue
+            rec = {
+                "config": name,
+                "T": T,
+                "D": D,
+                "params_M": params / 1e6,
+                "batch": B,
+                "kernels": backend,
+                "mode": mode,
+                "ms": ms,
+                "samples_per_s": B / (ms * 1e-3),
+                "TFLOPs": mult * flops / (ms * 1e-3) / 1e12,
+                "frac_of_peak": mult * flops / (ms * 1e-3) / peak,
+            }
+            records.append(rec)
+    err_y = _rel(outs["triton"][0], outs["torch"][0])
+    err_g = None if args.no_train else _rel(outs["triton"][1], outs["torch"][1])
+    by = {(r["kernels"], r["mode"]): r for r in records}
+    for r in records:
+        r["err_out"] = err_y
+        r["err_dx"] = err_g
+        if r["kernels"] == "triton":
+            r["speedup_vs_torch"] = by[("torch", r["mode"])]["ms"] / r["ms"]
+    for r in records:
+        emit(r)
+    return records
+
+
+def run(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench stack: needs a CUDA GPU; none found, nothing measured.")
+        return 0
+    from triton.testing import do_bench
+
+    m = 8192
+    a = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
+    peak = 2 * m**3 / (do_bench(lambda: a @ b) * 1e-3)
+    emit({"bench": "stack", **machine_info(), "bf16_matmul_TFLOPs": peak / 1e12})
+    records = []
+    for name in args.configs:
+        try:
+            records += bench_config(name, args, peak)
+            torch.cuda.empty_cache()
+        except Exception as e:  # one broken config must not hide the others' numbers
+            emit({"config": name, "error": f"{type(e).__name__}: {e}"})
+    cols = [
+        "config",
+        "kernels",
+        "mode",
+        "ms",
+        "samples_per_s",
+        "TFLOPs",
+        "frac_of_peak",
+        "speedup_vs_torch",
+        "err_out",
+        "err_dx",
+    ]
+    if not getattr(args, "json_only", False):
+        table(records, cols)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_stack_gpu", description=__doc__)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
