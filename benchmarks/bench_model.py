@@ -119,16 +119,15 @@ def _resolve(name: str) -> Path:
 def bench_config(name: str, args) -> list[dict]:
     import torch
 
-    from ranking.model.config import ModelConfig, load_schema
+    from ranking.model.config import load_experiment
     from ranking.model.flops import forward_flops
     from ranking.model.ranker import Ranker, build_model
     from ranking.model.synthetic import random_batch
 
     path = _resolve(name)
-    cfg, schema_ref = ModelConfig.from_yaml(path)
+    cfg, schema = load_experiment(path)
     if args.micro_batch is not None:
         cfg.micro_batch = args.micro_batch
-    schema = load_schema(schema_ref, path)
     torch.manual_seed(0)
     model = build_model(cfg, schema).eval()
     batch = random_batch(schema, args.batch)

@@ -50,6 +50,11 @@ def test_rankmixer_block_equations():
     ref = F.layer_norm(pffn + s, (16,), blk.norm2.weight, blk.norm2.bias, 1e-5)
     y, _aux = blk(x)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    # the CPU token-major path ([T, B, D]) against the same equations, with and without autograd
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            yt = blk.forward_tm(x.transpose(0, 1).contiguous())
+        torch.testing.assert_close(yt.transpose(0, 1), ref, atol=1e-5, rtol=1e-5)
 
 
 def swiglu_ref(m, x):
@@ -87,6 +92,56 @@ def test_tokenmixer_large_block_equations(second_residual, T, D, H):
     ref = base + swiglu_ref(blk.f2.ffn, rms(r, blk.norm2.weight))
     y, _ = blk(x)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            yt = blk.forward_tm(x.transpose(0, 1).contiguous())
+        torch.testing.assert_close(yt.transpose(0, 1), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"arch": "rankmixer", "dim": 24, "num_tokens": 4, "num_layers": 2},
+        {"arch": "rankmixer", "dim": 24, "num_tokens": 4, "norm": "rms"},
+        {"arch": "tokenmixer_large", "dim": 24, "num_heads": 6, "num_layers": 3},
+        {"arch": "tokenmixer_large", "dim": 16, "num_heads": 2, "second_residual": "reverted"},
+    ],
+)
+def test_token_major_stack_matches_batch_major(model, monkeypatch):
+    """The CPU stacks run token-major; the [B, T, D] path (the one the GPU kernels use) must give
+    the same outputs, hidden states and gradients of every parameter."""
+    import ranking.model.blocks as blocks_mod
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_dict({**model, "down_init_scale": 1.0})
+    T = 4
+    cfg.resolve(T)
+    stack = blocks_mod.build_stack(cfg, T)
+    x = torch.randn(5, T, cfg.dim)
+    assert blocks_mod.token_major(stack.blocks, x)
+
+    def run():
+        stack.zero_grad()
+        xx = x.clone().requires_grad_()
+        out = stack(xx)
+        (out.x.sin().sum() + sum(h.cos().sum() for h in out.hidden)).backward()
+        grads = {n: p.grad.clone() for n, p in stack.named_parameters()}
+        return out, xx.grad, grads
+
+    out_tm, gx_tm, g_tm = run()
+    with torch.no_grad():
+        eval_tm = stack(x).x
+    monkeypatch.setattr(blocks_mod, "token_major", lambda blocks, x: False)
+    out_bm, gx_bm, g_bm = run()
+    torch.testing.assert_close(out_tm.x, out_bm.x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eval_tm, out_bm.x.detach(), atol=1e-5, rtol=1e-5)
+    assert len(out_tm.hidden) == len(out_bm.hidden) == cfg.num_layers - 1
+    for a, b in zip(out_tm.hidden, out_bm.hidden):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx_tm, gx_bm, atol=1e-5, rtol=1e-5)
+    assert g_tm.keys() == g_bm.keys()
+    for n in g_tm:
+        torch.testing.assert_close(g_tm[n], g_bm[n], atol=1e-5, rtol=1e-5, msg=n)
 
 
 def test_interlayer_residual_every_two_not_after_last():

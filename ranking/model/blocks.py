@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 import kernels
 
-from .ffn import make_ffn
+from .ffn import DenseStage, PerTokenFFN, PerTokenSwiGLU, make_ffn
 from .mixing import TokenMixing, UniMixing, UniMixingLite
 
 
@@ -21,6 +21,62 @@ class StackOutput(NamedTuple):
     x: Tensor
     aux: Tensor
     hidden: list[Tensor]
+
+
+# ----------------------------------------------------------------------------- token-major path
+# On the CPU (when the kernel dispatch picks the PyTorch reference), the dense stacks run in a
+# token-major layout ``[T, B, D]``: the per-token GEMMs then read and write contiguous
+# ``[T, B, *]`` batches with no transposes, token mixing is one permuted copy, residuals and
+# biases are folded into the second GEMM (``baddbmm``), norms run natively in bf16 (fp32
+# statistics inside) and, without autograd, activations are applied in place. Same math as the
+# ``[B, T, D]`` path (tests/test_model_blocks.py compares both, values and gradients); the
+# GPU path keeps ``[B, T, D]`` for the Triton kernels.
+
+
+def mix_tm(x: Tensor, num_heads: int) -> Tensor:
+    """Token mixing in token-major layout: ``[T, B, D] -> [H, B, T*D/H]`` (a copy);
+    ``out[h, b, t*d:(t+1)*d] = x[t, b, h*d:(h+1)*d]`` with ``d = D/H``."""
+    T, B, D = x.shape
+    d = D // num_heads
+    return x.view(T, B, num_heads, d).permute(2, 1, 0, 3).reshape(num_heads, B, T * d)
+
+
+def revert_tm(y: Tensor, num_tokens: int) -> Tensor:
+    """Inverse of ``mix_tm``: ``[H, B, T*d] -> [T, B, H*d]`` (a copy)."""
+    H, B, W = y.shape
+    d = W // num_tokens
+    return y.view(H, B, num_tokens, d).permute(2, 1, 0, 3).reshape(num_tokens, B, H * d)
+
+
+def _gelu_ffn_hidden(ffn: PerTokenFFN, s: Tensor) -> Tensor:
+    """``GELU(W1_t s_t + b1_t)`` for token-major ``s [T, B, D]`` -> ``[T, B, kD]``."""
+    h = torch.bmm(s, ffn.w1)
+    h = h.add_(ffn.b1.unsqueeze(1))  # in place on the GEMM's fresh output: safe for autograd
+    if torch.is_grad_enabled():
+        return torch.nn.functional.gelu(h)
+    return torch.ops.aten.gelu_(h)
+
+
+def _swiglu_act(ffn: PerTokenSwiGLU, x: Tensor) -> Tensor:
+    """``Swish(gate) * up`` for token-major ``x [T, B, W]`` -> ``[T, B, Hd]``."""
+    gate, up = torch.bmm(x, ffn.w_gate_up).split(ffn.hidden, dim=-1)
+    act = torch.nn.functional.silu(gate)
+    return act * up if torch.is_grad_enabled() else act.mul_(up)
+
+
+def _dense_inner(stage: nn.Module, kind: type) -> nn.Module | None:
+    if isinstance(stage, DenseStage) and isinstance(stage.ffn, kind):
+        return stage.ffn
+    return None
+
+
+def token_major(blocks, x: Tensor) -> bool:
+    """Whether a stack runs in the token-major CPU layout for input ``x``."""
+    return (
+        x.device.type != "cuda"
+        and kernels.backend(x.device) == "torch"
+        and all(getattr(b, "supports_token_major", False) for b in blocks)
+    )
 
 
 def _norm(kind: str, dim: int) -> nn.Module:
@@ -60,6 +116,19 @@ class RankMixerBlock(nn.Module):
         f, aux = self.ffn(s)
         return self.norm2(f + s), aux
 
+    @property
+    def supports_token_major(self) -> bool:
+        return _dense_inner(self.ffn, PerTokenFFN) is not None
+
+    def forward_tm(self, x: Tensor) -> Tensor:
+        """The same block on token-major ``x [T, B, D]`` (dense PFFN only)."""
+        ffn = _dense_inner(self.ffn, PerTokenFFN)
+        m = mix_tm(x, self.num_tokens).add_(x)
+        s = self.norm1(m)
+        h = _gelu_ffn_hidden(ffn, s)
+        # LN(PFFN(S) + S): the residual and b2 ride in the second GEMM's accumulator
+        return self.norm2(torch.baddbmm(s + ffn.b2.unsqueeze(1), h, ffn.w2))
+
 
 class TokenMixerLargeBlock(nn.Module):
     """TokenMixer-Large block (pre-RMSNorm, bias-free):
@@ -91,6 +160,19 @@ class TokenMixerLargeBlock(nn.Module):
         f2, aux2 = self.f2(rn)
         base = x if self.second_residual == "input" else r
         return base + f2, aux1 + aux2
+
+    @property
+    def supports_token_major(self) -> bool:
+        return all(_dense_inner(f, PerTokenSwiGLU) is not None for f in (self.f1, self.f2))
+
+    def forward_tm(self, x: Tensor) -> Tensor:
+        """The same block on token-major ``x [T, B, D]`` (dense pSwiGLU only)."""
+        f1, f2 = _dense_inner(self.f1, PerTokenSwiGLU), _dense_inner(self.f2, PerTokenSwiGLU)
+        hm = mix_tm(x, self.num_heads)  # [H, B, W]
+        h = torch.baddbmm(hm, _swiglu_act(f1, self.norm1(hm)), f1.w_down)  # Hm + F1(...)
+        r = revert_tm(h, self.num_tokens)
+        base = x if self.second_residual == "input" else r
+        return torch.baddbmm(base, _swiglu_act(f2, self.norm2(r)), f2.w_down)
 
 
 class UniMixerBlock(nn.Module):
@@ -124,6 +206,13 @@ class RankMixerStack(nn.Module):
 
     def forward(self, x: Tensor) -> StackOutput:
         aux = x.new_zeros((), dtype=torch.float32)
+        if token_major(self.blocks, x):
+            hidden = []
+            xt = x.transpose(0, 1).contiguous()
+            for blk in self.blocks:
+                xt = blk.forward_tm(xt)
+                hidden.append(xt.transpose(0, 1))
+            return StackOutput(hidden[-1], aux, hidden[:-1])
         hidden = []
         for blk in self.blocks:
             x, a = blk(x)
@@ -142,15 +231,21 @@ class TokenMixerLargeStack(RankMixerStack):
 
     def forward(self, x: Tensor) -> StackOutput:
         aux = x.new_zeros((), dtype=torch.float32)
+        tm = token_major(self.blocks, x)
+        if tm:
+            x = x.transpose(0, 1).contiguous()
         hidden, anchor, L = [], x, len(self.blocks)
         for i, blk in enumerate(self.blocks, start=1):
-            x, a = blk(x)
-            aux = aux + a
+            if tm:
+                x = blk.forward_tm(x)
+            else:
+                x, a = blk(x)
+                aux = aux + a
             if self.every and i % self.every == 0 and i < L:
                 x = x + anchor
                 anchor = x
-            hidden.append(x)
-        return StackOutput(x, aux, hidden[:-1])
+            hidden.append(x.transpose(0, 1) if tm else x)
+        return StackOutput(hidden[-1], aux, hidden[:-1])
 
 
 class UniMixerStack(nn.Module):

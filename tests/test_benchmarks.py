@@ -1,0 +1,79 @@
+"""The CPU benchmarks run end to end at tiny sizes (their timings are not asserted: the machines
+are noisy; docs/BENCHMARKS.md holds measured numbers). A benchmark that crashes is a bug."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ranking.model.config import load_experiment
+from ranking.model.flops import forward_flops
+
+
+def _bench(*args, timeout=300):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ranking.cli", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _records(out):
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def test_bench_model_tiny(repo_root):
+    out = _bench(
+        "model",
+        "--configs",
+        "rankmixer_small",
+        "tokenmixer_large_small",
+        "dlrm_small",
+        "--batch",
+        "64",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--dtypes",
+        "fp32",
+        "bf16",
+        "--json-only",
+    )
+    recs = _records(out)
+    assert {(r["config"], r["dtype"]) for r in recs} == {
+        (c, d)
+        for c in ("rankmixer_small", "tokenmixer_large_small", "dlrm_small")
+        for d in ("fp32", "bf16")
+    }
+    for r in recs:
+        cfg, schema = load_experiment(repo_root / "configs" / "models" / f"{r['config']}.yaml")
+        assert r["flops_per_sample"] == pytest.approx(forward_flops(cfg, schema))
+        assert r["samples_s"] > 0 and r["dense_gflop_s"] > 0 and r["frac_of_peak"] > 0
+
+
+def test_bench_stack_without_gpu_says_so():
+    out = _bench("stack", "--configs", "rankmixer_small")
+    assert "needs a CUDA GPU" in out
+
+
+def test_bench_data_tiny():
+    recs = _records(
+        _bench(
+            "data", "--criteo-rows", "2000", "--repeats", "1", "--batch-size", "512", "--json-only"
+        )
+    )
+    by = {r["dataset"]: r for r in recs}
+    assert by["criteo"]["rows"] == 2000  # every synthetic row was read
+    for r in recs:
+        if "note" in r:  # frappe without ../shared/data
+            assert r["note"].startswith("skipped")
+            continue
+        assert r["batches"] == -(-r["rows"] // 512)
+        assert r["rows_per_s"] == pytest.approx(r["rows"] / r["seconds"], rel=0.02)
