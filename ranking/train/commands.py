@@ -73,6 +73,8 @@ def prepare_run(config: str, overrides: list[str], run_dir: str | None) -> Path:
         if isinstance(sch, str) and os.path.exists(sch):
             raw["schema"] = os.path.abspath(sch)
     run = Path(run_dir or f"runs/{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if exp.data.vocab_from_train:
+        raw["schema"] = str(build_run_vocab(exp, run).resolve())
     existing = run / "config.yaml"
     if existing.is_file():  # resuming: the run must be continued with the same config
         old = yaml.safe_load(existing.read_text())
@@ -91,6 +93,37 @@ def prepare_run(config: str, overrides: list[str], run_dir: str | None) -> Path:
     tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
     os.replace(tmp, existing)
     return run
+
+
+def build_run_vocab(exp, run: Path) -> Path:
+    """``data.vocab_from_train``: per-field vocabularies of ``data.train`` in ``<run>/vocab/``
+    (``ranking.data.vocab.build_vocabs``, what ``mixrank data vocab`` writes); returns the
+    schema file that uses them. Built once per run directory (a resumed run reuses it); written
+    to a temporary folder and renamed, so a half-built vocabulary is never used."""
+    import shutil
+
+    from ranking.data.errors import DataError
+    from ranking.data.reader import resolve_files
+    from ranking.data.vocab import build_vocabs
+    from ranking.errors import UserError
+
+    out = run / "vocab"
+    if (out / "schema.yaml").is_file():
+        return out / "schema.yaml"
+    run.mkdir(parents=True, exist_ok=True)
+    tmp = run / f".vocab.{os.getpid()}"
+    try:
+        build_vocabs(
+            exp.schema, resolve_files(exp.data.train), tmp, min_count=exp.data.vocab_min_count
+        )
+    except DataError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"data.vocab_from_train: {e}") from e
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another node of the same run renamed its copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out / "schema.yaml"
 
 
 def _diff_keys(a, b, prefix: str = "") -> list[str]:

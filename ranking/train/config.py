@@ -37,6 +37,7 @@ SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "da
 DENSE_OPTIMIZERS = ("adamw", "adagrad", "rmsprop", "adam")
 EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")  # fused CPU kernels
 SCHEDULES = ("constant", "linear", "cosine")
+SELECT_METRICS = ("auc", "logloss")
 
 
 @dataclass
@@ -49,6 +50,11 @@ class DataConfig:
     eval_batch_size: int = 8192
     shuffle: bool = True
     num_workers: int = 0
+    # Build per-field vocabularies from `train` when the run starts (into <run>/vocab/, as
+    # `mixrank data vocab` does) and use them instead of the schema's hash buckets: no two
+    # training values share an embedding row; values unseen in train share the OOV row.
+    vocab_from_train: bool = False
+    vocab_min_count: int = 1
 
 
 @dataclass
@@ -68,14 +74,30 @@ class TrainConfig:
     grad_clip: float = 0.0  # 0: off; clips the dense parameters' global norm
     embedding_optimizer: str = "rowwise_adagrad"
     embedding_lr: float = 0.01
+    # Decay of the embedding tables only. Data-parallel tables: a parameter group of the dense
+    # optimiser (decoupled with adamw, coupled L2 with adam/adagrad/rmsprop), the other dense
+    # parameters keep `weight_decay`. Fused tables: FBGEMM's DECOUPLE mode, CUDA kernels only
+    # (the CPU kernels ignore it, so the trainer refuses it on CPU).
     embedding_weight_decay: float = 0.0
+    # L2 penalty on the looked-up (pooled) embeddings, added to the loss:
+    # embedding_l2 * mean over the batch of the squared norm of every feature's embedding.
+    # Works with every sharding type and optimiser (fused tables included): the rows of the
+    # batch shrink in proportion to how often they occur.
+    embedding_l2: float = 0.0
     embedding_eps: float = 1e-8
     eval_every: int = 0  # steps; 0: only at the end of each epoch
+    # Model selection on the validation set: export (and report) the evaluation with the best
+    # `select_metric` instead of the last one; stop after `early_stopping_patience` evaluations
+    # without improvement (0: never stop early).
+    select_best: bool = False
+    select_metric: str = "auc"  # auc (higher is better) or logloss (lower is better)
+    early_stopping_patience: int = 0
     checkpoint_every: int = 0  # steps; 0: only at the end
     keep_checkpoints: int = 2
     log_every: int = 20
     prometheus_port: int = 0  # 0: off; rank 0 exports training metrics here
-    sharding: dict[str, str] = field(default_factory=dict)  # table -> sharding type
+    # table -> sharding type; the key "*" sets the type of every table not named
+    sharding: dict[str, str] = field(default_factory=dict)
     threads: int = 0  # torch threads per rank; 0: cores / local world size
 
 
@@ -121,6 +143,15 @@ def apply_overrides(raw: dict, overrides: list[str], source: str = "<cli>") -> d
 def _choice(value: str, choices: tuple, key: str, source: str) -> None:
     if value not in choices:
         raise ConfigError(f"{source}: {key}: expected one of {list(choices)}, got {value!r}")
+
+
+def sharding_type(sharding: dict[str, str], table: str) -> str | None:
+    """The forced sharding type of ``table`` (``"*"`` covers tables not named), or None."""
+    return sharding.get(table, sharding.get("*"))
+
+
+def _all_data_parallel(sharding: dict[str, str], tables: set[str]) -> bool:
+    return all(sharding_type(sharding, t) == "data_parallel" for t in tables)
 
 
 def _check_path(path: str, key: str, source: str) -> None:
@@ -178,13 +209,29 @@ def load_experiment(
     if not isinstance(train.sharding, dict):
         raise ConfigError(f"{source}: train.sharding: expected a mapping table -> sharding type")
     tables = {t.name for t in schema.tables}
+    _choice(train.select_metric, SELECT_METRICS, "train.select_metric", source)
+    for key in (
+        "embedding_weight_decay",
+        "embedding_l2",
+        "weight_decay",
+        "early_stopping_patience",
+    ):
+        if getattr(train, key) < 0:
+            raise ConfigError(f"{source}: train.{key}: must be >= 0")
+    if train.early_stopping_patience and not train.select_best:
+        raise ConfigError(
+            f"{source}: train.early_stopping_patience: needs train.select_best: true (early "
+            f"stopping keeps the best evaluation)"
+        )
+    if train.select_best and not data.valid:
+        raise ConfigError(f"{source}: train.select_best: needs data.valid (selection is on valid)")
     for table, st in train.sharding.items():
-        if table not in tables:
+        if table != "*" and table not in tables:
             raise ConfigError(
                 f"{source}: train.sharding.{table}: no such embedding table (tables: {sorted(tables)})"
             )
         _choice(st, SHARDING_TYPES, f"train.sharding.{table}", source)
-    for k in ("batch_size", "eval_batch_size"):
+    for k in ("batch_size", "eval_batch_size", "vocab_min_count"):
         if getattr(data, k) < 1:
             raise ConfigError(f"{source}: data.{k}: must be positive")
     if train.epochs < 1 and train.max_steps < 1:
@@ -194,6 +241,15 @@ def load_experiment(
             raise ConfigError(f"{source}: data.train: required, a Parquet file, directory or glob")
         _check_path(data.train, "data.train", source)
         _check_path(data.valid, "data.valid", source)
+    if train.embedding_weight_decay and not _all_data_parallel(train.sharding, tables):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"{source}: train.embedding_weight_decay: FBGEMM's fused CPU kernels ignore weight "
+                f"decay; on CPU force the tables data_parallel (train.sharding: {{'*': "
+                f"data_parallel}}) so that the dense optimiser decays them"
+            )
     return ExperimentConfig(
         name=name, schema=schema, model=model, data=data, train=train, raw=raw, source=source
     )

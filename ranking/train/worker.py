@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ranking.export import schema_dict
 from ranking.train import checkpoint as ckpt
-from ranking.train.config import ExperimentConfig, load_experiment
+from ranking.train.config import ExperimentConfig, load_experiment, sharding_type
 
 # --------------------------------------------------------------------------- set-up
 
@@ -81,7 +81,7 @@ def fused_params(cfg: ExperimentConfig) -> dict:
         "sgd": EmbOptimType.EXACT_SGD,
     }[t.embedding_optimizer]
     params = {"optimizer": optim, "learning_rate": t.embedding_lr, "eps": t.embedding_eps}
-    if t.embedding_weight_decay:
+    if t.embedding_weight_decay:  # CUDA kernels only: the CPU ones ignore it (config refuses)
         params["weight_decay"] = t.embedding_weight_decay
         params["weight_decay_mode"] = WeightDecayMode.DECOUPLE
     return params
@@ -106,7 +106,8 @@ def sharding_plan(model, cfg: ExperimentConfig, world: int, device: torch.device
     )
     from torchrec.distributed.types import ShardingPlan
 
-    forced = cfg.train.sharding
+    tables = {c.name for m in embedding_modules(model).values() for c in _table_configs(m)}
+    forced = {t: k for t in tables if (k := sharding_type(cfg.train.sharding, t)) is not None}
     needs_manual = device.type == "cpu" and any(
         v in ("row_wise", "table_row_wise") for v in forced.values()
     )
@@ -123,7 +124,7 @@ def sharding_plan(model, cfg: ExperimentConfig, world: int, device: torch.device
     rr = 0
     for path, module in embedding_modules(model).items():
         per_param = {}
-        for cfg_t in module.embedding_bag_configs():
+        for cfg_t in _table_configs(module):
             kind = forced.get(cfg_t.name, "table_wise")
             if kind == "row_wise":
                 per_param[cfg_t.name] = row_wise(compute_kernel=fused)
@@ -148,17 +149,75 @@ def sharding_plan(model, cfg: ExperimentConfig, world: int, device: torch.device
     return ShardingPlan(plan)
 
 
-def dense_optimizer_factory(cfg: ExperimentConfig):
+def embedding_parents(model: torch.nn.Module, embedding_paths) -> list[torch.nn.Module]:
+    """The modules that own the embedding collections (the tokenizer's ``SparseEmbeddings``,
+    DLRM's ``SparseArch``): their output is the looked-up embeddings of the batch. DMP shards
+    the collection itself and leaves its owner an ordinary module, so a forward hook sees the
+    pooled embeddings whatever the sharding."""
+    out = []
+    for path in embedding_paths:
+        parent = path.rpartition(".")[0]
+        out.append(model.get_submodule(parent) if parent else model)
+    return out
+
+
+def embedding_l2_term(pooled: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over the batch of the squared L2 norm of the looked-up embeddings (all features)."""
+    total = torch.zeros((), device=pooled[0].device)
+    for e in pooled:
+        total = total + e.float().pow(2).reshape(e.shape[0], -1).sum(1).mean()
+    return total
+
+
+def _table_configs(module) -> list:
+    get = getattr(module, "embedding_bag_configs", None) or module.embedding_configs
+    return list(get())
+
+
+def embedding_param_names(named_params, embedding_paths) -> set[str]:
+    """Names (as in ``named_params``) of the parameters that belong to an embedding collection
+    at one of ``embedding_paths`` (module paths of the unwrapped model): the data-parallel
+    tables, which the dense optimiser updates."""
+    prefixes = tuple(f"{p}." for p in embedding_paths)
+    out = set()
+    for name, _ in named_params:
+        bare = name.removeprefix("module.")  # DMP's wrapper, where a name carries it
+        if bare.startswith(prefixes):
+            out.add(name)
+    return out
+
+
+def dense_param_groups(named_params: dict, embedding_names: set[str], cfg: ExperimentConfig):
+    """Parameter groups of the dense optimiser: data-parallel embedding tables decay by
+    ``train.embedding_weight_decay``, everything else by ``train.weight_decay``."""
     t = cfg.train
-    if t.dense_optimizer == "adamw":
-        return lambda p: torch.optim.AdamW(p, lr=t.lr, weight_decay=t.weight_decay)
-    if t.dense_optimizer == "adam":
-        return lambda p: torch.optim.Adam(p, lr=t.lr, weight_decay=t.weight_decay)
-    if t.dense_optimizer == "adagrad":
-        return lambda p: torch.optim.Adagrad(p, lr=t.lr, weight_decay=t.weight_decay)
-    return lambda p: torch.optim.RMSprop(
-        p, lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum, alpha=0.99, eps=1e-8
-    )
+    emb = [p for n, p in named_params.items() if n in embedding_names]
+    rest = [p for n, p in named_params.items() if n not in embedding_names]
+    groups = []
+    if rest:
+        groups.append({"params": rest, "weight_decay": t.weight_decay})
+    if emb:
+        groups.append({"params": emb, "weight_decay": t.embedding_weight_decay})
+    return groups
+
+
+def dense_optimizer_factory(cfg: ExperimentConfig, embedding_names: set[str] | None = None):
+    """A factory for TorchRec's ``KeyedOptimizerWrapper``: it gets the ``{name: param}`` dict and
+    returns the dense optimiser, with the embedding/dense parameter groups above."""
+    t = cfg.train
+    names = embedding_names or set()
+
+    def make(named: dict):
+        groups = dense_param_groups(named, names, cfg)
+        if t.dense_optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=t.lr)
+        if t.dense_optimizer == "adam":
+            return torch.optim.Adam(groups, lr=t.lr)
+        if t.dense_optimizer == "adagrad":
+            return torch.optim.Adagrad(groups, lr=t.lr)
+        return torch.optim.RMSprop(groups, lr=t.lr, momentum=t.momentum, alpha=0.99, eps=1e-8)
+
+    return make
 
 
 def lr_lambda(cfg: ExperimentConfig, total_steps: int):
@@ -196,6 +255,9 @@ class Trainer:
         self.log = _RankZeroLog(self.rank, run_dir / "metrics.jsonl")
         self.exporter = _PromExporter(self.rank, self.cfg.train.prometheus_port)
         self._row_counts: dict[str, int] = {}
+        # model selection on valid (train.select_best): the best evaluation so far, its step and
+        # epoch, and evaluations since it; saved in every checkpoint's marker for resuming
+        self.selection: dict = {"best": None, "step": None, "epoch": None, "since": 0}
         self._build()
 
     # ----------------------------------------------------------- model and optimisers
@@ -218,15 +280,29 @@ class Trainer:
         ]
         plan = sharding_plan(model, cfg, self.world, self.device, sharders)
         self.plan = plan
+        emb_paths = list(embedding_modules(model))
         self.model = DistributedModelParallel(
             model, device=self.device, plan=plan, sharders=sharders
         )
         dense_params = dict(in_backward_optimizer_filter(self.model.named_parameters()))
         self.dense_params = list(dense_params.values())
-        self.dense_opt = KeyedOptimizerWrapper(dense_params, dense_optimizer_factory(cfg))
+        emb_names = embedding_param_names(dense_params.items(), emb_paths)
+        self.dense_opt = KeyedOptimizerWrapper(
+            dense_params, dense_optimizer_factory(cfg, emb_names), pass_params_dict=True
+        )
         self.optimizer = CombinedOptimizer([self.model.fused_optimizer, self.dense_opt])
+        self._pooled: list[torch.Tensor] = []
+        if cfg.train.embedding_l2:
+            for parent in embedding_parents(self.model.module, emb_paths):
+                parent.register_forward_hook(self._keep_pooled)
         if self.rank == 0:
             print(f"[mixrank] sharding plan:\n{plan}", file=sys.stderr, flush=True)
+
+    def _keep_pooled(self, _module, _inputs, output) -> None:
+        """Forward hook on the module that owns an embedding collection: its output is the
+        batch's looked-up (pooled) embeddings, which ``train.embedding_l2`` penalises."""
+        if self.model.training and isinstance(output, torch.Tensor):
+            self._pooled.append(output)
 
     # ----------------------------------------------------------- data
     def _reader(self, path: str, batch_size: int, shuffle: bool, epoch: int, drop_last: bool):
@@ -273,7 +349,12 @@ class Trainer:
     def save(self, step: int, epoch: int, batch_in_epoch: int, metrics: dict | None = None):
         import yaml
 
-        info = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "world_size": self.world}
+        info = {
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "world_size": self.world,
+            "selection": self.selection,
+        }
         local = {"rng": ckpt.rng_state(), "scheduler": self.scheduler.state_dict()}
         path = ckpt.save(
             self.state(),
@@ -305,6 +386,7 @@ class Trainer:
                 f"rerun with --nproc/--nnodes giving {marker['world_size']} ranks, or export it "
                 f"and start a new run"
             )
+        self.selection = marker.get("selection") or self.selection
         state = self.state()
         ckpt.load(state, path)
         self.model.load_state_dict(state["model"])
@@ -324,7 +406,11 @@ class Trainer:
         logits = out.logits.float()
         bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
         aux = out.aux_loss if out.aux_loss is not None else torch.zeros(())
-        return bce + aux.float(), bce  # aux terms carry their weights (model config)
+        loss = bce + aux.float()  # aux terms carry their weights (model config)
+        if self._pooled:
+            loss = loss + self.cfg.train.embedding_l2 * embedding_l2_term(self._pooled)
+            self._pooled.clear()
+        return loss, bce
 
     def evaluate(self, path: str) -> dict:
         from ranking.metrics import EvalAccumulator
@@ -411,7 +497,9 @@ class Trainer:
         t_start, s_start = time.perf_counter(), step
         t_log, s_log = t_start, step
         loss_sum, loss_n = 0.0, 0
-        while step < total:
+        self._steps_per_epoch = steps_per_epoch
+        stop = False
+        while step < total and not stop:
             reader = self._reader(cfg.data.train, bs, cfg.data.shuffle, epoch, drop_last=True)
             if skip:
                 reader.skip_batches(skip)
@@ -458,31 +546,92 @@ class Trainer:
                 paused = time.perf_counter()
                 if t.eval_every and step % t.eval_every == 0 and cfg.data.valid:
                     last_eval = self._eval_and_log(step, epoch)
+                    stop = self._select(last_eval, step)
                 if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total:
                     self.save(step, epoch, batch_in_epoch, last_eval)
                 t_log += time.perf_counter() - paused  # rates count training time only
-            if step >= total:
+                if stop:
+                    break
+            if step >= total or stop:
                 break
             epoch += 1  # this epoch's data is exhausted
             batch_in_epoch = 0
             if cfg.data.valid and not t.eval_every:
                 paused = time.perf_counter()
                 last_eval = self._eval_and_log(step, epoch)
+                stop = self._select(last_eval, step)
                 t_log += time.perf_counter() - paused
-        self._set_progress(1.0)  # schedules end at their final value (exported with the model)
+        if not stop:
+            self._set_progress(1.0)  # schedules end at their final value (exported too)
         if cfg.data.valid and (not last_eval or last_eval.get("step") != step):
             last_eval = self._eval_and_log(step, epoch)
+            self._select(last_eval, step)
         final = self.save(step, epoch, batch_in_epoch, last_eval)
         dist.barrier()
         if self.rank == 0:
             from ranking.export import export_checkpoint
 
-            art = export_checkpoint(final, self.run_dir / "artifact")
-            self.log.info(f"artifact written to {art}")
-            summary = {"step": step, "eval": last_eval, "artifact": str(art)}
+            source, exported = final, last_eval
+            best = ckpt.latest(self.run_dir / "best") if t.select_best else None
+            if best is not None:
+                source, exported = best, ckpt.read_marker(best).get("metrics") or last_eval
+            art = export_checkpoint(source, self.run_dir / "artifact")
+            self.log.info(f"artifact written to {art} (from {source.name})")
+            summary = {
+                "step": step,
+                "eval": exported,  # the exported model's validation metrics
+                "final_eval": last_eval,
+                "artifact": str(art),
+                "exported_step": int(ckpt.read_marker(source)["step"]),
+                "steps_per_epoch": steps_per_epoch,
+                "stopped_early": stop,
+            }
+            if t.select_best:
+                summary["selection"] = {"metric": t.select_metric, **self.selection}
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         dist.barrier()
         return 0
+
+    def _select(self, m: dict, step: int) -> bool:
+        """Model selection after an evaluation (``train.select_best``): an improvement of
+        ``select_metric`` saves the model into ``<run>/best/``; returns True when
+        ``early_stopping_patience`` evaluations in a row brought no improvement."""
+        t = self.cfg.train
+        if not t.select_best:
+            return False
+        value = selection_value(m, t.select_metric)
+        sel = self.selection
+        better = value is not None and (
+            sel["best"] is None
+            or (value > sel["best"] if t.select_metric == "auc" else value < sel["best"])
+        )
+        epoch = round(step / max(1, self._steps_per_epoch), 3)  # epochs trained
+        if better:
+            sel.update(best=value, step=step, epoch=epoch, since=0)
+            ckpt.save(
+                {"model": self.model.state_dict()},
+                self.run_dir / "best",
+                step,
+                keep=1,
+                info={
+                    "epoch": epoch,
+                    "metrics": m,
+                    "config": self.cfg.raw,
+                    "schema": schema_dict(self.cfg.schema),
+                },
+            )
+        else:
+            sel["since"] += 1
+        stop = bool(t.early_stopping_patience) and sel["since"] >= t.early_stopping_patience
+        flag = torch.tensor([int(stop)], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        stop = bool(flag.item())
+        if stop:
+            self.log.info(
+                f"early stop at step {step}: no better valid {t.select_metric} for "
+                f"{sel['since']} evaluations (best {sel['best']:.5f} at step {sel['step']})"
+            )
+        return stop
 
     def _eval_and_log(self, step: int, epoch: int) -> dict:
         t0 = time.perf_counter()
@@ -498,6 +647,14 @@ class Trainer:
             )
         self.exporter.update({"eval_auc": auc} if auc is not None else {})
         return m
+
+
+def selection_value(m: dict, metric: str) -> float | None:
+    """``metric`` of an evaluation: the single task's, or the first task's of a multi-task one."""
+    if metric not in m:
+        m = next((v for v in m.values() if isinstance(v, dict) and metric in v), {})
+    v = m.get(metric)
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
 def _fmt_eta(s: float) -> str:
