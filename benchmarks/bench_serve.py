@@ -12,7 +12,8 @@ request:
 - end to end ``/v1/rank`` p50/p99 at concurrency 1 over HTTP and over gRPC, and candidates/s
   at concurrency 8 (HTTP), with deploy/serve.yaml (one Ranker replica, one torch thread).
 
-Targets: e2e p50 <= 1.15 x (in-process answer p50 + no-op p50); candidates/s at concurrency 8
+Targets: e2e p50 <= 1.15 x (forward p50 + no-op p50) (``latency_ratio``; also printed against
+the in-process answer, ``latency_ratio_vs_answer``); candidates/s at concurrency 8
 >= 0.7 x raw batched forward throughput. The load generator runs in this process and shares
 the CPUs with Ray: on a 2-core machine that is part of what is measured.
 """
@@ -160,8 +161,13 @@ def run(args) -> int:
             rec = {"bench": "serve", "model": name, "candidates": CANDIDATES}
             rec.update(in_process(art, request, args.iters))
             rec.update(serve_phase(path, rec["dtype"], request, args.duration))
-            floor = rec["answer_p50_ms"] + rec["noop_p50_ms"]
-            rec["latency_ratio"] = rec["http_p50_ms"] / floor
+            # the issue's definition: e2e p50 over (model forward p50 + no-op floor p50); the
+            # in-process answer (parse + features + forward) is the more lenient reference
+            fwd = rec[f"forward_p50_ms_{rec['dtype']}"]
+            rec["latency_ratio"] = rec["http_p50_ms"] / (fwd + rec["noop_p50_ms"])
+            rec["latency_ratio_vs_answer"] = rec["http_p50_ms"] / (
+                rec["answer_p50_ms"] + rec["noop_p50_ms"]
+            )
             rec["latency_target"] = 1.15
             rec["throughput_ratio"] = rec["c8_cand_per_s"] / rec["raw_forward_cand_per_s"]
             rec["throughput_target"] = 0.7
@@ -171,7 +177,7 @@ def run(args) -> int:
         cols = [
             "model", "dtype", "forward_p50_ms_fp32", "forward_p50_ms_bf16", "answer_p50_ms",
             "noop_p50_ms", "http_p50_ms", "http_p99_ms", "grpc_p50_ms", "grpc_p99_ms",
-            "latency_ratio", "raw_forward_cand_per_s", "c8_cand_per_s", "throughput_ratio",
+            "latency_ratio", "latency_ratio_vs_answer", "raw_forward_cand_per_s", "c8_cand_per_s", "throughput_ratio",
             "errors",
         ]  # fmt: skip
         table(records, cols)

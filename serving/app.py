@@ -1,11 +1,21 @@
-"""The Ray Serve application: a thin ``RankIngress`` in front of a batching ``Ranker``.
+"""The Ray Serve application: a batching ``Ranker`` that also speaks the wire protocols, or, as
+an option, a thin ``RankIngress`` in front of it.
 
-``RankIngress`` speaks the wire protocols: HTTP ``POST /v1/rank`` and ``GET /healthz``, and gRPC
-``mixrank.v1.RankingService/Rank`` through Serve's gRPC proxy. It checks the content type and
-body size, forwards the raw body to a ``Ranker`` and turns the answer into a response; it counts
-requests by route and status. ``Ranker`` holds the model: it parses and validates requests
-against the model's schema, builds features (context once per request), scores formed batches
-with ``@serve.batch`` (sized in candidates) and swaps models on ``reconfigure``.
+The wire protocols (HTTP ``POST /v1/rank`` and ``GET /healthz``, gRPC
+``mixrank.v1.RankingService/Rank`` through Serve's gRPC proxy: content type and body-size checks,
+per-route request metrics, JSON or protobuf answers) live in ``_Front``. ``Ranker`` holds the
+model: it parses and validates requests against the model's schema, builds features (context
+once per request), scores formed batches with ``@serve.batch`` (sized in candidates) and swaps
+models on ``reconfigure``.
+
+Topologies (``applications[].args.ingress`` in ``deploy/serve.yaml``):
+
+- ``ranker`` (default): the ``Ranker`` is the application's ingress. One Serve hop (proxy ->
+  replica), as the framework's own no-op floor: on our 2-core machines the extra
+  ingress -> ranker hop cost 7-10 ms per request, more than the model forward of the default
+  model (docs/BENCHMARKS.md).
+- ``separate``: ``RankIngress`` (thin, no model) in front of the ``Ranker``, for scaling HTTP/gRPC
+  termination apart from the model replicas.
 
 Deployment names, replica counts, batching and limits live in ``deploy/serve.yaml``; the values
 here are only defaults for ``serve.run(build({}))`` in tests and notebooks.
@@ -43,18 +53,111 @@ def _candidates(items: list[_Prepared]) -> int:
     return sum(p.size for p in items)
 
 
+class _Front:
+    """HTTP and gRPC handling shared by the two ingress deployments. Subclasses provide
+    ``_rank(body, fmt) -> (status, body dict)`` and ``_health() -> (status, body dict)``."""
+
+    _max_body = 8 << 20
+
+    def _front_init(self) -> None:
+        from serving.metrics import IngressMetrics
+
+        self._front_metrics = IngressMetrics()
+
+    def _front_reconfigure(self, config: dict) -> None:
+        self._max_body = int(config.get("max_body_bytes", _Front._max_body))
+
+    async def __call__(self, request):
+        from starlette.responses import Response
+
+        t0 = time.perf_counter()
+        route = request.url.path.rstrip("/") or "/"
+        try:
+            status, body = await self._http(request, route)
+        except Exception as e:  # a dead or overloaded replica: never a stack trace out
+            log.warning("request failed: %s: %s", type(e).__name__, e)
+            status, body = _error_response(
+                RequestError(503, "unavailable", "the ranking service is unavailable, retry")
+            )
+        route_tag = route if route in HTTP_ROUTES else "other"
+        error = body["error"]["code"] if status >= 400 else None
+        self._front_metrics.observe(route_tag, status, time.perf_counter() - t0, error)
+        return Response(json.dumps(body), status_code=status, media_type="application/json")
+
+    async def _http(self, request, route: str) -> tuple[int, dict]:
+        if route == "/healthz":
+            return await self._health()
+        if route != "/v1/rank":
+            return _error_response(
+                RequestError(404, "not_found", f"no route {route[:64]!r}; try POST /v1/rank")
+            )
+        if request.method != "POST":
+            return _error_response(
+                RequestError(405, "method_not_allowed", "use POST /v1/rank", None)
+            )
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            return _error_response(
+                RequestError(
+                    400,
+                    "unsupported_content_type",
+                    f"expected application/json, got {ctype[:64]!r}",
+                    "content-type",
+                )
+            )
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self._max_body:
+            return _error_response(self._too_large(int(declared)))
+        body = await request.body()
+        if len(body) > self._max_body:
+            return _error_response(self._too_large(len(body)))
+        return await self._rank(body, "json")
+
+    def _too_large(self, n: int) -> RequestError:
+        return RequestError(
+            413, "body_too_large", f"{n} bytes, the limit is {self._max_body}", "body"
+        )
+
+    async def Rank(self, request, grpc_context=None):
+        """gRPC ``mixrank.v1.RankingService/Rank``; errors set the gRPC status and put the JSON
+        error body, plus the HTTP-equivalent ``status``, in the details."""
+        from serving.proto import ranking_pb2
+
+        t0 = time.perf_counter()
+        try:
+            status, body = await self._rank(request.SerializeToString(), "proto")
+        except Exception as e:
+            log.warning("request failed: %s: %s", type(e).__name__, e)
+            status, body = _error_response(
+                RequestError(503, "unavailable", "the ranking service is unavailable, retry")
+            )
+        error = body["error"]["code"] if status >= 400 else None
+        self._front_metrics.observe(GRPC_ROUTE, status, time.perf_counter() - t0, error)
+        if status != 200:
+            if grpc_context is not None:
+                grpc_context.set_code(GRPC_CODES.get(status, GRPC_CODES[500]))
+                grpc_context.set_details(json.dumps({"status": status, **body}))
+            return ranking_pb2.RankResponse()
+        return to_proto(body)
+
+
 @serve.deployment(name="Ranker", max_ongoing_requests=64)
-class Ranker:
+class Ranker(_Front):
     """Scores requests with the artifact named by ``user_config["artifact"]``.
 
     ``user_config`` keys: ``artifact`` (path, required), ``dtype`` (auto | fp32 | bf16),
     ``max_batch_size`` (candidates per formed batch), ``batch_wait_timeout_s``,
-    ``max_candidates``, ``max_string_length``, ``max_list_items``, ``torch_threads``.
+    ``max_candidates``, ``max_string_length``, ``max_list_items``, ``torch_threads``, and
+    ``max_body_bytes`` (when it is the application's ingress).
     """
 
     def __init__(self):
         from serving.metrics import RankerMetrics
         from serving.request import Limits
+        from serving.runtime import tune_allocator
+
+        tune_allocator()  # before the forward threads allocate: see serving/runtime.py
+        self._front_init()
 
         self._art = None
         self._path = None
@@ -87,6 +190,7 @@ class Ranker:
                 f"max_batch_size ({max_batch}): a request is never split across batches"
             )
         self._limits = limits
+        self._front_reconfigure(config)
         self._wait_s = float(config.get("batch_wait_timeout_s", 0.005))
         self._score.set_max_batch_size(max_batch)
         self._score.set_batch_wait_timeout_s(self._wait_s)
@@ -133,6 +237,12 @@ class Ranker:
     def check_health(self) -> None:
         if self._art is None:
             raise RuntimeError("no model loaded")
+
+    async def _health(self) -> tuple[int, dict]:
+        return self.health()
+
+    async def _rank(self, body: bytes, fmt: str) -> tuple[int, dict]:
+        return await self.rank(body, fmt)
 
     async def rank(self, body: bytes, fmt: str = "json") -> tuple[int, dict]:
         """Answer one request (``fmt``: "json" or "proto"): ``(HTTP status, body dict)``."""
@@ -199,91 +309,22 @@ def _error_response(err: RequestError):
 
 
 @serve.deployment(name="RankIngress", max_ongoing_requests=256)
-class RankIngress:
-    """HTTP and gRPC front door; ``user_config``: ``max_body_bytes``."""
+class RankIngress(_Front):
+    """Thin HTTP and gRPC front door (topology ``separate``); ``user_config``:
+    ``max_body_bytes``."""
 
     def __init__(self, ranker):
-        from serving.metrics import IngressMetrics
-
         self._ranker = ranker
-        self._max_body = 8 << 20
-        self._metrics = IngressMetrics()
+        self._front_init()
 
     def reconfigure(self, config: dict) -> None:
-        self._max_body = int(config.get("max_body_bytes", self._max_body))
+        self._front_reconfigure(config)
 
-    async def __call__(self, request):
-        from starlette.responses import Response
+    async def _health(self) -> tuple[int, dict]:
+        return await self._ranker.health.remote()
 
-        t0 = time.perf_counter()
-        route = request.url.path.rstrip("/") or "/"
-        try:
-            status, body = await self._http(request, route)
-        except Exception as e:  # a dead or overloaded replica: never a stack trace out
-            log.warning("request failed: %s: %s", type(e).__name__, e)
-            status, body = _error_response(
-                RequestError(503, "unavailable", "the ranking service is unavailable, retry")
-            )
-        route_tag = route if route in HTTP_ROUTES else "other"
-        error = body["error"]["code"] if status >= 400 else None
-        self._metrics.observe(route_tag, status, time.perf_counter() - t0, error)
-        return Response(json.dumps(body), status_code=status, media_type="application/json")
-
-    async def _http(self, request, route: str) -> tuple[int, dict]:
-        if route == "/healthz":
-            return await self._ranker.health.remote()
-        if route != "/v1/rank":
-            return _error_response(
-                RequestError(404, "not_found", f"no route {route[:64]!r}; try POST /v1/rank")
-            )
-        if request.method != "POST":
-            return _error_response(
-                RequestError(405, "method_not_allowed", "use POST /v1/rank", None)
-            )
-        ctype = request.headers.get("content-type", "")
-        if ctype.split(";")[0].strip().lower() != "application/json":
-            return _error_response(
-                RequestError(
-                    400,
-                    "unsupported_content_type",
-                    f"expected application/json, got {ctype[:64]!r}",
-                    "content-type",
-                )
-            )
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self._max_body:
-            return _error_response(self._too_large(int(declared)))
-        body = await request.body()
-        if len(body) > self._max_body:
-            return _error_response(self._too_large(len(body)))
-        return await self._ranker.rank.remote(body, "json")
-
-    def _too_large(self, n: int) -> RequestError:
-        return RequestError(
-            413, "body_too_large", f"{n} bytes, the limit is {self._max_body}", "body"
-        )
-
-    async def Rank(self, request, grpc_context=None):
-        """gRPC ``mixrank.v1.RankingService/Rank``; errors set the gRPC status and put the JSON
-        error body, plus the HTTP-equivalent ``status``, in the details."""
-        from serving.proto import ranking_pb2
-
-        t0 = time.perf_counter()
-        try:
-            status, body = await self._ranker.rank.remote(request.SerializeToString(), "proto")
-        except Exception as e:
-            log.warning("request failed: %s: %s", type(e).__name__, e)
-            status, body = _error_response(
-                RequestError(503, "unavailable", "the ranking service is unavailable, retry")
-            )
-        error = body["error"]["code"] if status >= 400 else None
-        self._metrics.observe(GRPC_ROUTE, status, time.perf_counter() - t0, error)
-        if status != 200:
-            if grpc_context is not None:
-                grpc_context.set_code(GRPC_CODES.get(status, GRPC_CODES[500]))
-                grpc_context.set_details(json.dumps({"status": status, **body}))
-            return ranking_pb2.RankResponse()
-        return to_proto(body)
+    async def _rank(self, body: bytes, fmt: str) -> tuple[int, dict]:
+        return await self._ranker.rank.remote(body, fmt)
 
 
 def to_proto(body: dict):
@@ -301,8 +342,21 @@ def to_proto(body: dict):
     return resp
 
 
+TOPOLOGIES = ("ranker", "separate")
+
+
 def build(args: dict | None = None):
-    """The application (``import_path: serving.app:build`` in deploy/serve.yaml)."""
+    """The application (``import_path: serving.app:build`` in deploy/serve.yaml); ``args``:
+    ``ingress`` = ``ranker`` (default: the Ranker answers HTTP/gRPC itself) or ``separate``
+    (a RankIngress deployment in front)."""
+    args = dict(args or {})
+    ingress = args.pop("ingress", "ranker")
+    if args:
+        raise ValueError(f"application args: unknown keys {sorted(args)} (expected 'ingress')")
+    if ingress not in TOPOLOGIES:
+        raise ValueError(f"application args.ingress: expected one of {TOPOLOGIES}, got {ingress!r}")
+    if ingress == "ranker":
+        return Ranker.bind()
     return RankIngress.bind(Ranker.bind())
 
 

@@ -56,10 +56,13 @@ class Service:
         (self.corrupt / "weights.pt").write_bytes(data[: len(data) // 2])
         self.http, self.grpc, self.metrics = _free_port(), _free_port(), _free_port()
         self.overrides = {
-            "RankIngress": {"user_config": {"max_body_bytes": MAX_BODY}},
             "Ranker": {
                 "num_replicas": 2,
-                "user_config": {"max_candidates": MAX_CANDIDATES, "batch_wait_timeout_s": 0.01},
+                "user_config": {
+                    "max_candidates": MAX_CANDIDATES,
+                    "batch_wait_timeout_s": 0.01,
+                    "max_body_bytes": MAX_BODY,
+                },
             },
         }
         self.config = config
@@ -388,3 +391,40 @@ def test_hot_reload_without_failed_requests_then_corrupt_artifact_keeps_serving(
     status, health = c.health()
     assert status == 200 and health["model_version"] == v1
     assert "weights.pt" in (health["last_reload_error"] or "")
+
+
+def test_separate_ingress_topology_answers_the_same(svc):
+    """``args.ingress: separate`` puts a thin RankIngress deployment in front of the Ranker (the
+    default serves HTTP/gRPC from the Ranker itself): same answers, same error handling."""
+    from ray import serve
+
+    from ranking.export import load_artifact
+    from ranking.features import batch_from_rows
+
+    cfg = svc.configure(svc.a1)
+    app = cfg["applications"][0]
+    app["args"] = {"ingress": "separate"}
+    app["deployments"].append(
+        {"name": "RankIngress", "num_replicas": 1, "user_config": {"max_body_bytes": MAX_BODY}}
+    )
+    svc.config.redeploy(cfg)
+
+    def ingress_running():
+        deps = serve.status().applications["mixrank"].deployments
+        return "RankIngress" in deps and deps["RankIngress"].status == "HEALTHY"
+
+    wait_for(ingress_running, timeout=120, what="the RankIngress deployment")
+    req = _request(24, seed=7)
+    art = load_artifact(svc.a1)
+    rows = [{**req["context"], **c} for c in req["candidates"]]
+    want = art.predict(batch_from_rows(art.schema, rows))[:, 0].numpy()
+    c = svc.http_client()
+    got = wait_for(
+        lambda: (r := c.rank(req))["model_version"] == art.model_version and r,
+        what="answers from the new model through RankIngress",
+    )
+    np.testing.assert_allclose(got["scores"], want, rtol=0, atol=ATOL)
+    g = svc.grpc_client().rank(req)
+    np.testing.assert_allclose(g["scores"], want, rtol=0, atol=ATOL)
+    status, body = c.rank_raw(b"x" * (MAX_BODY + 1))
+    assert status == 413 and body["error"]["code"] == "body_too_large"

@@ -242,3 +242,70 @@ def test_committed_proto_code_matches_regeneration(tmp_path):
         assert fresh == (REPO / "serving" / "proto" / name).read_text(), (
             f"serving/proto/{name} is stale: regenerate it (see ranking.proto's header)"
         )
+
+
+# ----------------------------------------------------------------------------- fast paths
+def _fuzz_requests(n: int, seed: int):
+    """Random requests, about half of them with one bad value somewhere."""
+    rng = np.random.default_rng(seed)
+    good = {
+        "user": lambda: rng.choice(["u1", "u22", None, 5, -3, 7.0]),
+        "item": lambda: rng.choice(["a", "bb", 3, 2**62, None]),
+        "tags": lambda: [rng.choice(["x", 1, None, 4.0]) for _ in range(rng.integers(0, 4))],
+        "age": lambda: rng.choice([1, 2.5, None, -7, 0.0]),
+        "price": lambda: rng.choice([3, 80.5, None]),
+    }
+    bad = [
+        ("item", 1.5), ("item", True), ("item", 2**70), ("item", "x" * 17), ("item", "\ud800"),
+        ("item", [1]), ("tags", [1, 2, 3, 4, 5]), ("tags", "abc"), ("tags", [[1]]),
+        ("tags", ["y" * 17]), ("tags", [2**64]), ("age", float("nan")), ("age", float("inf")),
+        ("age", "3"), ("age", 10**400), ("price", True), ("colour", 1),
+    ]  # fmt: skip
+    out = []
+    for _ in range(n):
+        cands = [
+            {k: v() for k, v in good.items() if rng.random() < 0.7}
+            for _ in range(rng.integers(1, 6))
+        ]
+        cands = [{k: (v.item() if hasattr(v, "item") else v) for k, v in c.items()} for c in cands]
+        ctx = {"user": "ctx"} if rng.random() < 0.5 else {}
+        if rng.random() < 0.5:
+            name, value = bad[rng.integers(len(bad))]
+            target = ctx if (ctx and rng.random() < 0.3) else cands[rng.integers(len(cands))]
+            target[name] = value
+        out.append({"context": ctx, "candidates": cands})
+    return out
+
+
+def _outcome(obj):
+    try:
+        r = validate(obj, SCHEMA, LIMITS)
+    except RequestError as e:
+        return ("error", e.status, e.code, e.field)
+    return ("ok", r.context, r.candidates)
+
+
+def test_fast_validation_agrees_with_the_per_value_checks(monkeypatch):
+    """The column-at-a-time check only ever says "fine" where the per-value checks agree: on
+    random valid and invalid requests both give the same answer or the same error."""
+    import serving.request as request_mod
+
+    reqs = _fuzz_requests(400, seed=0)
+    fast = [_outcome(r) for r in reqs]
+    monkeypatch.setattr(request_mod, "_fast_ok", lambda *a: False)
+    slow = [_outcome(r) for r in reqs]
+    assert fast == slow
+    kinds = {o[0] for o in fast}
+    assert kinds == {"ok", "error"}  # the fuzz covers both
+
+
+def test_fast_conversion_hashes_ints_as_their_decimal_strings():
+    """All-int and all-string columns take Arrow's bulk conversion; mixed columns the per-value
+    loop. Ints, their decimal strings and integral floats must give the same features."""
+    as_int = [{"item": i, "tags": [i, i + 1], "price": i % 100} for i in (3, -5, 2**62, 0)]
+    as_str = [{"item": str(r["item"]), "tags": [str(t) for t in r["tags"]], "price": float(r["price"])} for r in as_int]  # fmt: skip
+    mixed = [dict(r) for r in as_str]
+    mixed[0]["item"], mixed[1]["tags"] = float(as_int[0]["item"]), [-5, "-4"]
+    ref = batch_from_rows(SCHEMA, as_str)
+    for rows in (as_int, mixed):
+        _assert_same_batch(batch_from_rows(SCHEMA, rows), ref)

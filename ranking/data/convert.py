@@ -308,6 +308,8 @@ def table_from_rows(
 def _column_from_values(f: FeatureSpec, vals: list[Any]) -> pa.Array:
     try:
         if f.kind == DENSE:
+            if set(map(type, vals)) <= _NUMBER_TYPES:  # fast path: one C-level conversion
+                return pa.array(vals, pa.float64())
             for v in vals:
                 if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
                     raise column_error(
@@ -334,9 +336,23 @@ def _column_from_values(f: FeatureSpec, vals: list[Any]) -> pa.Array:
         raise column_error("<rows>", f.column, f"{f.kind} feature {f.name!r}: {e}") from None
 
 
+_NUMBER_TYPES = {float, int, type(None)}
+_STR_TYPES = {str, type(None)}
+_INT_TYPES = {int, type(None)}
+
+
 def _categorical_array(f: FeatureSpec, vals: list[Any]) -> pa.Array:
     """Strings stay strings; integers (and integral floats) become their decimal form, exactly
     as ``canonical_strings`` does for an integer column."""
+    types = set(map(type, vals))
+    if types <= _STR_TYPES or types <= _INT_TYPES:
+        # fast path: all strings, or all ints (hashed as their decimal form, like an integer
+        # Parquet column); anything Arrow refuses (a lone surrogate, an int over int64) falls
+        # through to the per-value loop, which names the problem.
+        try:
+            return pa.array(vals, pa.string() if types <= _STR_TYPES else pa.int64())
+        except (pa.ArrowException, UnicodeEncodeError, OverflowError):
+            pass
     out = []
     for v in vals:
         if isinstance(v, str):
