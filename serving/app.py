@@ -164,7 +164,10 @@ class Ranker(_Front):
         self._dtype = None
         self._limits = Limits()
         self._wait_s = 0.005
+        self._max_wait_s = 0.1
         self._inflight = 0
+        self._busy = 0  # formed batches being scored
+        self._batch_s = 0.0  # moving average of a formed batch's scoring time
         self._last_error: str | None = None
         self._metrics = RankerMetrics()
 
@@ -192,6 +195,7 @@ class Ranker(_Front):
         self._limits = limits
         self._front_reconfigure(config)
         self._wait_s = float(config.get("batch_wait_timeout_s", 0.005))
+        self._max_wait_s = float(config.get("max_batch_wait_s", 0.1))
         self._score.set_max_batch_size(max_batch)
         self._score.set_batch_wait_timeout_s(self._wait_s)
         threads = int(config.get("torch_threads", 0))
@@ -266,7 +270,7 @@ class Ranker(_Front):
         self._metrics.candidates.observe(req.size)
         # Alone in the replica, waiting for company only adds latency: run at once.
         self._inflight += 1
-        self._score.set_batch_wait_timeout_s(self._wait_s if self._inflight > 1 else 0.0)
+        self._score.set_batch_wait_timeout_s(self._batch_wait())
         try:
             probs, used = await self._score(_Prepared(cols, req.size, art))
         except Exception as e:
@@ -278,22 +282,39 @@ class Ranker(_Front):
             self._inflight -= 1
         return 200, rank_response(used, req.request_id, probs, req.top_k)
 
+    def _batch_wait(self) -> float:
+        """How long the batch being formed waits for company. Serve forms the next batch as
+        soon as the previous one is formed, not when it finishes: while a batch is being scored
+        the next can wait up to about that batch's scoring time (capped by
+        ``max_batch_wait_s``) for free, since it cannot start earlier; that turns one-request
+        batches under load into full ones. Otherwise ``batch_wait_timeout_s``, or no wait at
+        all for a request alone in the replica."""
+        if self._busy:
+            return max(self._wait_s, min(self._batch_s, self._max_wait_s))
+        return self._wait_s if self._inflight > 1 else 0.0
+
     @serve.batch(max_batch_size=2048, batch_wait_timeout_s=0.005, batch_size_fn=_candidates)
     async def _score(self, items: list[_Prepared]) -> list:
         """Score a formed batch: one forward per model (normally one), off the event loop."""
         t0 = time.perf_counter()
+        self._busy += 1
         groups: dict[int, list[int]] = {}
         for i, p in enumerate(items):
             groups.setdefault(id(p.art), []).append(i)
         out: list = [None] * len(items)
-        for idx in groups.values():
-            art = items[idx[0]].art
-            probs = await asyncio.to_thread(_forward, art, [items[i] for i in idx])
-            start = 0
-            for i in idx:
-                out[i] = (probs[start : start + items[i].size], art)
-                start += items[i].size
-        self._metrics.batch(len(items), _candidates(items), time.perf_counter() - t0)
+        try:
+            for idx in groups.values():
+                art = items[idx[0]].art
+                probs = await asyncio.to_thread(_forward, art, [items[i] for i in idx])
+                start = 0
+                for i in idx:
+                    out[i] = (probs[start : start + items[i].size], art)
+                    start += items[i].size
+        finally:
+            self._busy -= 1
+        seconds = time.perf_counter() - t0
+        self._batch_s = seconds if not self._batch_s else 0.7 * self._batch_s + 0.3 * seconds
+        self._metrics.batch(len(items), _candidates(items), seconds)
         return out
 
 
