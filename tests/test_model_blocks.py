@@ -105,6 +105,7 @@ def test_tokenmixer_large_block_equations(second_residual, T, D, H):
         {"arch": "rankmixer", "dim": 24, "num_tokens": 4, "norm": "rms"},
         {"arch": "tokenmixer_large", "dim": 24, "num_heads": 6, "num_layers": 3},
         {"arch": "tokenmixer_large", "dim": 16, "num_heads": 2, "second_residual": "reverted"},
+        {"arch": "rankmixer", "dim": 8, "num_tokens": 1},  # T = 1: mixing is the identity
     ],
 )
 def test_token_major_stack_matches_batch_major(model, monkeypatch):
@@ -114,7 +115,7 @@ def test_token_major_stack_matches_batch_major(model, monkeypatch):
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_dict({**model, "down_init_scale": 1.0})
-    T = 4
+    T = model.get("num_tokens", 4)
     cfg.resolve(T)
     stack = blocks_mod.build_stack(cfg, T)
     x = torch.randn(5, T, cfg.dim)
@@ -129,8 +130,10 @@ def test_token_major_stack_matches_batch_major(model, monkeypatch):
         return out, xx.grad, grads
 
     out_tm, gx_tm, g_tm = run()
+    x_before = x.clone()
     with torch.no_grad():
         eval_tm = stack(x).x
+    assert torch.equal(x, x_before)  # the input is never written into
     monkeypatch.setattr(blocks_mod, "token_major", lambda blocks, x: False)
     out_bm, gx_bm, g_bm = run()
     torch.testing.assert_close(out_tm.x, out_bm.x, atol=1e-5, rtol=1e-5)

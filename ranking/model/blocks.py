@@ -38,14 +38,18 @@ def mix_tm(x: Tensor, num_heads: int) -> Tensor:
     ``out[h, b, t*d:(t+1)*d] = x[t, b, h*d:(h+1)*d]`` with ``d = D/H``."""
     T, B, D = x.shape
     d = D // num_heads
-    return x.view(T, B, num_heads, d).permute(2, 1, 0, 3).reshape(num_heads, B, T * d)
+    # clone, not reshape: always a fresh tensor (reshape returns a view of x when the permuted
+    # layout happens to be contiguous, e.g. T = 1, and callers add into the result in place)
+    mixed = x.view(T, B, num_heads, d).permute(2, 1, 0, 3)
+    return mixed.clone(memory_format=torch.contiguous_format).view(num_heads, B, T * d)
 
 
 def revert_tm(y: Tensor, num_tokens: int) -> Tensor:
     """Inverse of ``mix_tm``: ``[H, B, T*d] -> [T, B, H*d]`` (a copy)."""
     H, B, W = y.shape
     d = W // num_tokens
-    return y.view(H, B, num_tokens, d).permute(2, 1, 0, 3).reshape(num_tokens, B, H * d)
+    reverted = y.view(H, B, num_tokens, d).permute(2, 1, 0, 3)
+    return reverted.clone(memory_format=torch.contiguous_format).view(num_tokens, B, H * d)
 
 
 def _gelu_ffn_hidden(ffn: PerTokenFFN, s: Tensor) -> Tensor:
