@@ -12,8 +12,11 @@ import numpy as np
 
 from ranking.data.convert import (
     FeatureColumns,
+    column_from_values,
     columns_from_arrow,
+    dense_values,
     jagged_take,
+    sparse_values,
     table_from_rows,
     to_batch,
 )
@@ -29,13 +32,12 @@ def _columns(schema: FeatureSchema, rows: list[dict]) -> FeatureColumns:
 
 def request_columns(schema: FeatureSchema, req: RankRequest) -> FeatureColumns:
     """``FeatureColumns`` of ``req.size`` rows: candidate features, plus context features
-    broadcast to every candidate that does not send its own value."""
+    broadcast to every candidate that does not send its own value. Only the features the
+    context sends are converted for it (one row each)."""
     cand = _columns(schema, req.candidates)
     if not req.context:
         return cand
     n = req.size
-    ctx = _columns(schema, [req.context])
-    both = FeatureColumns.concat([ctx, cand])  # row 0: the context, rows 1..n: candidates
     rows = np.arange(1, n + 1, dtype=np.int64)
     dense_pos = {f.column: j for j, f in enumerate(schema.dense_features)}
     dense = cand.dense
@@ -43,17 +45,25 @@ def request_columns(schema: FeatureSchema, req: RankRequest) -> FeatureColumns:
     for f in schema.features:
         if f.column not in req.context:
             continue
+        one = column_from_values(f, [req.context[f.column]])
         own = np.fromiter((f.column in c for c in req.candidates), dtype=bool, count=n)
-        idx = np.where(own, rows, 0)  # a candidate's own value, else the context row
         if f.column in dense_pos:
             if dense is cand.dense:
                 dense = dense.copy()
             j = dense_pos[f.column]
-            dense[:, j] = both.dense[idx, j]
-        elif f.name in both.jagged:
-            ids[f.name], lengths[f.name] = jagged_take(both.ids[f.name], both.lengths[f.name], idx)
+            value = dense_values(f, one, "<request>")[0]
+            dense[:, j] = np.where(own, dense[:, j], value)
+            continue
+        ctx_ids, ctx_len = sparse_values(schema, f, one, "<request>")
+        if f.name in cand.jagged:
+            idx = np.where(own, rows, 0)  # a candidate's own list, else the context's (row 0)
+            ids[f.name], lengths[f.name] = jagged_take(
+                np.concatenate([ctx_ids, cand.ids[f.name]]),
+                np.concatenate([ctx_len, cand.lengths[f.name]]),
+                idx,
+            )
         else:
-            ids[f.name], lengths[f.name] = both.ids[f.name][idx], both.lengths[f.name][idx]
+            ids[f.name] = np.where(own, cand.ids[f.name], ctx_ids[0])
     return FeatureColumns(dense, ids, lengths, cand.labels, cand.jagged)
 
 

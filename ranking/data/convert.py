@@ -294,7 +294,7 @@ def table_from_rows(
     cols = {}
     for f in schema.features:
         vals = [r.get(f.column) for r in rows]
-        cols[f.column] = _column_from_values(f, vals)
+        cols[f.column] = column_from_values(f, vals)
     if with_labels:
         for c in schema.label_columns:
             vals = [r.get(c) for r in rows]
@@ -305,7 +305,9 @@ def table_from_rows(
     return pa.table(cols) if cols else pa.table({"_": pa.nulls(len(rows))})
 
 
-def _column_from_values(f: FeatureSpec, vals: list[Any]) -> pa.Array:
+def column_from_values(f: FeatureSpec, vals: list[Any]) -> pa.Array:
+    """One feature's values from per-row dicts (``None`` = missing) -> an Arrow array of the
+    type ``columns_from_arrow`` reads for that kind (``DataError`` naming the column)."""
     try:
         if f.kind == DENSE:
             if set(map(type, vals)) <= _NUMBER_TYPES:  # fast path: one C-level conversion
