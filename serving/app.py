@@ -179,8 +179,14 @@ class Ranker(_Front):
         (first start) a bad artifact fails the replica."""
         import torch
 
+        from serving.config import RANKER, USER_CONFIG_KEYS
         from serving.request import Limits
 
+        unknown = sorted(set(config) - USER_CONFIG_KEYS[RANKER])
+        if unknown:  # a typo must not silently fall back to a default
+            raise ValueError(
+                f"user_config: unknown keys {unknown} (expected {sorted(USER_CONFIG_KEYS[RANKER])})"
+            )
         limits = Limits(
             max_candidates=int(config.get("max_candidates", Limits.max_candidates)),
             max_string_length=int(config.get("max_string_length", Limits.max_string_length)),
@@ -339,6 +345,11 @@ class RankIngress(_Front):
         self._front_init()
 
     def reconfigure(self, config: dict) -> None:
+        from serving.config import INGRESS, USER_CONFIG_KEYS
+
+        unknown = sorted(set(config) - USER_CONFIG_KEYS[INGRESS])
+        if unknown:
+            raise ValueError(f"user_config: unknown keys {unknown} (expected ['max_body_bytes'])")
         self._front_reconfigure(config)
 
     async def _health(self) -> tuple[int, dict]:

@@ -21,6 +21,23 @@ from ranking.errors import UserError
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "serve.yaml"
 APP = "mixrank"
 RANKER = "Ranker"
+INGRESS = "RankIngress"
+# user_config keys each deployment reads (serving/app.py); anything else is a typo
+USER_CONFIG_KEYS = {
+    RANKER: {
+        "artifact",
+        "dtype",
+        "max_batch_size",
+        "batch_wait_timeout_s",
+        "max_batch_wait_s",
+        "max_candidates",
+        "max_string_length",
+        "max_list_items",
+        "torch_threads",
+        "max_body_bytes",
+    },
+    INGRESS: {"max_body_bytes"},
+}
 
 
 def load_config(
@@ -77,6 +94,21 @@ def load_config(
 def _validate(cfg: dict, path: Path) -> None:
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
+
+    for app in cfg.get("applications") or []:
+        if app.get("name") != APP:
+            continue
+        for i, dep in enumerate(app.get("deployments") or []):
+            known = USER_CONFIG_KEYS.get(dep.get("name"))
+            user = dep.get("user_config") or {}
+            if known is None or not isinstance(user, dict):
+                continue
+            for key in user:
+                if key not in known:
+                    raise UserError(
+                        f"{path}: applications[{APP}].deployments[{i}] ({dep['name']}): "
+                        f"user_config.{key}: unknown key (expected one of {sorted(known)})"
+                    )
 
     try:
         ServeDeploySchema.model_validate(cfg)

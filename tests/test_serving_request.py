@@ -309,3 +309,25 @@ def test_fast_conversion_hashes_ints_as_their_decimal_strings():
     ref = batch_from_rows(SCHEMA, as_str)
     for rows in (as_int, mixed):
         _assert_same_batch(batch_from_rows(SCHEMA, rows), ref)
+
+
+def test_serve_config_refuses_unknown_user_config_keys(tmp_path):
+    """A typo in deploy/serve.yaml's user_config is an error naming the key, not a silent
+    default; the shipped file passes."""
+    import yaml
+
+    from ranking.errors import UserError
+    from serving import config
+
+    cfg = config.load_config()  # the shipped deploy/serve.yaml
+    ranker = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == "Ranker")
+    assert set(ranker["user_config"]) <= config.USER_CONFIG_KEYS["Ranker"]
+    bad = yaml.safe_load(config.DEFAULT_CONFIG.read_text())
+    dep = next(d for d in bad["applications"][0]["deployments"] if d["name"] == "Ranker")
+    dep["user_config"]["max_batch_wait"] = 0.05  # typo of max_batch_wait_s
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(UserError, match=r"user_config\.max_batch_wait: unknown key"):
+        config.load_config(path)
+    with pytest.raises(UserError, match=r"user_config\.torch_thread: unknown key"):
+        config.load_config(deployments={"Ranker": {"user_config": {"torch_thread": 2}}})
