@@ -5,10 +5,12 @@ started as a subprocess with the experiment configs ``configs/<dataset>_<arch>.y
 protocol is the same for every architecture of a data set: the same number of epochs and the
 same global batch (the configs agree; ``--epochs`` overrides all of them), the per-arch configs
 tuned lightly on valid only, and ``--seeds`` seeds per (data set, arch). Per run it records the
-final validation AUC/logloss (``summary.json``), for MovieLens also the test AUC/logloss of the
-exported artifact (the code path of ``mixrank eval``), training samples/s (median of the logged
-rates) and wall time; per arch the analytic dense parameters, embedding parameters and forward
-GEMM FLOPs per sample (``ranking.model.flops``).
+validation AUC/logloss of the exported model (``summary.json``: with ``train.select_best`` in the
+configs, the best per-epoch evaluation on valid, and the epoch it came from), for MovieLens also
+the test AUC/logloss of that exported artifact (the code path of ``mixrank eval``), training
+samples/s (median of the logged rates) and wall time; per arch the analytic dense parameters,
+embedding parameters and forward GEMM FLOPs per sample (``ranking.model.flops``) of the model
+the run trained (its resolved config, whose schema is the run's own vocabulary).
 
 The scaling sweep trains every mixer architecture on Frappe at ``--scale-dims`` widths D (one
 seed; the D of the main config reuses its seed-0 run), and fits AUC = a + b log10(x) by least
@@ -21,7 +23,7 @@ the prose around them is kept), ``quality_results.json`` and PNG plots next to i
 Finished runs are cached: a run directory under ``--work-dir`` that holds a ``summary.json`` for
 the same config file content and overrides is not trained again (``--fresh`` ignores the cache).
 
-    mixrank bench quality                   # the full protocol (~60 min on 2 cores)
+    mixrank bench quality                   # the full protocol (<= 60 min on 2 idle cores)
     mixrank bench quality --quick           # a subset, one seed, short runs: checks the harness
     python -m benchmarks.quality --quick --out /tmp/q/RESULTS.md
 """
@@ -81,6 +83,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default=str(REPO / "docs" / "RESULTS.md"), help="results page")
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "quality"), help="run dirs")
     parser.add_argument("--fresh", action="store_true", help="retrain even if a run is cached")
+    parser.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="train nothing: write the page from the finished (cached) runs, listing the rest",
+    )
 
 
 # --------------------------------------------------------------------------- one run
@@ -90,11 +97,13 @@ def _config(dataset: str, arch: str) -> Path:
     return REPO / "configs" / f"{dataset}_{arch}.yaml"
 
 
-def _model_counts(config: Path, overrides: list[str]) -> dict:
+def _model_counts(config: Path) -> dict:
+    """Counts of the model a run trained: from its resolved ``config.yaml`` (whose schema is the
+    run's own vocabulary schema under ``data.vocab_from_train``)."""
     from ranking.model import flops
     from ranking.train.config import load_experiment
 
-    exp = load_experiment(config, overrides, require_data=False)
+    exp = load_experiment(config, require_data=False)
     return {
         "dense_params": flops.dense_params(exp.model, exp.schema),
         "emb_params": flops.embedding_params(exp.schema),
@@ -148,6 +157,8 @@ def train_run(spec: dict, args) -> dict:
         and json.loads(key_file.read_text()) == key
     )
     t0 = time.perf_counter()
+    if not cached and getattr(args, "cached_only", False):
+        return None
     if not cached:
         if run_dir.exists():
             import shutil
@@ -157,17 +168,21 @@ def train_run(spec: dict, args) -> dict:
             sys.executable, "-m", "ranking.cli", "train", "--config", str(_config(ds, arch)),
             "--nproc", str(nproc), "--run-dir", str(run_dir), *overrides,
         ]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{spec['key']}: mixrank train failed:\n{proc.stderr[-3000:]}")
+        rc, stderr, paused = _run_timed(cmd)
+        if rc != 0:
+            raise RuntimeError(f"{spec['key']}: mixrank train failed:\n{stderr[-3000:]}")
         key_file.write_text(json.dumps(key))
         (run_dir / "wall_s").write_text(f"{time.perf_counter() - t0:.1f}")
+        (run_dir / "paused_s").write_text(f"{paused:.1f}")
     summary = json.loads((run_dir / "summary.json").read_text())
+    paused_file = run_dir / "paused_s"
     ev = summary["eval"]
     ev = ev if "auc" in ev else next(v for v in ev.values() if isinstance(v, dict))
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rates = [r["samples_per_s"] for r in recs if "samples_per_s" in r]
     rates = rates[1:] or rates  # the first window includes warm-up
+    spe = summary.get("steps_per_epoch") or 0
+    exported = summary.get("exported_step", summary["step"])
     rec = {
         "bench": "quality",
         **{k: spec[k] for k in ("dataset", "arch", "seed", "group", "size")},
@@ -176,14 +191,48 @@ def train_run(spec: dict, args) -> dict:
         "valid_logloss": ev["logloss"],
         "samples_per_s": statistics.median(rates) if rates else None,
         "wall_s": float((run_dir / "wall_s").read_text()),
+        # seconds the run stood stopped (SIGSTOP by another job on the shared machine); None
+        # for runs cached from before this was measured
+        "paused_s": float(paused_file.read_text()) if paused_file.is_file() else None,
         "steps": summary["step"],
+        "best_epoch": round(exported / spe, 2) if spe else None,  # epochs of the reported model
+        "epochs_run": round(summary["step"] / spe, 2) if spe else None,
+        "stopped_early": bool(summary.get("stopped_early")),
         "cached": cached,
-        **_model_counts(_config(ds, arch), overrides),
+        **_model_counts(run_dir / "config.yaml"),
     }
     if ds in TEST_SPLIT:
         te = _eval_test(run_dir / "artifact", data / TEST_SPLIT[ds])
         rec["test_auc"], rec["test_logloss"] = te["auc"], te["logloss"]
     return rec
+
+
+def _run_timed(cmd: list[str]) -> tuple[int, str, float]:
+    """Run ``cmd``; returns (exit status, stderr, seconds it stood stopped). The machine is
+    shared, and another engineer's timing benchmarks SIGSTOP niced jobs while they measure: the
+    child's state is sampled every 0.5 s (``/proc/<pid>/stat``, state ``T``), and a sampling
+    gap over 2 s counts as stopped too (this harness, niced as well, is stopped with the run)."""
+    import tempfile
+
+    paused = 0.0
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, cwd=REPO)
+        stat = Path(f"/proc/{proc.pid}/stat")
+        last = time.perf_counter()
+        while proc.poll() is None:
+            time.sleep(0.5)
+            now = time.perf_counter()
+            try:
+                state = stat.read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                state = ""
+            if state in ("T", "t"):
+                paused += now - last
+            elif now - last > 2.0:  # this process itself was stopped
+                paused += now - last - 0.5
+            last = now
+        err.seek(0)
+        return proc.returncode, err.read(), paused
 
 
 # --------------------------------------------------------------------------- the plan
@@ -242,6 +291,8 @@ def aggregate(records: list[dict]) -> list[dict]:
                 row[m], row[m + "_std"] = _ms([r.get(m) for r in rs])
         for m in ("dense_params", "emb_params", "flops", "epochs"):
             row[m] = rs[0][m]
+        be = [r.get("best_epoch") for r in rs if r.get("best_epoch") is not None]
+        row["best_epochs"] = "/".join(f"{b:g}" for b in be) if be else "-"
         row["samples_per_s"] = statistics.median([r["samples_per_s"] for r in rs])
         row["wall_s"] = statistics.fmean([r["wall_s"] for r in rs])
         rows.append(row)
@@ -360,14 +411,16 @@ def _si(x: float) -> str:
 def markdown(rows, scaling, plots, meta) -> str:
     lines = [BEGIN, "", f"_Generated by `{meta['command']}` on {meta['date']}: "
              f"{meta['runs']} runs ({meta['trained']} trained now, {meta['wall_min']:.1f} min wall "
-             f"now; the runs' own wall times sum to {meta['runs_wall_min']:.1f} min), "
+             f"now; the runs' own wall times sum to {meta['runs_wall_min']:.1f} min, of which "
+             f"{meta.get('paused_min', 0.0):.1f} min stopped by other jobs' SIGSTOP, measured for "
+             f"{meta.get('paused_measured', 0)} of the runs), "
              f"nproc {meta['nproc']}, global batch {meta['global_batch']}._", ""]  # fmt: skip
     for ds in dict.fromkeys(r["dataset"] for r in rows):
         rs = [r for r in rows if r["dataset"] == ds]
         has_test = any("test_auc" in r for r in rs)
         lines += [f"### {ds} (train -> valid{', test' if has_test else ''})", ""]
-        head = "| arch | seeds | epochs | valid AUC | valid logloss |"
-        sep = "| --- | ---: | ---: | ---: | ---: |"
+        head = "| arch | seeds | max epochs | best epoch per seed | valid AUC | valid logloss |"
+        sep = "| --- | ---: | ---: | ---: | ---: | ---: |"
         if has_test:
             head += " test AUC | test logloss |"
             sep += " ---: | ---: |"
@@ -377,7 +430,7 @@ def markdown(rows, scaling, plots, meta) -> str:
         best = max(rs, key=lambda r: r["valid_auc"])
         for r in rs:
             name = f"**{r['arch']}**" if r is best else r["arch"]
-            cells = [name, str(r["seeds"]), str(r["epochs"]),
+            cells = [name, str(r["seeds"]), str(r["epochs"]), r.get("best_epochs", "-"),
                      f"{_f(r['valid_auc'])} ± {_f(r['valid_auc_std'])}",
                      f"{_f(r['valid_logloss'])} ± {_f(r['valid_logloss_std'])}"]  # fmt: skip
             if has_test:
@@ -481,9 +534,13 @@ def run(args) -> int:
     records: list[dict] = []
     trained_s, n_trained = 0.0, 0
     took: dict[tuple, float] = {}  # (dataset, arch, size) -> seconds of its last trained run
+    missing: list[str] = []
     for i, spec in enumerate(specs):
         t0 = time.perf_counter()
         rec = train_run(spec, args)
+        if rec is None:  # --cached-only and not run yet
+            missing.append(spec["key"])
+            continue
         if not rec["cached"]:
             trained_s += time.perf_counter() - t0
             n_trained += 1
@@ -503,13 +560,20 @@ def run(args) -> int:
     prefix = "quality_quick_" if args.quick else "quality_"
     plots = plot(rows, scaling, out.parent, prefix)
     cmd = "mixrank bench quality" + (" --quick" if args.quick else "")
+    cmd += " --cached-only" if getattr(args, "cached_only", False) else ""
     meta = {
         "command": cmd, "date": time.strftime("%Y-%m-%d %H:%M"), "runs": len(records),
         "trained": n_trained, "wall_min": (time.perf_counter() - t_start) / 60,
         "nproc": args.nproc, "global_batch": args.global_batch,
         "runs_wall_min": sum(r["wall_s"] for r in records + nproc_recs) / 60,
+        "paused_min": sum(r.get("paused_s") or 0.0 for r in records + nproc_recs) / 60,
+        "paused_measured": sum(r.get("paused_s") is not None for r in records + nproc_recs),
     }  # fmt: skip
     block = markdown(rows, scaling, plots, meta)
+    if missing:
+        block = block.replace(END, "Not run (planned, not finished when the page was written): "
+                              + ", ".join(f"`{k}`" for k in missing) + ".\n\n" + END)  # fmt: skip
+    meta["missing"] = missing
     if nproc_recs:
         a, b = nproc_recs
         block = block.replace(BEGIN, BEGIN + "\n\nnproc comparison (one Frappe RankMixer epoch, "

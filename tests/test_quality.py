@@ -38,6 +38,16 @@ def test_quality_quick(shared_data, repo_root, tmp_path):
         assert r["flops"] > 0 and r["dense_params"] > 0 and r["samples_per_s"] > 0
     for arch in ("dlrm", "rankmixer"):  # MovieLens final numbers come from the test split
         assert 0.5 < rows[("movielens", arch)]["test_auc"] < 1.0
+    # the configs train on per-run vocabularies (data.vocab_from_train): the embedding-parameter
+    # count is that of the vocabulary-sized tables (16-wide rows, + missing and OOV rows)
+    vocab = tmp_path / "runs" / "frappe_dlrm_s0" / "vocab"
+    sizes = [len(f.read_text().splitlines()) for f in sorted(vocab.glob("*.txt"))]
+    assert len(sizes) == 10
+    assert rows[("frappe", "dlrm")]["emb_params"] == 16 * sum(n + 2 for n in sizes)
+    # the reported model is the best evaluation on valid (select_best), and says which epoch
+    for r in results["runs"]:
+        assert r["best_epoch"] is not None and 0 < r["best_epoch"] <= r["epochs_run"]
+        assert r["paused_s"] is not None and 0 <= r["paused_s"] <= r["wall_s"]
     # the scaling sweep: the main RankMixer run plus one smaller width
     sweep = [r for r in results["runs"] if r["group"] == "scaling"]
     assert [r["size"] for r in sweep] == [16]
