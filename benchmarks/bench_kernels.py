@@ -149,21 +149,16 @@ def _ops(torch, kernels, ref, case, dtype):
     xl = x.detach().clone().requires_grad_()
     wl = (1 + 0.1 * torch.randn(D, device=dev, dtype=dtype)).requires_grad_()
     bl = torch.zeros(D, device=dev, dtype=dtype, requires_grad=True)
-    cot3 = torch.randn(B, T, D, device=dev, dtype=dtype)
+
+    def bwd(forward, cot, inputs):
+        """(Triton, eager) callables: ``forward(ops)`` and the gradients of ``<out, cot>``."""
+        return tuple(_grad_fn(torch, forward, ops, cot, inputs) for ops in (kernels, ref))
+
     yield (
         "mix_norm+bwd",
-        _grad_fn(
-            torch,
+        *bwd(
             lambda m: m.mix_norm(xl, T, wl, bl, residual=xl, norm="layer")[1],
-            kernels,
-            cot3,
-            [xl, wl, bl],
-        ),
-        _grad_fn(
-            torch,
-            lambda m: m.mix_norm(xl, T, wl, bl, residual=xl, norm="layer")[1],
-            ref,
-            cot3,
+            torch.randn(B, T, D, device=dev, dtype=dtype),
             [xl, wl, bl],
         ),
         8 * n_el * es,
@@ -171,21 +166,11 @@ def _ops(torch, kernels, ref, case, dtype):
     )
     xp = x_perm.detach().clone().requires_grad_()
     wul, wgl, wdl = (t.detach().clone().requires_grad_() for t in (wu, wg, wd))
-    cot2 = torch.randn(M, D, device=dev, dtype=dtype)
     yield (
         "grouped_ffn+bwd",
-        _grad_fn(
-            torch,
+        *bwd(
             lambda m: m.grouped_ffn(xp, routing.offsets, wul, wdl, w_gate=wgl),
-            kernels,
-            cot2,
-            [xp, wul, wgl, wdl],
-        ),
-        _grad_fn(
-            torch,
-            lambda m: m.grouped_ffn(xp, routing.offsets, wul, wdl, w_gate=wgl),
-            ref,
-            cot2,
+            torch.randn(M, D, device=dev, dtype=dtype),
             [xp, wul, wgl, wdl],
         ),
         3 * ffn_bytes,
@@ -193,21 +178,11 @@ def _ops(torch, kernels, ref, case, dtype):
     )
     x2l = x2.detach().clone().requires_grad_()
     wtl = wts.detach().clone().requires_grad_()
-    cot1 = torch.randn(N, D, device=dev, dtype=dtype)
     yield (
         "moe_ffn+bwd",
-        _grad_fn(
-            torch,
+        *bwd(
             lambda m: m.moe_ffn(x2l, wtl, gids, wul, wdl, w_gate=wgl),
-            kernels,
-            cot1,
-            [x2l, wtl, wul, wgl, wdl],
-        ),
-        _grad_fn(
-            torch,
-            lambda m: m.moe_ffn(x2l, wtl, gids, wul, wdl, w_gate=wgl),
-            ref,
-            cot1,
+            torch.randn(N, D, device=dev, dtype=dtype),
             [x2l, wtl, wul, wgl, wdl],
         ),
         3 * (ffn_bytes + 2 * N * D * es),
