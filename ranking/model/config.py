@@ -77,6 +77,9 @@ class ModelConfig:
 
     Common: ``arch``, ``dim`` (D), ``num_layers`` (L), ``ffn_mult`` (k for PFFN, n for pSwiGLU),
     ``pooling`` (``mean`` | ``first`` | ``flatten``), ``head_hidden`` (task head MLP widths),
+    ``head_dropout`` (dropout probability on the pooled input of each task head and after each of
+    its hidden ReLUs), ``token_dropout`` (dropout probability on the tokenizer's output tokens,
+    before the mixer stack); both are training-only (identity in eval) and mixer-only,
     ``compute_dtype`` (``fp32`` | ``bf16``: autocast of the dense part), ``micro_batch`` (rows
     per chunk of the mixer stack; 0 = whole batch; a cache-friendly CPU layout), ``compile``
     (``torch.compile`` the mixer stack; fuses the per-token FFN's bias/activation passes).
@@ -105,6 +108,8 @@ class ModelConfig:
     ffn_mult: float = 4.0
     pooling: str = "mean"
     head_hidden: list[int] = field(default_factory=list)
+    head_dropout: float = 0.0
+    token_dropout: float = 0.0
     compute_dtype: str = "fp32"
     micro_batch: int = 0
     compile: bool = False
@@ -231,6 +236,12 @@ class ModelConfig:
             raise self._err(
                 "ffn_mult", f"ffn_mult * dim must be a positive integer, got {self.ffn_mult}"
             )
+        for key in ("head_dropout", "token_dropout"):
+            p = getattr(self, key)
+            if not 0.0 <= p < 1.0:
+                raise self._err(key, f"a dropout probability must be in [0, 1), got {p}")
+            if p and self.arch in ("dlrm", "dcnv2"):
+                raise self._err(key, f"not available for arch {self.arch!r} (mixer archs only)")
         if not 0 < self.tau_end <= self.tau_start:
             raise self._err("tau_end", "need 0 < tau_end <= tau_start")
         m = self.moe

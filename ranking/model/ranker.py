@@ -31,11 +31,16 @@ class RankerOutput(NamedTuple):
 
 
 class TaskHeads(nn.Module):
-    """One MLP head per task: ``[B, P] -> [B, n_tasks]``."""
+    """One MLP head per task: ``[B, P] -> [B, n_tasks]``.
 
-    def __init__(self, in_dim: int, tasks: list[str], hidden: list[int]):
+    ``dropout`` (training only) drops the pooled input and the output of each hidden ReLU; it is
+    applied functionally, so the parameter names (``heads.<task>.<layer>``) do not depend on it.
+    """
+
+    def __init__(self, in_dim: int, tasks: list[str], hidden: list[int], dropout: float = 0.0):
         super().__init__()
         self.tasks = list(tasks)
+        self.dropout = dropout
         heads = []
         for _ in self.tasks:
             layers, d = [], in_dim
@@ -46,8 +51,18 @@ class TaskHeads(nn.Module):
             heads.append(nn.Sequential(*layers))
         self.heads = nn.ModuleList(heads)
 
+    def _head(self, head: nn.Sequential, z: Tensor) -> Tensor:
+        if not (self.dropout and self.training):
+            return head(z)
+        z = F.dropout(z, self.dropout, training=True)
+        for layer in head:
+            z = layer(z)
+            if isinstance(layer, nn.ReLU):
+                z = F.dropout(z, self.dropout, training=True)
+        return z
+
     def forward(self, z: Tensor) -> Tensor:
-        return torch.cat([h(z) for h in self.heads], dim=1)
+        return torch.cat([self._head(h, z) for h in self.heads], dim=1)
 
 
 class Ranker(nn.Module):
@@ -63,6 +78,7 @@ class Ranker(nn.Module):
         micro_batch: run the stack on row chunks of this size (exact; better cache use on CPU).
         compute_dtype: ``bf16`` autocasts the dense part.
         compile: run the stack through ``torch.compile`` (compiled on first use).
+        token_dropout: dropout probability on the tokens entering the stack (training only).
     """
 
     def __init__(
@@ -76,8 +92,10 @@ class Ranker(nn.Module):
         compute_dtype: str = "fp32",
         compile: bool = False,
         temperature: tuple[float, float] = (1.0, 0.05),
+        token_dropout: float = 0.0,
     ):
         super().__init__()
+        self.token_dropout = token_dropout
         self.temperature = temperature  # UniMixer's Sinkhorn tau: (start, end) of the anneal
         self.tokenizer, self.blocks, self.heads = tokenizer, blocks, heads
         self.compile = compile
@@ -129,6 +147,8 @@ class Ranker(nn.Module):
         )
         with ctx:
             tokens = self.tokenizer(batch.dense, batch.sparse)
+            if self.token_dropout and self.training:
+                tokens = F.dropout(tokens, self.token_dropout, training=True)
             if not torch.is_autocast_enabled(device.type):  # weights converted with .to(dtype)
                 tokens = tokens.to(self.heads.heads[0][-1].weight.dtype)
             B = tokens.shape[0]
@@ -170,7 +190,7 @@ def build_model(
     c.resolve(T)
     stack = build_stack(c, T)
     pooled = T * D if c.pooling == "flatten" else D
-    heads = TaskHeads(pooled, schema.task_names, c.head_hidden)
+    heads = TaskHeads(pooled, schema.task_names, c.head_hidden, dropout=c.head_dropout)
     return Ranker(
         tok,
         stack,
@@ -181,4 +201,5 @@ def build_model(
         compute_dtype=c.compute_dtype,
         compile=c.compile,
         temperature=(c.tau_start, c.tau_end),
+        token_dropout=c.token_dropout,
     )
