@@ -96,6 +96,40 @@ def test_ints_hash_like_their_decimal_strings():
     assert hash_array(pa.array([42.0, None]), 5000, 9).tolist() == [exp[1], 0]
 
 
+def test_hash_columns_equals_one_column_at_a_time():
+    from ranking.data.hashing import canonical_strings, hash_columns
+
+    rng = np.random.default_rng(5)
+    alphabet = list("abc019_é漢")
+    cols = [
+        pa.array(["".join(rng.choice(alphabet, rng.integers(0, 12))) for _ in range(40)]),
+        pa.array(["pre", "x", None, "", "yy", "post"]).slice(1, 4),  # sliced, with a null
+        pa.array(["a" * 30, None], pa.large_string()),
+        canonical_strings(pa.array([42, -7, None], pa.int64())),
+        pa.array([], pa.string()),
+    ]
+    nbs, seed = [2, 97, 5000, 2**20, 11], 123
+    got = hash_columns(cols, nbs, seed)
+    for c, nb, g in zip(cols, nbs, got):
+        assert g.tolist() == [ref_bucket(v, nb, seed) for v in c.to_pylist()]
+    assert hash_columns([], [], 0) == []
+    with pytest.raises(ValueError, match="num_buckets must be >= 2"):
+        hash_columns([cols[0]], [1], 0)
+
+
+def test_small_tables_hash_together_like_large_ones(monkeypatch):
+    import ranking.data.convert as convert
+
+    rows = random_rows(200, seed=4)
+    table = batch_table(rows)
+    together = convert.columns_from_arrow(SCHEMA, table)
+    monkeypatch.setattr(convert, "SMALL_BATCH_VALUES", 0)  # force one column at a time
+    alone = convert.columns_from_arrow(SCHEMA, table)
+    for k in SCHEMA.sparse_keys:
+        np.testing.assert_array_equal(together.ids[k], alone.ids[k])
+        np.testing.assert_array_equal(together.lengths[k], alone.lengths[k])
+
+
 def test_hash_stable_across_processes_with_other_hashseed():
     code = (
         "import pyarrow as pa; from ranking.data.hashing import hash_array;"
@@ -242,9 +276,8 @@ def assert_batch_matches(batch, schema, rows):
     np.testing.assert_array_equal(batch.labels.numpy(), np.array(labels, dtype=np.float32))
 
 
-def test_batch_from_arrow_matches_reference_loop():
-    rows = random_rows(300)
-    table = pa.table(
+def batch_table(rows):
+    return pa.table(
         {
             "u": pa.array([r.get("u") for r in rows], pa.string()),
             "n": pa.array([r["n"] for r in rows], pa.float64()),
@@ -255,6 +288,11 @@ def test_batch_from_arrow_matches_reference_loop():
             "y2": pa.array([bool(r["y2"]) for r in rows], pa.bool_()),
         }
     )
+
+
+def test_batch_from_arrow_matches_reference_loop():
+    rows = random_rows(300)
+    table = batch_table(rows)
     rows32 = [{**r, "s": None if r["s"] is None else float(np.float32(r["s"]))} for r in rows]
     assert_batch_matches(batch_from_arrow(SCHEMA, table), SCHEMA, rows32)
     # record batches and slices of a table go through the same path

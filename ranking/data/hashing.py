@@ -139,6 +139,30 @@ def hash_strings(arr: pa.Array, num_buckets: int, seed: int) -> np.ndarray:
     return _apply_nulls(_hash_plain(arr, num_buckets, seed), arr)
 
 
+def hash_columns(arrs: list[pa.Array], num_buckets: list[int], seed: int) -> list[np.ndarray]:
+    """``hash_strings`` of several canonical string arrays at once: one FNV pass over all of
+    them. Equal to ``[hash_strings(a, nb, seed) for a, nb in zip(arrs, num_buckets)]``; much
+    faster for many short columns (a serving request: a few hundred rows per feature), where
+    the per-byte-position numpy steps, not the bytes, are the cost."""
+    if len(arrs) != len(num_buckets):
+        raise ValueError(f"{len(arrs)} arrays but {len(num_buckets)} bucket counts")
+    for nb in num_buckets:
+        if nb < 2:
+            raise ValueError(f"num_buckets must be >= 2 (bucket 0 is reserved), got {nb}")
+    if not arrs:
+        return []
+    sizes = [len(a) for a in arrs]
+    parts = [a.cast(pa.string()) if pa.types.is_large_string(a.type) else a for a in arrs]
+    z = splitmix64(fnv1a64(pa.concat_arrays(parts)), seed)
+    mods = np.repeat(np.asarray([nb - 1 for nb in num_buckets], dtype=np.uint64), sizes)
+    buckets = (z % mods).astype(np.int64) + 1
+    out, start = [], 0
+    for a, n in zip(arrs, sizes):
+        out.append(_apply_nulls(buckets[start : start + n], a))
+        start += n
+    return out
+
+
 def _hash_plain(arr: pa.Array, num_buckets: int, seed: int) -> np.ndarray:
     z = splitmix64(fnv1a64(arr), seed)
     return (z % np.uint64(num_buckets - 1)).astype(np.int64) + 1
