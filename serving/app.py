@@ -147,8 +147,8 @@ class Ranker(_Front):
 
     ``user_config`` keys: ``artifact`` (path, required), ``dtype`` (auto | fp32 | bf16),
     ``max_batch_size`` (candidates per formed batch), ``batch_wait_timeout_s``,
-    ``max_candidates``, ``max_string_length``, ``max_list_items``, ``torch_threads``, and
-    ``max_body_bytes`` (when it is the application's ingress).
+    ``max_candidates``, ``max_string_length``, ``max_list_items``, ``torch_threads``,
+    ``forward_in_thread`` and ``max_body_bytes`` (when it is the application's ingress).
     """
 
     def __init__(self):
@@ -168,6 +168,7 @@ class Ranker(_Front):
         self._inflight = 0
         self._busy = 0  # formed batches being scored
         self._batch_s = 0.0  # moving average of a formed batch's scoring time
+        self._forward_in_thread = False
         self._last_error: str | None = None
         self._metrics = RankerMetrics()
 
@@ -204,6 +205,12 @@ class Ranker(_Front):
         self._max_wait_s = float(config.get("max_batch_wait_s", 0.1))
         self._score.set_max_batch_size(max_batch)
         self._score.set_batch_wait_timeout_s(self._wait_s)
+        in_thread = config.get("forward_in_thread", False)
+        if not isinstance(in_thread, bool):
+            raise ValueError(
+                f"user_config: forward_in_thread must be true or false, got {in_thread!r}"
+            )
+        self._forward_in_thread = in_thread
         threads = int(config.get("torch_threads", 0))
         if threads > 0:
             torch.set_num_threads(threads)
@@ -301,7 +308,8 @@ class Ranker(_Front):
 
     @serve.batch(max_batch_size=2048, batch_wait_timeout_s=0.005, batch_size_fn=_candidates)
     async def _score(self, items: list[_Prepared]) -> list:
-        """Score a formed batch: one forward per model (normally one), off the event loop."""
+        """Score a formed batch: one forward per model (normally one), on the user-code event
+        loop or, with ``forward_in_thread``, in a worker thread."""
         t0 = time.perf_counter()
         self._busy += 1
         groups: dict[int, list[int]] = {}
@@ -311,7 +319,14 @@ class Ranker(_Front):
         try:
             for idx in groups.values():
                 art = items[idx[0]].art
-                probs = await asyncio.to_thread(_forward, art, [items[i] for i in idx])
+                batch = [items[i] for i in idx]
+                if self._forward_in_thread:
+                    probs = await asyncio.to_thread(_forward, art, batch)
+                else:
+                    # On the replica's user-code loop: requests that arrive meanwhile wait in
+                    # Serve's queue. With few cores this beats a worker thread that fights
+                    # the loop's request parsing for the GIL (docs/SERVING.md).
+                    probs = _forward(art, batch)
                 start = 0
                 for i in idx:
                     out[i] = (probs[start : start + items[i].size], art)

@@ -34,6 +34,7 @@ USER_CONFIG_KEYS = {
         "max_string_length",
         "max_list_items",
         "torch_threads",
+        "forward_in_thread",
         "max_body_bytes",
     },
     INGRESS: {"max_body_bytes"},

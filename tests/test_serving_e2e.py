@@ -10,6 +10,7 @@ failed reload; every bad input gets the right status and field and the replicas 
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import socket
@@ -69,13 +70,15 @@ class Service:
         self.cfg = self.configure(self.a0)
         config.start(self.cfg, metrics_port=self.metrics, num_cpus=8)
 
-    def configure(self, artifact):
+    def configure(self, artifact, **user_config):
+        overrides = copy.deepcopy(self.overrides)
+        overrides["Ranker"]["user_config"].update(user_config)
         return self.config.load_config(
             artifact=artifact,
             http_port=self.http,
             grpc_port=self.grpc,
             host="127.0.0.1",
-            deployments=self.overrides,
+            deployments=overrides,
         )
 
     def http_client(self):
@@ -352,7 +355,9 @@ def test_hot_reload_without_failed_requests_then_corrupt_artifact_keeps_serving(
         t.start()
     try:
         wait_for(lambda: len(seen) > 5, what="traffic before the reload")
-        svc.config.redeploy(svc.configure(svc.a1))
+        # the new config also moves the forward to a worker thread (the default scores on
+        # the replica's loop): both paths answer, and the switch loses no request
+        svc.config.redeploy(svc.configure(svc.a1, forward_in_thread=True))
         wait_for(
             lambda: seen[-20:].count(v1) == 20, timeout=90, what="the new model on every replica"
         )

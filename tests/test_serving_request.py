@@ -331,3 +331,17 @@ def test_serve_config_refuses_unknown_user_config_keys(tmp_path):
         config.load_config(path)
     with pytest.raises(UserError, match=r"user_config\.torch_thread: unknown key"):
         config.load_config(deployments={"Ranker": {"user_config": {"torch_thread": 2}}})
+
+
+def test_ranker_refuses_a_non_boolean_forward_in_thread():
+    """``forward_in_thread`` is a YAML boolean; a string ("yes", "false") would silently be
+    truthy, so reconfigure refuses it, naming the key, before touching the model."""
+    import asyncio
+
+    from serving.app import Ranker
+
+    ranker = Ranker.func_or_class()
+    for bad in ("yes", "false", 1):
+        with pytest.raises(ValueError, match=r"forward_in_thread must be true or false"):
+            asyncio.run(ranker.reconfigure({"artifact": "/nonexistent", "forward_in_thread": bad}))
+    assert ranker._art is None
