@@ -333,15 +333,25 @@ def test_serve_config_refuses_unknown_user_config_keys(tmp_path):
         config.load_config(deployments={"Ranker": {"user_config": {"torch_thread": 2}}})
 
 
-def test_ranker_refuses_a_non_boolean_forward_in_thread():
-    """``forward_in_thread`` is a YAML boolean; a string ("yes", "false") would silently be
-    truthy, so reconfigure refuses it, naming the key, before touching the model."""
+def test_ranker_forward_in_thread_values():
+    """``forward_in_thread`` is a YAML boolean or "auto"; a string such as "yes" or "false"
+    would silently be truthy, so reconfigure refuses it, naming the key, before touching the
+    model. ``auto`` moves the forward to a thread once formed batches take > 0.1 s."""
     import asyncio
 
     from serving.app import Ranker
 
     ranker = Ranker.func_or_class()
     for bad in ("yes", "false", 1):
-        with pytest.raises(ValueError, match=r"forward_in_thread must be true or false"):
+        with pytest.raises(ValueError, match=r"forward_in_thread must be true, false or auto"):
             asyncio.run(ranker.reconfigure({"artifact": "/nonexistent", "forward_in_thread": bad}))
     assert ranker._art is None
+    from serving.app import THREAD_AFTER_S
+
+    assert ranker._forward_in_thread == "auto"
+    for batch_s, expect in ((0.0, False), (THREAD_AFTER_S / 2, False), (THREAD_AFTER_S * 2, True)):
+        ranker._batch_s = batch_s
+        assert ranker._in_thread() is expect
+    for forced in (True, False):
+        ranker._forward_in_thread = forced
+        assert ranker._in_thread() is forced
