@@ -77,3 +77,20 @@ def test_bench_data_tiny():
             continue
         assert r["batches"] == -(-r["rows"] // 512)
         assert r["rows_per_s"] == pytest.approx(r["rows"] / r["seconds"], rel=0.02)
+
+
+def test_bench_serve_tiny():
+    """`mixrank bench serve` end to end on the default model with short phases: a real Ray
+    Serve, the no-op floor, HTTP, gRPC and concurrency 8; the ratios follow from the printed
+    parts (the references are the means of the before/after in-process measurements)."""
+    out = _bench("serve", "--models", "default", "--duration", "1", "--iters", "3", timeout=600)
+    (rec,) = [r for r in _records(out) if r.get("model") == "default"]
+    assert rec["errors"] == 0
+    for key in ("raw_forward_cand_per_s", "answer_p50_ms", f"forward_p50_ms_{rec['dtype']}"):
+        assert rec[key] == pytest.approx((rec[f"{key}_before"] + rec[f"{key}_after"]) / 2)
+    fwd = rec[f"forward_p50_ms_{rec['dtype']}"]
+    assert rec["latency_ratio"] == pytest.approx(rec["http_p50_ms"] / (fwd + rec["noop_p50_ms"]))
+    assert rec["throughput_ratio"] == pytest.approx(
+        rec["c8_cand_per_s"] / rec["raw_forward_cand_per_s"]
+    )
+    assert rec["c8_cand_per_s"] > 0 and rec["grpc_p50_ms"] > 0
