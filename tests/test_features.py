@@ -150,6 +150,26 @@ def test_vocab_lookup():
     assert vocab_lookup(pa.array([7, 8]), vocab).tolist() == [4, 1]
 
 
+def test_vocab_lookup_small_and_large_paths_agree(monkeypatch):
+    """Request-sized columns use a cached dict, large ones Arrow's index_in: same ids, including
+    duplicate vocabulary lines (the first wins), nulls, ints and unknown values."""
+    import ranking.data.hashing as hashing
+
+    rng = np.random.default_rng(2)
+    vocab = pa.array([f"v{i}" for i in rng.integers(0, 300, 400)] + ["", "42"])
+    vals = [None if rng.random() < 0.1 else f"v{i}" for i in rng.integers(0, 400, 500)]
+    vals += ["", "42", "nope"]
+    small = hashing.vocab_lookup(pa.array(vals), vocab)
+    ints = hashing.vocab_lookup(pa.array([42, None]), vocab)
+    monkeypatch.setattr(hashing, "SMALL_LOOKUP", -1)
+    assert small.tolist() == hashing.vocab_lookup(pa.array(vals), vocab).tolist()
+    assert ints.tolist() == hashing.vocab_lookup(pa.array([42, None]), vocab).tolist()
+    first = {}
+    for i, v in enumerate(vocab.to_pylist()):
+        first.setdefault(v, i + 2)
+    assert small.tolist() == [0 if v is None else first.get(v, 1) for v in vals]
+
+
 # ------------------------------------------------------------------------------ schemas
 def test_presets_load_and_are_sized():
     for name in PRESETS:

@@ -226,6 +226,33 @@ def vocab_lookup(arr: pa.Array | pa.ChunkedArray, vocab: pa.Array) -> np.ndarray
     Known value i -> ``i + 2``; unknown -> ``OOV_BUCKET``; null -> ``NULL_BUCKET``.
     """
     s = canonical_strings(arr)
+    if len(s) <= SMALL_LOOKUP:
+        # a request-sized column: Arrow's index_in builds a hash set of the whole vocabulary on
+        # every call (~0.2 ms for 5k values); a cached dict answers 256 values in ~0.04 ms
+        ids = _vocab_dict(vocab)
+        out = np.fromiter(
+            (ids.get(v, OOV_BUCKET) for v in s.to_pylist()), dtype=np.int64, count=len(s)
+        )
+        return _apply_nulls(out, s)
     idx = pc.index_in(s, value_set=vocab)
     out = pc.fill_null(pc.add(idx, 2), OOV_BUCKET).to_numpy(zero_copy_only=False).astype(np.int64)
     return _apply_nulls(out, s)
+
+
+SMALL_LOOKUP = 4096
+_VOCAB_DICTS: dict[int, tuple[pa.Array, dict]] = {}
+
+
+def _vocab_dict(vocab: pa.Array) -> dict:
+    """``{value: id}`` of a vocabulary array (ids from 2; the first of duplicate lines wins,
+    as with ``index_in``), cached per array (the arrays themselves are cached by path)."""
+    hit = _VOCAB_DICTS.get(id(vocab))
+    if hit is not None and hit[0] is vocab:
+        return hit[1]
+    ids: dict = {}
+    for i, v in enumerate(vocab.to_pylist()):
+        ids.setdefault(v, i + 2)
+    if len(_VOCAB_DICTS) >= 64:
+        _VOCAB_DICTS.pop(next(iter(_VOCAB_DICTS)))
+    _VOCAB_DICTS[id(vocab)] = (vocab, ids)
+    return ids
