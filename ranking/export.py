@@ -10,7 +10,8 @@
 ``weights.pt`` is a plain ``state_dict`` of the unsharded model, loaded with
 ``torch.load(weights_only=True)``: loading an artifact never executes code from it. An artifact
 is written into a temporary sibling directory and renamed into place, so a reader never sees a
-half-written one.
+half-written one; an existing artifact at the same path is swapped out atomically (Linux
+``renameat2``), so a reader never finds the path missing either.
 """
 
 from __future__ import annotations
@@ -171,13 +172,54 @@ def write_artifact(
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _publish(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
     return out
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    kernel, the file system or the C library cannot."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished artifact ``tmp`` to ``out``. An existing ``out`` is replaced
+    atomically where the OS can swap two paths (a reader opening ``out`` sees the old or the
+    new artifact, never no artifact); elsewhere it is moved aside first, so ``out`` is missing
+    only between two renames (microseconds), never while a tree is being deleted."""
+    if not (out.exists() or out.is_symlink()):
+        os.replace(tmp, out)
+        return
+    if _exchange(tmp, out):
+        _remove(tmp)  # now the previous artifact
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    os.replace(out, aside / "artifact")
+    os.replace(tmp, out)
+    _remove(aside)
 
 
 def read_manifest(path: str | Path) -> dict:

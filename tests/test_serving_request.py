@@ -355,3 +355,43 @@ def test_ranker_forward_in_thread_values():
     for forced in (True, False):
         ranker._forward_in_thread = forced
         assert ranker._in_thread() is forced
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_rewriting_an_artifact_in_place_never_leaves_the_path_missing(
+    tmp_path, monkeypatch, exchange
+):
+    """Exporting again to the same directory swaps the new artifact in: a reader polling the
+    manifest meanwhile always finds one of the written versions (with the atomic exchange; the
+    move-aside fallback is checked for its end state), and no temporary siblings remain."""
+    import threading
+
+    import ranking.export as export
+    from serving.artifacts import make_artifact
+
+    if not exchange:
+        monkeypatch.setattr(export, "_exchange", lambda a, b: False)
+    out = tmp_path / "current"
+    versions = {export.read_manifest(make_artifact(out, seed=0))["model_version"]}
+    missing, seen, stop = [], set(), threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                seen.add(json.loads((out / "manifest.json").read_text())["model_version"])
+            except (OSError, ValueError) as e:
+                missing.append(repr(e))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for seed in range(1, 6):
+            versions.add(export.read_manifest(make_artifact(out, seed=seed))["model_version"])
+    finally:
+        stop.set()
+        t.join()
+    assert len(versions) == 6 and seen <= versions
+    assert export.read_manifest(out)["model_version"] in versions
+    if exchange:
+        assert not missing, missing[:3]
+    assert [p.name for p in tmp_path.iterdir()] == ["current"]
