@@ -232,6 +232,7 @@ def test_serve_config_matches_deploy_serve_yaml(values):
         ("max_batch_size", "maxBatchSize"),
         ("batch_wait_timeout_s", "batchWaitTimeoutS"),
         ("torch_threads", "torchThreads"),
+        ("forward_in_thread", "forwardInThread"),
     ]:
         if r.get(value_key) is not None:
             expect_uc[key] = r[value_key]
@@ -495,6 +496,7 @@ def test_dashboard_and_rules_use_emitted_metric_names():
             "serving.ranker.maxBatchSize: Invalid type",
         ),
         ({"monitoring": {"enabled": "yes"}}, "monitoring.enabled: Invalid type. Expected: boolean"),
+        ({"serving": {"ranker": {"forwardInThread": "yes"}}}, "serving.ranker.forwardInThread"),
         ({"security": {"runAsUser": 0}}, "security.runAsUser: Must be greater than or equal to 1"),
         (
             {"serving": {"workers": {"resources": {"requests": {"cpu": "1"}, "limits": None}}}},
