@@ -151,17 +151,19 @@ def test_vocab_lookup():
 
 
 def test_vocab_lookup_small_and_large_paths_agree(monkeypatch):
-    """Request-sized columns use a cached dict, large ones Arrow's index_in: same ids, including
-    duplicate vocabulary lines (the first wins), nulls, ints and unknown values."""
+    """Columns short next to the vocabulary use a cached dict, others Arrow's index_in: same
+    ids, including duplicate vocabulary lines (the first wins), nulls, ints and unknown values."""
     import ranking.data.hashing as hashing
 
     rng = np.random.default_rng(2)
     vocab = pa.array([f"v{i}" for i in rng.integers(0, 300, 400)] + ["", "42"])
     vals = [None if rng.random() < 0.1 else f"v{i}" for i in rng.integers(0, 400, 500)]
     vals += ["", "42", "nope"]
+    assert hashing._use_dict(256, 5000) and not hashing._use_dict(4096, 10)
+    monkeypatch.setattr(hashing, "_use_dict", lambda n, v: True)
     small = hashing.vocab_lookup(pa.array(vals), vocab)
     ints = hashing.vocab_lookup(pa.array([42, None]), vocab)
-    monkeypatch.setattr(hashing, "SMALL_LOOKUP", -1)
+    monkeypatch.setattr(hashing, "_use_dict", lambda n, v: False)
     assert small.tolist() == hashing.vocab_lookup(pa.array(vals), vocab).tolist()
     assert ints.tolist() == hashing.vocab_lookup(pa.array([42, None]), vocab).tolist()
     first = {}

@@ -174,10 +174,8 @@ def _hash_small(schema: FeatureSchema, data, source: str) -> dict[str, np.ndarra
         if isinstance(col, pa.ChunkedArray):
             col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
         t = col.type
-        if pa.types.is_dictionary(t) or pa.types.is_list(t) or pa.types.is_large_list(t):
+        if pa.types.is_dictionary(t) or pa.types.is_nested(t):
             continue  # the per-column path handles (or refuses, naming the column) these
-        if pa.types.is_fixed_size_list(t):
-            continue
         try:
             arrs.append(canonical_strings(col))
         except HashTypeError as e:

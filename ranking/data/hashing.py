@@ -226,9 +226,7 @@ def vocab_lookup(arr: pa.Array | pa.ChunkedArray, vocab: pa.Array) -> np.ndarray
     Known value i -> ``i + 2``; unknown -> ``OOV_BUCKET``; null -> ``NULL_BUCKET``.
     """
     s = canonical_strings(arr)
-    if len(s) <= SMALL_LOOKUP:
-        # a request-sized column: Arrow's index_in builds a hash set of the whole vocabulary on
-        # every call (~0.2 ms for 5k values); a cached dict answers 256 values in ~0.04 ms
+    if _use_dict(len(s), len(vocab)):
         ids = _vocab_dict(vocab)
         out = np.fromiter(
             (ids.get(v, OOV_BUCKET) for v in s.to_pylist()), dtype=np.int64, count=len(s)
@@ -239,7 +237,19 @@ def vocab_lookup(arr: pa.Array | pa.ChunkedArray, vocab: pa.Array) -> np.ndarray
     return _apply_nulls(out, s)
 
 
-SMALL_LOOKUP = 4096
+# Arrow's index_in builds a hash set of the whole vocabulary on every call (~0.045 us per
+# vocabulary value); a cached dict costs ~0.2 us per looked-up value. Measured (us, dict vs
+# index_in): 256 values against 5k: 38 vs 220; 1024 against 5k: 151 vs 229; 4096 against 5k:
+# 574 vs 695; 1024 against 10: 215 vs 77; 4096 against 100k: 903 vs 6136. The dict is used while
+# the column is short next to the vocabulary, and only for vocabularies up to DICT_MAX_VOCAB
+# values (a Python dict takes ~100 bytes a value).
+DICT_MAX_VOCAB = 1 << 20
+
+
+def _use_dict(n: int, vocab_size: int) -> bool:
+    return vocab_size <= DICT_MAX_VOCAB and n <= vocab_size // 4 + 256
+
+
 _VOCAB_DICTS: dict[int, tuple[pa.Array, dict]] = {}
 
 
