@@ -383,10 +383,18 @@ class FeatureSchema:
                 return f
         raise KeyError(name)
 
-    def embedding_bag_configs(self):
-        """TorchRec ``EmbeddingBagConfig`` list, one per table."""
+    def embedding_bag_configs(self, init_scale: float = 0.0):
+        """TorchRec ``EmbeddingBagConfig`` list, one per table.
+
+        ``init_scale`` > 0 initialises every table uniformly in ``[-init_scale, init_scale]``
+        (the config's ``weight_init_min/max``, which TorchRec's sharded kernels use too);
+        0 keeps TorchRec's default, ``U(-sqrt(1/rows), sqrt(1/rows))``.
+        """
         from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
+        bounds = {}
+        if init_scale > 0:
+            bounds = {"weight_init_min": -init_scale, "weight_init_max": init_scale}
         return [
             EmbeddingBagConfig(
                 name=t.name,
@@ -394,6 +402,7 @@ class FeatureSchema:
                 num_embeddings=t.num_buckets,
                 feature_names=list(t.feature_names),
                 pooling=PoolingType.MEAN if t.pooling == "mean" else PoolingType.SUM,
+                **bounds,
             )
             for t in self.tables
         ]

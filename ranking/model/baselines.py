@@ -43,7 +43,7 @@ def build_baseline(config: ModelConfig, schema: FeatureSchema, device=None) -> B
         )
     emb_dim = dims.pop()
     ebc = EmbeddingBagCollection(
-        tables=schema.embedding_bag_configs(),
+        tables=schema.embedding_bag_configs(config.embedding_init_scale),
         device=None if device is None else torch.device(device),
     )
     n_dense = max(schema.num_dense, 1)

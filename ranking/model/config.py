@@ -80,6 +80,8 @@ class ModelConfig:
     ``head_dropout`` (dropout probability on the pooled input of each task head and after each of
     its hidden ReLUs), ``token_dropout`` (dropout probability on the tokenizer's output tokens,
     before the mixer stack); both are training-only (identity in eval) and mixer-only,
+    ``embedding_init_scale`` (every table starts ``U(-s, s)``; 0 = TorchRec's default
+    ``U(-sqrt(1/rows), sqrt(1/rows))``, which starts a 3-row table at up to 0.58),
     ``compute_dtype`` (``fp32`` | ``bf16``: autocast of the dense part), ``micro_batch`` (rows
     per chunk of the mixer stack; 0 = whole batch; a cache-friendly CPU layout), ``compile``
     (``torch.compile`` the mixer stack; fuses the per-token FFN's bias/activation passes).
@@ -110,6 +112,7 @@ class ModelConfig:
     head_hidden: list[int] = field(default_factory=list)
     head_dropout: float = 0.0
     token_dropout: float = 0.0
+    embedding_init_scale: float = 0.0
     compute_dtype: str = "fp32"
     micro_batch: int = 0
     compile: bool = False
@@ -235,6 +238,11 @@ class ModelConfig:
         if self.ffn_mult <= 0 or int(self.ffn_mult * self.dim) != self.ffn_mult * self.dim:
             raise self._err(
                 "ffn_mult", f"ffn_mult * dim must be a positive integer, got {self.ffn_mult}"
+            )
+        if not 0.0 <= self.embedding_init_scale <= 1.0:
+            raise self._err(
+                "embedding_init_scale",
+                f"must be in [0, 1] (0: TorchRec's default), got {self.embedding_init_scale}",
             )
         for key in ("head_dropout", "token_dropout"):
             p = getattr(self, key)

@@ -185,6 +185,7 @@ def build_model(
         dense_token=c.dense_token,
         global_token=c.global_token,
         device=device,
+        embedding_init_scale=c.embedding_init_scale,
     )
     T, D = tok.num_tokens, c.dim
     c.resolve(T)

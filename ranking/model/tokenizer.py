@@ -40,10 +40,15 @@ class SparseEmbeddings(nn.Module):
     are absent from ``group_names``).
     """
 
-    def __init__(self, schema: FeatureSchema, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        schema: FeatureSchema,
+        device: torch.device | str | None = None,
+        init_scale: float = 0.0,
+    ):
         super().__init__()
         self.ebc = EmbeddingBagCollection(
-            tables=schema.embedding_bag_configs(),
+            tables=schema.embedding_bag_configs(init_scale),
             device=None if device is None else torch.device(device),
         )
         # EBC output column order: tables in order, features within each table.
@@ -107,10 +112,11 @@ class Tokenizer(nn.Module):
         dense_token: bool = True,
         global_token: bool = False,
         device: torch.device | str | None = None,
+        embedding_init_scale: float = 0.0,
     ):
         super().__init__()
         self.mode, self.dim = mode, dim
-        self.embeddings = SparseEmbeddings(schema, device)
+        self.embeddings = SparseEmbeddings(schema, device, embedding_init_scale)
         self.num_dense = schema.num_dense
         self.dense_proj = mlp(self.num_dense, dim, dim) if dense_token and self.num_dense else None
         E = self.embeddings.width
