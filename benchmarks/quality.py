@@ -2,9 +2,12 @@
 
 Every run is the real training job (``mixrank train`` under torchrun, DistributedModelParallel),
 started as a subprocess with the experiment configs ``configs/<dataset>_<arch>.yaml``. The
-protocol is the same for every architecture of a data set: the same number of epochs and the
-same global batch (the configs agree; ``--epochs`` overrides all of them), the per-arch configs
-tuned lightly on valid only, and ``--seeds`` seeds per (data set, arch). Per run it records the
+protocol is the same for every architecture of a data set: at most the same number of epochs
+(``--epochs`` overrides all of them), best valid epoch kept, one of two documented training
+recipes per arch (A: fused rowwise-Adagrad tables + L2 on the looked-up embeddings; B:
+data-parallel tables decayed as a whole by Adam, global batch 4096), chosen on valid with seed 0
+(light tuning on valid only), the global batch of each config (``--global-batch`` forces one),
+and ``--seeds`` seeds per (data set, arch). Per run it records the
 validation AUC/logloss of the exported model (``summary.json``: with ``train.select_best`` in the
 configs, the best per-epoch evaluation on valid, and the epoch it came from), for MovieLens also
 the test AUC/logloss of that exported artifact (the code path of ``mixrank eval``), training
@@ -68,7 +71,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arch (default 3)")
     parser.add_argument("--nproc", type=int, default=2, help="processes per run (default 2)")
     parser.add_argument(
-        "--global-batch", type=int, default=1024, help="global batch; per rank = this / nproc"
+        "--global-batch",
+        type=int,
+        default=None,
+        help="global batch for every run; per rank = this / nproc (default: each config's own, "
+        "whose data.batch_size is per rank at --nproc 2)",
     )
     parser.add_argument("--epochs", type=int, default=None, help="override every config's epochs")
     parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
@@ -97,6 +104,29 @@ def _config(dataset: str, arch: str) -> Path:
     return REPO / "configs" / f"{dataset}_{arch}.yaml"
 
 
+def recipe_name(exp) -> str:
+    """Which of the two documented training recipes a run used (docs/RESULTS.md): ``A``
+    (fused rowwise-Adagrad tables, L2 on the looked-up embeddings), ``B`` (data-parallel tables
+    decayed as a whole by the dense Adam), ``other``."""
+    t = exp.train
+    if t.embedding_l2 and not t.embedding_weight_decay:
+        return "A"
+    if t.embedding_weight_decay and t.sharding.get("*") == "data_parallel":
+        return "B"
+    return "other"
+
+
+def _global_batch(dataset: str, arch: str, args) -> int:
+    """``--global-batch``, else the config's own: its ``data.batch_size`` is per rank at the
+    documented ``--nproc 2``."""
+    if args.global_batch:
+        return args.global_batch
+    import yaml
+
+    raw = yaml.safe_load(_config(dataset, arch).read_text())
+    return 2 * int(raw.get("data", {}).get("batch_size", 512))
+
+
 def _model_counts(config: Path) -> dict:
     """Counts of the model a run trained: from its resolved ``config.yaml`` (whose schema is the
     run's own vocabulary schema under ``data.vocab_from_train``)."""
@@ -109,6 +139,8 @@ def _model_counts(config: Path) -> dict:
         "emb_params": flops.embedding_params(exp.schema),
         "flops": flops.forward_flops(exp.model, exp.schema, batch_size=exp.data.batch_size),
         "epochs": exp.train.epochs,
+        "batch_per_rank": exp.data.batch_size,
+        "recipe": recipe_name(exp),
     }
 
 
@@ -136,7 +168,7 @@ def train_run(spec: dict, args) -> dict:
     overrides = [
         f"data.train={data / split / 'train.parquet'}",
         f"data.valid={data / split / 'valid.parquet'}",
-        f"data.batch_size={args.global_batch // nproc}",
+        f"data.batch_size={_global_batch(ds, arch, args) // nproc}",
         f"train.seed={seed}",
         "train.checkpoint_every=0",
         "train.keep_checkpoints=1",
@@ -164,11 +196,21 @@ def train_run(spec: dict, args) -> dict:
             import shutil
 
             shutil.rmtree(run_dir)
-        cmd = [
-            sys.executable, "-m", "ranking.cli", "train", "--config", str(_config(ds, arch)),
-            "--nproc", str(nproc), "--run-dir", str(run_dir), *overrides,
-        ]  # fmt: skip
-        rc, stderr, paused = _run_timed(cmd)
+        # What `mixrank train --config C --nproc N --run-dir R overrides` does, with the
+        # validation, vocabulary and run directory done in this process (torch and torchrec are
+        # imported here already: that saves a CLI start, ~4 s per run), then torchrun.
+        from argparse import Namespace
+
+        from ranking.errors import UserError
+        from ranking.train.commands import launch_env, prepare_run, torchrun_command
+
+        try:
+            run = prepare_run(str(_config(ds, arch)), overrides, str(run_dir))
+        except UserError as e:
+            raise RuntimeError(f"{spec['key']}: {e}") from e
+        launch = Namespace(nproc=nproc, rdzv_endpoint=None, nnodes="1", node_rank=None,
+                           rdzv_id=None)  # fmt: skip
+        rc, stderr, paused = _run_timed(torchrun_command(run, launch), env=launch_env(nproc))
         if rc != 0:
             raise RuntimeError(f"{spec['key']}: mixrank train failed:\n{stderr[-3000:]}")
         key_file.write_text(json.dumps(key))
@@ -207,7 +249,7 @@ def train_run(spec: dict, args) -> dict:
     return rec
 
 
-def _run_timed(cmd: list[str]) -> tuple[int, str, float]:
+def _run_timed(cmd: list[str], env: dict | None = None) -> tuple[int, str, float]:
     """Run ``cmd``; returns (exit status, stderr, seconds it stood stopped). The machine is
     shared, and another engineer's timing benchmarks SIGSTOP niced jobs while they measure: the
     child's state is sampled every 0.5 s (``/proc/<pid>/stat``, state ``T``), and a sampling
@@ -216,7 +258,9 @@ def _run_timed(cmd: list[str]) -> tuple[int, str, float]:
 
     paused = 0.0
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, cwd=REPO)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, cwd=REPO, env=env
+        )
         stat = Path(f"/proc/{proc.pid}/stat")
         last = time.perf_counter()
         while proc.poll() is None:
@@ -291,6 +335,8 @@ def aggregate(records: list[dict]) -> list[dict]:
                 row[m], row[m + "_std"] = _ms([r.get(m) for r in rs])
         for m in ("dense_params", "emb_params", "flops", "epochs"):
             row[m] = rs[0][m]
+        row["recipe"] = rs[0].get("recipe", "A")
+        row["global_batch"] = rs[0]["nproc"] * rs[0].get("batch_per_rank", 512)
         be = [r.get("best_epoch") for r in rs if r.get("best_epoch") is not None]
         row["best_epochs"] = "/".join(f"{b:g}" for b in be) if be else "-"
         row["samples_per_s"] = statistics.median([r["samples_per_s"] for r in rs])
@@ -414,13 +460,17 @@ def markdown(rows, scaling, plots, meta) -> str:
              f"now; the runs' own wall times sum to {meta['runs_wall_min']:.1f} min, of which "
              f"{meta.get('paused_min', 0.0):.1f} min stopped by other jobs' SIGSTOP, measured for "
              f"{meta.get('paused_measured', 0)} of the runs), "
-             f"nproc {meta['nproc']}, global batch {meta['global_batch']}._", ""]  # fmt: skip
+             f"nproc {meta['nproc']}, global batch "
+             f"{meta['global_batch'] or 'per config'}._", ""]  # fmt: skip
     for ds in dict.fromkeys(r["dataset"] for r in rows):
         rs = [r for r in rows if r["dataset"] == ds]
         has_test = any("test_auc" in r for r in rs)
         lines += [f"### {ds} (train -> valid{', test' if has_test else ''})", ""]
-        head = "| arch | seeds | max epochs | best epoch per seed | valid AUC | valid logloss |"
-        sep = "| --- | ---: | ---: | ---: | ---: | ---: |"
+        head = (
+            "| arch | recipe | global batch | seeds | max epochs | best epoch per seed "
+            "| valid AUC | valid logloss |"
+        )
+        sep = "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
         if has_test:
             head += " test AUC | test logloss |"
             sep += " ---: | ---: |"
@@ -430,7 +480,8 @@ def markdown(rows, scaling, plots, meta) -> str:
         best = max(rs, key=lambda r: r["valid_auc"])
         for r in rs:
             name = f"**{r['arch']}**" if r is best else r["arch"]
-            cells = [name, str(r["seeds"]), str(r["epochs"]), r.get("best_epochs", "-"),
+            cells = [name, r.get("recipe", "A"), str(r.get("global_batch", "-")), str(r["seeds"]),
+                     str(r["epochs"]), r.get("best_epochs", "-"),
                      f"{_f(r['valid_auc'])} ± {_f(r['valid_auc_std'])}",
                      f"{_f(r['valid_logloss'])} ± {_f(r['valid_logloss_std'])}"]  # fmt: skip
             if has_test:

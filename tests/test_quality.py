@@ -36,6 +36,9 @@ def test_quality_quick(shared_data, repo_root, tmp_path):
         assert r["valid_auc"] > FLOORS[ds] - MARGIN, r
         assert 0 < r["valid_logloss"] < 0.7, r
         assert r["flops"] > 0 and r["dense_params"] > 0 and r["samples_per_s"] > 0
+    # each arch runs its config's recipe and global batch (Frappe RankMixer: recipe B at 4096)
+    assert (rows[("frappe", "rankmixer")]["recipe"], rows[("frappe", "rankmixer")]["global_batch"]) == ("B", 4096)  # fmt: skip
+    assert (rows[("frappe", "dlrm")]["recipe"], rows[("frappe", "dlrm")]["global_batch"]) == ("A", 1024)  # fmt: skip
     for arch in ("dlrm", "rankmixer"):  # MovieLens final numbers come from the test split
         assert 0.5 < rows[("movielens", arch)]["test_auc"] < 1.0
     # the configs train on per-run vocabularies (data.vocab_from_train): the embedding-parameter

@@ -173,13 +173,19 @@ def torchrun_command(run: Path, args) -> list[str]:
     return cmd
 
 
+def launch_env(nproc: int) -> dict:
+    """The workers' environment: one OpenMP pool of cores / nproc threads per process unless
+    OMP_NUM_THREADS is set."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
+    return env
+
+
 def train(args) -> int:
     run = prepare_run(args.config, args.overrides, args.run_dir)
     cmd = torchrun_command(run, args)
     print(f"[mixrank] run directory: {run}", file=sys.stderr, flush=True)
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, args.nproc))))
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=launch_env(args.nproc), start_new_session=True)
 
     def forward(signum, _frame):
         with contextlib.suppress(ProcessLookupError):
