@@ -24,9 +24,9 @@ the ``<!-- quality:begin -->`` / ``<!-- quality:end -->`` markers of ``--out`` (
 the prose around them is kept), ``quality_results.json`` and PNG plots next to it.
 
 Finished runs are cached: a run directory under ``--work-dir`` that holds a ``summary.json`` for
-the same config file content and overrides is not trained again (``--fresh`` ignores the cache).
+the same parsed config (comments do not count) and overrides is not trained again (``--fresh`` ignores the cache).
 
-    mixrank bench quality                   # the full protocol (<= 60 min on 2 idle cores)
+    mixrank bench quality                   # the full protocol (~60-63 min on 2 idle cores)
     mixrank bench quality --quick           # a subset, one seed, short runs: checks the harness
     python -m benchmarks.quality --quick --out /tmp/q/RESULTS.md
 """
@@ -102,6 +102,14 @@ def add_arguments(parser) -> None:
 
 def _config(dataset: str, arch: str) -> Path:
     return REPO / "configs" / f"{dataset}_{arch}.yaml"
+
+
+def config_digest(path: Path) -> str:
+    """The cache key of a config: its parsed content (comments and layout do not count)."""
+    import yaml
+
+    canon = json.dumps(yaml.safe_load(path.read_text()), sort_keys=True)
+    return "yaml:" + hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
 def recipe_name(exp) -> str:
@@ -180,7 +188,7 @@ def train_run(spec: dict, args) -> dict:
         overrides.append(f"train.max_steps={args.max_steps}")
     run_dir = Path(args.work_dir) / spec["key"]
     key_file = run_dir / "quality_overrides.json"
-    config_sha = hashlib.sha256(_config(ds, arch).read_bytes()).hexdigest()[:16]
+    config_sha = config_digest(_config(ds, arch))
     key = {"nproc": nproc, "overrides": overrides, "config_sha": config_sha}
     cached = (
         not args.fresh

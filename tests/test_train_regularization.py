@@ -73,9 +73,13 @@ def test_config_refuses_fused_embedding_decay_on_cpu_and_accepts_data_parallel()
     # a table left fused is enough to refuse
     with pytest.raises(ConfigError, match=r"train\.embedding_weight_decay"):
         load_experiment(
-            "configs/frappe_rankmixer.yaml",
+            "configs/frappe_dlrm.yaml",
             ["train.embedding_weight_decay=0.1", "train.sharding.user=data_parallel"],
             require_data=False,
+        )
+    with pytest.raises(ConfigError, match=r"train\.embedding_weight_decay"):
+        load_experiment(  # recipe B's config with one table back on the fused kernels
+            "configs/frappe_rankmixer.yaml", ["train.sharding.user=table_wise"], require_data=False
         )
     exp = load_experiment(
         "configs/frappe_rankmixer.yaml",
@@ -118,6 +122,7 @@ def test_adamw_groups_decay_embeddings_only_against_the_formula():
         "configs/frappe_rankmixer.yaml",
         [
             "train.sharding.*=data_parallel",
+            "train.dense_optimizer=adamw",
             "train.embedding_weight_decay=2.0",
             "train.weight_decay=0.0",
             "train.lr=0.01",
@@ -208,3 +213,40 @@ def test_dmp_data_parallel_tables_land_in_the_embedding_group(tmp_path):
     assert all("embedding_bags" in n for n in emb)
     assert not any("embedding_bags" in n for n in by_wd[0.01])  # user is fused, not here
     assert len(by_wd[0.01]) > 4  # the mixer's dense parameters
+
+
+def test_adam_couples_the_table_decay_into_the_gradient_recipe_b():
+    """Recipe B (configs/frappe_rankmixer.yaml as shipped): Adam with a coupled L2 decay on the
+    data-parallel tables only. Two steps against the Adam formula with ``g + wd * p`` as the
+    gradient; a row that is never looked up still moves (its gradient is ``wd * p`` alone)."""
+    from ranking.train.worker import dense_optimizer_factory, embedding_param_names
+
+    exp = load_experiment("configs/frappe_rankmixer.yaml", [], require_data=False)
+    t = exp.train
+    assert (t.dense_optimizer, t.sharding, t.weight_decay) == ("adam", {"*": "data_parallel"}, 0)
+    wd, lr, (b1, b2), eps = t.embedding_weight_decay, t.lr, (0.9, 0.999), 1e-8
+    assert wd > 0
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"sparse": torch.nn.Embedding(5, 3), "mlp": torch.nn.Linear(3, 1)})
+    named = dict(model.named_parameters())
+    emb = embedding_param_names(named.items(), ["sparse"])
+    opt = dense_optimizer_factory(exp, emb)(named)
+    init_row1 = named["sparse.weight"][1].detach().clone()
+    state = {n: (p.detach().clone(), torch.zeros_like(p), torch.zeros_like(p))
+             for n, p in named.items()}  # fmt: skip
+    for step in (1, 2):
+        opt.zero_grad()
+        model["mlp"](model["sparse"](torch.tensor([0, 2]))).sum().backward()
+        for n, p in named.items():
+            ref, m, v = state[n]
+            g = p.grad.detach() + (wd * ref if n in emb else 0.0)
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            m_hat, v_hat = m / (1 - b1**step), v / (1 - b2**step)
+            state[n] = (ref - lr * m_hat / (v_hat.sqrt() + eps), m, v)
+        opt.step()
+        for n, p in named.items():
+            torch.testing.assert_close(p.detach(), state[n][0], atol=1e-6, rtol=1e-5)
+    # the never-looked-up row 1 moved towards 0, by ~lr per step (Adam normalises wd * p)
+    row1 = named["sparse.weight"][1].detach()
+    torch.testing.assert_close(row1.abs(), init_row1.abs() - 2 * lr, atol=1e-4, rtol=0)
