@@ -4,11 +4,7 @@ in the trainer's DistributedModelParallel build (fused table-wise and data-paral
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -58,11 +54,9 @@ def test_bad_scale_names_the_key(bad):
         )
 
 
-def test_trainer_build_fused_and_data_parallel_tables_follow_the_scale(tmp_path):
+def test_trainer_build_fused_and_data_parallel_tables_follow_the_scale(one_rank_trainer):
     """One gloo rank, the trainer's own build: ``user`` is a fused table-wise table (FBGEMM
     initialises it from the config's bounds), the rest are data-parallel."""
-    import yaml
-
     s = 2e-3
     cfg = {
         "name": "init",
@@ -77,34 +71,18 @@ def test_trainer_build_fused_and_data_parallel_tables_follow_the_scale(tmp_path)
         "data": {"batch_size": 8},
         "train": {"sharding": {"*": "data_parallel", "user": "table_wise"}},
     }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    script = textwrap.dedent(
-        f"""
-        import json, os
-        from pathlib import Path
-        os.environ.setdefault("WORLD_SIZE", "1")
-        import ranking.train.config as c
-        real = c.load_experiment
-        c.load_experiment = lambda p: real(p, require_data=False)
-        import ranking.train.worker as w
-        w.load_experiment = c.load_experiment
-        t = w.Trainer(Path({str(tmp_path)!r}))
-        out = {{}}
+    stats = one_rank_trainer(
+        cfg,
+        """
+        out = {}
         for name, v in t.model.state_dict().items():
             if "embedding_bags" not in name or not name.endswith(".weight"):
                 continue
             if hasattr(v, "local_shards"):
                 v = v.local_shards()[0].tensor
             out[name.split(".")[-2]] = [float(v.abs().max()), float(v.float().std()), v.numel()]
-        print(json.dumps(out))
-        import torch.distributed as dist
-        dist.destroy_process_group()
-        """
+        """,
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    stats = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "user" in stats and "item" in stats and len(stats) == 10
     for name, (mx, std, _n) in stats.items():
         assert mx <= s * (1 + 1e-6), name

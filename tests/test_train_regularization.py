@@ -9,10 +9,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -159,12 +155,10 @@ def test_adamw_groups_decay_embeddings_only_against_the_formula():
     torch.testing.assert_close(t[1], before["sparse.t.weight"][1] * (1 - lr * 2.0))
 
 
-def test_dmp_data_parallel_tables_land_in_the_embedding_group(tmp_path):
+def test_dmp_data_parallel_tables_land_in_the_embedding_group(one_rank_trainer):
     """The trainer's own build (DistributedModelParallel, one gloo rank): every data-parallel
     table, and nothing else, is in the ``embedding_weight_decay`` group (0 here, against 0.01
     for the rest: a fused table cannot take decay on CPU, so ``user`` must be in neither)."""
-    import yaml
-
     cfg = {
         "name": "groups",
         "schema": "frappe",
@@ -176,35 +170,16 @@ def test_dmp_data_parallel_tables_land_in_the_embedding_group(tmp_path):
             "weight_decay": 0.01,
         },
     }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    script = textwrap.dedent(
-        f"""
-        import json, os
-        from pathlib import Path
-        os.environ.setdefault("WORLD_SIZE", "1")
-        import ranking.train.config as c
-        real = c.load_experiment
-        c.load_experiment = lambda p: real(p, require_data=False)
-        import ranking.train.worker as w
-        w.load_experiment = c.load_experiment
-        t = w.Trainer(Path({str(tmp_path)!r}))
-        names = {{id(p): n for n, p in t.model.named_parameters()}}
-        groups = [
-            {{"wd": g["weight_decay"], "names": sorted(names[id(p)] for p in g["params"])}}
+    groups = one_rank_trainer(
+        cfg,
+        """
+        names = {id(p): n for n, p in t.model.named_parameters()}
+        out = [
+            {"wd": g["weight_decay"], "names": sorted(names[id(p)] for p in g["params"])}
             for g in t.dense_opt._optimizer.param_groups
         ]
-        print(json.dumps(groups))
-        import torch.distributed as dist
-        dist.destroy_process_group()
-        """
+        """,
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
-    groups = json.loads(proc.stdout.strip().splitlines()[-1])
     by_wd = {g["wd"]: g["names"] for g in groups}
     tables = {"item", "cost", "daytime", "weekday", "isweekend", "homework", "weather",
               "country", "city"}  # fmt: skip
