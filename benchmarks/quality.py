@@ -1,7 +1,9 @@
 """``mixrank bench quality``: model quality of every architecture on real data, and a scaling sweep.
 
-Every run is the real training job (``mixrank train`` under torchrun, DistributedModelParallel),
-started as a subprocess with the experiment configs ``configs/<dataset>_<arch>.yaml``. The
+Every run is the real training job (``mixrank train``'s preparation, then its worker under
+torchrun, DistributedModelParallel) with the experiment configs ``configs/<dataset>_<arch>.yaml``;
+up to ``--runs-per-launch`` consecutive runs train one after the other in one torchrun (one start
+of the workers and the process group instead of one per run). The
 protocol is the same for every architecture of a data set: at most the same number of epochs
 (``--epochs`` overrides all of them), best valid epoch kept, one of two documented training
 recipes per arch (A: fused rowwise-Adagrad tables + L2 on the looked-up embeddings; B:
@@ -91,6 +93,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "quality"), help="run dirs")
     parser.add_argument("--fresh", action="store_true", help="retrain even if a run is cached")
     parser.add_argument(
+        "--runs-per-launch",
+        type=int,
+        default=10,
+        help="consecutive runs trained in one torchrun (one start of the workers for them all; "
+        "default 10, 1: a torchrun per run)",
+    )
+    parser.add_argument(
         "--cached-only",
         action="store_true",
         help="train nothing: write the page from the finished (cached) runs, listing the rest",
@@ -166,11 +175,9 @@ def _eval_test(artifact: Path, data: Path) -> dict:
     return next(iter(m.values())) if m and isinstance(next(iter(m.values())), dict) else m
 
 
-def train_run(spec: dict, args) -> dict:
-    """Train one (data set, arch, seed, overrides) with ``mixrank train``; returns its record."""
-    ds, arch, seed, extra, nproc = (
-        spec["dataset"], spec["arch"], spec["seed"], spec["overrides"], spec["nproc"],
-    )  # fmt: skip
+def _run_key(spec: dict, args) -> dict:
+    """What a run's cache is keyed by: processes, command-line overrides, parsed config."""
+    ds, arch, seed, nproc = spec["dataset"], spec["arch"], spec["seed"], spec["nproc"]
     data = Path(args.data)
     split = {"frappe": "frappe", "movielens": "movielens100k"}[ds]
     overrides = [
@@ -180,50 +187,113 @@ def train_run(spec: dict, args) -> dict:
         f"train.seed={seed}",
         "train.checkpoint_every=0",
         "train.keep_checkpoints=1",
-        *extra,
+        *spec["overrides"],
     ]
     if args.epochs:
         overrides.append(f"train.epochs={args.epochs}")
     if args.max_steps:
         overrides.append(f"train.max_steps={args.max_steps}")
+    return {"nproc": nproc, "overrides": overrides, "config_sha": config_digest(_config(ds, arch))}
+
+
+def _is_cached(spec: dict, args) -> bool:
     run_dir = Path(args.work_dir) / spec["key"]
     key_file = run_dir / "quality_overrides.json"
-    config_sha = config_digest(_config(ds, arch))
-    key = {"nproc": nproc, "overrides": overrides, "config_sha": config_sha}
-    cached = (
+    return (
         not args.fresh
         and (run_dir / "summary.json").is_file()
         and key_file.is_file()
-        and json.loads(key_file.read_text()) == key
+        and json.loads(key_file.read_text()) == _run_key(spec, args)
     )
-    t0 = time.perf_counter()
-    if not cached and getattr(args, "cached_only", False):
-        return None
-    if not cached:
-        if run_dir.exists():
-            import shutil
 
-            shutil.rmtree(run_dir)
-        # What `mixrank train --config C --nproc N --run-dir R overrides` does, with the
-        # validation, vocabulary and run directory done in this process (torch and torchrec are
-        # imported here already: that saves a CLI start, ~4 s per run), then torchrun.
-        from argparse import Namespace
 
-        from ranking.errors import UserError
-        from ranking.train.commands import launch_env, prepare_run, torchrun_command
+def _prepare(spec: dict, args) -> Path:
+    """What ``mixrank train --config C --run-dir R overrides`` does before torchrun (validation,
+    vocabulary, run directory), done in this process: torch and torchrec are imported here
+    already, which saves a CLI start (~4 s) per run."""
+    from ranking.errors import UserError
+    from ranking.train.commands import prepare_run
+
+    run_dir = Path(args.work_dir) / spec["key"]
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    try:
+        return prepare_run(
+            str(_config(spec["dataset"], spec["arch"])),
+            _run_key(spec, args)["overrides"],
+            str(run_dir),
+        )
+    except UserError as e:
+        raise RuntimeError(f"{spec['key']}: {e}") from e
+
+
+def _launch(specs: list[dict], args):
+    """Train the prepared ``specs`` (same ``nproc``) one after the other in one torchrun
+    (``ranking.train.worker --run-dir A --run-dir B ...``): one start of torchrun, Python,
+    TorchRec and the process group for them all instead of ~6-8 s per run. Yields each spec when
+    its ``summary.json`` appears, with its wall seconds (since the previous run ended, or since
+    the launch for the first: the start is charged to it; the last one's include the process
+    exit) and the seconds it stood stopped (the machine is shared, and another engineer's
+    timing benchmarks SIGSTOP niced jobs while they measure: the worker's state is sampled every
+    0.25 s from ``/proc/<pid>/stat``, state ``T``, and a sampling gap over 2 s counts as stopped
+    too, as this harness, niced as well, is stopped with the run)."""
+    import tempfile
+    from argparse import Namespace
+
+    from ranking.train.commands import launch_env, torchrun_command
+
+    nproc = specs[0]["nproc"]
+    dirs = [Path(args.work_dir) / s["key"] for s in specs]
+    launch = Namespace(nproc=nproc, rdzv_endpoint=None, nnodes="1", node_rank=None, rdzv_id=None)
+    cmd = torchrun_command(dirs[0], launch) + [a for d in dirs[1:] for a in ("--run-dir", str(d))]
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, cwd=REPO, env=launch_env(nproc)
+        )
+        stat = Path(f"/proc/{proc.pid}/stat")
+        t_prev = last = time.perf_counter()
+        paused = 0.0
+
+        def failed(key: str) -> RuntimeError:
+            err.seek(0)
+            return RuntimeError(
+                f"{key}: mixrank train failed (exit {proc.returncode}):\n{err.read()[-3000:]}"
+            )
 
         try:
-            run = prepare_run(str(_config(ds, arch)), overrides, str(run_dir))
-        except UserError as e:
-            raise RuntimeError(f"{spec['key']}: {e}") from e
-        launch = Namespace(nproc=nproc, rdzv_endpoint=None, nnodes="1", node_rank=None,
-                           rdzv_id=None)  # fmt: skip
-        rc, stderr, paused = _run_timed(torchrun_command(run, launch), env=launch_env(nproc))
-        if rc != 0:
-            raise RuntimeError(f"{spec['key']}: mixrank train failed:\n{stderr[-3000:]}")
-        key_file.write_text(json.dumps(key))
-        (run_dir / "wall_s").write_text(f"{time.perf_counter() - t0:.1f}")
-        (run_dir / "paused_s").write_text(f"{paused:.1f}")
+            for i, (spec, d) in enumerate(zip(specs, dirs)):
+                final = i == len(specs) - 1
+                while not (d / "summary.json").is_file() or (final and proc.poll() is None):
+                    if proc.poll() is not None and not (d / "summary.json").is_file():
+                        raise failed(spec["key"])
+                    time.sleep(0.25)
+                    now = time.perf_counter()
+                    try:
+                        state = stat.read_text().rsplit(")", 1)[1].split()[0]
+                    except (OSError, IndexError):
+                        state = ""
+                    if state in ("T", "t"):
+                        paused += now - last
+                    elif now - last > 2.0:  # this process itself was stopped
+                        paused += now - last - 0.25
+                    last = now
+                if final and proc.returncode:
+                    raise failed(spec["key"])
+                now = time.perf_counter()
+                yield spec, now - t_prev, paused
+                t_prev, paused = time.perf_counter(), 0.0
+        finally:
+            if proc.poll() is None:  # the caller stopped early, or a record failed
+                proc.kill()
+                proc.wait()
+
+
+def _record(spec: dict, args, cached: bool) -> dict:
+    """The result record of a finished run, from its run directory."""
+    ds = spec["dataset"]
+    run_dir = Path(args.work_dir) / spec["key"]
     summary = json.loads((run_dir / "summary.json").read_text())
     paused_file = run_dir / "paused_s"
     ev = summary["eval"]
@@ -236,7 +306,7 @@ def train_run(spec: dict, args) -> dict:
     rec = {
         "bench": "quality",
         **{k: spec[k] for k in ("dataset", "arch", "seed", "group", "size")},
-        "nproc": nproc,
+        "nproc": spec["nproc"],
         "valid_auc": ev["auc"],
         "valid_logloss": ev["logloss"],
         "samples_per_s": statistics.median(rates) if rates else None,
@@ -252,39 +322,48 @@ def train_run(spec: dict, args) -> dict:
         **_model_counts(run_dir / "config.yaml"),
     }
     if ds in TEST_SPLIT:
-        te = _eval_test(run_dir / "artifact", data / TEST_SPLIT[ds])
+        te = _eval_test(run_dir / "artifact", Path(args.data) / TEST_SPLIT[ds])
         rec["test_auc"], rec["test_logloss"] = te["auc"], te["logloss"]
     return rec
 
 
-def _run_timed(cmd: list[str], env: dict | None = None) -> tuple[int, str, float]:
-    """Run ``cmd``; returns (exit status, stderr, seconds it stood stopped). The machine is
-    shared, and another engineer's timing benchmarks SIGSTOP niced jobs while they measure: the
-    child's state is sampled every 0.5 s (``/proc/<pid>/stat``, state ``T``), and a sampling
-    gap over 2 s counts as stopped too (this harness, niced as well, is stopped with the run)."""
-    import tempfile
+def train_runs(specs: list[dict], args):
+    """Yields ``(spec, record)`` for every spec in order; ``record`` is None for a run not
+    trained yet under ``--cached-only``. Cached runs are read back; the others are prepared and
+    trained in launches of up to ``--runs-per-launch`` consecutive runs with the same ``nproc``."""
+    i = 0
+    while i < len(specs):
+        spec = specs[i]
+        if _is_cached(spec, args):
+            yield spec, _record(spec, args, cached=True)
+            i += 1
+            continue
+        if getattr(args, "cached_only", False):
+            yield spec, None
+            i += 1
+            continue
+        batch = [spec]
+        while (
+            i + len(batch) < len(specs)
+            and len(batch) < max(1, args.runs_per_launch)
+            and specs[i + len(batch)]["nproc"] == spec["nproc"]
+            and not _is_cached(specs[i + len(batch)], args)
+        ):
+            batch.append(specs[i + len(batch)])
+        for s in batch:
+            _prepare(s, args)
+        for s, wall, paused in _launch(batch, args):
+            run_dir = Path(args.work_dir) / s["key"]
+            (run_dir / "quality_overrides.json").write_text(json.dumps(_run_key(s, args)))
+            (run_dir / "wall_s").write_text(f"{wall:.1f}")
+            (run_dir / "paused_s").write_text(f"{paused:.1f}")
+            yield s, _record(s, args, cached=False)
+        i += len(batch)
 
-    paused = 0.0
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, cwd=REPO, env=env
-        )
-        stat = Path(f"/proc/{proc.pid}/stat")
-        last = time.perf_counter()
-        while proc.poll() is None:
-            time.sleep(0.5)
-            now = time.perf_counter()
-            try:
-                state = stat.read_text().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                state = ""
-            if state in ("T", "t"):
-                paused += now - last
-            elif now - last > 2.0:  # this process itself was stopped
-                paused += now - last - 0.5
-            last = now
-        err.seek(0)
-        return proc.returncode, err.read(), paused
+
+def train_run(spec: dict, args) -> dict | None:
+    """Train (or read back) one run; returns its record."""
+    return next(train_runs([spec], args))[1]
 
 
 # --------------------------------------------------------------------------- the plan
@@ -594,14 +673,12 @@ def run(args) -> int:
     trained_s, n_trained = 0.0, 0
     took: dict[tuple, float] = {}  # (dataset, arch, size) -> seconds of its last trained run
     missing: list[str] = []
-    for i, spec in enumerate(specs):
-        t0 = time.perf_counter()
-        rec = train_run(spec, args)
+    for i, (spec, rec) in enumerate(train_runs(specs, args)):
         if rec is None:  # --cached-only and not run yet
             missing.append(spec["key"])
             continue
         if not rec["cached"]:
-            trained_s += time.perf_counter() - t0
+            trained_s += rec["wall_s"]
             n_trained += 1
         records.append(rec)
         emit(rec)

@@ -106,6 +106,18 @@ def test_training_metrics_exporter_serves_prometheus_text():
     assert got["mixrank_train_samples_per_second"] == 1234.5
     assert got["mixrank_train_eval_auc"] == 0.75
     assert _PromExporter(rank=1, port=port).gauges is None  # only rank 0 exports
+    # the next run of a several-run worker (quality harness) reuses the endpoint and gauges
+    # instead of failing to bind the port or to register the gauges again
+    again = _PromExporter(rank=0, port=port)
+    again.update({"step": 7})
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    steps = [
+        s.value
+        for fam in text_string_to_metric_families(body)
+        for s in fam.samples
+        if s.name == "mixrank_train_step"
+    ]
+    assert steps == [7]
 
 
 def test_fused_embedding_optimiser_params_from_config():

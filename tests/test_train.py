@@ -239,3 +239,30 @@ def test_forced_sharding_types_train_and_export(data, tmp_path, capsys):
     )
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert abs(got["auc"] - final_eval["auc"]) < 1e-4
+
+
+def test_several_runs_in_one_worker_match_separate_launches(full_run, data, tmp_path):
+    """``ranking.train.worker --run-dir A --run-dir B`` (the quality harness's launches): a run
+    trained second in the process, after a different model, ends exactly where the same run
+    ends alone (``full_run``, its own ``mixrank train``): nothing leaks between runs."""
+    from argparse import Namespace
+
+    from ranking.train.commands import launch_env, prepare_run, torchrun_command
+
+    cfg, full_dir = full_run
+    other = prepare_run(str(cfg), ["model.arch=dlrm", "train.seed=3"], str(tmp_path / "other"))
+    same = prepare_run(str(cfg), [], str(tmp_path / "same"))
+    launch = Namespace(nproc=2, rdzv_endpoint=None, nnodes="1", node_rank=None, rdzv_id=None)
+    cmd = [*torchrun_command(other, launch), "--run-dir", str(same)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=launch_env(2))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("artifact written to") == 2
+    a = json.loads((full_dir / "summary.json").read_text())
+    b = json.loads((same / "summary.json").read_text())
+    assert b["step"] == a["step"]
+    assert abs(a["eval"]["auc"] - b["eval"]["auc"]) < 1e-6
+    assert abs(a["eval"]["logloss"] - b["eval"]["logloss"]) < 1e-6
+    # and the first run is the other model, trained to its end
+    first = json.loads((other / "summary.json").read_text())
+    assert first["step"] == a["step"] and first["eval"]["auc"] != a["eval"]["auc"]
+    assert yaml.safe_load((other / "config.yaml").read_text())["model"]["arch"] == "dlrm"

@@ -14,12 +14,14 @@ Run it through ``mixrank train`` (which validates the config before any process 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -32,7 +34,8 @@ from ranking.train.config import ExperimentConfig, load_experiment, sharding_typ
 
 
 def init_distributed() -> tuple[int, int, int, torch.device]:
-    """Start the process group from torchrun's environment: gloo on CPU, nccl on CUDA."""
+    """Start the process group from torchrun's environment: gloo on CPU, nccl on CUDA. A worker
+    that trains several runs (``--run-dir`` more than once) starts it once and reuses it."""
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -43,6 +46,8 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), local_rank, device
     if "MASTER_ADDR" not in os.environ:  # plain `python -m ranking.train.worker`
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -588,7 +593,10 @@ class Trainer:
             }
             if t.select_best:
                 summary["selection"] = {"metric": t.select_metric, **self.selection}
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            # written whole, then renamed: a harness that waits for it never reads half a file
+            tmp = self.run_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, self.run_dir / "summary.json")
         dist.barrier()
         return 0
 
@@ -682,11 +690,18 @@ class _RankZeroLog:
 
 
 class _PromExporter:
-    """Training metrics on a Prometheus endpoint (rank 0, when ``train.prometheus_port`` > 0)."""
+    """Training metrics on a Prometheus endpoint (rank 0, when ``train.prometheus_port`` > 0).
+    One endpoint and one set of gauges per port for the life of the process: the runs of a
+    several-run worker share them."""
+
+    _gauges: ClassVar[dict[int, dict]] = {}
 
     def __init__(self, rank: int, port: int):
         self.gauges = None
         if rank != 0 or port <= 0:
+            return
+        if port in _PromExporter._gauges:
+            self.gauges = _PromExporter._gauges[port]
             return
         from prometheus_client import Gauge, start_http_server
 
@@ -698,6 +713,7 @@ class _PromExporter:
             "lr": Gauge("mixrank_train_learning_rate", "Dense learning rate"),
             "eval_auc": Gauge("mixrank_train_eval_auc", "Validation AUC at the last evaluation"),
         }
+        _PromExporter._gauges[port] = self.gauges
 
     def update(self, rec: dict) -> None:
         if self.gauges is None:
@@ -709,11 +725,24 @@ class _PromExporter:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--run-dir", required=True)
+    p.add_argument(
+        "--run-dir",
+        required=True,
+        action="append",
+        help="a prepared run directory; given more than once, the runs train one after the "
+        "other in this process group (the quality harness: one start of torchrun, Python and "
+        "TorchRec for many runs instead of one per run)",
+    )
     args = p.parse_args(argv)
-    trainer = Trainer(Path(args.run_dir))
     try:
-        return trainer.run()
+        for run_dir in args.run_dir:
+            trainer = Trainer(Path(run_dir))
+            rc = trainer.run()
+            if rc:
+                return rc
+            del trainer  # free this run's model, optimiser state and DMP before the next
+            gc.collect()
+        return 0
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
