@@ -28,7 +28,7 @@ the prose around them is kept), ``quality_results.json`` and PNG plots next to i
 Finished runs are cached: a run directory under ``--work-dir`` that holds a ``summary.json`` for
 the same parsed config (comments do not count) and overrides is not trained again (``--fresh`` ignores the cache).
 
-    mixrank bench quality                   # the full protocol (~60-63 min on 2 idle cores)
+    mixrank bench quality                   # the full protocol (55 min on 2 idle cores)
     mixrank bench quality --quick           # a subset, one seed, short runs: checks the harness
     python -m benchmarks.quality --quick --out /tmp/q/RESULTS.md
 """
