@@ -23,6 +23,13 @@ def register(sub) -> None:
         "--metrics-port", type=int, default=8080, help="Ray's Prometheus endpoint (/metrics)"
     )
     p.add_argument("--replicas", type=int, default=None, help="fixed Ranker replica count")
+    p.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="Ray Serve's throughput-optimized mode: each Ranker replica also answers HTTP and "
+        "gRPC on its own ports (printed), skipping the proxy hop; the proxy stays on "
+        "--http-port/--grpc-port (docs/SERVING.md)",
+    )
     p.set_defaults(func=serve)
 
     p = sub.add_parser("loadtest", help="closed-loop load against a local ranking service")
@@ -56,7 +63,7 @@ def serve(args) -> int:
     )
     try:
         print(f"starting Ray Serve with {args.config} ...", flush=True)
-        config.start(cfg, metrics_port=args.metrics_port)
+        config.start(cfg, metrics_port=args.metrics_port, direct_ingress=args.direct_ingress)
         # Ctrl-C and SIGTERM end the loop below and shut down cleanly. Installed after
         # ray.init, which sets its own handlers; SIGINT explicitly, since a shell starts
         # background jobs with it ignored.
@@ -67,10 +74,15 @@ def serve(args) -> int:
             f"{Path(args.artifact).resolve()}\n"
             f"  HTTP  http://{args.host}:{args.http_port}/v1/rank  (GET /healthz)\n"
             f"  gRPC  {args.host}:{args.grpc_port}  mixrank.v1.RankingService/Rank\n"
-            f"  metrics http://127.0.0.1:{args.metrics_port}/metrics\n"
-            "Ctrl-C to stop.",
+            f"  metrics http://127.0.0.1:{args.metrics_port}/metrics",
             flush=True,
         )
+        if args.direct_ingress:
+            targets = config.ingress_targets()
+            for proto, path in (("http", "/v1/rank"), ("grpc", "")):
+                for _, port in targets[proto]:
+                    print(f"  direct {proto.upper():4}  {args.host}:{port}{path}", flush=True)
+        print("Ctrl-C to stop.", flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:

@@ -117,6 +117,19 @@ def _validate(cfg: dict, path: Path) -> None:
         raise UserError(f"{path}: not a valid Serve config: {e}") from e
 
 
+# Ray Serve's throughput-optimized mode (docs.ray.io "Enable High Throughput on Ray Serve"):
+# among others, direct ingress: every ingress replica runs its own HTTP and gRPC server, so a
+# request goes client -> replica with no proxy actor and no Ray RPC for its body. The proxy on
+# the head node keeps answering on http_options.port as before. Process-level: it must be in
+# the environment when Ray starts (KubeRay: the pods' env, see helm/).
+THROUGHPUT_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # a direct-ingress replica drains for this long before it stops (Ray's default is 30 s;
+    # ours answer in milliseconds)
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+}
+
+
 def start(
     cfg: dict,
     *,
@@ -124,9 +137,14 @@ def start(
     num_cpus: int | None = None,
     timeout_s: float = 120.0,
     quiet: bool = True,
+    direct_ingress: bool = False,
 ) -> None:
     """Start a local Ray (metrics on ``metrics_port``) and deploy ``cfg``; wait until every
-    application is RUNNING (``UserError`` with Serve's message if one fails)."""
+    application is RUNNING (``UserError`` with Serve's message if one fails).
+
+    ``direct_ingress``: start Ray with Serve's throughput-optimized mode (``THROUGHPUT_ENV``):
+    each ingress replica also listens on its own ports (``ingress_targets``). Applies to a Ray
+    this call starts; an explicit value in the environment wins."""
     import ray
     from ray.serve._private import api as serve_api
     from ray.serve.config import gRPCOptions
@@ -140,6 +158,10 @@ def start(
     # 0.64x at nice 0 (docs/BENCHMARKS.md). Set before the raylet starts; an explicit value in
     # the environment wins.
     os.environ.setdefault("RAY_worker_niceness", "0")
+    saved = {k: os.environ.get(k) for k in THROUGHPUT_ENV}
+    if direct_ingress:
+        for k, v in THROUGHPUT_ENV.items():
+            os.environ.setdefault(k, v)
     if not ray.is_initialized():
         try:
             ray.init(
@@ -153,6 +175,12 @@ def start(
             )
         except Exception as e:  # a busy machine: the raylet or GCS did not come up
             raise UserError(f"could not start a local Ray: {e}") from e
+        finally:  # the raylet has its copy; later starts in this process choose afresh
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     schema = ServeDeploySchema.model_validate(cfg)
     client = serve_api.serve_start(
         http_options=schema.http_options.model_dump(),
@@ -161,6 +189,27 @@ def start(
     )
     client.deploy_apps(schema, _blocking=False)
     wait_running(timeout_s)
+
+
+def ingress_targets(app: str = APP, timeout_s: float = 30.0) -> dict[str, list[tuple[str, int]]]:
+    """``{"http": [(ip, port), ...], "grpc": [...]}``: where ``app``'s ingress replicas listen
+    in direct-ingress mode (the head node's proxy otherwise), from the Serve controller's
+    target groups (the list Ray's HAProxy integration balances over). Waits until every
+    running ingress replica has its ports."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out: dict[str, list[tuple[str, int]]] = {"http": [], "grpc": []}
+        for group in ray.get(controller.get_target_groups.remote(app)):
+            proto = str(getattr(group.protocol, "value", group.protocol)).lower()
+            if group.app_name == app and proto in out:
+                out[proto] += [(t.ip, t.port) for t in group.targets]
+        if out["http"] or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
 
 
 def wait_running(timeout_s: float = 120.0) -> None:

@@ -17,6 +17,7 @@ from ranking.data.convert import (
     dense_values,
     jagged_take,
     sparse_values,
+    table_from_columns,
     table_from_rows,
     to_batch,
 )
@@ -24,17 +25,19 @@ from ranking.features import Batch, FeatureSchema
 from serving.request import RankRequest
 
 
-def _columns(schema: FeatureSchema, rows: list[dict]) -> FeatureColumns:
-    return columns_from_arrow(
-        schema, table_from_rows(schema, rows), source="<request>", with_labels=False
-    )
+def _columns(schema: FeatureSchema, req: RankRequest) -> FeatureColumns:
+    if req.columns is None:
+        table = table_from_rows(schema, req.candidates)
+    else:  # the per-feature value lists validation already gathered
+        table = table_from_columns(schema, req.columns, req.size)
+    return columns_from_arrow(schema, table, source="<request>", with_labels=False)
 
 
 def request_columns(schema: FeatureSchema, req: RankRequest) -> FeatureColumns:
     """``FeatureColumns`` of ``req.size`` rows: candidate features, plus context features
     broadcast to every candidate that does not send its own value. Only the features the
     context sends are converted for it (one row each)."""
-    cand = _columns(schema, req.candidates)
+    cand = _columns(schema, req)
     if not req.context:
         return cand
     n = req.size
@@ -46,7 +49,10 @@ def request_columns(schema: FeatureSchema, req: RankRequest) -> FeatureColumns:
         if f.column not in req.context:
             continue
         one = column_from_values(f, [req.context[f.column]])
-        own = np.fromiter((f.column in c for c in req.candidates), dtype=bool, count=n)
+        if req.columns is not None and f.column not in req.columns:
+            own = np.zeros(n, dtype=bool)  # no candidate sends it
+        else:
+            own = np.fromiter((f.column in c for c in req.candidates), dtype=bool, count=n)
         if f.column in dense_pos:
             if dense is cand.dense:
                 dense = dense.copy()

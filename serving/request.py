@@ -45,6 +45,10 @@ class RankRequest:
     context: dict[str, Any]
     candidates: list[dict[str, Any]]
     top_k: int | None
+    # the candidates' values per feature they send (None where a candidate lacks it), kept from
+    # the column-at-a-time validation so featurisation does not gather them again; None when
+    # the per-value checks ran instead
+    columns: dict[str, list] | None = None
 
     @property
     def size(self) -> int:
@@ -158,8 +162,11 @@ def validate(obj: Any, schema: FeatureSchema, limits: Limits) -> RankRequest:
             f"{len(candidates)} candidates, the limit is {limits.max_candidates}",
             "candidates",
         )
-    if _fast_ok(context, candidates, columns, limits):
-        return RankRequest(request_id, context, candidates, top_k if top_k is None else int(top_k))
+    cand_columns: dict[str, list] = {}
+    if _fast_ok(context, candidates, columns, limits, cand_columns):
+        return RankRequest(
+            request_id, context, candidates, top_k if top_k is None else int(top_k), cand_columns
+        )
     for i, cand in enumerate(candidates):
         if not isinstance(cand, dict):
             raise RequestError(
@@ -175,19 +182,25 @@ def validate(obj: Any, schema: FeatureSchema, limits: Limits) -> RankRequest:
 _NONE = type(None)
 
 
-def _fast_ok(context: dict, candidates: list, columns: dict, limits: Limits) -> bool:
+def _fast_ok(
+    context: dict, candidates: list, columns: dict, limits: Limits, out: dict | None = None
+) -> bool:
     """Column-at-a-time check of the features (C-level passes instead of a Python call per
     value). True means every value is acceptable; False means "not sure": the per-value checks
     then run and raise the error that names the field. Never True where those would raise
-    (tests/test_serving_request.py compares both on valid and invalid requests)."""
+    (tests/test_serving_request.py compares both on valid and invalid requests). ``out``
+    receives the candidates' values of each feature some candidate sends."""
     if not all(type(c) is dict for c in candidates):
         return False
-    keys = set(context).union(*candidates)
+    cand_keys = set().union(*candidates)
+    keys = cand_keys.union(context)
     if not keys <= columns.keys():
         return False
     for name in keys:
         spec = columns[name]
-        vals = [c.get(name) for c in candidates]
+        vals = [c.get(name) for c in candidates] if name in cand_keys else [None] * len(candidates)
+        if out is not None and name in cand_keys:
+            out[name] = vals[:]
         if name in context:
             vals.append(context[name])
         types = set(map(type, vals))

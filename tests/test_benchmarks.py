@@ -81,16 +81,29 @@ def test_bench_data_tiny():
 
 def test_bench_serve_tiny():
     """`mixrank bench serve` end to end on the default model with short phases: a real Ray
-    Serve, the no-op floor, HTTP, gRPC and concurrency 8; the ratios follow from the printed
-    parts (the references are the means of the before/after in-process measurements)."""
+    Serve through its proxy and in direct-ingress mode, the no-op floor of each, HTTP, gRPC
+    and concurrency 8; the ratios follow from the printed parts (the references are the means
+    of the before/after in-process measurements, shared by both modes)."""
     out = _bench("serve", "--models", "default", "--duration", "1", "--iters", "3", timeout=600)
-    (rec,) = [r for r in _records(out) if r.get("model") == "default"]
-    assert rec["errors"] == 0
-    for key in ("raw_forward_cand_per_s", "answer_p50_ms", f"forward_p50_ms_{rec['dtype']}"):
-        assert rec[key] == pytest.approx((rec[f"{key}_before"] + rec[f"{key}_after"]) / 2)
-    fwd = rec[f"forward_p50_ms_{rec['dtype']}"]
-    assert rec["latency_ratio"] == pytest.approx(rec["http_p50_ms"] / (fwd + rec["noop_p50_ms"]))
-    assert rec["throughput_ratio"] == pytest.approx(
-        rec["c8_cand_per_s"] / rec["raw_forward_cand_per_s"]
-    )
-    assert rec["c8_cand_per_s"] > 0 and rec["grpc_p50_ms"] > 0
+    recs = {r["ingress"]: r for r in _records(out) if r.get("model") == "default"}
+    assert set(recs) == {"proxy", "direct"}
+    for rec in recs.values():
+        assert rec["errors"] == 0
+        keys = ("raw_forward_cand_per_s", "answer_p50_ms", "forward_paced_p50_ms")
+        for key in (*keys, f"forward_p50_ms_{rec['dtype']}"):
+            assert rec[key] == pytest.approx((rec[f"{key}_before"] + rec[f"{key}_after"]) / 2)
+            assert rec[key] == recs["proxy"][key]
+        fwd = rec[f"forward_p50_ms_{rec['dtype']}"]
+        assert rec["latency_ratio"] == pytest.approx(
+            rec["http_p50_ms"] / (fwd + rec["noop_p50_ms"])
+        )
+        assert rec["latency_ratio_paced"] == pytest.approx(
+            rec["http_p50_ms"] / (rec["forward_paced_p50_ms"] + rec["noop_p50_ms"])
+        )
+        assert rec["throughput_ratio"] == pytest.approx(
+            rec["c8_cand_per_s"] / rec["raw_forward_cand_per_s"]
+        )
+        assert rec["noop_throughput_ratio"] == pytest.approx(
+            rec["noop_c8_cand_per_s"] / rec["raw_forward_cand_per_s"]
+        )
+        assert rec["c8_cand_per_s"] > 0 and rec["grpc_p50_ms"] > 0

@@ -78,6 +78,30 @@ def test_context_broadcast_equals_merged_dicts(context):
     _assert_same_batch(got, want)
 
 
+# Values the column-at-a-time validation accepts, so featurisation reuses the value lists it
+# gathered (``RankRequest.columns``); a candidate's explicit null still beats the context.
+FAST_CANDIDATES = [
+    {"item": "a", "tags": [1, 2], "price": 3.5},
+    {"item": "b", "user": "override", "age": None},
+    {"item": "c", "tags": None},
+    {"tags": [], "price": 80},
+    {"age": 12, "tags": [3, 4, 5, 6]},
+]
+
+
+@pytest.mark.parametrize(
+    "context",
+    [{}, {"user": "u1", "age": 33}, {"user": "u2", "tags": [4, 4], "price": 1.25}, {"item": "x"}],
+)
+def test_validated_columns_featurise_like_merged_dicts(context):
+    req = _parse({"context": context, "candidates": FAST_CANDIDATES})
+    assert req.columns is not None  # the fast path ran
+    assert set(req.columns) == {k for c in FAST_CANDIDATES for k in c}
+    got = merged_batch(SCHEMA, [request_columns(SCHEMA, req)])
+    want = batch_from_rows(SCHEMA, [{**context, **c} for c in FAST_CANDIDATES])
+    _assert_same_batch(got, want)
+
+
 def test_several_requests_concatenate_in_order():
     r1 = _parse({"context": {"user": "a"}, "candidates": CANDIDATES[:2]})
     r2 = _parse({"context": {"tags": [1]}, "candidates": CANDIDATES[2:]})

@@ -345,6 +345,16 @@ def table_from_rows(
     return pa.table(cols) if cols else pa.table({"_": pa.nulls(len(rows))})
 
 
+def table_from_columns(schema: FeatureSchema, columns: dict[str, list[Any]], n: int) -> pa.Table:
+    """``table_from_rows`` from per-feature value lists of ``n`` rows (``None`` = missing; a
+    feature absent from ``columns`` is missing in every row)."""
+    cols = {}
+    for f in schema.features:
+        vals = columns.get(f.column)
+        cols[f.column] = column_from_values(f, vals if vals is not None else [None] * n)
+    return pa.table(cols) if cols else pa.table({"_": pa.nulls(n)})
+
+
 def column_from_values(f: FeatureSpec, vals: list[Any]) -> pa.Array:
     """One feature's values from per-row dicts (``None`` = missing) -> an Arrow array of the
     type ``columns_from_arrow`` reads for that kind (``DataError`` naming the column)."""
