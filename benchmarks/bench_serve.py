@@ -4,18 +4,26 @@ For the default model (configs/demo.yaml shapes, Frappe schema) and a medium one
 L=2; configs/models/rankmixer_medium.yaml, Criteo schema), random weights, 256 candidates per
 request:
 
-- in-process: model forward p50 of the request's ``Batch`` (fp32 and bf16; the faster is served),
-  and the full in-process answer p50 (parse + features + forward) of the same JSON body;
+- in-process: model forward p50 of the request's ``Batch`` (fp32 and bf16; the faster is served)
+  timed back to back, and the same forward "paced" (the CPU idle for 10 ms before each call, as
+  a request at concurrency 1 finds it); the full in-process answer p50 (parse + features +
+  forward) of the same JSON body;
 - raw batched forward throughput (candidates/s of 8 requests' rows in one forward);
-- the framework floor: p50 of a no-op Serve deployment that parses the same body and returns
-  as many zeros (HTTP, concurrency 1);
-- end to end ``/v1/rank`` p50/p99 at concurrency 1 over HTTP and over gRPC, and candidates/s
-  at concurrency 8 (HTTP), with deploy/serve.yaml (one Ranker replica, one torch thread).
+- per ingress mode (``--ingress``): ``proxy``, Serve's HTTP/gRPC proxy actor in front of the
+  replica (the default deployment), and ``direct``, Serve's throughput-optimized mode in which
+  clients talk to the replica's own HTTP/gRPC servers (``serving.config.start(direct_ingress=
+  True)``):
+  - the framework floor: p50 of a no-op Serve deployment that parses the same body and returns
+    as many zeros (HTTP, concurrency 1), and its candidates/s at concurrency 8 (the ceiling any
+    model could reach through that path on this machine);
+  - end to end ``/v1/rank`` p50/p99 at concurrency 1 over HTTP and over gRPC, and candidates/s
+    at concurrency 8 (HTTP), with deploy/serve.yaml (one Ranker replica, one torch thread).
 
-Targets: e2e p50 <= 1.15 x (forward p50 + no-op p50) (``latency_ratio``; also printed against
-the in-process answer, ``latency_ratio_vs_answer``); candidates/s at concurrency 8
->= 0.7 x raw batched forward throughput. The load generator runs in this process and shares
-the CPUs with Ray: on a 2-core machine that is part of what is measured.
+Targets: e2e p50 <= 1.15 x (forward p50 + no-op p50) (``latency_ratio``; also printed with the
+paced forward, ``latency_ratio_paced``, and against the in-process answer,
+``latency_ratio_vs_answer``); candidates/s at concurrency 8 >= 0.7 x raw batched forward
+throughput. The load generator runs in this process and shares the CPUs with Ray: on a 2-core
+machine that is part of what is measured.
 """
 
 from __future__ import annotations

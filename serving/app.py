@@ -55,7 +55,8 @@ def _candidates(items: list[_Prepared]) -> int:
 
 class _Front:
     """HTTP and gRPC handling shared by the two ingress deployments. Subclasses provide
-    ``_rank(body, fmt) -> (status, body dict)`` and ``_health() -> (status, body dict)``."""
+    ``_rank(body, fmt) -> (status, body dict)`` (``body``: bytes, or a decoded gRPC request)
+    and ``_health() -> (status, body dict)``."""
 
     _max_body = 8 << 20
 
@@ -125,7 +126,7 @@ class _Front:
 
         t0 = time.perf_counter()
         try:
-            status, body = await self._rank(request.SerializeToString(), "proto")
+            status, body = await self._rank(request, "proto")
         except Exception as e:
             log.warning("request failed: %s: %s", type(e).__name__, e)
             status, body = _error_response(
@@ -261,11 +262,12 @@ class Ranker(_Front):
     async def _health(self) -> tuple[int, dict]:
         return self.health()
 
-    async def _rank(self, body: bytes, fmt: str) -> tuple[int, dict]:
+    async def _rank(self, body, fmt: str) -> tuple[int, dict]:
         return await self.rank(body, fmt)
 
-    async def rank(self, body: bytes, fmt: str = "json") -> tuple[int, dict]:
-        """Answer one request (``fmt``: "json" or "proto"): ``(HTTP status, body dict)``."""
+    async def rank(self, body, fmt: str = "json") -> tuple[int, dict]:
+        """Answer one request (``fmt``: "json" or "proto"): ``(HTTP status, body dict)``.
+        ``body``: the request's bytes, or for "proto" the decoded ``RankRequest`` message."""
         from ranking.data.errors import DataError
         from serving.featurize import request_columns
         from serving.model import rank_response
@@ -395,7 +397,9 @@ class RankIngress(_Front):
     async def _health(self) -> tuple[int, dict]:
         return await self._ranker.health.remote()
 
-    async def _rank(self, body: bytes, fmt: str) -> tuple[int, dict]:
+    async def _rank(self, body, fmt: str) -> tuple[int, dict]:
+        if not isinstance(body, bytes):  # a decoded gRPC request travels serialized
+            body = body.SerializeToString()
         return await self._ranker.rank.remote(body, fmt)
 
 

@@ -67,12 +67,15 @@ def parse_json(body: bytes, schema: FeatureSchema, limits: Limits) -> RankReques
     return validate(obj, schema, limits)
 
 
-def parse_proto(body: bytes, schema: FeatureSchema, limits: Limits) -> RankRequest:
-    """A serialized ``mixrank.v1.RankRequest`` -> ``RankRequest``."""
+def parse_proto(body, schema: FeatureSchema, limits: Limits) -> RankRequest:
+    """A serialized ``mixrank.v1.RankRequest`` (or the message itself, as gRPC decoded it)
+    -> ``RankRequest``."""
     from google.protobuf.message import DecodeError
 
     from serving.proto import ranking_pb2
 
+    if isinstance(body, ranking_pb2.RankRequest):
+        return validate(proto_to_dict(body), schema, limits)
     msg = ranking_pb2.RankRequest()
     try:
         msg.ParseFromString(body)
