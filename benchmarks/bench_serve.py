@@ -53,6 +53,7 @@ def add_arguments(parser) -> None:
         "and/or direct (Serve's throughput-optimized mode: clients talk to the replica's own "
         "servers); each gets its own no-op floor",
     )
+    parser.add_argument("--plot", default=None, help="write the ratios against targets (PNG)")
 
 
 def _models() -> dict:
@@ -285,7 +286,42 @@ def run(args) -> int:
             "throughput_ratio", "noop_c8_cand_per_s", "noop_throughput_ratio", "errors",
         ]  # fmt: skip
         table(records, cols)
+    if args.plot:
+        plot(records, args.plot)
     return 0
+
+
+def plot(records: list[dict], path: str) -> None:
+    """Latency and throughput ratios per model and ingress mode against the targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model']}\n{r['ingress']}" for r in records]
+    x = list(range(len(records)))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    w = 0.38
+    a.bar([i - w / 2 for i in x], [r["latency_ratio"] for r in records], w, label="forward")
+    a.bar(
+        [i + w / 2 for i in x],
+        [r["latency_ratio_paced"] for r in records],
+        w,
+        label="paced forward",
+    )
+    a.axhline(1.15, color="k", ls="--", lw=1, label="target 1.15")
+    a.set_title("e2e HTTP p50 / (forward p50 + no-op p50)\n(lower is better)", fontsize=9)
+    b.bar(x, [r["throughput_ratio"] for r in records], 0.6, color="tab:green")
+    b.axhline(0.7, color="k", ls="--", lw=1, label="target 0.7")
+    b.set_title("c=8 candidates/s / raw batched forward\n(higher is better)", fontsize=9)
+    for ax in (a, b):
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle("mixrank bench serve: 256 candidates, 1 replica, 1 torch thread", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

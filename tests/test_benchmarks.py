@@ -79,12 +79,17 @@ def test_bench_data_tiny():
         assert r["rows_per_s"] == pytest.approx(r["rows"] / r["seconds"], rel=0.02)
 
 
-def test_bench_serve_tiny():
+def test_bench_serve_tiny(tmp_path):
     """`mixrank bench serve` end to end on the default model with short phases: a real Ray
     Serve through its proxy and in direct-ingress mode, the no-op floor of each, HTTP, gRPC
     and concurrency 8; the ratios follow from the printed parts (the references are the means
     of the before/after in-process measurements, shared by both modes)."""
-    out = _bench("serve", "--models", "default", "--duration", "1", "--iters", "3", timeout=600)
+    png = tmp_path / "serve.png"
+    out = _bench(
+        "serve", "--models", "default", "--duration", "1", "--iters", "3", "--plot", str(png),
+        timeout=600,
+    )  # fmt: skip
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     recs = {r["ingress"]: r for r in _records(out) if r.get("model") == "default"}
     assert set(recs) == {"proxy", "direct"}
     for rec in recs.values():
