@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--micro-batch", type=int, default=None, help="override model.micro_batch (0 = off)"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the mixer stack")
+    parser.add_argument(
+        "--compile-epilogues",
+        action="store_true",
+        help="torch.compile only the norms and SwiGLU activations between the GEMMs",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
 
 
@@ -144,6 +149,7 @@ def bench_config(name: str, args) -> list[dict]:
         if is_mixer:
             m.compute_dtype = "bf16" if dt == "bf16" and args.bf16 == "autocast" else "fp32"
             m.compile = bool(args.compile or cfg.compile)
+            m.compile_epilogues = bool(args.compile_epilogues or cfg.compile_epilogues)
         # DLRM has no dtype switch: its bf16 run is autocast
         use_autocast = dt == "bf16" and (args.bf16 == "autocast" or not is_mixer)
 
@@ -179,6 +185,7 @@ def bench_config(name: str, args) -> list[dict]:
             "batch": args.batch,
             "micro_batch": cfg.micro_batch if is_mixer else None,
             "compile": bool(is_mixer and m.compile),
+            "compile_epilogues": bool(is_mixer and m.compile_epilogues),
             "flops_per_sample": flops,
             "samples_s": args.batch / t_full,
             "dense_samples_s": args.batch / t_dense,

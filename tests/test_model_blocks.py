@@ -147,6 +147,47 @@ def test_token_major_stack_matches_batch_major(model, monkeypatch):
         torch.testing.assert_close(g_tm[n], g_bm[n], atol=1e-5, rtol=1e-5, msg=n)
 
 
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"arch": "rankmixer", "dim": 32, "num_tokens": 4},
+        {"arch": "rankmixer", "dim": 32, "num_tokens": 4, "norm": "rms"},
+        {"arch": "tokenmixer_large", "dim": 32, "num_heads": 4, "num_layers": 2},
+    ],
+)
+def test_compiled_epilogues_keep_the_result(model):
+    """``compile_epilogues``: the norms and SwiGLU activations between the GEMMs go through
+    torch.compile at inference (fp32: equal to float rounding; bf16: within a couple of bf16
+    steps), and training (autograd on) keeps the eager path."""
+    import ranking.model.blocks as blocks_mod
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_dict({**model, "down_init_scale": 1.0})
+    cfg.resolve(4)
+    stack = blocks_mod.build_stack(cfg, 4).eval()
+    x = torch.randn(7, 4, cfg.dim)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        s, xd = stack.to(dtype), x.to(dtype)
+        for b in s.blocks:
+            b.compile_epilogues = False
+        with torch.no_grad():
+            ref = s(xd).x
+        for b in s.blocks:
+            b.compile_epilogues = True
+        with torch.no_grad():
+            got = s(xd).x
+        torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+    want = {"norm", "swiglu"} if model["arch"] == "tokenmixer_large" else {"norm"}
+    assert want <= set(blocks_mod._EPILOGUES)  # the compiled path really ran
+    stack = stack.float().train()
+    torch.manual_seed(1)
+    eager = stack(x).x  # compile_epilogues is still on: with autograd it must not apply
+    for b in stack.blocks:
+        b.compile_epilogues = False
+    torch.manual_seed(1)
+    assert torch.equal(eager, stack(x).x)
+
+
 def test_interlayer_residual_every_two_not_after_last():
     class Add(torch.nn.Module):
         def __init__(self, c):

@@ -84,7 +84,9 @@ class ModelConfig:
     ``U(-sqrt(1/rows), sqrt(1/rows))``, which starts a 3-row table at up to 0.58),
     ``compute_dtype`` (``fp32`` | ``bf16``: autocast of the dense part), ``micro_batch`` (rows
     per chunk of the mixer stack; 0 = whole batch; a cache-friendly CPU layout), ``compile``
-    (``torch.compile`` the mixer stack; fuses the per-token FFN's bias/activation passes).
+    (``torch.compile`` the mixer stack; fuses the per-token FFN's bias/activation passes),
+    ``compile_epilogues`` (CPU inference: only the norms and the SwiGLU activation between the
+    GEMMs go through ``torch.compile``; RankMixer and TokenMixer-Large).
 
     Tokenizer: ``tokenizer`` (``groups`` | ``slices``), ``num_tokens`` (total T incl. dense and
     global tokens; required for ``slices``, checked for ``groups``), ``token_proj`` (``linear`` |
@@ -116,6 +118,7 @@ class ModelConfig:
     compute_dtype: str = "fp32"
     micro_batch: int = 0
     compile: bool = False
+    compile_epilogues: bool = False
     # tokenizer
     tokenizer: str = ""
     num_tokens: int = 0

@@ -78,6 +78,8 @@ class Ranker(nn.Module):
         micro_batch: run the stack on row chunks of this size (exact; better cache use on CPU).
         compute_dtype: ``bf16`` autocasts the dense part.
         compile: run the stack through ``torch.compile`` (compiled on first use).
+        compile_epilogues: on the CPU inference path, run the norms and the SwiGLU activation
+            between the GEMMs through ``torch.compile`` (GEMMs stay eager); settable later.
         token_dropout: dropout probability on the tokens entering the stack (training only).
     """
 
@@ -93,6 +95,7 @@ class Ranker(nn.Module):
         compile: bool = False,
         temperature: tuple[float, float] = (1.0, 0.05),
         token_dropout: float = 0.0,
+        compile_epilogues: bool = False,
     ):
         super().__init__()
         self.token_dropout = token_dropout
@@ -102,6 +105,18 @@ class Ranker(nn.Module):
         self._compiled = None  # a compiled function, not a submodule: state_dict keys unchanged
         self.pooling, self.aux_loss_weight = pooling, aux_loss_weight
         self.micro_batch, self.compute_dtype = micro_batch, compute_dtype
+        self.compile_epilogues = compile_epilogues
+
+    @property
+    def compile_epilogues(self) -> bool:
+        return self._compile_epilogues
+
+    @compile_epilogues.setter
+    def compile_epilogues(self, on: bool) -> None:
+        self._compile_epilogues = bool(on)
+        for m in self.blocks.modules():
+            if hasattr(m, "compile_epilogues"):
+                m.compile_epilogues = bool(on)
 
     def set_progress(self, fraction: float) -> None:
         """Training-schedule hook (the trainer calls it every step with steps done / total):
@@ -203,4 +218,5 @@ def build_model(
         compile=c.compile,
         temperature=(c.tau_start, c.tau_end),
         token_dropout=c.token_dropout,
+        compile_epilogues=c.compile_epilogues,
     )
