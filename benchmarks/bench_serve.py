@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import json
-import socket
 import statistics
 import tempfile
 import time
@@ -70,10 +69,15 @@ def _p(values: list[float], q: float) -> float:
     return v[min(len(v) - 1, round(q * (len(v) - 1)))]
 
 
-def _time(fn, iters: int) -> list[float]:
+def _time(fn, iters: int, gap: float = 0.0) -> list[float]:
+    """Seconds of ``iters`` calls after one warm-up call. With ``gap``, the CPU idles that long
+    before each call, as for requests at concurrency 1: on our VMs the same call then runs
+    1.2-2x slower than back to back (its caches and the vCPU cool down; docs/BENCHMARKS.md)."""
     fn()
     out = []
     for _ in range(iters):
+        if gap:
+            time.sleep(gap)
         t0 = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t0)
@@ -81,20 +85,6 @@ def _time(fn, iters: int) -> list[float]:
 
 
 PACE_S = 0.01  # idle gap before each paced call: a request arriving at an idle server
-
-
-def _time_paced(fn, iters: int, gap: float = PACE_S) -> list[float]:
-    """``_time`` with the CPU idle for ``gap`` before each call, as for requests at
-    concurrency 1: on our VMs the same call then runs 1.2-2x slower than back to back (its
-    caches and the vCPU cool down; docs/BENCHMARKS.md)."""
-    fn()
-    out = []
-    for _ in range(iters):
-        time.sleep(gap)
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def in_process(art, request: dict, iters: int, dtypes=("fp32", "bf16")) -> dict:
@@ -124,8 +114,8 @@ def in_process(art, request: dict, iters: int, dtypes=("fp32", "bf16")) -> dict:
         rank_response(art, r.request_id, art.predict(b).numpy(), None)
 
     out["answer_p50_ms"] = _p(_time(answer, iters), 0.5) * 1e3
-    out["forward_paced_p50_ms"] = _p(_time_paced(lambda: art.predict(batch), iters), 0.5) * 1e3
-    out["answer_paced_p50_ms"] = _p(_time_paced(answer, iters), 0.5) * 1e3
+    out["forward_paced_p50_ms"] = _p(_time(lambda: art.predict(batch), iters, PACE_S), 0.5) * 1e3
+    out["answer_paced_p50_ms"] = _p(_time(answer, iters, PACE_S), 0.5) * 1e3
     sec = statistics.median(_time(lambda: art.predict(big), max(5, iters // 3)))
     out["raw_forward_cand_per_s"] = big.size / sec
     return out
@@ -137,21 +127,16 @@ def _again(art, request: dict, iters: int, dtype: str) -> dict:
     return {k: v for k, v in out.items() if k != "dtype"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_phase(
     artifact: Path, dtype: str, request: dict, duration: float, after=None, ingress="proxy"
 ) -> dict:
     from ray import serve
 
     from serving import config
+    from serving.client import free_port
     from serving.loadtest import run_load
 
-    http, grpc = _free_port(), _free_port()
+    http, grpc = free_port(), free_port()
     cfg = config.load_config(
         artifact=artifact,
         http_port=http,
@@ -239,6 +224,11 @@ def _ratios(rec: dict) -> None:
 
 
 def run(args) -> int:
+    from ranking.errors import UserError
+
+    modes = [m.strip() for m in args.ingress.split(",") if m.strip()]
+    if not modes or set(modes) - {"proxy", "direct"}:
+        raise UserError(f"--ingress: expected proxy and/or direct, got {args.ingress!r}")
     from benchmarks.common import emit, machine_info, table
     from ranking.export import load_artifact
     from ranking.features import load_schema
@@ -255,7 +245,6 @@ def run(args) -> int:
             art = load_artifact(path)
             request = synthetic_request(load_schema(schema_name), CANDIDATES, seed=1)
             before = in_process(art, request, args.iters)
-            modes = [m.strip() for m in args.ingress.split(",") if m.strip()]
             phases = {}
             for i, mode in enumerate(modes):
                 last = i == len(modes) - 1

@@ -7,9 +7,17 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 from typing import Any
 
 from serving.errors import RequestError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (for local services in tests and benchmarks)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 class HTTPClient:

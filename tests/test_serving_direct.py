@@ -12,23 +12,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import urllib.request
 
 import numpy as np
 import pytest
 
+from serving.client import free_port
+
 pytestmark = pytest.mark.slow
 
 ATOL = 1e-5  # see tests/test_serving_e2e.py
 REPLICAS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _request(n: int, seed: int) -> dict:
@@ -44,7 +39,7 @@ def direct(tmp_path_factory):
     from serving.artifacts import make_artifact
 
     artifact = make_artifact(tmp_path_factory.mktemp("direct") / "a0", seed=0)
-    ports = {"http": _free_port(), "grpc": _free_port(), "metrics": _free_port()}
+    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
     cfg = config.load_config(
         artifact=artifact,
         http_port=ports["http"],

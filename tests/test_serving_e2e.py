@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import socket
 import threading
 import time
 import urllib.request
@@ -22,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from serving.client import free_port
+
 pytestmark = pytest.mark.slow
 
 MAX_CANDIDATES = 300
@@ -29,12 +30,6 @@ MAX_BODY = 1 << 20
 # Scores travel as float32 (gRPC) or the float32 value printed as a double (JSON); batching
 # several requests together can change the summation order inside the model.
 ATOL = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _request(n: int, seed: int) -> dict:
@@ -55,7 +50,7 @@ class Service:
         shutil.copytree(self.a1, self.corrupt)
         data = (self.corrupt / "weights.pt").read_bytes()
         (self.corrupt / "weights.pt").write_bytes(data[: len(data) // 2])
-        self.http, self.grpc, self.metrics = _free_port(), _free_port(), _free_port()
+        self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
         self.overrides = {
             "Ranker": {
                 "num_replicas": 2,
