@@ -32,6 +32,7 @@ from typing import Any
 
 from ray import serve
 
+from serving import jsonio
 from serving.errors import GRPC_CODES, RequestError
 
 log = logging.getLogger("ray.serve")
@@ -83,7 +84,7 @@ class _Front:
         route_tag = route if route in HTTP_ROUTES else "other"
         error = body["error"]["code"] if status >= 400 else None
         self._front_metrics.observe(route_tag, status, time.perf_counter() - t0, error)
-        return Response(json.dumps(body), status_code=status, media_type="application/json")
+        return Response(jsonio.dumps(body), status_code=status, media_type="application/json")
 
     async def _http(self, request, route: str) -> tuple[int, dict]:
         if route == "/healthz":
@@ -444,9 +445,9 @@ class NoOp:
     async def __call__(self, request):
         from starlette.responses import Response
 
-        body = json.loads(await request.body())
+        body = jsonio.loads(await request.body())  # the same decoder as the Ranker's
         zeros = [0.0] * len(body.get("candidates", []))
-        return Response(json.dumps({"scores": zeros}), media_type="application/json")
+        return Response(jsonio.dumps({"scores": zeros}), media_type="application/json")
 
 
 def build_noop(args: dict | None = None):
