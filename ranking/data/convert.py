@@ -127,14 +127,17 @@ def columns_from_arrow(
     data: pa.Table | pa.RecordBatch,
     source: str = "<arrow>",
     with_labels: bool = True,
+    skip: frozenset[str] = frozenset(),
 ) -> FeatureColumns:
     """Convert rows to ``FeatureColumns``; ``source`` names the file in error messages.
 
-    With ``with_labels=False`` labels are zeros and label columns are not read.
+    With ``with_labels=False`` labels are zeros and label columns are not read. ``skip``: names
+    of sparse features whose columns are not read; the caller adds their ids and lengths.
     """
     n = data.num_rows
     names = set(data.schema.names)
-    need = [f.column for f in schema.features] + (schema.label_columns if with_labels else [])
+    need = [f.column for f in schema.features if f.name not in skip]
+    need += schema.label_columns if with_labels else []
     for col in need:
         if col not in names:
             raise column_error(source, col, f"missing (the file has {sorted(names)})")
@@ -143,8 +146,10 @@ def columns_from_arrow(
         dense[:, j] = dense_values(f, data.column(f.column), source)
     ids, lengths = {}, {}
     if n * len(schema.sparse_features) <= SMALL_BATCH_VALUES:
-        ids.update(_hash_small(schema, data, source))
+        ids.update(_hash_small(schema, data, source, skip))
     for f in schema.sparse_features:
+        if f.name in skip:
+            continue
         if f.name in ids:
             lengths[f.name] = np.ones(n, dtype=np.int64)
             continue
@@ -163,12 +168,19 @@ def columns_from_arrow(
 SMALL_BATCH_VALUES = 1 << 16
 
 
-def _hash_small(schema: FeatureSchema, data, source: str) -> dict[str, np.ndarray]:
+def plainly_hashed(f: FeatureSpec) -> bool:
+    """A categorical feature hashed from its values' canonical strings (no vocabulary)."""
+    return f.kind == CATEGORICAL and f.vocab is None
+
+
+def _hash_small(
+    schema: FeatureSchema, data, source: str, skip: frozenset[str] = frozenset()
+) -> dict[str, np.ndarray]:
     """Bucket ids of every plainly hashed categorical column (no vocabulary, not dictionary
     encoded), hashed together; the same ids ``sparse_values`` gives one column at a time."""
     feats, arrs = [], []
     for f in schema.sparse_features:
-        if f.kind != CATEGORICAL or f.vocab is not None:
+        if not plainly_hashed(f) or f.name in skip:
             continue
         col = data.column(f.column)
         if isinstance(col, pa.ChunkedArray):
@@ -345,11 +357,19 @@ def table_from_rows(
     return pa.table(cols) if cols else pa.table({"_": pa.nulls(len(rows))})
 
 
-def table_from_columns(schema: FeatureSchema, columns: dict[str, list[Any]], n: int) -> pa.Table:
+def table_from_columns(
+    schema: FeatureSchema,
+    columns: dict[str, list[Any]],
+    n: int,
+    skip: frozenset[str] = frozenset(),
+) -> pa.Table:
     """``table_from_rows`` from per-feature value lists of ``n`` rows (``None`` = missing; a
-    feature absent from ``columns`` is missing in every row)."""
+    feature absent from ``columns`` is missing in every row); features named in ``skip`` are
+    left out (see ``columns_from_arrow``)."""
     cols = {}
     for f in schema.features:
+        if f.name in skip:
+            continue
         vals = columns.get(f.column)
         cols[f.column] = column_from_values(f, vals if vals is not None else [None] * n)
     return pa.table(cols) if cols else pa.table({"_": pa.nulls(n)})

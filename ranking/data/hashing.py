@@ -146,21 +146,28 @@ def hash_columns(arrs: list[pa.Array], num_buckets: list[int], seed: int) -> lis
     the per-byte-position numpy steps, not the bytes, are the cost."""
     if len(arrs) != len(num_buckets):
         raise ValueError(f"{len(arrs)} arrays but {len(num_buckets)} bucket counts")
+    if not arrs:
+        return []
+    parts = [a.cast(pa.string()) if pa.types.is_large_string(a.type) else a for a in arrs]
+    return hash_concatenated(pa.concat_arrays(parts), [len(a) for a in arrs], num_buckets, seed)
+
+
+def hash_concatenated(
+    values: pa.Array, sizes: list[int], num_buckets: list[int], seed: int
+) -> list[np.ndarray]:
+    """``hash_columns`` of columns already concatenated into one canonical string array:
+    ``values`` holds ``sizes[i]`` values of column i after those of columns ``< i``."""
+    if sum(sizes) != len(values) or len(sizes) != len(num_buckets):
+        raise ValueError(
+            f"{len(values)} values for sizes {sizes} and {len(num_buckets)} bucket counts"
+        )
     for nb in num_buckets:
         if nb < 2:
             raise ValueError(f"num_buckets must be >= 2 (bucket 0 is reserved), got {nb}")
-    if not arrs:
-        return []
-    sizes = [len(a) for a in arrs]
-    parts = [a.cast(pa.string()) if pa.types.is_large_string(a.type) else a for a in arrs]
-    z = splitmix64(fnv1a64(pa.concat_arrays(parts)), seed)
+    z = splitmix64(fnv1a64(values), seed)
     mods = np.repeat(np.asarray([nb - 1 for nb in num_buckets], dtype=np.uint64), sizes)
-    buckets = (z % mods).astype(np.int64) + 1
-    out, start = [], 0
-    for a, n in zip(arrs, sizes):
-        out.append(_apply_nulls(buckets[start : start + n], a))
-        start += n
-    return out
+    buckets = _apply_nulls((z % mods).astype(np.int64) + 1, values)
+    return np.split(buckets, np.cumsum(sizes)[:-1]) if sizes else []
 
 
 def _hash_plain(arr: pa.Array, num_buckets: int, seed: int) -> np.ndarray:
