@@ -21,23 +21,37 @@ from ranking.data.convert import (
     table_from_rows,
     to_batch,
 )
+from ranking.data.fastrows import ABSENT
+from ranking.data.hashing import NULL_BUCKET
 from ranking.features import Batch, FeatureSchema
 from serving.request import RankRequest
 
 
-def _columns(schema: FeatureSchema, req: RankRequest) -> FeatureColumns:
+def _columns(schema: FeatureSchema, req: RankRequest) -> tuple[FeatureColumns, dict]:
+    """The candidates' ``FeatureColumns``, and the features validation already hashed
+    (``RankRequest.hashed``: their candidate and context bucket ids)."""
     if req.columns is None:
         table = table_from_rows(schema, req.candidates)
-    else:  # the per-feature value lists validation already gathered
-        table = table_from_columns(schema, req.columns, req.size)
-    return columns_from_arrow(schema, table, source="<request>", with_labels=False)
+        return columns_from_arrow(schema, table, source="<request>", with_labels=False), {}
+    n = req.size
+    by_column = {f.column: f for f in schema.features}
+    hashed = {by_column[c].name: ids for c, ids in (req.hashed or {}).items()}
+    skip = frozenset(hashed)
+    table = table_from_columns(schema, req.columns, n, skip)
+    cols = columns_from_arrow(schema, table, source="<request>", with_labels=False, skip=skip)
+    ones = np.ones(n, dtype=np.int64)
+    for name, ids in hashed.items():
+        # a candidate without the key has no value of its own (NULL_BUCKET = 0 unless the
+        # context's is broadcast, in request_columns)
+        cols.ids[name], cols.lengths[name] = np.maximum(ids[:n], NULL_BUCKET), ones
+    return cols, hashed
 
 
 def request_columns(schema: FeatureSchema, req: RankRequest) -> FeatureColumns:
     """``FeatureColumns`` of ``req.size`` rows: candidate features, plus context features
     broadcast to every candidate that does not send its own value. Only the features the
     context sends are converted for it (one row each)."""
-    cand = _columns(schema, req)
+    cand, hashed = _columns(schema, req)
     if not req.context:
         return cand
     n = req.size
@@ -48,11 +62,15 @@ def request_columns(schema: FeatureSchema, req: RankRequest) -> FeatureColumns:
     for f in schema.features:
         if f.column not in req.context:
             continue
-        one = column_from_values(f, [req.context[f.column]])
+        if f.name in hashed:  # validation hashed the context's value too
+            row = hashed[f.name]
+            ids[f.name] = np.where(row[:n] != ABSENT, cand.ids[f.name], row[n])
+            continue
         if req.columns is not None and f.column not in req.columns:
             own = np.zeros(n, dtype=bool)  # no candidate sends it
         else:
             own = np.fromiter((f.column in c for c in req.candidates), dtype=bool, count=n)
+        one = column_from_values(f, [req.context[f.column]])
         if f.column in dense_pos:
             if dense is cand.dense:
                 dense = dense.copy()

@@ -11,7 +11,6 @@ and null for any missing value.
 
 from __future__ import annotations
 
-import json
 import math
 import uuid
 from dataclasses import dataclass
@@ -19,7 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from ranking.data import fastrows
+from ranking.data.convert import plainly_hashed
 from ranking.features import CATEGORICAL, DENSE, FeatureSchema
+from serving import jsonio
 from serving.errors import RequestError
 
 _TOP_KEYS = ("request_id", "context", "candidates", "top_k")
@@ -49,6 +51,11 @@ class RankRequest:
     # the column-at-a-time validation so featurisation does not gather them again; None when
     # the per-value checks ran instead
     columns: dict[str, list] | None = None
+    # bucket ids of the plainly hashed categorical features the candidates or the context send,
+    # from the same validation pass (``ranking.data.fastrows.scan``): per feature column, an
+    # ``[n + 1]`` int64 array of each candidate's bucket (``ABSENT`` (-1) where a candidate lacks
+    # the key) and then the context's (``ABSENT`` if the context lacks it)
+    hashed: dict[str, np.ndarray] | None = None
 
     @property
     def size(self) -> int:
@@ -58,7 +65,7 @@ class RankRequest:
 def parse_json(body: bytes, schema: FeatureSchema, limits: Limits) -> RankRequest:
     """A JSON request body -> ``RankRequest`` (``RequestError`` on anything invalid)."""
     try:
-        obj = json.loads(body)
+        obj = jsonio.loads(body)
     except RecursionError:
         raise RequestError(400, "invalid_json", "request body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
@@ -166,9 +173,15 @@ def validate(obj: Any, schema: FeatureSchema, limits: Limits) -> RankRequest:
             "candidates",
         )
     cand_columns: dict[str, list] = {}
-    if _fast_ok(context, candidates, columns, limits, cand_columns):
+    hashed: dict[str, np.ndarray] = {}
+    if _fast_ok(schema, context, candidates, columns, limits, cand_columns, hashed):
         return RankRequest(
-            request_id, context, candidates, top_k if top_k is None else int(top_k), cand_columns
+            request_id,
+            context,
+            candidates,
+            top_k if top_k is None else int(top_k),
+            cand_columns,
+            hashed,
         )
     for i, cand in enumerate(candidates):
         if not isinstance(cand, dict):
@@ -186,23 +199,43 @@ _NONE = type(None)
 
 
 def _fast_ok(
-    context: dict, candidates: list, columns: dict, limits: Limits, out: dict | None = None
+    schema: FeatureSchema,
+    context: dict,
+    candidates: list,
+    columns: dict,
+    limits: Limits,
+    out: dict | None = None,
+    hashed: dict | None = None,
 ) -> bool:
     """Column-at-a-time check of the features (C-level passes instead of a Python call per
     value). True means every value is acceptable; False means "not sure": the per-value checks
     then run and raise the error that names the field. Never True where those would raise
-    (tests/test_serving_request.py compares both on valid and invalid requests). ``out``
-    receives the candidates' values of each feature some candidate sends."""
-    if not all(type(c) is dict for c in candidates):
+    (tests/test_serving_request.py compares both on valid and invalid requests).
+
+    The plainly hashed categorical features whose values are all strings or null are checked
+    and hashed in one pass (``ranking.data.fastrows.scan``, C where built); ``hashed`` receives
+    their ids. ``out`` receives the candidates' values of each other feature some candidate
+    sends."""
+    names = tuple(columns)
+    buckets = tuple(f.num_buckets if plainly_hashed(f) else 0 for f in columns.values())
+    scanned = fastrows.scan(
+        candidates, context, names, buckets, schema.hash_seed, limits.max_string_length
+    )
+    if scanned is None:
         return False
-    cand_keys = set().union(*candidates)
-    keys = cand_keys.union(context)
-    if not keys <= columns.keys():
-        return False
-    for name in keys:
+    ids, mixed = scanned
+    n = len(candidates)
+    sent = (ids[:, :n] != fastrows.ABSENT).any(axis=1).tolist()
+    for j, name in enumerate(names):
+        if not sent[j] and name not in context:
+            continue
+        if buckets[j] and j not in mixed:  # checked and hashed
+            if hashed is not None:
+                hashed[name] = ids[j]
+            continue
         spec = columns[name]
-        vals = [c.get(name) for c in candidates] if name in cand_keys else [None] * len(candidates)
-        if out is not None and name in cand_keys:
+        vals = [c.get(name) for c in candidates] if sent[j] else [None] * n
+        if out is not None and sent[j]:
             out[name] = vals[:]
         if name in context:
             vals.append(context[name])

@@ -52,6 +52,18 @@ def _assert_same_batch(a, b) -> None:
     assert torch.equal(a.sparse.lengths(), b.sparse.lengths())
 
 
+@pytest.fixture(params=["c", "python"])
+def scan_path(request, monkeypatch):
+    """Validation's one-pass hashing (``ranking.data.fastrows.scan``) through the C extension
+    and through its pure-Python fallback."""
+    from ranking.data import fastrows
+
+    if request.param == "c" and not fastrows.AVAILABLE:
+        pytest.skip("ranking.data._fastrows is not built")
+    monkeypatch.setattr(fastrows, "AVAILABLE", request.param == "c")
+    return request.param
+
+
 # ----------------------------------------------------------------------------- context broadcast
 CANDIDATES = [
     {"item": "a", "tags": [1, "x"], "price": 3.5},
@@ -71,7 +83,7 @@ CANDIDATES = [
         {"age": 0.5, "item": "ctx-item"},  # every candidate but one overrides item
     ],
 )
-def test_context_broadcast_equals_merged_dicts(context):
+def test_context_broadcast_equals_merged_dicts(context, scan_path):
     req = _parse({"context": context, "candidates": CANDIDATES})
     got = merged_batch(SCHEMA, [request_columns(SCHEMA, req)])
     want = batch_from_rows(SCHEMA, [{**context, **c} for c in CANDIDATES])
@@ -93,12 +105,23 @@ FAST_CANDIDATES = [
     "context",
     [{}, {"user": "u1", "age": 33}, {"user": "u2", "tags": [4, 4], "price": 1.25}, {"item": "x"}],
 )
-def test_validated_columns_featurise_like_merged_dicts(context):
-    req = _parse({"context": context, "candidates": FAST_CANDIDATES})
+@pytest.mark.parametrize("mixed", [False, True])
+def test_validated_columns_featurise_like_merged_dicts(context, mixed, scan_path):
+    cands = [dict(c) for c in FAST_CANDIDATES]
+    if mixed:  # ints, not strings: "item" leaves the one-pass hashing for the table path
+        for i, c in enumerate([*cands, context := dict(context)]):
+            if "item" in c:
+                c["item"] = 10 + i
+    req = _parse({"context": context, "candidates": cands})
     assert req.columns is not None  # the fast path ran
-    assert set(req.columns) == {k for c in FAST_CANDIDATES for k in c}
+    sent = {k for c in cands for k in c}
+    hashed = {"user", "item"} & (sent | set(context))
+    if mixed and "item" in sent:
+        hashed.discard("item")
+    assert set(req.hashed) == hashed  # plainly hashed, all strings or null: one pass
+    assert set(req.columns) == sent - hashed  # the others keep their value lists
     got = merged_batch(SCHEMA, [request_columns(SCHEMA, req)])
-    want = batch_from_rows(SCHEMA, [{**context, **c} for c in FAST_CANDIDATES])
+    want = batch_from_rows(SCHEMA, [{**context, **c} for c in cands])
     _assert_same_batch(got, want)
 
 
@@ -152,7 +175,7 @@ BAD = [
 
 
 @pytest.mark.parametrize(("body", "status", "code", "field"), BAD)
-def test_bad_requests_name_status_code_and_field(body, status, code, field):
+def test_bad_requests_name_status_code_and_field(body, status, code, field, scan_path):
     with pytest.raises(RequestError) as ei:
         _parse(body)
     e = ei.value
@@ -312,7 +335,7 @@ def _outcome(obj):
     return ("ok", r.context, r.candidates)
 
 
-def test_fast_validation_agrees_with_the_per_value_checks(monkeypatch):
+def test_fast_validation_agrees_with_the_per_value_checks(monkeypatch, scan_path):
     """The column-at-a-time check only ever says "fine" where the per-value checks agree: on
     random valid and invalid requests both give the same answer or the same error."""
     import serving.request as request_mod
@@ -422,3 +445,50 @@ def test_rewriting_an_artifact_in_place_never_leaves_the_path_missing(
     if exchange:
         assert not missing, missing[:3]
     assert [p.name for p in tmp_path.iterdir()] == ["current"]
+
+
+# ----------------------------------------------------------------------------- JSON in and out
+JSON_BODIES = [
+    b'{"candidates": [{"item": "a"}], "top_k": 3}',
+    '{"context": {"user": "Zürich \\u00e9 東京 😀"}, "candidates": [{"price": -0.0}]}'.encode(),
+    b'{"a": [1e-7, 1.5e300, -2.25, 0, -0, 12345678901234567]}',
+    b'{"big": 18446744073709551616, "neg": -9223372036854775809, "edge": 9223372036854775808}',
+    b'{"f": 1234567890123456789.0, "s": "1234567890123456789012"}',
+    b'{"dup": 1, "dup": 2}',
+    b'  [true, false, null, "\\n\\t\\"\\\\"]  ',
+]
+
+
+@pytest.mark.parametrize("body", JSON_BODIES)
+def test_json_decoding_equals_the_standard_library(body):
+    from serving import jsonio
+
+    got, want = jsonio.loads(body), json.loads(body)
+    assert got == want
+    assert json.dumps(got) == json.dumps(want)  # same types too (an int stays an int)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{not json", b"\xff\xfe", b'{"a": NaN}', b'"\\ud800"', b"[" * 2000 + b"]" * 2000, b"{}x"],
+)
+def test_json_decoding_refuses_or_accepts_like_the_standard_library(body):
+    from serving import jsonio
+
+    def outcome(fn):
+        try:
+            v = fn(body)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+            return type(e), str(e)
+        return "ok", json.dumps(v)
+
+    assert outcome(jsonio.loads) == outcome(json.loads)
+
+
+def test_answers_encode_to_json_that_reads_back_exactly():
+    from serving import jsonio
+
+    rng = np.random.default_rng(0)
+    scores = [*rng.random(256).astype(np.float32).tolist(), 0.0, 1.0, 1e-30]
+    body = {"request_id": "r-ü", "model_version": "abc", "scores": scores, "ranking": [2, 0, 1]}
+    assert json.loads(jsonio.dumps(body)) == body
