@@ -37,8 +37,13 @@ def _columns(schema: FeatureSchema, req: RankRequest) -> tuple[FeatureColumns, d
     by_column = {f.column: f for f in schema.features}
     hashed = {by_column[c].name: ids for c, ids in (req.hashed or {}).items()}
     skip = frozenset(hashed)
-    table = table_from_columns(schema, req.columns, n, skip)
-    cols = columns_from_arrow(schema, table, source="<request>", with_labels=False, skip=skip)
+    if len(skip) < len(schema.features):
+        table = table_from_columns(schema, req.columns, n, skip)
+        cols = columns_from_arrow(schema, table, source="<request>", with_labels=False, skip=skip)
+    else:  # every feature was hashed in validation (all plainly hashed categoricals)
+        cols = FeatureColumns(
+            np.empty((n, 0), np.float32), {}, {}, np.zeros((n, len(schema.tasks)), np.float32)
+        )
     ones = np.ones(n, dtype=np.int64)
     for name, ids in hashed.items():
         # a candidate without the key has no value of its own (NULL_BUCKET = 0 unless the

@@ -492,3 +492,29 @@ def test_answers_encode_to_json_that_reads_back_exactly():
     scores = [*rng.random(256).astype(np.float32).tolist(), 0.0, 1.0, 1e-30]
     body = {"request_id": "r-ü", "model_version": "abc", "scores": scores, "ranking": [2, 0, 1]}
     assert json.loads(jsonio.dumps(body)) == body
+
+
+CATEGORICAL_ONLY = FeatureSchema.from_dict(
+    {
+        "name": "cats",
+        "tasks": [{"name": "click", "label": "label"}],
+        "features": [
+            {"name": "user", "kind": "categorical", "num_buckets": 64, "dim": 4, "group": "u"},
+            {"name": "item", "kind": "categorical", "num_buckets": 128, "dim": 4, "group": "i"},
+            {"name": "city", "kind": "categorical", "num_buckets": 2**33, "dim": 4, "group": "i"},
+        ],
+    }
+)
+
+
+@pytest.mark.parametrize("context", [{}, {"user": "u1"}, {"user": None, "city": "Zürich"}])
+def test_all_hashed_features_featurise_like_merged_dicts(context, scan_path):
+    """Every feature hashed during validation: no Arrow table is built at all."""
+    cands = [{"item": "a", "city": "東京"}, {"user": "own", "item": None}, {}, {"city": None}]
+    req = parse_json(
+        json.dumps({"context": context, "candidates": cands}).encode(), CATEGORICAL_ONLY, LIMITS
+    )
+    assert req.columns == {} and req.hashed is not None
+    got = merged_batch(CATEGORICAL_ONLY, [request_columns(CATEGORICAL_ONLY, req)])
+    want = batch_from_rows(CATEGORICAL_ONLY, [{**context, **c} for c in cands])
+    _assert_same_batch(got, want)
