@@ -53,6 +53,13 @@ def add_arguments(parser) -> None:
         "servers); each gets its own no-op floor",
     )
     parser.add_argument("--plot", default=None, help="write the ratios against targets (PNG)")
+    parser.add_argument(
+        "--replot",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="with --plot: plot the JSON lines of earlier runs (their output) instead of measuring",
+    )
 
 
 def _models() -> dict:
@@ -226,6 +233,11 @@ def _ratios(rec: dict) -> None:
 def run(args) -> int:
     from ranking.errors import UserError
 
+    if args.replot:
+        if not args.plot:
+            raise UserError("--replot: name the PNG to write with --plot")
+        return replot(args.replot, args.plot)
+
     modes = [m.strip() for m in args.ingress.split(",") if m.strip()]
     if not modes or set(modes) - {"proxy", "direct"}:
         raise UserError(f"--ingress: expected proxy and/or direct, got {args.ingress!r}")
@@ -281,36 +293,72 @@ def run(args) -> int:
 
 
 def plot(records: list[dict], path: str) -> None:
-    """Latency and throughput ratios per model and ingress mode against the targets."""
+    """Latency and throughput ratios per model and ingress mode against the targets: bars are
+    the median over the runs in ``records``, dots the single runs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['model']}\n{r['ingress']}" for r in records]
-    x = list(range(len(records)))
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["model"], r["ingress"]), []).append(r)
+    keys = list(groups)
+    runs = max(len(g) for g in groups.values())
+    x = list(range(len(keys)))
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     w = 0.38
-    a.bar([i - w / 2 for i in x], [r["latency_ratio"] for r in records], w, label="forward")
-    a.bar(
-        [i + w / 2 for i in x],
-        [r["latency_ratio_paced"] for r in records],
-        w,
-        label="paced forward",
-    )
+    series = [
+        (a, "latency_ratio", -w / 2, w, "tab:blue", "forward"),
+        (a, "latency_ratio_paced", w / 2, w, "tab:orange", "paced forward"),
+        (b, "throughput_ratio", 0.0, 0.6, "tab:green", None),
+    ]
+    for ax, key, dx, width, color, label in series:
+        values = [[r[key] for r in groups[k]] for k in keys]
+        ax.bar([i + dx for i in x], [statistics.median(v) for v in values], width, color=color, label=label, alpha=0.75)  # fmt: skip
+        for i, v in enumerate(values):
+            ax.plot([i + dx] * len(v), v, "k.", ms=4)
     a.axhline(1.15, color="k", ls="--", lw=1, label="target 1.15")
     a.set_title("e2e HTTP p50 / (forward p50 + no-op p50)\n(lower is better)", fontsize=9)
-    b.bar(x, [r["throughput_ratio"] for r in records], 0.6, color="tab:green")
     b.axhline(0.7, color="k", ls="--", lw=1, label="target 0.7")
     b.set_title("c=8 candidates/s / raw batched forward\n(higher is better)", fontsize=9)
     for ax in (a, b):
         ax.set_xticks(x)
-        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_xticklabels([f"{m}\n{i}" for m, i in keys], fontsize=8)
         ax.legend(fontsize=7)
-    fig.suptitle("mixrank bench serve: 256 candidates, 1 replica, 1 torch thread", fontsize=9)
+    fig.suptitle(
+        f"mixrank bench serve: 256 candidates, 1 replica, 1 torch thread; "
+        f"bars: median of {runs} run(s), dots: runs",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def replot(paths: list[str], out: str) -> int:
+    """``--plot`` from the JSON lines of earlier runs (``--replot FILE ...``), no measuring."""
+    from ranking.errors import UserError
+
+    records = []
+    for path in paths:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as e:
+            raise UserError(f"--replot: cannot read {path}: {e.strerror}") from None
+        for n, line in enumerate(lines, 1):
+            if not line.startswith("{"):
+                continue  # the table and logs around the JSON lines
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                raise UserError(f"--replot: {path}:{n} is not a JSON line") from None
+            if rec.get("bench") == "serve" and "ingress" in rec:
+                records.append(rec)
+    if not records:
+        raise UserError(f"--replot: no bench serve records in {', '.join(paths)}")
+    plot(records, out)
+    return 0
 
 
 if __name__ == "__main__":

@@ -112,3 +112,19 @@ def test_bench_serve_tiny(tmp_path):
             rec["noop_c8_cand_per_s"] / rec["raw_forward_cand_per_s"]
         )
         assert rec["c8_cand_per_s"] > 0 and rec["grpc_p50_ms"] > 0
+    # --replot: the same figure from saved runs' output (here this run, twice), no measuring
+    runs = [tmp_path / "run1.txt", tmp_path / "run2.txt"]
+    for f in runs:
+        f.write_text(out)
+    again = tmp_path / "again.png"
+    _bench("serve", "--replot", *map(str, runs), "--plot", str(again))
+    assert again.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = tmp_path / "bad.txt"
+    bad.write_text("table only\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ranking.cli", "bench", "serve", "--replot", str(bad), "--plot", str(again)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert (
+        proc.returncode != 0 and "no bench serve records" in proc.stderr and str(bad) in proc.stderr
+    )
