@@ -1,9 +1,13 @@
-"""Build script for the one C extension (everything else is in pyproject.toml).
+"""Build script for the two C extensions (everything else is in pyproject.toml).
 
-``ranking.data._fastrows`` turns a ranking request's rows into bucket ids in one C pass
-(ranking/data/_fastrows.c). It is optional: where no C compiler is at hand the build goes on
-without it and the same ids come from the pure-Python path (``ranking.data.fastrows.AVAILABLE``
-says which one runs).
+- ``ranking.data._fastrows`` turns a ranking request's rows into bucket ids in one C pass
+  (ranking/data/_fastrows.c);
+- ``serving._fastproto`` reads a serialized gRPC ``RankRequest`` into the JSON request shape
+  (serving/_fastproto.c).
+
+Both are optional: where no C compiler is at hand the build goes on without them and the same
+results come from the pure-Python paths (``ranking.data.fastrows.AVAILABLE``,
+``serving.request.FAST_PROTO``).
 """
 
 from setuptools import Extension, setup
@@ -11,10 +15,14 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "ranking.data._fastrows",
-            ["ranking/data/_fastrows.c"],
+            name,
+            [source],
             extra_compile_args=["-O3", "-Wall", "-Werror=implicit-function-declaration"],
             optional=True,
+        )
+        for name, source in (
+            ("ranking.data._fastrows", "ranking/data/_fastrows.c"),
+            ("serving._fastproto", "serving/_fastproto.c"),
         )
     ]
 )

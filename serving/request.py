@@ -77,18 +77,43 @@ def parse_json(body: bytes, schema: FeatureSchema, limits: Limits) -> RankReques
 def parse_proto(body, schema: FeatureSchema, limits: Limits) -> RankRequest:
     """A serialized ``mixrank.v1.RankRequest`` (or the message itself, as gRPC decoded it)
     -> ``RankRequest``."""
+    return validate(proto_dict(body), schema, limits)
+
+
+try:  # serving/_fastproto.c, built by setup.py where a C compiler is at hand
+    from serving import _fastproto
+except ImportError:  # pragma: no cover
+    _fastproto = None
+
+FAST_PROTO = _fastproto is not None
+
+
+def proto_dict(body) -> dict:
+    """A serialized ``RankRequest`` or the message -> the JSON request shape (``RequestError``
+    400 for bytes protobuf cannot decode).
+
+    The C reader (``serving._fastproto``) goes straight from the wire format to the dicts
+    (0.1 ms for 256 candidates x 10 features against 1.9 ms through protobuf's Python objects;
+    a decoded message is serialized again for it, 0.2 ms). Anything it is not sure of, it
+    leaves to protobuf and ``proto_to_dict``, which give the same result
+    (tests/test_serving_request.py compares the two on random and corrupted messages)."""
     from google.protobuf.message import DecodeError
 
     from serving.proto import ranking_pb2
 
-    if isinstance(body, ranking_pb2.RankRequest):
-        return validate(proto_to_dict(body), schema, limits)
+    is_msg = isinstance(body, ranking_pb2.RankRequest)
+    if FAST_PROTO:
+        obj = _fastproto.decode(body.SerializeToString() if is_msg else body)
+        if obj is not None:
+            return obj
+    if is_msg:
+        return proto_to_dict(body)
     msg = ranking_pb2.RankRequest()
     try:
         msg.ParseFromString(body)
     except (DecodeError, RecursionError) as e:
         raise RequestError(400, "invalid_proto", f"cannot decode RankRequest: {e}") from None
-    return validate(proto_to_dict(msg), schema, limits)
+    return proto_to_dict(msg)
 
 
 def proto_to_dict(msg) -> dict:

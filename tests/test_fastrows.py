@@ -141,10 +141,13 @@ def test_c_extension_refuses_a_wrong_buffer():
         _fastrows.scan([{}, {}], {}, ("a", "b"), (5, 0), 0, 8, np.empty((2, 3), np.int32))
 
 
-def test_the_extension_is_built_where_a_c_compiler_is():
+def test_the_extensions_are_built_where_a_c_compiler_is():
     """``pip install -e .`` (make setup) builds it; a silent build failure would only show as
     a slower service."""
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None:
         pytest.skip(f"no C compiler ({cc})")
+    from serving import request
+
     assert fastrows.AVAILABLE, "ranking.data._fastrows is not built: run `make setup`"
+    assert request.FAST_PROTO, "serving._fastproto is not built: run `make setup`"

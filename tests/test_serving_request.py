@@ -518,3 +518,119 @@ def test_all_hashed_features_featurise_like_merged_dicts(context, scan_path):
     got = merged_batch(CATEGORICAL_ONLY, [request_columns(CATEGORICAL_ONLY, req)])
     want = batch_from_rows(CATEGORICAL_ONLY, [{**context, **c} for c in cands])
     _assert_same_batch(got, want)
+
+
+# ----------------------------------------------------------------------------- gRPC wire reader
+def _same(a, b) -> bool:
+    """Equal values of equal types (NaN equals NaN, -0.0 differs from 0.0)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return (a != a and b != b) or (a == b and np.copysign(1, a) == np.copysign(1, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def _random_value(rng, pb, fv, depth=0):
+    kind = rng.integers(6 if depth < 2 else 4)
+    if kind == 0:
+        fv.string_value = rng.choice(["", "a", "item-7", "Zürich", "東京", "😀"]) * int(
+            rng.integers(1, 3)
+        )
+    elif kind == 1:
+        fv.int_value = int(
+            rng.choice([0, 1, -1, 2**63 - 1, -(2**63), int(rng.integers(-1e9, 1e9))])
+        )
+    elif kind == 2:
+        fv.float_value = float(
+            rng.choice([0.0, -0.0, 1.5, float("nan"), float("inf"), rng.normal()])
+        )
+    elif kind == 3:
+        pass  # no kind set: null
+    else:
+        fv.list_value.SetInParent()  # an empty list is a list, not null
+        for _ in range(rng.integers(0, 4)):
+            _random_value(rng, pb, fv.list_value.values.add(), depth + 1)
+
+
+def _random_message(rng):
+    from serving.proto import ranking_pb2 as pb
+
+    msg = pb.RankRequest(request_id=rng.choice(["", "r1", "ü-2"]), top_k=int(rng.integers(-3, 5)))
+    names = ["user", "item", "", "city", "東"]
+    for _ in range(rng.integers(0, 3)):
+        _random_value(rng, pb, msg.context[str(rng.choice(names))])
+    for _ in range(rng.integers(0, 5)):
+        c = msg.candidates.add()
+        for _ in range(rng.integers(0, 4)):
+            _random_value(rng, pb, c.features[str(rng.choice(names))])
+    data = msg.SerializeToString()
+    if rng.random() < 0.3:  # unknown fields (a varint and a length-delimited one), kept by protobuf
+        data += bytes([15 << 3 | 0, 0x96, 0x01, 14 << 3 | 2, 2, 0x41, 0x42])
+    return data
+
+
+def test_fast_proto_reader_equals_protobuf():
+    from serving import request as request_mod
+    from serving.proto import ranking_pb2
+
+    if not request_mod.FAST_PROTO:
+        pytest.skip("serving._fastproto is not built")
+    from serving import _fastproto
+
+    rng = np.random.default_rng(0)
+    fast = 0
+    for _ in range(600):
+        data = _random_message(rng)
+        want = request_mod.proto_to_dict(ranking_pb2.RankRequest.FromString(data))
+        got = _fastproto.decode(data)
+        assert got is not None and _same(got, want), (data, got, want)
+        fast += 1
+        # corrupted: protobuf refuses it -> the reader gives up too; protobuf reads it -> the
+        # reader gives up or agrees
+        bad = bytearray(data)
+        op = rng.integers(3)
+        if op == 0 and bad:
+            bad = bad[: rng.integers(len(bad))]
+        elif op == 1 and bad:
+            bad[rng.integers(len(bad))] = int(rng.integers(256))
+        else:
+            bad[rng.integers(len(bad) + 1) : 0] = bytes(rng.integers(0, 256, 3).tolist())
+        try:
+            ref = request_mod.proto_to_dict(ranking_pb2.RankRequest.FromString(bytes(bad)))
+        except Exception:
+            ref = None
+        out = _fastproto.decode(bytes(bad))
+        assert out is None or (ref is not None and _same(out, ref)), (bytes(bad), out, ref)
+    assert fast == 600
+
+
+def test_proto_requests_parse_alike_on_both_readers(monkeypatch):
+    """parse_proto with and without the C reader: the same RankRequest or the same error."""
+    from serving import request as request_mod
+    from serving.client import to_proto_request
+
+    bodies = [
+        to_proto_request({"context": {"user": "u"}, "candidates": FAST_CANDIDATES}),
+        to_proto_request({"candidates": [{"item": "x" * 17}]}),  # too long: 422 naming it
+        to_proto_request({"candidates": [{"colour": "red"}]}),
+    ]
+    raw = [b.SerializeToString() for b in bodies] + [b"\x0a\x05ab"]  # truncated: 400
+
+    def outcomes():
+        out = []
+        for body in [*bodies, *raw]:
+            try:
+                r = parse_proto(body, SCHEMA, LIMITS)
+                out.append(("ok", r.context, r.candidates, r.top_k))
+            except RequestError as e:
+                out.append((e.status, e.code, e.field))
+        return out
+
+    fast = outcomes()
+    monkeypatch.setattr(request_mod, "FAST_PROTO", False)
+    assert fast == outcomes()
+    assert {o[0] for o in fast} == {"ok", 422, 400}
