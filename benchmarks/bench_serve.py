@@ -22,7 +22,11 @@ request:
 Targets: e2e p50 <= 1.15 x (forward p50 + no-op p50) (``latency_ratio``; also printed with the
 paced forward, ``latency_ratio_paced``, and against the in-process answer,
 ``latency_ratio_vs_answer``); candidates/s at concurrency 8 >= 0.7 x raw batched forward
-throughput. The load generator runs in this process and shares the CPUs with Ray: on a 2-core
+throughput. The references above are the means of measurements before and after all of a
+model's served phases; the host's speed drifts by up to 2x over a minute, so each mode also
+measures ``--slices`` short c=1 and c=8 load slices, each against a forward and raw throughput
+measured in-process right before and after it, and prints the medians of those per-slice ratios
+(``latency_ratio_paired``, ``throughput_ratio_paired``; the slices in ``*_slices``). The load generator runs in this process and shares the CPUs with Ray: on a 2-core
 machine that is part of what is measured.
 """
 
@@ -51,6 +55,13 @@ def add_arguments(parser) -> None:
         help="comma-separated: proxy (Serve's HTTP/gRPC proxy actor, the default deployment) "
         "and/or direct (Serve's throughput-optimized mode: clients talk to the replica's own "
         "servers); each gets its own no-op floor",
+    )
+    parser.add_argument(
+        "--slices",
+        type=int,
+        default=4,
+        help="paired ratios: after the main phases, c=1 and c=8 load again in this many short "
+        "slices, each against in-process references taken right before and after it (0: off)",
     )
     parser.add_argument("--plot", default=None, help="write the ratios against targets (PNG)")
     parser.add_argument(
@@ -134,8 +145,47 @@ def _again(art, request: dict, iters: int, dtype: str) -> dict:
     return {k: v for k, v in out.items() if k != "dtype"}
 
 
+def _probe(art, request: dict, dtype: str, iters: int = 10) -> dict:
+    """A short in-process reference taken between load slices (the replica idle): forward p50
+    of the request's ``Batch`` back to back, and the raw batched forward's candidates/s."""
+    import torch
+
+    from serving.featurize import merged_batch, request_columns
+    from serving.request import Limits, parse_json
+
+    torch.set_num_threads(1)
+    art.dtype = dtype
+    cols = request_columns(
+        art.schema, parse_json(json.dumps(request).encode(), art.schema, Limits())
+    )
+    batch, big = merged_batch(art.schema, [cols]), merged_batch(art.schema, [cols] * 8)
+    fwd = _p(_time(lambda: art.predict(batch), iters), 0.5) * 1e3
+    sec = statistics.median(_time(lambda: art.predict(big), 3))
+    return {"forward_ms": fwd, "raw_cand_per_s": big.size / sec}
+
+
+def _sliced(load, probe, duration: float, slices: int) -> list[tuple[dict, dict]]:
+    """``slices`` load runs of ``duration / slices`` seconds with a ``probe`` before the first
+    and after each: per slice, its load result and the mean of the probes around it."""
+    before = probe()
+    out = []
+    for _ in range(slices):
+        res = load(duration / slices)
+        after = probe()
+        out.append((res, {k: (before[k] + after[k]) / 2 for k in before}))
+        before = after
+    return out
+
+
 def serve_phase(
-    artifact: Path, dtype: str, request: dict, duration: float, after=None, ingress="proxy"
+    artifact: Path,
+    dtype: str,
+    request: dict,
+    duration: float,
+    after=None,
+    ingress="proxy",
+    probe=None,
+    slices: int = 0,
 ) -> dict:
     from ray import serve
 
@@ -180,6 +230,28 @@ def serve_phase(
             noop_c8_cand_per_s=f8["candidates_per_s"],
             errors=sum(sum(r["errors"].values()) for r in (floor, h1, g1, h8, f8)),
         )
+        if probe is not None and slices > 0:
+            # Drift-robust ratios: each short load slice against in-process references taken
+            # just before and after it (the host's speed drifts by up to 2x over a minute).
+            lat = _sliced(
+                lambda d: run_load(url, request, concurrency=1, duration=d, progress=None),
+                probe,
+                duration,
+                slices,
+            )
+            thr = _sliced(
+                lambda d: run_load(url, request, concurrency=8, duration=d, progress=None),
+                probe,
+                duration,
+                slices,
+            )
+            out["latency_ratio_slices"] = [
+                r["p50_ms"] / (ref["forward_ms"] + out["noop_p50_ms"]) for r, ref in lat
+            ]
+            out["throughput_ratio_slices"] = [
+                r["candidates_per_s"] / ref["raw_cand_per_s"] for r, ref in thr
+            ]
+            out["errors"] += sum(sum(r["errors"].values()) for r, _ in (*lat, *thr))
         if after is not None:  # e.g. the in-process references again, Ray up and idle
             out["after"] = after()
     finally:
@@ -228,6 +300,9 @@ def _ratios(rec: dict) -> None:
     rec["throughput_ratio"] = rec["c8_cand_per_s"] / rec["raw_forward_cand_per_s"]
     rec["noop_throughput_ratio"] = rec["noop_c8_cand_per_s"] / rec["raw_forward_cand_per_s"]
     rec["throughput_target"] = 0.7
+    for key in ("latency_ratio", "throughput_ratio"):
+        if rec.get(f"{key}_slices"):
+            rec[f"{key}_paired"] = statistics.median(rec[f"{key}_slices"])
 
 
 def run(args) -> int:
@@ -269,6 +344,8 @@ def run(args) -> int:
                     if last
                     else None,
                     ingress=mode,
+                    probe=functools.partial(_probe, art, request, before["dtype"]),
+                    slices=args.slices,
                 )
             after = phases[modes[-1]].pop("after")
             for mode in modes:
@@ -283,8 +360,9 @@ def run(args) -> int:
             "model", "ingress", "dtype", "forward_p50_ms_fp32", "forward_p50_ms_bf16",
             "forward_paced_p50_ms", "answer_p50_ms", "noop_p50_ms", "http_p50_ms", "http_p99_ms",
             "grpc_p50_ms", "grpc_p99_ms", "latency_ratio", "latency_ratio_paced",
-            "latency_ratio_vs_answer", "raw_forward_cand_per_s", "c8_cand_per_s",
-            "throughput_ratio", "noop_c8_cand_per_s", "noop_throughput_ratio", "errors",
+            "latency_ratio_vs_answer", "latency_ratio_paired", "raw_forward_cand_per_s",
+            "c8_cand_per_s", "throughput_ratio", "throughput_ratio_paired", "noop_c8_cand_per_s",
+            "noop_throughput_ratio", "errors",
         ]  # fmt: skip
         table(records, cols)
     if args.plot:

@@ -4,6 +4,7 @@ are noisy; docs/BENCHMARKS.md holds measured numbers). A benchmark that crashes 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -86,7 +87,8 @@ def test_bench_serve_tiny(tmp_path):
     of the before/after in-process measurements, shared by both modes)."""
     png = tmp_path / "serve.png"
     out = _bench(
-        "serve", "--models", "default", "--duration", "1", "--iters", "3", "--plot", str(png),
+        "serve", "--models", "default", "--duration", "1", "--iters", "3", "--slices", "2",
+        "--plot", str(png),
         timeout=600,
     )  # fmt: skip
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -112,6 +114,10 @@ def test_bench_serve_tiny(tmp_path):
             rec["noop_c8_cand_per_s"] / rec["raw_forward_cand_per_s"]
         )
         assert rec["c8_cand_per_s"] > 0 and rec["grpc_p50_ms"] > 0
+        for key in ("latency_ratio", "throughput_ratio"):  # drift-paired: median of the slices
+            assert len(rec[f"{key}_slices"]) == 2
+            assert rec[f"{key}_paired"] == pytest.approx(statistics.median(rec[f"{key}_slices"]))
+            assert all(r > 0 for r in rec[f"{key}_slices"])
     # --replot: the same figure from saved runs' output (here this run, twice), no measuring
     runs = [tmp_path / "run1.txt", tmp_path / "run2.txt"]
     for f in runs:
