@@ -1,6 +1,7 @@
 """``ranking.data.fastrows.scan``: the C extension and the pure-Python path against a slow loop
 that follows the contract value by value, with the hash written out from its formula
-(ranking/data/hashing.py's docstring), not taken from the code under test."""
+(``ref_bucket`` of tests/test_features.py, from ranking/data/hashing.py's docstring), not taken
+from the code under test."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sysconfig
 
 import numpy as np
 import pytest
+from test_features import ref_bucket  # the hash written out from its formula
 
 from ranking.data import fastrows
 from ranking.data.hashing import hash_value
@@ -20,20 +22,6 @@ PATHS = [
     ),
     pytest.param(False, id="python"),
 ]
-MASK = (1 << 64) - 1
-
-
-def _bucket(s: str, nb: int, seed: int) -> int:
-    h = 0xCBF29CE484222325
-    for b in s.encode("utf-8"):
-        h = ((h ^ b) * 0x100000001B3) & MASK
-    z = (h + (seed + 1) * 0x9E3779B97F4A7C15) & MASK
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
-    z ^= z >> 31
-    return 1 + z % (nb - 1)
-
-
 _MISSING = object()
 
 
@@ -65,7 +53,7 @@ def _reference(rows, context, columns, buckets, seed, max_chars):
                 return None
             if len(v) > max_chars:
                 return None
-            ids[j, i] = _bucket(v, nb, seed)
+            ids[j, i] = ref_bucket(v, nb, seed)
     return ids, tuple(mixed)
 
 
@@ -125,7 +113,7 @@ def test_formula_agrees_with_the_vectorised_hash():
     """The test's own hash is the library's (so the reference above is the contract)."""
     for s in WORDS:
         for nb, seed in ((2, 0), (1000, 3), (2**40 + 7, 12345)):
-            assert _bucket(s, nb, seed) == hash_value(s, nb, seed)
+            assert ref_bucket(s, nb, seed) == hash_value(s, nb, seed)
 
 
 def test_c_extension_refuses_a_wrong_buffer():
