@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +45,26 @@ class Artifact:
     schema: Any  # FeatureSchema
     manifest: dict
     path: Path
-    dtype: str = "fp32"  # "bf16": the dense part runs under bf16 autocast
+    dtype: str = "fp32"  # "bf16": the dense part in bf16 (see ``predict``)
+    _bf16: Any = field(default=None, repr=False, compare=False)
 
     @torch.no_grad()
     def predict(self, batch) -> torch.Tensor:
-        """``[B, n_tasks]`` probabilities for a ``Batch``."""
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
-            out = self.model(batch)
+        """``[B, n_tasks]`` probabilities for a ``Batch``.
+
+        With dtype "bf16", a mixer (``Ranker``) runs a copy whose stack and heads hold bf16
+        weights (``ranking.model.ranker.bf16_dense``, made on first use and kept); the DLRM /
+        DCNv2 baselines run under bf16 autocast. The fp32 model is kept as loaded.
+        """
+        from ranking.model.ranker import Ranker, bf16_dense
+
+        if self.dtype == "bf16" and isinstance(self.model, Ranker):
+            if self._bf16 is None:
+                self._bf16 = bf16_dense(self.model)
+            out = self._bf16(batch)
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
+                out = self.model(batch)
         return torch.sigmoid(out.logits.float())
 
     @property
@@ -250,7 +263,7 @@ def load_artifact(path: str | Path, *, dtype: str | None = None) -> Artifact:
     """Load an artifact (manifest validated, weights without executing code), eval mode.
 
     Weights are held in fp32 (bf16 artifacts are upcast on load, halving the file but not the
-    resident size); with dtype "bf16" the forward runs under bf16 autocast.
+    resident size); with dtype "bf16" the forward runs in bf16 (``Artifact.predict``).
     """
     path = Path(path)
     manifest = read_manifest(path)

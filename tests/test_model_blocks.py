@@ -302,6 +302,51 @@ def test_micro_batch_and_bf16_keep_the_result(name):
         torch.testing.assert_close(model(batch).logits, ref, atol=0.1, rtol=0.05)
 
 
+@pytest.mark.parametrize("name", [n for n in SMALL if SMALL[n]["arch"] not in ("dlrm", "dcnv2")])
+def test_bf16_dense_copy(name):
+    """``bf16_dense``: the served bf16 model. Its logits equal those of a deep copy whose stack
+    and heads were converted with ``.to(bfloat16)`` (the benchmark's bf16 mode), they stay near
+    fp32, and the fp32 model is left as it was, sharing only the tokenizer."""
+    import copy
+
+    from ranking.model.ranker import bf16_dense
+
+    schema = toy_schema(num_tasks=2)
+    batch = random_batch(schema, 40)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_dict(SMALL[name]), schema).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = copy.deepcopy(model)
+    ref.blocks.to(torch.bfloat16)
+    ref.heads.to(torch.bfloat16)
+    for m in ref.blocks.modules():  # keep buffers (UniMixer's temperature) in fp32, as bf16_dense
+        for key, buf in m._buffers.items():
+            if buf is not None:
+                m._buffers[key] = model.get_buffer(_buffer_path(ref, m, key)).clone()
+    fast = bf16_dense(model)
+    with torch.no_grad():
+        want32 = model(batch).logits
+        got = fast(batch).logits
+        torch.testing.assert_close(got, ref(batch).logits, atol=0, rtol=0)
+    torch.testing.assert_close(got.float(), want32, atol=0.1, rtol=0.05)
+    assert fast.tokenizer is model.tokenizer and fast.blocks is not model.blocks
+    assert all(p.dtype == torch.bfloat16 for p in fast.blocks.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in fast.heads.parameters())
+    assert all(b.dtype == torch.float32 for b in fast.blocks.buffers())
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(
+        torch.equal(after[k], before[k]) and after[k].dtype == before[k].dtype for k in before
+    )
+
+
+def _buffer_path(root, module, key: str) -> str:
+    for name, m in root.named_modules():
+        if m is module:
+            return f"{name}.{key}" if name else key
+    raise KeyError(key)
+
+
 def test_ebc_is_a_submodule_for_sharding():
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 

@@ -8,6 +8,7 @@ loss = bce(out.logits, batch.labels) + out.aux_loss
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import NamedTuple
 
 import torch
@@ -176,6 +177,36 @@ class Ranker(nn.Module):
         logits = torch.cat([p[0] for p in parts]).float()
         aux = sum(p[1] for p in parts) / max(B, 1)
         return RankerOutput(logits, aux.float() if torch.is_tensor(aux) else logits.new_zeros(()))
+
+
+def bf16_dense(model: Ranker) -> Ranker:
+    """A bf16 inference copy of ``model``: the stack's and heads' parameters converted to
+    bf16 (copies), the tokenizer (embedding tables and token projections, fp32) shared, not
+    copied. Its forward runs without autocast: tokens are cast to bf16 once after the
+    tokenizer. Buffers keep their dtype (UniMixer's Sinkhorn temperature stays fp32; Sinkhorn
+    itself computes in fp32 either way).
+
+    Why not autocast: autocast keeps fp32 weights and casts at every GEMM, and CPU autocast
+    runs LayerNorm in fp32, so each block converts its activations back and forth
+    (fp32 <-> bf16 copies, mixed-dtype adds). Measured on the 2-core machine, one thread,
+    2048 rows: default model 24-28 ms vs 31-37 ms under autocast; RankMixer medium at 256 rows
+    27-47 ms vs 39-63 ms (docs/BENCHMARKS.md). ``benchmarks.bench_model``'s bf16 mode is the
+    same conversion.
+    """
+    out = copy.copy(model)  # a shallow copy: give it its own module table before assigning
+    out._modules = dict(model._modules)
+    out._compiled = None
+    for name in ("blocks", "heads"):
+        part = copy.deepcopy(getattr(model, name))
+        for m in part.modules():
+            for key, p in m._parameters.items():
+                if p is not None and p.is_floating_point():
+                    m._parameters[key] = nn.Parameter(
+                        p.detach().to(torch.bfloat16), requires_grad=False
+                    )
+        setattr(out, name, part)
+    out.compute_dtype = "fp32"  # no autocast inside: the weights are bf16 already
+    return out.eval()
 
 
 def build_model(
