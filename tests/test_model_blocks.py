@@ -179,6 +179,7 @@ def test_compiled_epilogues_keep_the_result(model):
         torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
     want = {"norm", "swiglu"} if model["arch"] == "tokenmixer_large" else {"norm"}
     assert want <= set(blocks_mod._EPILOGUES)  # the compiled path really ran
+    assert not any(blocks_mod._EPILOGUES[k].fell_back for k in want)
     stack = stack.float().train()
     torch.manual_seed(1)
     eager = stack(x).x  # compile_epilogues is still on: with autograd it must not apply
@@ -186,6 +187,57 @@ def test_compiled_epilogues_keep_the_result(model):
         b.compile_epilogues = False
     torch.manual_seed(1)
     assert torch.equal(eager, stack(x).x)
+
+
+NO_COMPILER_SCRIPT = """
+import logging, torch
+from ranking.model.config import ModelConfig
+from ranking.model.ranker import build_model
+from ranking.model.synthetic import random_batch, toy_schema
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+schema = toy_schema()
+cfg = {"arch": "tokenmixer_large", "dim": 16, "num_tokens": 4, "num_heads": 4}
+m = build_model(ModelConfig.from_dict(cfg), schema).eval()
+b = random_batch(schema, 8)
+with torch.no_grad():
+    ref = m(b).logits
+    m.compile_epilogues = True
+    first, second = m(b).logits, m(b).logits
+    m.compile_epilogues, m.compile = False, True
+    whole = m(b).logits
+print("EQUAL", torch.equal(first, ref), torch.equal(second, ref), torch.equal(whole, ref))
+"""
+
+
+def test_compile_without_a_cxx_compiler_runs_eagerly(tmp_path):
+    """``compile_epilogues`` / ``compile`` where Inductor finds no C++ compiler (the serving
+    image has none): the forward runs eagerly with the same result and one warning per
+    compiled function, instead of failing every request."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {
+        **os.environ,
+        "CXX": str(tmp_path / "no-such-c++"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),  # no compiled kernels to reuse
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
+    }
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-c", NO_COMPILER_SCRIPT],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "EQUAL True True True" in r.stdout
+    warnings = [ln for ln in r.stderr.splitlines() if "torch.compile failed" in ln]
+    assert len(warnings) == 3, r.stderr[-3000:]  # norm, swiglu, the whole stack: once each
+    assert all("running it eagerly" in w and "C++ compiler" in w for w in warnings)
 
 
 def test_interlayer_residual_every_two_not_after_last():

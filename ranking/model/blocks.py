@@ -6,6 +6,7 @@ Every stack maps tokens ``[B, T, D]`` to ``StackOutput(x [B, T, D], aux scalar, 
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
@@ -15,6 +16,8 @@ import kernels
 
 from .ffn import DenseStage, PerTokenFFN, PerTokenSwiGLU, make_ffn
 from .mixing import TokenMixing, UniMixing, UniMixingLite
+
+log = logging.getLogger(__name__)
 
 
 class StackOutput(NamedTuple):
@@ -69,14 +72,52 @@ def _gelu_ffn_hidden(ffn: PerTokenFFN, s: Tensor) -> Tensor:
 # Measured (bf16, [16, 256, *], one process): Swish(gate) * up 2.93 -> 2.22 ms, RMSNorm
 # 1.09 -> 0.33 ms (bit-identical), LayerNorm 0.60 -> 0.45 ms; exact GELU compiled was 2x
 # slower than eager in-place ``gelu_`` and stays eager (docs/BENCHMARKS.md).
+# Compiling needs a working C++ compiler at run time (Inductor's CPU backend); where there is
+# none (the serving image ships without one) or compilation fails otherwise, the function runs
+# eagerly from then on, with one warning: same math, the eager speed.
 _EPILOGUES: dict[str, object] = {}
 
 
 def _compiled(name: str, fn):
     f = _EPILOGUES.get(name)
     if f is None:
-        f = _EPILOGUES[name] = torch.compile(fn, dynamic=None)
+        f = _EPILOGUES[name] = compiled_or_eager(fn, f"the {name} epilogue (compile_epilogues)")
     return f
+
+
+def compiled_or_eager(fn, what: str, **compile_kwargs) -> CompiledOrEager:
+    return CompiledOrEager(fn, what, **compile_kwargs)
+
+
+class CompiledOrEager:
+    """``torch.compile(fn)``, or ``fn`` itself once compiling it has failed (logged once;
+    ``fell_back`` then says so). An error raised by ``fn`` itself (bad input) is raised again
+    by the eager call."""
+
+    def __init__(self, fn, what: str, **compile_kwargs):
+        self.eager, self.what = fn, what
+        self.fn = torch.compile(fn, **{"dynamic": None, **compile_kwargs})
+
+    @property
+    def fell_back(self) -> bool:
+        return self.fn is self.eager
+
+    def __call__(self, *args, **kwargs):
+        if self.fell_back:
+            return self.eager(*args, **kwargs)
+        try:
+            return self.fn(*args, **kwargs)
+        except Exception as e:  # Inductor: no C++ compiler, a failed build, an unsupported op
+            text = str(e).strip()
+            first = text.splitlines()[0][:300] if text else ""
+            log.warning(
+                "%s: torch.compile failed (%s: %s); running it eagerly",
+                self.what,
+                type(e).__name__,
+                first,
+            )
+            self.fn = self.eager
+            return self.eager(*args, **kwargs)
 
 
 def _swiglu_epilogue(gate_up: Tensor, hidden: int) -> Tensor:

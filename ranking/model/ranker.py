@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ranking.features import Batch, FeatureSchema
 
-from .blocks import build_stack
+from .blocks import build_stack, compiled_or_eager
 from .config import ModelConfig, temperature_at
 from .tokenizer import Tokenizer
 
@@ -139,7 +139,9 @@ class Ranker(nn.Module):
     def _stack(self, tokens: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
         """Stack + heads on one chunk: ``(logits [b, n_tasks], aux summed over the chunk's rows)``."""
         if self.compile and self._compiled is None:
-            self._compiled = torch.compile(self.blocks.forward, dynamic=False)
+            self._compiled = compiled_or_eager(
+                self.blocks.forward, "the mixer stack (compile)", dynamic=False
+            )
         out = self._compiled(tokens) if self.compile else self.blocks(tokens)
         logits = self.heads(self.pool(out.x))
         aux = out.aux * tokens.shape[0]
