@@ -34,6 +34,33 @@ def rms(x, w, eps=1e-6):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+@pytest.mark.parametrize(
+    ("T", "D", "H"), [(4, 16, 4), (8, 64, 8), (3, 12, 2), (5, 10, 5), (2, 6, 3)]
+)
+def test_token_major_mix_and_revert_move_whole_chunks(dtype, T, D, H):
+    """``mix_tm`` / ``revert_tm`` (token-major, copies moved as wide elements where the chunk
+    size allows) against an element loop of the definition, also on a tensor that starts at an
+    odd offset in its storage and with autograd on (the plain copy)."""
+    from ranking.model.blocks import mix_tm, revert_tm
+
+    B, d = 3, D // H
+    base = (torch.arange(T * B * D + 1) % 127).to(dtype)
+    for x in (base[:-1].view(T, B, D), base[1:].view(T, B, D)):  # aligned / offset by one
+        want = torch.empty(H, B, T * d, dtype=dtype)
+        for t in range(T):
+            for b in range(B):
+                for h in range(H):
+                    want[h, b, t * d : (t + 1) * d] = x[t, b, h * d : (h + 1) * d]
+        got = mix_tm(x, H)
+        assert torch.equal(got, want) and got.is_contiguous()
+        assert got.data_ptr() != x.data_ptr()
+        assert torch.equal(revert_tm(got, T), x)
+    if dtype.is_floating_point:
+        x = torch.randn(T, B, D, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda v: revert_tm(mix_tm(v, H) * 2, T), (x,))
+
+
 def test_rankmixer_block_equations():
     torch.manual_seed(0)
     cfg = ModelConfig.from_dict({"arch": "rankmixer", "dim": 16, "num_tokens": 4})

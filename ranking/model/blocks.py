@@ -43,16 +43,34 @@ def mix_tm(x: Tensor, num_heads: int) -> Tensor:
     d = D // num_heads
     # clone, not reshape: always a fresh tensor (reshape returns a view of x when the permuted
     # layout happens to be contiguous, e.g. T = 1, and callers add into the result in place)
-    mixed = x.view(T, B, num_heads, d).permute(2, 1, 0, 3)
-    return mixed.clone(memory_format=torch.contiguous_format).view(num_heads, B, T * d)
+    return _chunk_permute(x.view(T, B, num_heads, d)).view(num_heads, B, T * d)
 
 
 def revert_tm(y: Tensor, num_tokens: int) -> Tensor:
     """Inverse of ``mix_tm``: ``[H, B, T*d] -> [T, B, H*d]`` (a copy)."""
     H, B, W = y.shape
     d = W // num_tokens
-    reverted = y.view(H, B, num_tokens, d).permute(2, 1, 0, 3)
-    return reverted.clone(memory_format=torch.contiguous_format).view(num_tokens, B, H * d)
+    return _chunk_permute(y.view(H, B, num_tokens, d)).view(num_tokens, B, H * d)
+
+
+def _chunk_permute(v: Tensor) -> Tensor:
+    """``v [P, B, Q, d] -> [Q, B, P, d]``, a contiguous copy that moves whole ``d``-chunks.
+
+    Where a chunk is a whole number of 16-byte units, the copy moves them as complex128
+    elements (the same bytes, bit for bit, fewer strided elements): one thread, bf16,
+    [8, 256, 64] (the default model, d = 8) 0.17 -> 0.03 ms, [8, 2048, 64] 1.3 -> 0.7 ms,
+    [16, 256, 256] (RankMixer medium) 0.84 -> 0.76 ms. 8-byte and 4-byte elements gave
+    nothing. Only without autograd (a dtype view has no gradient)."""
+    nbytes = v.shape[-1] * v.element_size()
+    if (
+        v.is_contiguous()
+        and not v.requires_grad
+        and nbytes % 16 == 0
+        and v.storage_offset() * v.element_size() % 16 == 0
+    ):
+        w = v.view(torch.complex128).permute(2, 1, 0, 3)
+        return w.clone(memory_format=torch.contiguous_format).view(v.dtype)
+    return v.permute(2, 1, 0, 3).clone(memory_format=torch.contiguous_format)
 
 
 def _gelu_ffn_hidden(ffn: PerTokenFFN, s: Tensor) -> Tensor:
