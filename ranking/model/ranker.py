@@ -206,9 +206,10 @@ def bf16_dense(model: Ranker) -> Ranker:
                     m._parameters[key] = nn.Parameter(
                         p.detach().to(torch.bfloat16), requires_grad=False
                     )
-        setattr(out, name, part)
+        setattr(out, name, part.eval())
     out.compute_dtype = "fp32"  # no autocast inside: the weights are bf16 already
-    return out.eval()
+    out.training = False  # the shared tokenizer keeps its own mode
+    return out
 
 
 def build_model(
