@@ -2,8 +2,8 @@
 
 ``load_validated`` is the only way a model enters a replica: the manifest is read, the schema
 is checked against the model it replaces (the same feature columns with the same kinds and the
-same tasks, so that requests valid for the old model stay valid), and a smoke forward on two
-all-missing rows must give finite probabilities of shape ``[2, n_tasks]``.
+same tasks, so that requests valid for the old model stay valid), and smoke forwards on two,
+three and one all-missing rows must give finite probabilities of shape ``[rows, n_tasks]``.
 """
 
 from __future__ import annotations
@@ -38,15 +38,21 @@ def load_validated(path: str | Path, dtype: str | None, previous: Artifact | Non
             f"{previous.model_version}: features/tasks differ "
             f"({_signature(art.schema)} vs {_signature(previous.schema)})"
         )
-    try:
-        probs = art.predict(batch_from_rows(art.schema, [{}, {}]))
-    except Exception as e:
-        raise ArtifactError(f"{path}: smoke forward failed: {type(e).__name__}: {e}") from e
-    if tuple(probs.shape) != (2, len(art.schema.tasks)) or not torch.isfinite(probs).all():
-        raise ArtifactError(
-            f"{path}: smoke forward gave shape {tuple(probs.shape)} "
-            f"(expected (2, {len(art.schema.tasks)})) or non-finite values"
-        )
+    # Three batch sizes: a model with compile / compile_epilogues compiles for the first shape;
+    # at the second, once more with the batch dimension dynamic (torch.compile's automatic
+    # dynamic shapes), and a single row gets its own graph (sizes 0 and 1 are specialised).
+    # All of it happens here, before the model takes traffic, not on its first requests
+    # (seconds each).
+    for rows in (2, 3, 1):
+        try:
+            probs = art.predict(batch_from_rows(art.schema, [{}] * rows))
+        except Exception as e:
+            raise ArtifactError(f"{path}: smoke forward failed: {type(e).__name__}: {e}") from e
+        if tuple(probs.shape) != (rows, len(art.schema.tasks)) or not torch.isfinite(probs).all():
+            raise ArtifactError(
+                f"{path}: smoke forward gave shape {tuple(probs.shape)} "
+                f"(expected ({rows}, {len(art.schema.tasks)})) or non-finite values"
+            )
     return art
 
 
