@@ -207,6 +207,10 @@ def test_compiled_epilogues_keep_the_result(model):
     want = {"norm", "swiglu"} if model["arch"] == "tokenmixer_large" else {"norm"}
     assert want <= set(blocks_mod._EPILOGUES)  # the compiled path really ran
     assert not any(blocks_mod._EPILOGUES[k].fell_back for k in want)
+    norm = blocks_mod._EPILOGUES["norm"]
+    with pytest.raises(RuntimeError):  # a bad input fails eagerly too: no fallback
+        norm(x, torch.ones(cfg.dim + 1), None, 1e-6, True)
+    assert not norm.fell_back
     stack = stack.float().train()
     torch.manual_seed(1)
     eager = stack(x).x  # compile_epilogues is still on: with autograd it must not apply

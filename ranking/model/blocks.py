@@ -108,9 +108,9 @@ def compiled_or_eager(fn, what: str, **compile_kwargs) -> CompiledOrEager:
 
 
 class CompiledOrEager:
-    """``torch.compile(fn)``, or ``fn`` itself once compiling it has failed (logged once;
-    ``fell_back`` then says so). An error raised by ``fn`` itself (bad input) is raised again
-    by the eager call."""
+    """``torch.compile(fn)``, or ``fn`` itself once the compiled call has failed where the
+    eager one succeeds (logged once; ``fell_back`` then says so). When the eager call fails
+    too, the input was at fault: its error is raised and the compiled path is kept."""
 
     def __init__(self, fn, what: str, **compile_kwargs):
         self.eager, self.what = fn, what
@@ -126,6 +126,7 @@ class CompiledOrEager:
         try:
             return self.fn(*args, **kwargs)
         except Exception as e:  # Inductor: no C++ compiler, a failed build, an unsupported op
+            out = self.eager(*args, **kwargs)  # raises on a bad input: compiled path kept
             text = str(e).strip()
             first = text.splitlines()[0][:300] if text else ""
             log.warning(
@@ -135,7 +136,7 @@ class CompiledOrEager:
                 first,
             )
             self.fn = self.eager
-            return self.eager(*args, **kwargs)
+            return out
 
 
 def _swiglu_epilogue(gate_up: Tensor, hidden: int) -> Tensor:
