@@ -17,7 +17,14 @@ request:
     as many zeros (HTTP, concurrency 1), and its candidates/s at concurrency 8 (the ceiling any
     model could reach through that path on this machine);
   - end to end ``/v1/rank`` p50/p99 at concurrency 1 over HTTP and over gRPC, and candidates/s
-    at concurrency 8 (HTTP), with deploy/serve.yaml (one Ranker replica, one torch thread).
+    at concurrency 8 (HTTP), with deploy/serve.yaml (one Ranker replica, one torch thread);
+  - the forward floor (``serving.app.ForwardFloor``): the Ranker's own batching and forward,
+    but per request only the no-op's work (decode the body, answer zeros), at concurrency 1
+    (p50) and 8 (candidates/s). ``floor_*_ratio`` are its ratios against the same references
+    as ours: the most any request path could reach through Ray Serve with this model here.
+    ``*_vs_floor``: ours over it, also as the median of ``--slices`` alternating short A/B
+    slices (``*_vs_floor_paired``): what our own request work (validation, feature hashing,
+    the batch merge, the answer) costs.
 
 Targets: e2e p50 <= 1.15 x (forward p50 + no-op p50) (``latency_ratio``; also printed with the
 paced forward, ``latency_ratio_paced``, and against the in-process answer,
@@ -32,6 +39,7 @@ machine that is part of what is measured.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import statistics
@@ -204,15 +212,32 @@ def serve_phase(
     cfg["applications"].append(
         {"name": "noop", "route_prefix": "/noop", "import_path": "serving.app:build_noop"}
     )
+    # the framework's floor with the forward in it: the Ranker's deployment settings, batching
+    # and forward; per request only the no-op's work (serving.app.ForwardFloor)
+    app = next(a for a in cfg["applications"] if a["name"] == config.APP)
+    ranker = next(d for d in app["deployments"] if d["name"] == config.RANKER)
+    floor_dep = {**copy.deepcopy(ranker), "name": "ForwardFloor"}
+    floor_dep["user_config"].pop("max_body_bytes", None)
+    cfg["applications"].append(
+        {
+            "name": "forward_floor",
+            "route_prefix": "/floor",
+            "import_path": "serving.app:build_forward_floor",
+            "deployments": [floor_dep],
+        }
+    )
     direct = ingress == "direct"
     out = {}
     config.start(cfg, direct_ingress=direct)
     try:
         url, noop_url = f"http://127.0.0.1:{http}", f"http://127.0.0.1:{http}/noop"
+        ff_url = f"http://127.0.0.1:{http}/floor"
         if direct:  # the replicas' own servers (they bind http_options.host: loopback here)
             ours, noop = config.ingress_targets(), config.ingress_targets("noop")
+            ff = config.ingress_targets("forward_floor")
             url = f"http://127.0.0.1:{ours['http'][0][1]}"
             noop_url = f"http://127.0.0.1:{noop['http'][0][1]}/noop"
+            ff_url = f"http://127.0.0.1:{ff['http'][0][1]}/floor"
             grpc = ours["grpc"][0][1]
         floor = run_load(noop_url, request, concurrency=1, duration=duration, progress=None)
         out["noop_p50_ms"] = floor["p50_ms"]
@@ -220,6 +245,8 @@ def serve_phase(
         g1 = run_load(url, request, concurrency=1, duration=duration, grpc_port=grpc, progress=None)
         h8 = run_load(url, request, concurrency=8, duration=duration, progress=None)
         f8 = run_load(noop_url, request, concurrency=8, duration=duration, progress=None)
+        ff1 = run_load(ff_url, request, concurrency=1, duration=duration, progress=None)
+        ff8 = run_load(ff_url, request, concurrency=8, duration=duration, progress=None)
         out.update(
             http_p50_ms=h1["p50_ms"],
             http_p99_ms=h1["p99_ms"],
@@ -228,7 +255,9 @@ def serve_phase(
             c8_cand_per_s=h8["candidates_per_s"],
             c8_p50_ms=h8["p50_ms"],
             noop_c8_cand_per_s=f8["candidates_per_s"],
-            errors=sum(sum(r["errors"].values()) for r in (floor, h1, g1, h8, f8)),
+            floor_p50_ms=ff1["p50_ms"],
+            floor_c8_cand_per_s=ff8["candidates_per_s"],
+            errors=sum(sum(r["errors"].values()) for r in (floor, h1, g1, h8, f8, ff1, ff8)),
         )
         if probe is not None and slices > 0:
             # Drift-robust ratios: each short load slice against in-process references taken
@@ -252,6 +281,15 @@ def serve_phase(
                 r["candidates_per_s"] / ref["raw_cand_per_s"] for r, ref in thr
             ]
             out["errors"] += sum(sum(r["errors"].values()) for r, _ in (*lat, *thr))
+            # ours against the forward floor, alternating short slices (A/B under the same drift)
+            vs_lat, vs_thr = [], []
+            for _ in range(slices):
+                for c, acc, key in ((1, vs_lat, "p50_ms"), (8, vs_thr, "candidates_per_s")):
+                    a = run_load(url, request, concurrency=c, duration=duration / slices, progress=None)  # fmt: skip
+                    b = run_load(ff_url, request, concurrency=c, duration=duration / slices, progress=None)  # fmt: skip
+                    acc.append(a[key] / b[key])
+                    out["errors"] += sum(a["errors"].values()) + sum(b["errors"].values())
+            out["latency_vs_floor_slices"], out["throughput_vs_floor_slices"] = vs_lat, vs_thr
         if after is not None:  # e.g. the in-process references again, Ray up and idle
             out["after"] = after()
     finally:
@@ -300,6 +338,16 @@ def _ratios(rec: dict) -> None:
     rec["throughput_ratio"] = rec["c8_cand_per_s"] / rec["raw_forward_cand_per_s"]
     rec["noop_throughput_ratio"] = rec["noop_c8_cand_per_s"] / rec["raw_forward_cand_per_s"]
     rec["throughput_target"] = 0.7
+    # against the forward floor (the Ranker's batching and forward, the no-op's request work):
+    # what the framework lets any request path reach, and our share of it
+    fwd_floor = rec["floor_p50_ms"] / (fwd + rec["noop_p50_ms"])
+    rec["floor_latency_ratio"] = fwd_floor
+    rec["floor_throughput_ratio"] = rec["floor_c8_cand_per_s"] / rec["raw_forward_cand_per_s"]
+    rec["latency_vs_floor"] = rec["http_p50_ms"] / rec["floor_p50_ms"]
+    rec["throughput_vs_floor"] = rec["c8_cand_per_s"] / rec["floor_c8_cand_per_s"]
+    for key in ("latency_vs_floor", "throughput_vs_floor"):
+        if rec.get(f"{key}_slices"):
+            rec[f"{key}_paired"] = statistics.median(rec[f"{key}_slices"])
     for key in ("latency_ratio", "throughput_ratio"):
         if rec.get(f"{key}_slices"):
             rec[f"{key}_paired"] = statistics.median(rec[f"{key}_slices"])
@@ -362,7 +410,9 @@ def run(args) -> int:
             "grpc_p50_ms", "grpc_p99_ms", "latency_ratio", "latency_ratio_paced",
             "latency_ratio_vs_answer", "latency_ratio_paired", "raw_forward_cand_per_s",
             "c8_cand_per_s", "throughput_ratio", "throughput_ratio_paired", "noop_c8_cand_per_s",
-            "noop_throughput_ratio", "errors",
+            "noop_throughput_ratio", "floor_p50_ms", "floor_latency_ratio", "floor_c8_cand_per_s",
+            "floor_throughput_ratio", "latency_vs_floor_paired", "throughput_vs_floor_paired",
+            "errors",
         ]  # fmt: skip
         table(records, cols)
     if args.plot:

@@ -287,8 +287,19 @@ class Ranker(_Front):
             field = getattr(e, "column", None)
             return 422, RequestError(422, "invalid_value", str(e), field).body()
         self._metrics.candidates.observe(req.size)
+        try:
+            probs, used = await self._scored(_Prepared(cols, req.size, art))
+        except Exception as e:
+            log.exception("forward failed")
+            return 503, RequestError(
+                503, "model_error", f"scoring failed: {type(e).__name__}"
+            ).body()
+        return 200, rank_response(used, req.request_id, probs, req.top_k)
+
+    async def _scored(self, prepared: _Prepared) -> tuple:
+        """``(probabilities, artifact used)`` of one prepared request, through a formed batch
+        or, alone in the replica, at once."""
         self._inflight += 1
-        prepared = _Prepared(cols, req.size, art)
         try:
             if self._inflight == 1 and not self._busy and not self._in_thread():
                 # One pass of the loop lets requests that have already arrived get here too.
@@ -301,14 +312,9 @@ class Ranker(_Front):
             else:
                 self._score.set_batch_wait_timeout_s(self._batch_wait())
                 probs, used = await self._score(prepared)
-        except Exception as e:
-            log.exception("forward failed")
-            return 503, RequestError(
-                503, "model_error", f"scoring failed: {type(e).__name__}"
-            ).body()
         finally:
             self._inflight -= 1
-        return 200, rank_response(used, req.request_id, probs, req.top_k)
+        return probs, used
 
     def _batch_wait(self) -> float:
         """How long the batch being formed waits for company. Serve forms the next batch as
@@ -352,9 +358,9 @@ class Ranker(_Front):
                 art = items[idx[0]].art
                 batch = [items[i] for i in idx]
                 if self._in_thread():
-                    probs = await asyncio.to_thread(_forward, art, batch)
+                    probs = await asyncio.to_thread(self._forward, art, batch)
                 else:  # on the loop: requests arriving meanwhile wait in Serve's queue
-                    probs = _forward(art, batch)
+                    probs = self._forward(art, batch)
                 start = 0
                 for i in idx:
                     out[i] = (probs[start : start + items[i].size], art)
@@ -366,12 +372,12 @@ class Ranker(_Front):
         self._metrics.batch(len(items), _candidates(items), seconds)
         return out
 
+    def _forward(self, art, items: list[_Prepared]):
+        """The formed batch's probabilities: its requests' features merged, one forward."""
+        from serving.featurize import merged_batch
 
-def _forward(art, items: list[_Prepared]):
-    from serving.featurize import merged_batch
-
-    batch = merged_batch(art.schema, [p.columns for p in items])
-    return art.predict(batch).numpy()
+        batch = merged_batch(art.schema, [p.columns for p in items])
+        return art.predict(batch).numpy()
 
 
 def _error_response(err: RequestError):
@@ -452,3 +458,52 @@ class NoOp:
 
 def build_noop(args: dict | None = None):
     return NoOp.bind()
+
+
+class _ForwardFloor(Ranker.func_or_class):
+    """The framework's floor with the model's forward in it (benchmarks): the Ranker's own
+    batching (formed batches, waits, the lone-request shortcut, the forward thread) and its
+    forward, but per request only what ``NoOp`` does: decode the body and answer zeros. The
+    rows scored are the first request's, featurized once by the real pipeline and merged once
+    per batch shape. ``mixrank bench serve`` puts the Ranker next to it: the difference is
+    our request work (validation, feature hashing, batch merge, the answer), and its c=8
+    candidates/s over the raw batched forward is the most any request path could reach through
+    Ray Serve with this model on the machine."""
+
+    def __init__(self):
+        super().__init__()
+        self._columns = None
+        self._merged: dict[tuple[int, ...], Any] = {}
+
+    async def __call__(self, request):
+        from starlette.responses import Response
+
+        from serving.featurize import request_columns
+        from serving.request import parse_json
+
+        raw = await request.body()
+        body = jsonio.loads(raw)  # the same decoder as the Ranker's and NoOp's
+        n = len(body.get("candidates", []))
+        art = self._art
+        if self._columns is None:
+            self._columns = request_columns(art.schema, parse_json(raw, art.schema, self._limits))
+        if len(self._columns) != n:
+            raise ValueError("ForwardFloor: every request must have the first one's candidates")
+        await self._scored(_Prepared(self._columns, n, art))
+        return Response(jsonio.dumps({"scores": [0.0] * n}), media_type="application/json")
+
+    def _forward(self, art, items: list[_Prepared]):
+        from serving.featurize import merged_batch
+
+        key = tuple(p.size for p in items)
+        batch = self._merged.get(key)
+        if batch is None:
+            batch = self._merged[key] = merged_batch(art.schema, [p.columns for p in items])
+        return art.predict(batch).numpy()
+
+
+ForwardFloor = serve.deployment(name="ForwardFloor", max_ongoing_requests=64)(_ForwardFloor)
+
+
+def build_forward_floor(args: dict | None = None):
+    return ForwardFloor.bind()

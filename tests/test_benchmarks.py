@@ -114,7 +114,20 @@ def test_bench_serve_tiny(tmp_path):
             rec["noop_c8_cand_per_s"] / rec["raw_forward_cand_per_s"]
         )
         assert rec["c8_cand_per_s"] > 0 and rec["grpc_p50_ms"] > 0
-        for key in ("latency_ratio", "throughput_ratio"):  # drift-paired: median of the slices
+        # the forward floor: the Ranker's batching and forward with only the no-op's request work
+        assert rec["floor_p50_ms"] > 0 and rec["floor_c8_cand_per_s"] > 0
+        assert rec["floor_latency_ratio"] == pytest.approx(
+            rec["floor_p50_ms"] / (fwd + rec["noop_p50_ms"])
+        )
+        assert rec["floor_throughput_ratio"] == pytest.approx(
+            rec["floor_c8_cand_per_s"] / rec["raw_forward_cand_per_s"]
+        )
+        assert rec["latency_vs_floor"] == pytest.approx(rec["http_p50_ms"] / rec["floor_p50_ms"])
+        assert rec["throughput_vs_floor"] == pytest.approx(
+            rec["c8_cand_per_s"] / rec["floor_c8_cand_per_s"]
+        )
+        for key in ("latency_ratio", "throughput_ratio", "latency_vs_floor", "throughput_vs_floor"):
+            # drift-paired: median of the slices
             assert len(rec[f"{key}_slices"]) == 2
             assert rec[f"{key}_paired"] == pytest.approx(statistics.median(rec[f"{key}_slices"]))
             assert all(r > 0 for r in rec[f"{key}_slices"])
