@@ -446,6 +446,15 @@ def plot(records: list[dict], path: str) -> None:
         ax.bar([i + dx for i in x], [statistics.median(v) for v in values], width, color=color, label=label, alpha=0.75)  # fmt: skip
         for i, v in enumerate(values):
             ax.plot([i + dx] * len(v), v, "k.", ms=4)
+    # the forward floor (only where the runs measured it): what the framework reaches with the
+    # same batching and forward and no request work of ours
+    for ax, key, label in (
+        (a, "floor_latency_ratio", "forward floor"),
+        (b, "floor_throughput_ratio", "forward floor"),
+    ):
+        pts = [(i, statistics.median(v)) for i, k in enumerate(keys) if (v := [r[key] for r in groups[k] if key in r])]  # fmt: skip
+        if pts:
+            ax.plot([i for i, _ in pts], [v for _, v in pts], "r_", ms=22, mew=2, label=label)
     a.axhline(1.15, color="k", ls="--", lw=1, label="target 1.15")
     a.set_title("e2e HTTP p50 / (forward p50 + no-op p50)\n(lower is better)", fontsize=9)
     b.axhline(0.7, color="k", ls="--", lw=1, label="target 0.7")
