@@ -10,7 +10,12 @@ mode with no grad:
   forward for DLRM/DCNv2), achieved dense FLOP/s (analytic FLOPs per sample from
   ``ranking.model.flops`` x dense samples/s), and ``frac_of_peak``: its ratio to a 2048^3
   matmul of the same dtype timed right before and after each measurement (median over pairs;
-  the machines are shared, so unpaired peaks drift).
+  the machines are shared, so unpaired peaks drift);
+- ``by_regime`` (mixers): the host runs the matmul in regimes about 2.5x apart that switch
+  within seconds, so the whole-forward ratio depends on which regime a run lands in. For
+  ``--regime-seconds`` one micro-batch of the dense part runs at a time between two matmuls;
+  calls whose matmuls agree are split by regime and each regime gets its own median ratio
+  (printed as ``frac_by_regime``: ``frac @ matmul GFLOP/s``, slowest regime first).
 
 Run: ``python -m benchmarks.bench_model --configs rankmixer_medium tokenmixer_large_medium``.
 """
@@ -62,6 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.compile only the norms and SwiGLU activations between the GEMMs",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--regime-seconds",
+        type=float,
+        default=15.0,
+        help="per mixer config and dtype: this long of one micro-batch at a time between two "
+        "matmuls, reported per matmul regime (by_regime; 0 = off)",
+    )
 
 
 def _time(fn, iters: int, warmup: int) -> float:
@@ -114,6 +126,47 @@ def paired(fn, peak: MatmulPeak, iters: int, warmup: int) -> tuple[float, float,
         tp.append(min(p0, p1))
         ratios.append(min(p0, p1) / t)
     return min(tf), min(tp), statistics.median(ratios)
+
+
+def by_regime(fn, fn_flops: float, peak: MatmulPeak, seconds: float, min_pairs: int = 5) -> list:
+    """The host runs the matmul in regimes (about 2.5x apart here) that switch within seconds,
+    while a whole 4096-row forward takes 0.2-1.5 s: an edge-paired ratio then compares a
+    forward that lived through a mix of regimes with one of the two matmuls next to it. Here
+    ``fn`` is short (one micro-batch) and runs between two matmuls for ``seconds``; a call
+    counts only where the two matmuls agree within 20% (the regime held around it). The
+    counted calls are split into regimes where their matmul rates fall into two groups more
+    than 1.6x apart (at the geometric mean of the extremes). Returns one entry per regime,
+    slowest first: its median matmul GFLOP/s, the median of ``fn``'s FLOP/s over the matmul's
+    of the same call, and the number of calls."""
+    fn()
+    peak()
+    pairs = []  # (matmul FLOP/s, fn FLOP/s)
+    end = time.perf_counter() + seconds
+    tries = 0
+    while (time.perf_counter() < end or len(pairs) < min_pairs) and tries < 50 * min_pairs:
+        tries += 1
+        p0 = peak()
+        t = time.perf_counter()
+        fn()
+        t = time.perf_counter() - t
+        p1 = peak()
+        if max(p0, p1) <= 1.2 * min(p0, p1):
+            pairs.append((2 * peak.flops / (p0 + p1), fn_flops / t))
+    if not pairs:
+        return []
+    lo, hi = min(p for p, _ in pairs), max(p for p, _ in pairs)
+    groups = [pairs]
+    if hi > 1.6 * lo:
+        cut = (lo * hi) ** 0.5
+        groups = [[q for q in pairs if q[0] < cut], [q for q in pairs if q[0] >= cut]]
+    return [
+        {
+            "peak_gflop_s": statistics.median(p for p, _ in g) / 1e9,
+            "frac_of_peak": statistics.median(f / p for p, f in g),
+            "calls": len(g),
+        }
+        for g in groups
+    ]
 
 
 def _resolve(name: str) -> Path:
@@ -196,6 +249,15 @@ def bench_config(name: str, args) -> list[dict]:
             "frac_of_peak": ratio * per_sample * args.batch,
         }
         rec["frac_of_bf16_peak"] = rec["dense_gflop_s"] / rec["peak_bf16_gflop_s"]
+        if is_mixer and args.regime_seconds > 0:
+            step = m.micro_batch if 0 < m.micro_batch < args.batch else args.batch
+            one = tokens[:step]
+
+            def chunk(m=m, one=one):
+                with torch.no_grad(), ctx():
+                    return m._stack(one, None)
+
+            rec["by_regime"] = by_regime(chunk, flops * step, peak, args.regime_seconds)
         records.append(rec)
     return records
 
@@ -220,6 +282,10 @@ def run(args) -> int:
             rec["bf16_mode"] = args.bf16
             emit(rec)
             records.append(rec)
+    for rec in records:  # e.g. "0.50 @ 790 | 0.36 @ 1,850" (frac @ matmul GFLOP/s)
+        rec["frac_by_regime"] = " | ".join(
+            f"{r['frac_of_peak']:.2f} @ {r['peak_gflop_s']:,.0f}" for r in rec.get("by_regime", [])
+        )
     if not getattr(args, "json_only", False):
         table(
             records,
@@ -232,6 +298,7 @@ def run(args) -> int:
                 "dense_gflop_s",
                 "peak_gflop_s",
                 "frac_of_peak",
+                "frac_by_regime",
             ],
         )
     return 0

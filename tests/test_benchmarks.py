@@ -45,6 +45,8 @@ def test_bench_model_tiny(repo_root):
         "--dtypes",
         "fp32",
         "bf16",
+        "--regime-seconds",
+        "0.2",
         "--json-only",
     )
     recs = _records(out)
@@ -57,6 +59,43 @@ def test_bench_model_tiny(repo_root):
         cfg, schema = load_experiment(repo_root / "configs" / "models" / f"{r['config']}.yaml")
         assert r["flops_per_sample"] == pytest.approx(forward_flops(cfg, schema))
         assert r["samples_s"] > 0 and r["dense_gflop_s"] > 0 and r["frac_of_peak"] > 0
+        if r["arch"] == "dlrm":
+            assert "by_regime" not in r
+        else:  # one micro-batch at a time between matmuls, per regime: at least 5 calls kept
+            assert 1 <= len(r["by_regime"]) <= 2
+            assert sum(g["calls"] for g in r["by_regime"]) >= 5
+            assert all(g["frac_of_peak"] > 0 and g["peak_gflop_s"] > 0 for g in r["by_regime"])
+
+
+class _ScriptedPeak:
+    """A matmul "peak" whose timings follow a script (seconds per call)."""
+
+    flops = 1e9
+
+    def __init__(self, seconds):
+        self.seconds = list(seconds)
+
+    def __call__(self):
+        return self.seconds.pop(0)
+
+
+def test_by_regime_splits_calls_by_the_matmul_around_them():
+    """Calls whose two matmuls disagree are dropped; the rest split into the slow and the fast
+    regime, each call's rate against its own matmuls' (a 10 ms sleep of known "FLOPs")."""
+    import time
+
+    from benchmarks.bench_model import by_regime
+
+    slow, fast = 1.0, 0.4  # matmul seconds: 1 and 2.5 GFLOP/s
+    script = [slow] + [slow, slow] * 5 + [slow, fast] + [fast, fast] * 5
+    out = by_regime(lambda: time.sleep(0.01), 0.005e9, _ScriptedPeak(script), 0.0, min_pairs=10)
+    assert [g["calls"] for g in out] == [5, 5]
+    assert [g["peak_gflop_s"] for g in out] == pytest.approx([1.0, 2.5])
+    # fn runs at 0.005e9 / 0.01 s = 0.5 GFLOP/s (a little less: sleep overshoots)
+    assert out[0]["frac_of_peak"] == pytest.approx(0.5 / 1.0, rel=0.25)
+    assert out[1]["frac_of_peak"] == pytest.approx(0.5 / 2.5, rel=0.25)
+    one = by_regime(lambda: None, 1.0, _ScriptedPeak([slow] * 11), 0.0, min_pairs=5)
+    assert len(one) == 1 and one[0]["calls"] == 5
 
 
 def test_bench_stack_without_gpu_says_so():
