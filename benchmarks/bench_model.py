@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import math
 import statistics
 import sys
 import time
@@ -134,8 +135,8 @@ def by_regime(fn, fn_flops: float, peak: MatmulPeak, seconds: float, min_pairs: 
     forward that lived through a mix of regimes with one of the two matmuls next to it. Here
     ``fn`` is short (one micro-batch) and runs between two matmuls for ``seconds``; a call
     counts only where the two matmuls agree within 20% (the regime held around it). The
-    counted calls are split into regimes where their matmul rates fall into two groups more
-    than 1.6x apart (at the geometric mean of the extremes). Returns one entry per regime,
+    counted calls are split into regimes where their matmul rates fall into two groups whose
+    medians are 1.6x or more apart (``_two_regimes``). Returns one entry per regime,
     slowest first: its median matmul GFLOP/s, the median of ``fn``'s FLOP/s over the matmul's
     of the same call, and the number of calls."""
     fn()
@@ -154,19 +155,35 @@ def by_regime(fn, fn_flops: float, peak: MatmulPeak, seconds: float, min_pairs: 
             pairs.append((2 * peak.flops / (p0 + p1), fn_flops / t))
     if not pairs:
         return []
-    lo, hi = min(p for p, _ in pairs), max(p for p, _ in pairs)
-    groups = [pairs]
-    if hi > 1.6 * lo:
-        cut = (lo * hi) ** 0.5
-        groups = [[q for q in pairs if q[0] < cut], [q for q in pairs if q[0] >= cut]]
     return [
         {
             "peak_gflop_s": statistics.median(p for p, _ in g) / 1e9,
             "frac_of_peak": statistics.median(f / p for p, f in g),
             "calls": len(g),
         }
-        for g in groups
+        for g in _two_regimes(pairs)
     ]
+
+
+def _two_regimes(pairs: list, apart: float = 1.6) -> list[list]:
+    """``pairs`` sorted by matmul rate and cut in two where the split leaves the least spread
+    of log rate inside the groups (1-D two-means); kept as two only if the groups' medians are
+    ``apart`` or more apart, else one group."""
+    pairs = sorted(pairs)
+    logs = [math.log(p) for p, _ in pairs]
+    n = len(logs)
+    if n < 2:
+        return [pairs]
+
+    def spread(xs):
+        mean = sum(xs) / len(xs)
+        return sum((x - mean) ** 2 for x in xs)
+
+    cut = min(range(1, n), key=lambda i: spread(logs[:i]) + spread(logs[i:]))
+    lo, hi = pairs[:cut], pairs[cut:]
+    if statistics.median(p for p, _ in hi) < apart * statistics.median(p for p, _ in lo):
+        return [pairs]
+    return [lo, hi]
 
 
 def _resolve(name: str) -> Path:

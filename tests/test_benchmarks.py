@@ -98,6 +98,18 @@ def test_by_regime_splits_calls_by_the_matmul_around_them():
     assert len(one) == 1 and one[0]["calls"] == 5
 
 
+def test_regimes_split_only_where_the_groups_are_apart():
+    from benchmarks.bench_model import _two_regimes
+
+    # one regime with a 2.2x spread between its extremes (an outlier at each end): one group
+    spread = [(r, 0) for r in (0.45, 0.65, 0.7, 0.7, 0.72, 0.75, 0.8, 1.0)]
+    assert _two_regimes(spread) == [sorted(spread)]
+    # two regimes 2.5x apart, each with its own spread: split between them
+    fast = [(r, 1) for r in (1.7, 1.8, 1.85, 2.0)]
+    assert _two_regimes(spread + fast) == [sorted(spread), sorted(fast)]
+    assert _two_regimes([(1.0, 0)]) == [[(1.0, 0)]]
+
+
 def test_bench_stack_without_gpu_says_so():
     out = _bench("stack", "--configs", "rankmixer_small")
     assert "needs a CUDA GPU" in out
