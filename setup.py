@@ -1,16 +1,60 @@
-"""Build script for the two C extensions (everything else is in pyproject.toml).
+"""Build script for the C and C++ extensions (everything else is in pyproject.toml).
 
 - ``ranking.data._fastrows`` turns a ranking request's rows into bucket ids in one C pass
   (ranking/data/_fastrows.c);
 - ``serving._fastproto`` reads a serialized gRPC ``RankRequest`` into the JSON request shape
-  (serving/_fastproto.c).
+  (serving/_fastproto.c);
+- ``kernels.cpu._block`` (C++, x86-64 Linux, built against the installed torch): the whole
+  RankMixer block for bf16 CPU inference, its GEMMs on oneDNN's AMX micro-kernel with fused
+  prologue and epilogues (kernels/cpu/rankmixer_block.cpp, loaded by ``kernels.cpu``).
 
-Both are optional: where no C compiler is at hand the build goes on without them and the same
-results come from the pure-Python paths (``ranking.data.fastrows.AVAILABLE``,
-``serving.request.FAST_PROTO``).
+All are optional: where no C/C++ compiler (or no torch) is at hand the build goes on without
+them and the same results come from the Python paths (``ranking.data.fastrows.AVAILABLE``,
+``serving.request.FAST_PROTO``, ``kernels.cpu.reason()``).
 """
 
+import platform
+import sys
+
 from setuptools import Extension, setup
+
+
+def _cpu_kernels() -> list[Extension]:
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return []
+    try:  # the library links against the torch it is installed next to
+        import torch
+        from torch.utils.cpp_extension import include_paths, library_paths
+    except ImportError:
+        return []
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [
+        Extension(
+            "kernels.cpu._block",
+            ["kernels/cpu/rankmixer_block.cpp"],
+            include_dirs=include_paths(),
+            library_dirs=library_paths(),
+            runtime_library_dirs=library_paths(),
+            libraries=["c10", "torch", "torch_cpu"],
+            language="c++",
+            extra_compile_args=[
+                "-std=c++17",
+                "-O3",
+                "-fopenmp",  # at::parallel_for is OpenMP inline code; torch's libgomp serves it
+                "-mavx512f",
+                "-mavx512bw",
+                "-mavx512vl",
+                "-mavx512dq",
+                "-mavx512bf16",
+                "-mfma",
+                f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+                "-DTORCH_EXTENSION_NAME=_block",
+            ],
+            extra_link_args=["-fopenmp"],
+            optional=True,
+        )
+    ]
+
 
 setup(
     ext_modules=[
@@ -25,4 +69,5 @@ setup(
             ("serving._fastproto", "serving/_fastproto.c"),
         )
     ]
+    + _cpu_kernels()
 )

@@ -67,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch.compile only the norms and SwiGLU activations between the GEMMs",
     )
+    parser.add_argument(
+        "--cpu-fused-block",
+        choices=["preset", "on", "off"],
+        default="preset",
+        help="RankMixer blocks as one kernels.cpu op in bf16 (default: the preset's setting)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument(
         "--regime-seconds",
@@ -220,6 +226,8 @@ def bench_config(name: str, args) -> list[dict]:
             m.compute_dtype = "bf16" if dt == "bf16" and args.bf16 == "autocast" else "fp32"
             m.compile = bool(args.compile or cfg.compile)
             m.compile_epilogues = bool(args.compile_epilogues or cfg.compile_epilogues)
+            fused = getattr(args, "cpu_fused_block", "preset")
+            m.cpu_fused_block = cfg.cpu_fused_block if fused == "preset" else fused == "on"
         # DLRM has no dtype switch: its bf16 run is autocast
         use_autocast = dt == "bf16" and (args.bf16 == "autocast" or not is_mixer)
 
@@ -256,6 +264,7 @@ def bench_config(name: str, args) -> list[dict]:
             "micro_batch": cfg.micro_batch if is_mixer else None,
             "compile": bool(is_mixer and m.compile),
             "compile_epilogues": bool(is_mixer and m.compile_epilogues),
+            "cpu_fused_block": bool(is_mixer and m.cpu_fused_block),
             "flops_per_sample": flops,
             "samples_s": args.batch / t_full,
             "dense_samples_s": args.batch / t_dense,

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 import kernels
+from kernels import cpu as cpu_kernels
 
 from .ffn import DenseStage, PerTokenFFN, PerTokenSwiGLU, make_ffn
 from .mixing import TokenMixing, UniMixing, UniMixingLite
@@ -169,6 +170,15 @@ def _swiglu_act(ffn: PerTokenSwiGLU, x: Tensor, fused: bool = False) -> Tensor:
     return act * up if torch.is_grad_enabled() else act.mul_(up)
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, msg: str, *args) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(msg, *args)
+
+
 def _fused(block: nn.Module) -> bool:
     return block.compile_epilogues and not torch.is_grad_enabled()
 
@@ -212,6 +222,8 @@ class RankMixerBlock(nn.Module):
         self.norm2 = _norm(cfg.norm, dim)
         self.norm_kind = cfg.norm
         self.compile_epilogues = False  # set through Ranker.compile_epilogues
+        self.cpu_fused_block = False  # set through Ranker.cpu_fused_block
+        self._prepared: tuple | None = None  # (weights' identity, kernels.cpu arguments)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         _, s = kernels.mix_norm(
@@ -233,12 +245,42 @@ class RankMixerBlock(nn.Module):
     def forward_tm(self, x: Tensor) -> Tensor:
         """The same block on token-major ``x [T, B, D]`` (dense PFFN only)."""
         ffn = _dense_inner(self.ffn, PerTokenFFN)
+        if self.cpu_fused_block and not torch.is_grad_enabled() and x.dtype == torch.bfloat16:
+            prepared = self._cpu_block_args(ffn, x)
+            if prepared is not None:
+                return cpu_kernels.rankmixer_block(x, prepared)
         fused = _fused(self)
         m = mix_tm(x, self.num_tokens).add_(x)
         s = _normed(self.norm1, m, fused)
         h = _gelu_ffn_hidden(ffn, s)
         # LN(PFFN(S) + S): the residual and b2 ride in the second GEMM's accumulator
         return _normed(self.norm2, torch.baddbmm(s + ffn.b2.unsqueeze(1), h, ffn.w2), fused)
+
+    def _cpu_block_args(self, ffn: PerTokenFFN, x: Tensor) -> tuple | None:
+        """``kernels.cpu``'s packed arguments for this block (re-packed whenever a parameter
+        changed: ``load_state_dict``, an optimizer step, a dtype move), or None where the
+        kernel cannot run it: no library or AMX (logged once), a non-CPU tensor or a shape it
+        does not take. The caller then runs the eager path (same math)."""
+        T, D, hidden = self.num_tokens, x.shape[-1], ffn.w1.shape[-1]
+        if x.device.type != "cpu" or not cpu_kernels.supports(T, D, hidden):
+            return None
+        if cpu_kernels.ops() is None:
+            _warn_once(
+                "cpu_fused_block",
+                "cpu_fused_block: %s; running the eager block",
+                cpu_kernels.reason(),
+            )
+            return None
+        params = [*self.norm1.parameters(), *ffn.parameters(), *self.norm2.parameters()]
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        if self._prepared is None or self._prepared[0] != key:
+            rms = isinstance(self.norm1, nn.RMSNorm)
+            norm = lambda n: (n.weight, None if rms else n.bias, _eps(n))  # noqa: E731
+            args = cpu_kernels.prepare_rankmixer(
+                norm(self.norm1), ffn.w1, ffn.b1, ffn.w2, ffn.b2, norm(self.norm2), rms
+            )
+            self._prepared = (key, args)
+        return self._prepared[1]
 
 
 class TokenMixerLargeBlock(nn.Module):

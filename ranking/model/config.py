@@ -86,7 +86,10 @@ class ModelConfig:
     per chunk of the mixer stack; 0 = whole batch; a cache-friendly CPU layout), ``compile``
     (``torch.compile`` the mixer stack; fuses the per-token FFN's bias/activation passes),
     ``compile_epilogues`` (CPU inference: only the norms and the SwiGLU activation between the
-    GEMMs go through ``torch.compile``; RankMixer and TokenMixer-Large).
+    GEMMs go through ``torch.compile``; RankMixer and TokenMixer-Large), ``cpu_fused_block``
+    (bf16 CPU inference: each RankMixer block as one ``kernels.cpu`` C++ op, AMX GEMMs with
+    the mixing, norms, biases and GELU fused around them; the eager block where the CPU or
+    the build lacks it).
 
     Tokenizer: ``tokenizer`` (``groups`` | ``slices``), ``num_tokens`` (total T incl. dense and
     global tokens; required for ``slices``, checked for ``groups``), ``token_proj`` (``linear`` |
@@ -119,6 +122,7 @@ class ModelConfig:
     micro_batch: int = 0
     compile: bool = False
     compile_epilogues: bool = False
+    cpu_fused_block: bool = False
     # tokenizer
     tokenizer: str = ""
     num_tokens: int = 0

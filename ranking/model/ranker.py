@@ -81,6 +81,9 @@ class Ranker(nn.Module):
         compile: run the stack through ``torch.compile`` (compiled on first use).
         compile_epilogues: on the CPU inference path, run the norms and the SwiGLU activation
             between the GEMMs through ``torch.compile`` (GEMMs stay eager); settable later.
+        cpu_fused_block: on the bf16 CPU inference path, run each RankMixer block as one
+            ``kernels.cpu`` op (AMX GEMMs with fused epilogues) where the CPU and the build
+            have it; the eager block elsewhere; settable later.
         token_dropout: dropout probability on the tokens entering the stack (training only).
     """
 
@@ -97,6 +100,7 @@ class Ranker(nn.Module):
         temperature: tuple[float, float] = (1.0, 0.05),
         token_dropout: float = 0.0,
         compile_epilogues: bool = False,
+        cpu_fused_block: bool = False,
     ):
         super().__init__()
         self.token_dropout = token_dropout
@@ -107,6 +111,18 @@ class Ranker(nn.Module):
         self.pooling, self.aux_loss_weight = pooling, aux_loss_weight
         self.micro_batch, self.compute_dtype = micro_batch, compute_dtype
         self.compile_epilogues = compile_epilogues
+        self.cpu_fused_block = cpu_fused_block
+
+    @property
+    def cpu_fused_block(self) -> bool:
+        return self._cpu_fused_block
+
+    @cpu_fused_block.setter
+    def cpu_fused_block(self, on: bool) -> None:
+        self._cpu_fused_block = bool(on)
+        for m in self.blocks.modules():
+            if hasattr(m, "cpu_fused_block"):
+                m.cpu_fused_block = bool(on)
 
     @property
     def compile_epilogues(self) -> bool:
@@ -253,4 +269,5 @@ def build_model(
         temperature=(c.tau_start, c.tau_end),
         token_dropout=c.token_dropout,
         compile_epilogues=c.compile_epilogues,
+        cpu_fused_block=c.cpu_fused_block,
     )

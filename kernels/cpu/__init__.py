@@ -1,0 +1,134 @@
+"""Hand-written CPU kernels: the whole RankMixer block for bf16 inference in one C++ op.
+
+``kernels/cpu/rankmixer_block.cpp`` is built by setup.py into ``kernels/cpu/_block*.so`` (a
+plain shared library registering ``torch.ops.mixrank_cpu``). Its two per-token GEMMs run on
+oneDNN's AMX micro-kernel (``at::native::cpublas::brgemm``, the one PyTorch's CPU flash
+attention uses) and everything between them (token mixing, residuals, both norms, bias and
+exact GELU) runs in the GEMMs' prologue and epilogues on row blocks that stay in the core's
+cache. Written by hand because neither route through the ecosystem fused it: Inductor's C++
+GEMM template and oneDNN's per-token linear + GELU post-op were both slower than the eager
+``bmm`` (docs/BENCHMARKS.md), and the torch wheel exports no oneDNN primitive API.
+
+    ops()      -> torch.ops.mixrank_cpu, or None where unavailable (reason() says why)
+    prepare_rankmixer(norm1, w1, b1, w2, b2, norm2, rms) -> packed parameters
+    rankmixer_block(x [T, B, D] bf16, prepared) -> [T, B, D] bf16
+
+Available on x86-64 Linux CPUs with AMX bf16 (Sapphire Rapids and later) where the library
+was built; ``MIXRANK_CPU_KERNELS=0`` turns it off. Elsewhere callers run the eager path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import threading
+
+import torch
+from torch import Tensor
+
+_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512bw", "avx512vl", "avx512dq")
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _load() -> tuple[object | None, str]:
+    if os.environ.get("MIXRANK_CPU_KERNELS", "1") == "0":
+        return None, "turned off by MIXRANK_CPU_KERNELS=0"
+    if not sys.platform.startswith("linux"):
+        return None, f"built for x86-64 Linux only (this is {sys.platform})"
+    missing = [f for f in _FLAGS if f not in _cpu_flags()]
+    if missing:
+        return None, f"this CPU lacks {', '.join(missing)} (needs AMX bf16 and AVX-512 BF16)"
+    spec = importlib.util.find_spec("kernels.cpu._block")
+    if spec is None or not spec.origin:
+        return None, (
+            "the C++ library kernels/cpu/_block was not built (setup.py builds it where a C++ "
+            "compiler is at hand: reinstall with g++ installed)"
+        )
+    try:
+        torch.ops.load_library(spec.origin)
+    except (OSError, RuntimeError) as e:  # e.g. built against another torch
+        return None, f"loading {spec.origin} failed: {e}"
+    ops = torch.ops.mixrank_cpu
+    if not ops.available():
+        return None, "oneDNN's brgemm cannot pack bf16 on this CPU (no AMX, or oneDNN disabled)"
+    return ops, ""
+
+
+def ops():
+    """``torch.ops.mixrank_cpu`` where the library is built and the CPU runs it, else None."""
+    if "ops" not in _state:
+        with _lock:
+            if "ops" not in _state:
+                _state["ops"], _state["why"] = _load()
+    return _state["ops"]
+
+
+def reason() -> str:
+    """Why ``ops()`` is None ("" where it is available)."""
+    ops()
+    return str(_state["why"])
+
+
+def supports(num_tokens: int, dim: int, hidden: int) -> bool:
+    """Whether ``rankmixer_block`` takes these shapes (H = T heads)."""
+    return (
+        dim % num_tokens == 0
+        and dim % 64 == 0
+        and (dim // num_tokens) % 16 == 0
+        and (hidden % 64 == 0)
+    )
+
+
+def prepare_rankmixer(
+    norm1: tuple[Tensor, Tensor | None, float],
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    norm2: tuple[Tensor, Tensor | None, float],
+    rms: bool,
+) -> tuple:
+    """The block's parameters as ``rankmixer_block`` takes them: the per-token weights
+    ``w1 [T, D, Hd]`` and ``w2 [T, Hd, D]`` packed into brgemm's bf16 layout
+    (``[T, N/64, K*64]``), biases and norm parameters in fp32; ``norm*`` are
+    ``(weight, bias or None, eps)``. Prepare once per set of weights, not per call."""
+
+    def f32(t: Tensor | None) -> Tensor:
+        return torch.empty(0) if t is None else t.detach().float().contiguous()
+
+    lib = ops()
+    (g1, be1, eps1), (g2, be2, eps2) = norm1, norm2
+    pack = lambda w: lib.pack_weight(w.detach().to(torch.bfloat16).contiguous())  # noqa: E731
+    return (
+        f32(g1),
+        f32(be1),
+        float(eps1),
+        pack(w1),
+        f32(b1),
+        pack(w2),
+        f32(b2),
+        f32(g2),
+        f32(be2),
+        float(eps2),
+        bool(rms),
+    )
+
+
+def rankmixer_block(x: Tensor, prepared: tuple, row_block: int = 64) -> Tensor:
+    """``Norm2(W2_t GELU(W1_t S_t + b1_t) + b2_t + S_t)`` with ``S = Norm1(Mix(X) + X)`` on
+    token-major bf16 ``x [T, B, D]`` (token mixing with H = T heads), ``prepared`` from
+    ``prepare_rankmixer``; returns bf16 ``[T, B, D]``. GELU is exact (erf to 3e-7)."""
+    return ops().rankmixer_block(x.contiguous(), *prepared, int(row_block))

@@ -1,0 +1,220 @@
+"""kernels.cpu: the RankMixer block as one C++ op (AMX brgemm GEMMs, fused prologue and
+epilogues), checked against the block's equations evaluated in float64 with a per-token loop,
+with the eager bf16 block's own error as the yardstick.
+
+Skipped where the op cannot run (no AMX bf16 CPU, or the library was not built); the fallback
+tests run everywhere."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels.cpu as kc
+
+needs_op = pytest.mark.skipif(kc.ops() is None, reason=f"kernels.cpu: {kc.reason()}")
+
+
+def _block(T: int, D: int, mult: float, norm: str, seed: int = 0):
+    from ranking.model.blocks import RankMixerBlock
+    from ranking.model.config import ModelConfig
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_dict(
+        {"arch": "rankmixer", "dim": D, "num_tokens": T, "ffn_mult": mult, "norm": norm}
+    )
+    cfg.resolve(T)
+    blk = RankMixerBlock(T, D, cfg).eval()
+    with torch.no_grad():  # non-trivial norms and biases
+        for p in blk.parameters():
+            if p.dim() <= 2:
+                p.add_(torch.randn_like(p) * 0.3)
+    return blk
+
+
+def _reference(blk, x_tm: torch.Tensor) -> torch.Tensor:
+    """The block's equations in float64, one token at a time: token-major in and out."""
+    T, _, D = x_tm.shape
+    d = D // T
+    x = x_tm.double().transpose(0, 1)  # [B, T, D]
+    # TokenMixing with H = T: mixed token h = concat over t of chunk h of token t
+    mixed = torch.stack(
+        [torch.cat([x[:, t, h * d : (h + 1) * d] for t in range(T)], -1) for h in range(T)], 1
+    )
+    rms = isinstance(blk.norm1, torch.nn.RMSNorm)
+
+    def norm(n, v):
+        w = n.weight.double()
+        if rms:
+            return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + n.eps) * w
+        return F.layer_norm(v, (D,), w, n.bias.double(), n.eps)
+
+    s = norm(blk.norm1, mixed + x)
+    f = blk.ffn.ffn
+    w1, b1, w2, b2 = (p.double() for p in (f.w1, f.b1, f.w2, f.b2))
+    y = torch.stack([F.gelu(s[:, t] @ w1[t] + b1[t]) @ w2[t] + b2[t] for t in range(T)], 1)
+    return norm(blk.norm2, y + s).transpose(0, 1)
+
+
+@needs_op
+@pytest.mark.parametrize(
+    "T, D, mult, norm, B",
+    [
+        (16, 256, 4, "layer", 256),  # RankMixer medium's block
+        (16, 256, 4, "layer", 37),  # rows not a multiple of the 64-row block
+        (8, 128, 2, "rms", 100),
+        (4, 64, 1, "layer", 1),
+        (16, 512, 3, "rms", 130),  # d = 32, hidden 1536
+    ],
+)
+def test_fused_block_matches_the_equations(T, D, mult, norm, B):
+    blk = _block(T, D, mult, norm)
+    x = torch.randn(T, B, D).to(torch.bfloat16).float()  # the bf16 paths' exact input
+    want = _reference(blk, x)
+    blk = blk.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+    with torch.no_grad():
+        blk.cpu_fused_block = False
+        eager = blk.forward_tm(xb)
+        blk.cpu_fused_block = True
+        got = blk.forward_tm(xb)
+    assert got.dtype == torch.bfloat16 and got.shape == (T, B, D)
+    err = (got.double() - want).abs()
+    eager_err = (eager.double() - want).abs()
+    # the fused op rounds to bf16 less often than the eager bf16 block: no worse than it
+    assert err.max() <= 1.1 * eager_err.max() + 1e-3, (err.max(), eager_err.max())
+    assert err.mean() <= 1.1 * eager_err.mean(), (err.mean(), eager_err.mean())
+    assert err.max() < 0.1
+
+
+@needs_op
+def test_gelu_is_exact_erf_gelu():
+    """Identity weights put the activation in front: with W1 = W2 = I and zero biases the
+    block's output is Norm2(GELU(S) + S); as close to the float64 equations as the eager bf16
+    block (ATen's erf GELU) and within bf16 rounding of S and of the output."""
+    T, D = 4, 64
+    blk = _block(T, D, 1, "layer")
+    f = blk.ffn.ffn
+    with torch.no_grad():
+        f.w1.copy_(torch.eye(D).expand(T, D, D))
+        f.w2.copy_(torch.eye(D).expand(T, D, D))
+        f.b1.zero_()
+        f.b2.zero_()
+        blk.norm2.weight.fill_(1.0)
+        blk.norm2.bias.zero_()
+    x = (torch.randn(T, 512, D) * 2).to(torch.bfloat16).float()
+    want = _reference(blk, x)
+    blk = blk.to(torch.bfloat16)
+    with torch.no_grad():
+        eager = blk.forward_tm(x.to(torch.bfloat16)).double()
+        blk.cpu_fused_block = True
+        got = blk.forward_tm(x.to(torch.bfloat16)).double()
+    err, eager_err = (got - want).abs(), (eager - want).abs()
+    assert err.max() <= 1.1 * eager_err.max() and err.mean() <= 1.1 * eager_err.mean()
+    # S rounds to bf16 (2^-9 relative) before the GELU; both terms carry it, then the output
+    assert ((got - want).abs() / want.abs().clamp_min(1.0)).max() < 2**-5
+
+
+@needs_op
+def test_repacks_when_weights_change():
+    blk = _block(16, 256, 4, "layer").to(torch.bfloat16)
+    blk.cpu_fused_block = True
+    x = torch.randn(16, 64, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = blk.forward_tm(x)
+        blk.ffn.ffn.w1.mul_(-1.0)  # in place: same storage, new version
+        after = blk.forward_tm(x)
+        blk.cpu_fused_block = False
+        eager = blk.forward_tm(x)
+    assert not torch.allclose(before.float(), after.float(), atol=0.1)
+    assert (after.float() - eager.float()).abs().max() < 0.1
+
+
+def test_grad_and_fp32_paths_stay_eager():
+    """Training (grad on) and fp32 never take the op: bit-identical to the eager block."""
+    blk = _block(16, 256, 4, "layer")
+    x = torch.randn(16, 20, 256)
+    blk.cpu_fused_block = False
+    want = blk.forward_tm(x)
+    blk.cpu_fused_block = True
+    assert torch.equal(blk.forward_tm(x), want)
+    with torch.no_grad():
+        assert torch.equal(blk.forward_tm(x), want.detach())
+
+
+def test_unavailable_op_falls_back_with_one_warning(monkeypatch, caplog):
+    import ranking.model.blocks as blocks_mod
+
+    monkeypatch.setattr(kc, "_state", {"ops": None, "why": "no AMX here (test)"})
+    monkeypatch.setattr(blocks_mod, "_WARNED", set())
+    blk = _block(16, 256, 4, "layer").to(torch.bfloat16)
+    x = torch.randn(16, 20, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = blk.forward_tm(x)
+        blk.cpu_fused_block = True
+        with caplog.at_level(logging.WARNING, logger="ranking.model.blocks"):
+            got = blk.forward_tm(x)
+            blk.forward_tm(x)
+    assert torch.equal(got, want)
+    msgs = [r.getMessage() for r in caplog.records if "cpu_fused_block" in r.getMessage()]
+    assert len(msgs) == 1 and "no AMX here (test)" in msgs[0]
+
+
+def test_env_switch_turns_it_off(monkeypatch):
+    monkeypatch.setattr(kc, "_state", {})
+    monkeypatch.setenv("MIXRANK_CPU_KERNELS", "0")
+    assert kc.ops() is None and "MIXRANK_CPU_KERNELS=0" in kc.reason()
+
+
+@needs_op
+def test_bad_inputs_name_the_argument():
+    lib = kc.ops()
+    with pytest.raises(RuntimeError, match="pack_weight: N % 64"):
+        lib.pack_weight(torch.zeros(2, 64, 48, dtype=torch.bfloat16))
+    blk = _block(4, 64, 1, "layer")
+    prepared = kc.prepare_rankmixer(
+        (blk.norm1.weight, blk.norm1.bias, 1e-5),
+        blk.ffn.ffn.w1,
+        blk.ffn.ffn.b1,
+        blk.ffn.ffn.w2,
+        blk.ffn.ffn.b2,
+        (blk.norm2.weight, blk.norm2.bias, 1e-5),
+        False,
+    )
+    with pytest.raises(RuntimeError, match="x must be a contiguous CPU bfloat16"):
+        kc.rankmixer_block(torch.zeros(4, 8, 64), prepared)
+    with pytest.raises(RuntimeError, match="w1p does not match x"):
+        kc.rankmixer_block(torch.zeros(4, 8, 128, dtype=torch.bfloat16), prepared)
+
+
+@needs_op
+def test_preset_runs_the_op_through_the_ranker():
+    """The RankMixer medium preset switches it on; its bf16 logits stay as close to the fp32
+    model as the eager bf16 model's."""
+    import copy
+    from pathlib import Path
+
+    from ranking.model.config import load_experiment
+    from ranking.model.ranker import build_model
+    from ranking.model.synthetic import random_batch
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "models" / "rankmixer_medium.yaml"
+    cfg, schema = load_experiment(path)
+    assert cfg.cpu_fused_block
+    torch.manual_seed(0)
+    model = build_model(cfg, schema).eval()
+    assert all(b.cpu_fused_block for b in model.blocks.blocks)
+    batch = random_batch(schema, 300)
+    with torch.no_grad():
+        want = model(batch).logits
+        m = copy.deepcopy(model)
+        m.blocks.to(torch.bfloat16)
+        m.heads.to(torch.bfloat16)
+        got = m(batch).logits.float()
+        m.cpu_fused_block = False
+        eager = m(batch).logits.float()
+    assert m.blocks.blocks[0]._prepared is not None  # the op ran
+    assert (got - want).abs().max() <= 1.5 * (eager - want).abs().max() + 1e-3
