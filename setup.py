@@ -47,6 +47,8 @@ def _cpu_kernels() -> list[Extension]:
                 "-mavx512dq",
                 "-mavx512bf16",
                 "-mfma",
+                "-mamx-tile",
+                "-mamx-bf16",
                 f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
                 "-DTORCH_EXTENSION_NAME=_block",
             ],

@@ -1,5 +1,4 @@
-"""kernels.cpu: the RankMixer block as one C++ op (AMX brgemm GEMMs, fused prologue and
-epilogues), checked against the block's equations evaluated in float64 with a per-token loop,
+"""kernels.cpu: the RankMixer block as one C++ op (AMX GEMMs, fused prologue and epilogues), checked against the block's equations evaluated in float64 with a per-token loop,
 with the eager bf16 block's own error as the yardstick.
 
 Skipped where the op cannot run (no AMX bf16 CPU, or the library was not built); the fallback
@@ -172,8 +171,8 @@ def test_env_switch_turns_it_off(monkeypatch):
 @needs_op
 def test_bad_inputs_name_the_argument():
     lib = kc.ops()
-    with pytest.raises(RuntimeError, match="pack_weight: N % 64"):
-        lib.pack_weight(torch.zeros(2, 64, 48, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="pack_tiles: N % 32 and K % 32"):
+        lib.pack_tiles(torch.zeros(2, 64, 48, dtype=torch.bfloat16))
     blk = _block(4, 64, 1, "layer")
     prepared = kc.prepare_rankmixer(
         (blk.norm1.weight, blk.norm1.bias, 1e-5),

@@ -1,16 +1,17 @@
 """Hand-written CPU kernels: the whole RankMixer block for bf16 inference in one C++ op.
 
 ``kernels/cpu/rankmixer_block.cpp`` is built by setup.py into ``kernels/cpu/_block*.so`` (a
-plain shared library registering ``torch.ops.mixrank_cpu``). Its two per-token GEMMs run on
-oneDNN's AMX micro-kernel (``at::native::cpublas::brgemm``, the one PyTorch's CPU flash
-attention uses) and everything between them (token mixing, residuals, both norms, bias and
-exact GELU) runs in the GEMMs' prologue and epilogues on row blocks that stay in the core's
-cache. Written by hand because neither route through the ecosystem fused it: Inductor's C++
-GEMM template and oneDNN's per-token linear + GELU post-op were both slower than the eager
-``bmm`` (docs/BENCHMARKS.md), and the torch wheel exports no oneDNN primitive API.
+plain shared library registering ``torch.ops.mixrank_cpu``). Its two per-token GEMMs are
+written in AMX intrinsics and everything between them (token mixing, residuals, both norms,
+biases and exact GELU) runs in the GEMMs' prologue and epilogues on 32-row blocks that stay in
+the core's cache. Written by hand because no route through the ecosystem fused it: Inductor's
+C++ GEMM template and oneDNN's per-token linear + GELU post-op were both slower than the eager
+``bmm`` (docs/BENCHMARKS.md), the torch wheel exports no oneDNN primitive API, and with oneDNN's
+brgemm micro-kernel (which it does export) for the second GEMM the block ran 1.2x slower than
+with the hand-written loop.
 
     ops()      -> torch.ops.mixrank_cpu, or None where unavailable (reason() says why)
-    prepare_rankmixer(norm1, w1, b1, w2, b2, norm2, rms) -> packed parameters
+    prepare_rankmixer(norm1, w1, b1, w2, b2, norm2, rms) -> packed parameters (once per weights)
     rankmixer_block(x [T, B, D] bf16, prepared) -> [T, B, D] bf16
 
 Available on x86-64 Linux CPUs with AMX bf16 (Sapphire Rapids and later) where the library
@@ -63,7 +64,7 @@ def _load() -> tuple[object | None, str]:
         return None, f"loading {spec.origin} failed: {e}"
     ops = torch.ops.mixrank_cpu
     if not ops.available():
-        return None, "oneDNN's brgemm cannot pack bf16 on this CPU (no AMX, or oneDNN disabled)"
+        return None, "the Linux kernel refused this process the AMX tile state (arch_prctl)"
     return ops, ""
 
 
@@ -86,9 +87,9 @@ def supports(num_tokens: int, dim: int, hidden: int) -> bool:
     """Whether ``rankmixer_block`` takes these shapes (H = T heads)."""
     return (
         dim % num_tokens == 0
-        and dim % 64 == 0
+        and dim % 32 == 0
         and (dim // num_tokens) % 16 == 0
-        and (hidden % 64 == 0)
+        and hidden % 32 == 0
     )
 
 
@@ -102,8 +103,8 @@ def prepare_rankmixer(
     rms: bool,
 ) -> tuple:
     """The block's parameters as ``rankmixer_block`` takes them: the per-token weights
-    ``w1 [T, D, Hd]`` and ``w2 [T, Hd, D]`` packed into brgemm's bf16 layout
-    (``[T, N/64, K*64]``), biases and norm parameters in fp32; ``norm*`` are
+    ``w1 [T, D, Hd]`` and ``w2 [T, Hd, D]`` packed in bf16 as AMX B tiles
+    (``[T, N/16, K/2, 16, 2]``), biases and norm parameters in fp32; ``norm*`` are
     ``(weight, bias or None, eps)``. Prepare once per set of weights, not per call."""
 
     def f32(t: Tensor | None) -> Tensor:
@@ -111,14 +112,14 @@ def prepare_rankmixer(
 
     lib = ops()
     (g1, be1, eps1), (g2, be2, eps2) = norm1, norm2
-    pack = lambda w: lib.pack_weight(w.detach().to(torch.bfloat16).contiguous())  # noqa: E731
+    bf16 = lambda w: w.detach().to(torch.bfloat16).contiguous()  # noqa: E731
     return (
         f32(g1),
         f32(be1),
         float(eps1),
-        pack(w1),
+        lib.pack_tiles(bf16(w1)),
         f32(b1),
-        pack(w2),
+        lib.pack_tiles(bf16(w2)),
         f32(b2),
         f32(g2),
         f32(be2),
@@ -127,7 +128,7 @@ def prepare_rankmixer(
     )
 
 
-def rankmixer_block(x: Tensor, prepared: tuple, row_block: int = 64) -> Tensor:
+def rankmixer_block(x: Tensor, prepared: tuple, row_block: int = 32) -> Tensor:
     """``Norm2(W2_t GELU(W1_t S_t + b1_t) + b2_t + S_t)`` with ``S = Norm1(Mix(X) + X)`` on
     token-major bf16 ``x [T, B, D]`` (token mixing with H = T heads), ``prepared`` from
     ``prepare_rankmixer``; returns bf16 ``[T, B, D]``. GELU is exact (erf to 3e-7)."""
