@@ -17,6 +17,11 @@ mode with no grad:
   calls whose matmuls agree are split by regime and each regime gets its own median ratio
   (printed as ``frac_by_regime``: ``frac @ matmul GFLOP/s``, slowest regime first).
 
+- ``ab_fused`` (``--ab-fused-seconds``; RankMixer in bf16): the dense part of one micro-batch
+  with the fused ``kernels.cpu`` block and with the eager block, alternately, between two
+  matmuls; per matmul regime each one's ratio and the speed-up (paired per call). ``--plot``
+  draws every call's ratio against the matmul's rate.
+
 Run: ``python -m benchmarks.bench_model --configs rankmixer_medium tokenmixer_large_medium``.
 """
 
@@ -73,6 +78,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="preset",
         help="RankMixer blocks as one kernels.cpu op in bf16 (default: the preset's setting)",
     )
+    parser.add_argument(
+        "--ab-fused-seconds",
+        type=float,
+        default=0.0,
+        help="per RankMixer config in bf16: this long of fused / eager block calls alternately "
+        "between matmuls, reported per regime (ab_fused; 0 = off)",
+    )
+    parser.add_argument("--plot", default=None, help="with --ab-fused-seconds: a PNG of the calls")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument(
         "--regime-seconds",
@@ -169,6 +182,84 @@ def by_regime(fn, fn_flops: float, peak: MatmulPeak, seconds: float, min_pairs: 
         }
         for g in _two_regimes(pairs)
     ]
+
+
+def ab_fused(call, fn_flops: float, peak: MatmulPeak, seconds: float, min_pairs: int = 5):
+    """``call(True)`` (fused block) and ``call(False)`` (eager) back to back between two
+    matmuls for ``seconds``; calls count where the matmuls agree within 20% (as in
+    ``by_regime``). Returns (per regime, slowest first: matmul GFLOP/s, each one's median
+    ratio to it, the median paired speed-up eager time / fused time, calls; and the raw calls
+    as (matmul FLOP/s, fused s, eager s))."""
+    call(True)
+    call(False)
+    rows = []
+    end = time.perf_counter() + seconds
+    tries = 0
+    while (time.perf_counter() < end or len(rows) < min_pairs) and tries < 50 * min_pairs:
+        tries += 1
+        p0 = peak()
+        t = time.perf_counter()
+        call(True)
+        t_on = time.perf_counter() - t
+        t = time.perf_counter()
+        call(False)
+        t_off = time.perf_counter() - t
+        p1 = peak()
+        if max(p0, p1) <= 1.2 * min(p0, p1):
+            rows.append((2 * peak.flops / (p0 + p1), t_on, t_off))
+    if not rows:
+        return [], []
+    groups = _two_regimes([(p, i) for i, (p, _, _) in enumerate(rows)])
+    out = []
+    for g in groups:
+        sel = [rows[i] for _, i in g]
+        out.append(
+            {
+                "peak_gflop_s": statistics.median(p for p, _, _ in sel) / 1e9,
+                "frac_fused": statistics.median(fn_flops / on / p for p, on, _ in sel),
+                "frac_eager": statistics.median(fn_flops / off / p for p, _, off in sel),
+                "speedup": statistics.median(off / on for _, on, off in sel),
+                "calls": len(sel),
+            }
+        )
+    return out, [(p, on, off) for p, on, off in rows]
+
+
+def plot_ab(records: list[dict], path: str) -> None:
+    """Each A/B call's ratio (fused and eager) against the matmul rate next to it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in records if r.get("ab_fused_calls")]
+    if not recs:
+        return
+    fig, axes = plt.subplots(1, len(recs), figsize=(5.2 * len(recs), 3.8), squeeze=False)
+    for ax, r in zip(axes[0], recs):
+        fl = r["flops_per_sample"] * (r["micro_batch"] or r["batch"])
+        calls = r["ab_fused_calls"]
+        for idx, color, label in ((2, "tab:blue", "eager block"), (1, "tab:red", "fused block")):
+            xs = [c[0] / 1e9 for c in calls]
+            ys = [fl / c[idx] / c[0] for c in calls]
+            ax.plot(xs, ys, ".", color=color, ms=3, alpha=0.35)
+            for g in r["ab_fused"]:
+                key = "frac_eager" if idx == 2 else "frac_fused"
+                ax.plot(g["peak_gflop_s"], g[key], "o", color=color, ms=9, mec="k")
+            ax.plot([], [], "o", color=color, mec="k", label=f"{label} (median per regime)")
+        ax.axhline(0.4, color="k", ls="--", lw=1, label="target 0.40")
+        ax.set_xlabel("2048^3 bf16 matmul next to the call (GFLOP/s)")
+        ax.set_ylabel("dense FLOP/s / matmul FLOP/s")
+        ax.set_title(
+            f"{r['config']} (bf16, {r['micro_batch'] or r['batch']} rows per call)", fontsize=9
+        )
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        "mixrank bench model --ab-fused-seconds: fused vs eager RankMixer block", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _two_regimes(pairs: list, apart: float = 1.6) -> list[list]:
@@ -284,6 +375,18 @@ def bench_config(name: str, args) -> list[dict]:
                     return m._stack(one, None)
 
             rec["by_regime"] = by_regime(chunk, flops * step, peak, args.regime_seconds)
+        ab_seconds = getattr(args, "ab_fused_seconds", 0.0)
+        if is_mixer and dt == "bf16" and ab_seconds > 0 and cfg.arch == "rankmixer":
+            step = m.micro_batch if 0 < m.micro_batch < args.batch else args.batch
+            one, was = tokens[:step], m.cpu_fused_block
+
+            def call(on, m=m, one=one):
+                m.cpu_fused_block = on
+                with torch.no_grad(), ctx():
+                    return m._stack(one, None)
+
+            rec["ab_fused"], rec["ab_fused_calls"] = ab_fused(call, flops * step, peak, ab_seconds)
+            m.cpu_fused_block = was
         records.append(rec)
     return records
 
@@ -306,8 +409,17 @@ def run(args) -> int:
     for name in args.configs:
         for rec in bench_config(name, args):
             rec["bf16_mode"] = args.bf16
-            emit(rec)
+            emit({k: v for k, v in rec.items() if k != "ab_fused_calls"})
             records.append(rec)
+    if getattr(args, "plot", None):
+        plot_ab(records, args.plot)
+    for rec in records:  # "fused 0.44 / eager 0.33 (1.32x) @ 1,714" per regime
+        rec["ab_fused_by_regime"] = " | ".join(
+            f"{g['frac_fused']:.2f} / {g['frac_eager']:.2f} ({g['speedup']:.2f}x) @ "
+            f"{g['peak_gflop_s']:,.0f}"
+            for g in rec.get("ab_fused", [])
+        )
+        rec.pop("ab_fused_calls", None)
     for rec in records:  # e.g. "0.50 @ 790 | 0.36 @ 1,850" (frac @ matmul GFLOP/s)
         rec["frac_by_regime"] = " | ".join(
             f"{r['frac_of_peak']:.2f} @ {r['peak_gflop_s']:,.0f}" for r in rec.get("by_regime", [])
@@ -325,7 +437,8 @@ def run(args) -> int:
                 "peak_gflop_s",
                 "frac_of_peak",
                 "frac_by_regime",
-            ],
+            ]
+            + (["ab_fused_by_regime"] if getattr(args, "ab_fused_seconds", 0) else []),
         )
     return 0
 

@@ -98,6 +98,59 @@ def test_by_regime_splits_calls_by_the_matmul_around_them():
     assert len(one) == 1 and one[0]["calls"] == 5
 
 
+def test_ab_fused_pairs_the_two_calls_per_regime():
+    """Fused and eager calls alternate between the same two matmuls; per regime each gets its
+    ratio and the paired speed-up (scripted: fused 10 ms, eager 20 ms of 0.005 GFLOP)."""
+    import time
+
+    from benchmarks.bench_model import ab_fused
+
+    slow, fast = 1.0, 0.4
+    script = [slow, slow] * 5 + [slow, fast] + [fast, fast] * 5
+    out, calls = ab_fused(
+        lambda on: time.sleep(0.01 if on else 0.02),
+        0.005e9,
+        _ScriptedPeak(script),
+        0.0,
+        min_pairs=10,
+    )
+    assert [g["calls"] for g in out] == [5, 5] and len(calls) == 10
+    assert [g["peak_gflop_s"] for g in out] == pytest.approx([1.0, 2.5])
+    for g, rate in zip(out, (1.0, 2.5)):
+        assert g["frac_fused"] == pytest.approx(0.5 / rate, rel=0.25)
+        assert g["frac_eager"] == pytest.approx(0.25 / rate, rel=0.25)
+        assert g["speedup"] == pytest.approx(2.0, rel=0.2)
+
+
+def test_bench_model_ab_fused_tiny(tmp_path):
+    png = tmp_path / "ab.png"
+    out = _bench(
+        "model",
+        "--configs",
+        "rankmixer_small",
+        "--batch",
+        "64",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--dtypes",
+        "bf16",
+        "--regime-seconds",
+        "0",
+        "--ab-fused-seconds",
+        "0.2",
+        "--plot",
+        str(png),
+        "--json-only",
+    )
+    (r,) = _records(out)
+    assert 1 <= len(r["ab_fused"]) <= 2 and sum(g["calls"] for g in r["ab_fused"]) >= 5
+    assert all(g["frac_fused"] > 0 and g["frac_eager"] > 0 for g in r["ab_fused"])
+    assert "ab_fused_calls" not in r  # the raw calls go to the plot only
+    assert png.stat().st_size > 10_000
+
+
 def test_regimes_split_only_where_the_groups_are_apart():
     from benchmarks.bench_model import _two_regimes
 
