@@ -191,13 +191,13 @@ def test_bad_inputs_name_the_argument():
 
 @needs_op
 def test_preset_runs_the_op_through_the_ranker():
-    """The RankMixer medium preset switches it on; its bf16 logits stay as close to the fp32
+    """The RankMixer medium preset switches it on; through serving's bf16 copy
+    (``bf16_dense``, what ``Artifact.predict`` runs) its logits stay as close to the fp32
     model as the eager bf16 model's."""
-    import copy
     from pathlib import Path
 
     from ranking.model.config import load_experiment
-    from ranking.model.ranker import build_model
+    from ranking.model.ranker import bf16_dense, build_model
     from ranking.model.synthetic import random_batch
 
     path = Path(__file__).resolve().parents[1] / "configs" / "models" / "rankmixer_medium.yaml"
@@ -209,9 +209,7 @@ def test_preset_runs_the_op_through_the_ranker():
     batch = random_batch(schema, 300)
     with torch.no_grad():
         want = model(batch).logits
-        m = copy.deepcopy(model)
-        m.blocks.to(torch.bfloat16)
-        m.heads.to(torch.bfloat16)
+        m = bf16_dense(model)
         got = m(batch).logits.float()
         m.cpu_fused_block = False
         eager = m(batch).logits.float()
