@@ -132,18 +132,12 @@ def _serve(artifact: Path, valid: Path) -> None:
     """Start deploy/serve.yaml on a local Ray (free loopback ports), send a few requests built
     from validation rows (the user's features as context, 20 candidate items), print the
     ranking and an excerpt of the Prometheus metrics, and shut down."""
-    import socket
     import urllib.request
 
     import pyarrow.dataset as ds
 
     from serving import config
-    from serving.client import GRPCClient, HTTPClient
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+    from serving.client import GRPCClient, HTTPClient, free_port
 
     http, grpc, metrics = free_port(), free_port(), free_port()
     rows = ds.dataset(valid, format="parquet").head(60).to_pylist()

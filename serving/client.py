@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import random
 import socket
 from typing import Any
 
@@ -14,10 +16,42 @@ from serving.errors import RequestError
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now (for local services in tests and benchmarks)."""
-    with socket.socket() as s:
+    """A TCP port free on ``host`` and on all interfaces right now, for local services in tests,
+    benchmarks and the demo.
+
+    Drawn between Ray's worker ports (10002-19999 by default) and the kernel's ephemeral range
+    (from ``/proc/sys/net/ipv4/ip_local_port_range``, 32768 by default). A port the kernel hands
+    out for ``bind(0)`` comes from the ephemeral range, where every process Ray starts takes its
+    own listening ports: such a port could be taken again between this call and the service
+    binding it (seen once: Serve's gRPC proxy failed to bind ``[::]:46439``)."""
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    rng = random.Random(int.from_bytes(os.urandom(8), "little"))
+    if low > 20000 + 100:
+        for _ in range(200):
+            port = rng.randrange(20000, low)
+            if port not in _GIVEN and _bindable(host, port) and _bindable("", port):
+                _GIVEN.add(port)  # never the same port twice in one process
+                return port
+    with socket.socket() as s:  # fallback: whatever the kernel hands out
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+_GIVEN: set[int] = set()
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 class HTTPClient:
