@@ -9,7 +9,7 @@ STAMP := $(VENV)/.mixrank-installed
 setup: $(STAMP)
 
 # Re-installs only when a lock file, pyproject.toml or a C extension (setup.py) changes.
-$(STAMP): requirements.lock requirements-nodeps.lock pyproject.toml setup.py ranking/data/_fastrows.c serving/_fastproto.c kernels/cpu/rankmixer_block.cpp
+$(STAMP): requirements.lock requirements-nodeps.lock pyproject.toml setup.py ranking/data/_fastrows.c serving/_fastproto.c kernels/cpu/mixer_blocks.cpp
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.lock

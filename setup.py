@@ -5,8 +5,8 @@
 - ``serving._fastproto`` reads a serialized gRPC ``RankRequest`` into the JSON request shape
   (serving/_fastproto.c);
 - ``kernels.cpu._block`` (C++, x86-64 Linux, built against the installed torch): the whole
-  RankMixer block for bf16 CPU inference, its GEMMs on oneDNN's AMX micro-kernel with fused
-  prologue and epilogues (kernels/cpu/rankmixer_block.cpp, loaded by ``kernels.cpu``).
+  RankMixer block and TokenMixer-Large's pSwiGLU stages for bf16 CPU inference, AMX GEMMs with
+  fused prologues and epilogues (kernels/cpu/mixer_blocks.cpp, loaded by ``kernels.cpu``).
 
 All are optional: where no C/C++ compiler (or no torch) is at hand the build goes on without
 them and the same results come from the Python paths (``ranking.data.fastrows.AVAILABLE``,
@@ -31,7 +31,7 @@ def _cpu_kernels() -> list[Extension]:
     return [
         Extension(
             "kernels.cpu._block",
-            ["kernels/cpu/rankmixer_block.cpp"],
+            ["kernels/cpu/mixer_blocks.cpp"],
             include_dirs=include_paths(),
             library_dirs=library_paths(),
             runtime_library_dirs=library_paths(),

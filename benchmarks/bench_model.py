@@ -17,8 +17,9 @@ mode with no grad:
   calls whose matmuls agree are split by regime and each regime gets its own median ratio
   (printed as ``frac_by_regime``: ``frac @ matmul GFLOP/s``, slowest regime first).
 
-- ``ab_fused`` (``--ab-fused-seconds``; RankMixer in bf16): the dense part of one micro-batch
-  with the fused ``kernels.cpu`` block and with the eager block, alternately, between two
+- ``ab_fused`` (``--ab-fused-seconds``; RankMixer and TokenMixer-Large in bf16): the dense part
+  of one micro-batch with the fused ``kernels.cpu`` ops and with the eager block, alternately,
+  between two
   matmuls; per matmul regime each one's ratio and the speed-up (paired per call). ``--plot``
   draws every call's ratio against the matmul's rate.
 
@@ -82,8 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ab-fused-seconds",
         type=float,
         default=0.0,
-        help="per RankMixer config in bf16: this long of fused / eager block calls alternately "
-        "between matmuls, reported per regime (ab_fused; 0 = off)",
+        help="per RankMixer / TokenMixer-Large config in bf16: this long of fused / eager calls "
+        "alternately between matmuls, reported per regime (ab_fused; 0 = off)",
     )
     parser.add_argument("--plot", default=None, help="with --ab-fused-seconds: a PNG of the calls")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -376,7 +377,8 @@ def bench_config(name: str, args) -> list[dict]:
 
             rec["by_regime"] = by_regime(chunk, flops * step, peak, args.regime_seconds)
         ab_seconds = getattr(args, "ab_fused_seconds", 0.0)
-        if is_mixer and dt == "bf16" and ab_seconds > 0 and cfg.arch == "rankmixer":
+        fusable = cfg.arch in ("rankmixer", "tokenmixer_large")
+        if is_mixer and dt == "bf16" and ab_seconds > 0 and fusable:
             step = m.micro_batch if 0 < m.micro_batch < args.batch else args.batch
             one, was = tokens[:step], m.cpu_fused_block
 

@@ -1,6 +1,8 @@
-"""Hand-written CPU kernels: the whole RankMixer block for bf16 inference in one C++ op.
+"""Hand-written CPU kernels for bf16 inference: the whole RankMixer block in one C++ op, and
+each of TokenMixer-Large's two pSwiGLU stages (RMSNorm, gate/up GEMM, Swish * up, down GEMM,
+residual) in one.
 
-``kernels/cpu/rankmixer_block.cpp`` is built by setup.py into ``kernels/cpu/_block*.so`` (a
+``kernels/cpu/mixer_blocks.cpp`` is built by setup.py into ``kernels/cpu/_block*.so`` (a
 plain shared library registering ``torch.ops.mixrank_cpu``). Its two per-token GEMMs are
 written in AMX intrinsics and everything between them (token mixing, residuals, both norms,
 biases and exact GELU) runs in the GEMMs' prologue and epilogues on 32-row blocks that stay in
@@ -13,6 +15,8 @@ with the hand-written loop.
     ops()      -> torch.ops.mixrank_cpu, or None where unavailable (reason() says why)
     prepare_rankmixer(norm1, w1, b1, w2, b2, norm2, rms) -> packed parameters (once per weights)
     rankmixer_block(x [T, B, D] bf16, prepared) -> [T, B, D] bf16
+    prepare_swiglu(norm, w_gate_up, w_down) -> packed parameters (once per weights)
+    swiglu_stage(z [T, B, W] bf16, r, prepared) -> r + pSwiGLU(RMSNorm(z))  (TokenMixer-Large)
 
 Available on x86-64 Linux CPUs with AMX bf16 (Sapphire Rapids and later) where the library
 was built; ``MIXRANK_CPU_KERNELS=0`` turns it off. Elsewhere callers run the eager path.
@@ -133,3 +137,29 @@ def rankmixer_block(x: Tensor, prepared: tuple, row_block: int = 32) -> Tensor:
     token-major bf16 ``x [T, B, D]`` (token mixing with H = T heads), ``prepared`` from
     ``prepare_rankmixer``; returns bf16 ``[T, B, D]``. GELU is exact (erf to 3e-7)."""
     return ops().rankmixer_block(x.contiguous(), *prepared, int(row_block))
+
+
+def swiglu_supports(width: int, hidden: int) -> bool:
+    """Whether ``swiglu_stage`` takes a stage of this token width and hidden width."""
+    return width % 32 == 0 and hidden % 32 == 0
+
+
+def prepare_swiglu(norm: tuple[Tensor, float], w_gate_up: Tensor, w_down: Tensor) -> tuple:
+    """A TokenMixer-Large stage's parameters as ``swiglu_stage`` takes them: the RMSNorm
+    ``(weight, eps)`` in fp32, ``w_gate_up [T, W, 2 Hd]`` (gate columns first) and
+    ``w_down [T, Hd, W]`` packed in bf16 as AMX B tiles. Once per set of weights."""
+    lib = ops()
+    (g, eps) = norm
+    bf16 = lambda w: w.detach().to(torch.bfloat16).contiguous()  # noqa: E731
+    return (
+        g.detach().float().contiguous(),
+        float(eps),
+        lib.pack_tiles(bf16(w_gate_up)),
+        lib.pack_tiles(bf16(w_down)),
+    )
+
+
+def swiglu_stage(z: Tensor, r: Tensor, prepared: tuple, row_block: int = 32) -> Tensor:
+    """``r + W_down,t (Swish(W_gate,t s_t) * W_up,t s_t)`` with ``s = RMSNorm(z)``, per token
+    ``t`` (bias-free pSwiGLU), on token-major bf16 ``z``, ``r [T, B, W]``; returns bf16."""
+    return ops().swiglu_stage(z.contiguous(), r.contiguous(), *prepared, int(row_block))

@@ -17,6 +17,10 @@
 // with its GELU 5-7% faster than brgemm + a GELU pass per 64 columns; with both GEMMs (and the
 // residual and b2 starting in the accumulators) the block 1.2x faster (docs/BENCHMARKS.md).
 //
+// The same machinery runs TokenMixer-Large's pSwiGLU stage (swiglu_stage below): RMSNorm, the
+// gate/up GEMM whose 2x2 tiles pair 16 gate columns with the same 16 up columns so that
+// Swish(gate) * up is the epilogue, and the down GEMM starting from the residual.
+//
 // Rounding differs from the eager path only in where bf16 rounding happens: here the mixed sum,
 // the accumulators, the residual and the pre-norm sums stay fp32 (the eager path rounds each to
 // bf16).
@@ -72,6 +76,32 @@ inline __m512 gelu(__m512 v) {
   return _mm512_fmadd_ps(half_v, e, half_v);
 }
 
+// exp(x) in AVX-512: 2^n * e^r with n = round(x / ln 2), r reduced in two steps (Cody-Waite)
+// and e^r by its degree-6 Taylor polynomial (relative error ~2e-7 on |r| <= ln2 / 2).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Swish(g) * u = g * u / (1 + exp(-g)), the reciprocal with one Newton step.
+inline __m512 swiglu(__m512 g, __m512 u) {
+  const __m512 q = _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+  __m512 r = _mm512_rcp14_ps(q);
+  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(q, r, _mm512_set1_ps(2.0f)));
+  return _mm512_mul_ps(_mm512_mul_ps(g, u), r);
+}
+
 // Norm over one fp32 row of D (D % 16 == 0) into bf16: LayerNorm (gamma, beta) or RMSNorm;
 // with ``out32``, also writes the normalized row + ``add`` in fp32.
 inline void norm_row(const float* m, int64_t D, const float* g, const float* b, float eps,
@@ -116,38 +146,57 @@ bool amx_permitted() {
   return ok;
 }
 
-// GELU over rows [r0, r1) of a 32 x 32 fp32 accumulator block into the bf16 hidden rows
-// (the bias is already in the accumulator).
-inline void gelu_rows(const float* c, BFloat16* h, int64_t ldh, int64_t r0, int64_t r1) {
+// The first GEMM's epilogue over rows [r0, r1) of a 32 x 32 fp32 accumulator block into bf16
+// hidden rows. GELU (RankMixer): 32 hidden columns, GELU of each (the bias is already in the
+// accumulator). SwiGLU (TokenMixer-Large): the left 16 columns are the gate and the right 16 the
+// up projection of the same 16 hidden columns: Swish(gate) * up.
+template <bool kSwiGLU>
+inline void epilogue_rows(const float* c, BFloat16* h, int64_t ldh, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    const __m512 lo = gelu(_mm512_load_ps(c + r * 32)), hi = gelu(_mm512_load_ps(c + r * 32 + 16));
-    _mm512_storeu_si512(h + r * ldh, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    const __m512 lo = _mm512_load_ps(c + r * 32), hi = _mm512_load_ps(c + r * 32 + 16);
+    if constexpr (kSwiGLU) {
+      store_bf16(h + r * ldh, swiglu(lo, hi));
+    } else {
+      _mm512_storeu_si512(h + r * ldh, (__m512i)_mm512_cvtne2ps_pbh(gelu(hi), gelu(lo)));
+    }
   }
 }
 
-// hidden[32 rows, Hd] = GELU(S[32 rows, D] W1 + b1) for W1 packed as [Hd/16][D/2][16][2].
-// The GELU of column block j-1 runs inside the K loop of block j (its tile multiplies), and
-// the accumulators start from b1 (a tile load with row stride 0 repeats the bias row).
-void gemm1_gelu(const BFloat16* s, int64_t D, const BFloat16* w1, const float* b1, BFloat16* h,
-                int64_t Hd, float* cbuf /* 2 x 32 x 32, 64-byte aligned */) {
+// The first GEMM of 32 rows of S [32, D] and its activation into hidden [32, Hd]; weights packed
+// as 16-column blocks [N/16][D/2][16][2]. Each step multiplies into a 32 x 32 accumulator block
+// (2x2 tiles): GELU, N = Hd, column blocks 2j and 2j+1, accumulators starting from b1 (a tile
+// load with row stride 0 repeats the bias row); SwiGLU, N = 2 Hd (gate then up), column blocks j
+// and Hd/16 + j, no bias. The epilogue of step j-1 runs inside the K loop of step j, between
+// its tile multiplies.
+template <bool kSwiGLU>
+void gemm1(const BFloat16* s, int64_t D, const BFloat16* w1, const float* b1, BFloat16* h,
+           int64_t Hd, float* cbuf /* 2 x 32 x 32, 64-byte aligned */) {
   static const TileConfig cfg;
   _tile_loadconfig(&cfg);
-  const int64_t ksteps = D / 32, nblocks = Hd / 32, per = (32 + ksteps - 1) / ksteps;
+  const int64_t cols = kSwiGLU ? 16 : 32;  // hidden columns per step
+  const int64_t ksteps = D / 32, steps = Hd / cols, per = (32 + ksteps - 1) / ksteps;
   const int64_t tile = (D / 2) * 32;  // elements of one packed 16-column block
-  for (int64_t j = 0; j <= nblocks; ++j) {
+  for (int64_t j = 0; j <= steps; ++j) {
     const float* cprev = cbuf + ((j + 1) & 1) * 1024;
-    BFloat16* hprev = h + (j - 1) * 32;
-    if (j == nblocks) {
-      gelu_rows(cprev, hprev, Hd, 0, 32);
+    BFloat16* hprev = h + (j - 1) * cols;
+    if (j == steps) {
+      epilogue_rows<kSwiGLU>(cprev, hprev, Hd, 0, 32);
       break;
     }
-    const float* bias = b1 + j * 32;
-    _tile_loadd(0, bias, 0);
-    _tile_loadd(1, bias + 16, 0);
-    _tile_loadd(2, bias, 0);
-    _tile_loadd(3, bias + 16, 0);
-    const BFloat16* w0 = w1 + (2 * j) * tile;
-    const BFloat16* w1b = w0 + tile;
+    if constexpr (kSwiGLU) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+    } else {
+      const float* bias = b1 + j * 32;
+      _tile_loadd(0, bias, 0);
+      _tile_loadd(1, bias + 16, 0);
+      _tile_loadd(2, bias, 0);
+      _tile_loadd(3, bias + 16, 0);
+    }
+    const BFloat16* w0 = w1 + (kSwiGLU ? j : 2 * j) * tile;
+    const BFloat16* w1b = w1 + (kSwiGLU ? Hd / 16 + j : 2 * j + 1) * tile;
     for (int64_t kk = 0; kk < ksteps; ++kk) {
       _tile_loadd(4, s + kk * 32, D * 2);
       _tile_loadd(5, s + 16 * D + kk * 32, D * 2);
@@ -158,8 +207,8 @@ void gemm1_gelu(const BFloat16* s, int64_t D, const BFloat16* w1, const float* b
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
       if (j > 0)
-        gelu_rows(cprev, hprev, Hd, std::min<int64_t>(32, kk * per),
-                  std::min<int64_t>(32, (kk + 1) * per));
+        epilogue_rows<kSwiGLU>(cprev, hprev, Hd, std::min<int64_t>(32, kk * per),
+                               std::min<int64_t>(32, (kk + 1) * per));
     }
     float* c = cbuf + (j & 1) * 1024;
     _tile_stored(0, c, 128);
@@ -297,12 +346,77 @@ at::Tensor rankmixer_block(const at::Tensor& x, const at::Tensor& g1, const at::
                  B2 + t * D);
       // hidden = GELU(S W1_t + b1_t); Y = S + b2_t + hidden W2_t; 32 rows at a time
       for (int64_t m0 = 0; m0 < M; m0 += MR) {
-        gemm1_gelu(s.data() + m0 * D, D, W1 + t * Hd * D, B1 + t * Hd, h.data() + m0 * Hd, Hd,
-                   cbuf);
+        gemm1<false>(s.data() + m0 * D, D, W1 + t * Hd * D, B1 + t * Hd, h.data() + m0 * Hd, Hd,
+                     cbuf);
         gemm2(h.data() + m0 * Hd, Hd, W2 + t * D * Hd, y.data() + m0 * D, D);
       }
       for (int64_t r = 0; r < M; ++r)
         norm_row(y.data() + r * D, D, G2, BE2, e2, rms, O + (t * B + r0 + r) * D);
+    }
+  });
+  return out;
+}
+
+// One TokenMixer-Large stage, out = R + W_down,t (Swish(W_gate,t S_t) * W_up,t S_t) with
+// S = RMSNorm(Z), per token t (bias-free), on token-major Z, R [T, B, W] bf16 (R may be Z).
+// wgu = pack_tiles(W_gate_up [T, W, 2 Hd]) (gate columns first), wd = pack_tiles(W_down
+// [T, Hd, W]); g = the RMSNorm weight [W] in float32.
+at::Tensor swiglu_stage(const at::Tensor& z, const at::Tensor& r, const at::Tensor& g,
+                        double eps, const at::Tensor& wgu, const at::Tensor& wd,
+                        int64_t row_block) {
+  check_bf16(z, "z", 3);
+  check_bf16(r, "r", 3);
+  check_bf16(wgu, "wgu", 5);
+  check_bf16(wd, "wd", 5);
+  const int64_t T = z.size(0), B = z.size(1), W = z.size(2);
+  TORCH_CHECK(r.sizes() == z.sizes(), "swiglu_stage: r must have z's shape");
+  TORCH_CHECK(W % 32 == 0, "swiglu_stage: needs W % 32 == 0, got W=", W);
+  TORCH_CHECK(wgu.size(0) == T && wgu.size(2) == W / 2 && wgu.size(3) == 16 && wgu.size(4) == 2 &&
+                  wgu.size(1) % 4 == 0,
+              "swiglu_stage: wgu does not match z");
+  const int64_t Hd = wgu.size(1) * 8;  // 2 Hd / 16 blocks
+  TORCH_CHECK(wd.size(0) == T && wd.size(1) == W / 16 && wd.size(2) == Hd / 2 &&
+                  wd.size(3) == 16 && wd.size(4) == 2,
+              "swiglu_stage: wd does not match wgu");
+  check_f32(g, "norm weight", W);
+  TORCH_CHECK(row_block > 0 && row_block % MR == 0,
+              "swiglu_stage: row_block must be a positive multiple of 32");
+  TORCH_CHECK(amx_permitted(), "swiglu_stage: the kernel refused AMX tile state");
+  auto out = at::empty_like(z);
+  if (B == 0) return out;
+  const int64_t nrb = (B + row_block - 1) / row_block;
+  const BFloat16 *Z = z.data_ptr<BFloat16>(), *R = r.data_ptr<BFloat16>();
+  const BFloat16 *WGU = wgu.data_ptr<BFloat16>(), *WD = wd.data_ptr<BFloat16>();
+  const float* G = g.data_ptr<float>();
+  BFloat16* O = out.data_ptr<BFloat16>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, T * nrb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<BFloat16> s(row_block * W), h(row_block * Hd);
+    std::vector<float> m(W), y(row_block * W);
+    alignas(64) float cbuf[2 * 32 * 32];
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / nrb, r0 = (i % nrb) * row_block;
+      const int64_t M = std::min(row_block, B - r0);
+      for (int64_t rr = 0; rr < M; ++rr) {
+        const BFloat16* zr = Z + (t * B + r0 + rr) * W;
+        const BFloat16* rs = R + (t * B + r0 + rr) * W;
+        float* yr = y.data() + rr * W;
+        for (int64_t k = 0; k < W; k += 16) {
+          _mm512_storeu_ps(m.data() + k, load_bf16(zr + k));
+          _mm512_storeu_ps(yr + k, load_bf16(rs + k));
+        }
+        norm_row(m.data(), W, G, nullptr, e, true, s.data() + rr * W);
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += MR) {
+        gemm1<true>(s.data() + m0 * W, W, WGU + t * 2 * Hd * W, nullptr, h.data() + m0 * Hd, Hd,
+                    cbuf);
+        gemm2(h.data() + m0 * Hd, Hd, WD + t * W * Hd, y.data() + m0 * W, W);
+      }
+      for (int64_t rr = 0; rr < M; ++rr) {
+        const float* yr = y.data() + rr * W;
+        BFloat16* o = O + (t * B + r0 + rr) * W;
+        for (int64_t k = 0; k < W; k += 16) store_bf16(o + k, _mm512_loadu_ps(yr + k));
+      }
     }
   });
   return out;
@@ -316,4 +430,8 @@ TORCH_LIBRARY(mixrank_cpu, m) {
       "Tensor w2p, Tensor b2, Tensor g2, Tensor be2, float eps2, bool rms, int row_block) -> "
       "Tensor",
       &rankmixer_block);
+  m.def(
+      "swiglu_stage(Tensor z, Tensor r, Tensor g, float eps, Tensor wgu, Tensor wd, "
+      "int row_block) -> Tensor",
+      &swiglu_stage);
 }

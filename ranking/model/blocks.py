@@ -303,6 +303,8 @@ class TokenMixerLargeBlock(nn.Module):
         self.norm2 = nn.RMSNorm(D, eps=1e-6)
         self.f2 = make_ffn(T, D, cfg.ffn_mult, cfg, swiglu=True)
         self.compile_epilogues = False  # set through Ranker.compile_epilogues
+        self.cpu_fused_block = False  # set through Ranker.cpu_fused_block
+        self._prepared: tuple | None = None  # (weights' identity, kernels.cpu arguments)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         hm, hn = kernels.mix_norm(x, self.num_heads, self.norm1.weight, norm="rms", eps=1e-6)
@@ -322,6 +324,13 @@ class TokenMixerLargeBlock(nn.Module):
     def forward_tm(self, x: Tensor) -> Tensor:
         """The same block on token-major ``x [T, B, D]`` (dense pSwiGLU only)."""
         f1, f2 = _dense_inner(self.f1, PerTokenSwiGLU), _dense_inner(self.f2, PerTokenSwiGLU)
+        if self.cpu_fused_block and not torch.is_grad_enabled() and x.dtype == torch.bfloat16:
+            prepared = self._cpu_stage_args(f1, f2, x)
+            if prepared is not None:  # each stage one kernels.cpu op; mixing stays a copy
+                hm = mix_tm(x, self.num_heads)
+                r = revert_tm(cpu_kernels.swiglu_stage(hm, hm, prepared[0]), self.num_tokens)
+                base = x if self.second_residual == "input" else r
+                return cpu_kernels.swiglu_stage(r, base, prepared[1])
         fused = _fused(self)
         hm = mix_tm(x, self.num_heads)  # [H, B, W]
         a1 = _swiglu_act(f1, _normed(self.norm1, hm, fused), fused)
@@ -330,6 +339,34 @@ class TokenMixerLargeBlock(nn.Module):
         base = x if self.second_residual == "input" else r
         a2 = _swiglu_act(f2, _normed(self.norm2, r, fused), fused)
         return torch.baddbmm(base, a2, f2.w_down)
+
+    def _cpu_stage_args(self, f1: PerTokenSwiGLU, f2: PerTokenSwiGLU, x: Tensor):
+        """``kernels.cpu``'s packed arguments for the two stages (re-packed whenever a
+        parameter changed), or None where the op cannot run them (see RankMixerBlock)."""
+        ok = all(cpu_kernels.swiglu_supports(f.w_down.shape[-1], f.hidden) for f in (f1, f2))
+        if x.device.type != "cpu" or not ok:
+            return None
+        if cpu_kernels.ops() is None:
+            _warn_once(
+                "cpu_fused_block",
+                "cpu_fused_block: %s; running the eager block",
+                cpu_kernels.reason(),
+            )
+            return None
+        params = [
+            *self.norm1.parameters(),
+            *f1.parameters(),
+            *self.norm2.parameters(),
+            *f2.parameters(),
+        ]
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        if self._prepared is None or self._prepared[0] != key:
+            args = tuple(
+                cpu_kernels.prepare_swiglu((n.weight, _eps(n)), f.w_gate_up, f.w_down)
+                for n, f in ((self.norm1, f1), (self.norm2, f2))
+            )
+            self._prepared = (key, args)
+        return self._prepared[1]
 
 
 class UniMixerBlock(nn.Module):

@@ -87,9 +87,9 @@ class ModelConfig:
     (``torch.compile`` the mixer stack; fuses the per-token FFN's bias/activation passes),
     ``compile_epilogues`` (CPU inference: only the norms and the SwiGLU activation between the
     GEMMs go through ``torch.compile``; RankMixer and TokenMixer-Large), ``cpu_fused_block``
-    (bf16 CPU inference: each RankMixer block as one ``kernels.cpu`` C++ op, AMX GEMMs with
-    the mixing, norms, biases and GELU fused around them; the eager block where the CPU or
-    the build lacks it).
+    (bf16 CPU inference: each RankMixer block, and each TokenMixer-Large pSwiGLU stage, as one
+    ``kernels.cpu`` C++ op, AMX GEMMs with the norms, biases, residuals and activations fused
+    around them; the eager block where the CPU or the build lacks it).
 
     Tokenizer: ``tokenizer`` (``groups`` | ``slices``), ``num_tokens`` (total T incl. dense and
     global tokens; required for ``slices``, checked for ``groups``), ``token_proj`` (``linear`` |

@@ -81,9 +81,10 @@ class Ranker(nn.Module):
         compile: run the stack through ``torch.compile`` (compiled on first use).
         compile_epilogues: on the CPU inference path, run the norms and the SwiGLU activation
             between the GEMMs through ``torch.compile`` (GEMMs stay eager); settable later.
-        cpu_fused_block: on the bf16 CPU inference path, run each RankMixer block as one
-            ``kernels.cpu`` op (AMX GEMMs with fused epilogues) where the CPU and the build
-            have it; the eager block elsewhere; settable later.
+        cpu_fused_block: on the bf16 CPU inference path, run each RankMixer block (each
+            TokenMixer-Large pSwiGLU stage) as one ``kernels.cpu`` op (AMX GEMMs with fused
+            epilogues) where the CPU and the build have it; the eager block elsewhere;
+            settable later.
         token_dropout: dropout probability on the tokens entering the stack (training only).
     """
 
