@@ -164,7 +164,8 @@ def by_regime(fn, fn_flops: float, peak: MatmulPeak, seconds: float, min_pairs: 
     pairs = []  # (matmul FLOP/s, fn FLOP/s)
     end = time.perf_counter() + seconds
     tries = 0
-    while (time.perf_counter() < end or len(pairs) < min_pairs) and tries < 50 * min_pairs:
+    # until the deadline; past it only while too few calls counted (at most 50 x min_pairs tries)
+    while time.perf_counter() < end or (len(pairs) < min_pairs and tries < 50 * min_pairs):
         tries += 1
         p0 = peak()
         t = time.perf_counter()
@@ -196,7 +197,7 @@ def ab_fused(call, fn_flops: float, peak: MatmulPeak, seconds: float, min_pairs:
     rows = []
     end = time.perf_counter() + seconds
     tries = 0
-    while (time.perf_counter() < end or len(rows) < min_pairs) and tries < 50 * min_pairs:
+    while time.perf_counter() < end or (len(rows) < min_pairs and tries < 50 * min_pairs):
         tries += 1
         p0 = peak()
         t = time.perf_counter()
