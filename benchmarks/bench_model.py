@@ -257,7 +257,8 @@ def plot_ab(records: list[dict], path: str) -> None:
         )
         ax.legend(fontsize=7)
     fig.suptitle(
-        "mixrank bench model --ab-fused-seconds: fused vs eager RankMixer block", fontsize=9
+        "mixrank bench model --ab-fused-seconds: the fused kernels.cpu ops vs the eager blocks",
+        fontsize=9,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
