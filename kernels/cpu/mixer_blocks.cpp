@@ -146,6 +146,19 @@ bool amx_permitted() {
   return ok;
 }
 
+// One K step of 32 into the 2x2 accumulators: rows 0-15 and 16-31 of A (leading dimension
+// lda elements) times two packed B tiles (1 KB each, 64-byte rows).
+inline void kstep(const BFloat16* a, int64_t lda, const BFloat16* b0, const BFloat16* b1) {
+  _tile_loadd(4, a, lda * 2);
+  _tile_loadd(5, a + 16 * lda, lda * 2);
+  _tile_loadd(6, b0, 64);
+  _tile_loadd(7, b1, 64);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+}
+
 // The first GEMM's epilogue over rows [r0, r1) of a 32 x 32 fp32 accumulator block into bf16
 // hidden rows. GELU (RankMixer): 32 hidden columns, GELU of each (the bias is already in the
 // accumulator). SwiGLU (TokenMixer-Large): the left 16 columns are the gate and the right 16 the
@@ -198,14 +211,7 @@ void gemm1(const BFloat16* s, int64_t D, const BFloat16* w1, const float* b1, BF
     const BFloat16* w0 = w1 + (kSwiGLU ? j : 2 * j) * tile;
     const BFloat16* w1b = w1 + (kSwiGLU ? Hd / 16 + j : 2 * j + 1) * tile;
     for (int64_t kk = 0; kk < ksteps; ++kk) {
-      _tile_loadd(4, s + kk * 32, D * 2);
-      _tile_loadd(5, s + 16 * D + kk * 32, D * 2);
-      _tile_loadd(6, w0 + kk * 512, 64);
-      _tile_loadd(7, w1b + kk * 512, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
+      kstep(s + kk * 32, D, w0 + kk * 512, w1b + kk * 512);
       if (j > 0)
         epilogue_rows<kSwiGLU>(cprev, hprev, Hd, std::min<int64_t>(32, kk * per),
                                std::min<int64_t>(32, (kk + 1) * per));
@@ -234,14 +240,7 @@ void gemm2(const BFloat16* h, int64_t Hd, const BFloat16* w2, float* y, int64_t 
     const BFloat16* w0 = w2 + (n / 16) * tile;
     const BFloat16* w1b = w0 + tile;
     for (int64_t kk = 0; kk < ksteps; ++kk) {
-      _tile_loadd(4, h + kk * 32, Hd * 2);
-      _tile_loadd(5, h + 16 * Hd + kk * 32, Hd * 2);
-      _tile_loadd(6, w0 + kk * 512, 64);
-      _tile_loadd(7, w1b + kk * 512, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
+      kstep(h + kk * 32, Hd, w0 + kk * 512, w1b + kk * 512);
     }
     _tile_stored(0, c, D * 4);
     _tile_stored(1, c + 16, D * 4);

@@ -179,6 +179,25 @@ def _warn_once(key: str, msg: str, *args) -> None:
         log.warning(msg, *args)
 
 
+def _cpu_args(block: nn.Module, x: Tensor, shapes_ok: bool, parts: list, prepare):
+    """A block's ``kernels.cpu`` arguments, cached on ``block._prepared`` and made again by
+    ``prepare()`` whenever a parameter of ``parts`` changed (``load_state_dict``, an optimizer
+    step, a dtype move: pointer, version or dtype); None where the op cannot run: a non-CPU
+    tensor, shapes it does not take, or no library / AMX (logged once)."""
+    if x.device.type != "cpu" or not shapes_ok:
+        return None
+    if cpu_kernels.ops() is None:
+        _warn_once(
+            "cpu_fused_block", "cpu_fused_block: %s; running the eager block", cpu_kernels.reason()
+        )
+        return None
+    params = [p for m in parts for p in m.parameters()]
+    key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+    if block._prepared is None or block._prepared[0] != key:
+        block._prepared = (key, prepare())
+    return block._prepared[1]
+
+
 def _fused(block: nn.Module) -> bool:
     return block.compile_epilogues and not torch.is_grad_enabled()
 
@@ -262,25 +281,16 @@ class RankMixerBlock(nn.Module):
         kernel cannot run it: no library or AMX (logged once), a non-CPU tensor or a shape it
         does not take. The caller then runs the eager path (same math)."""
         T, D, hidden = self.num_tokens, x.shape[-1], ffn.w1.shape[-1]
-        if x.device.type != "cpu" or not cpu_kernels.supports(T, D, hidden):
-            return None
-        if cpu_kernels.ops() is None:
-            _warn_once(
-                "cpu_fused_block",
-                "cpu_fused_block: %s; running the eager block",
-                cpu_kernels.reason(),
-            )
-            return None
-        params = [*self.norm1.parameters(), *ffn.parameters(), *self.norm2.parameters()]
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        if self._prepared is None or self._prepared[0] != key:
-            rms = isinstance(self.norm1, nn.RMSNorm)
+        rms = isinstance(self.norm1, nn.RMSNorm)
+
+        def prepare():
             norm = lambda n: (n.weight, None if rms else n.bias, _eps(n))  # noqa: E731
-            args = cpu_kernels.prepare_rankmixer(
+            return cpu_kernels.prepare_rankmixer(
                 norm(self.norm1), ffn.w1, ffn.b1, ffn.w2, ffn.b2, norm(self.norm2), rms
             )
-            self._prepared = (key, args)
-        return self._prepared[1]
+
+        ok = cpu_kernels.supports(T, D, hidden)
+        return _cpu_args(self, x, ok, [self.norm1, ffn, self.norm2], prepare)
 
 
 class TokenMixerLargeBlock(nn.Module):
@@ -344,29 +354,14 @@ class TokenMixerLargeBlock(nn.Module):
         """``kernels.cpu``'s packed arguments for the two stages (re-packed whenever a
         parameter changed), or None where the op cannot run them (see RankMixerBlock)."""
         ok = all(cpu_kernels.swiglu_supports(f.w_down.shape[-1], f.hidden) for f in (f1, f2))
-        if x.device.type != "cpu" or not ok:
-            return None
-        if cpu_kernels.ops() is None:
-            _warn_once(
-                "cpu_fused_block",
-                "cpu_fused_block: %s; running the eager block",
-                cpu_kernels.reason(),
-            )
-            return None
-        params = [
-            *self.norm1.parameters(),
-            *f1.parameters(),
-            *self.norm2.parameters(),
-            *f2.parameters(),
-        ]
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        if self._prepared is None or self._prepared[0] != key:
-            args = tuple(
+
+        def prepare():
+            return tuple(
                 cpu_kernels.prepare_swiglu((n.weight, _eps(n)), f.w_gate_up, f.w_down)
                 for n, f in ((self.norm1, f1), (self.norm2, f2))
             )
-            self._prepared = (key, args)
-        return self._prepared[1]
+
+        return _cpu_args(self, x, ok, [self.norm1, f1, self.norm2, f2], prepare)
 
 
 class UniMixerBlock(nn.Module):
