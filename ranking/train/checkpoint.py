@@ -101,21 +101,77 @@ def save(
     return final
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that does not match what loads it (a key on one side only)."""
+
+
+def _strict_planner(path: Path):
+    """DCP's default load planner, made strict in the direction DCP leaves open.
+
+    DCP fails on a key of ``state`` missing from the checkpoint (``allow_partial_load=False``)
+    but silently ignores a key of the checkpoint that ``state`` lacks: an optimiser whose lazy
+    state was never created, a buffer renamed since the save. Resuming then goes on without
+    that state and drifts from the uninterrupted run; here it is an error naming the key.
+    """
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class StrictLoadPlanner(DefaultLoadPlanner):
+        def create_global_plan(self, global_plan):
+            # on the coordinator, with every rank's plan: a rank holds only the state of what
+            # it owns (a table-wise table's optimiser state lives on one rank), so a key is
+            # read when any rank reads it
+            read = {item.dest_index.fqn for plan in global_plan for item in plan.items}
+            unread = sorted(set(self.metadata.state_dict_metadata) - read)
+            if unread:
+                more = f" and {len(unread) - 5} more" if len(unread) > 5 else ""
+                raise CheckpointError(
+                    f"{path}: the checkpoint holds {', '.join(unread[:5])}{more}, which the "
+                    f"state being restored does not have; resuming without it would not "
+                    f"continue the saved run"
+                )
+            return super().create_global_plan(global_plan)
+
+    return StrictLoadPlanner(allow_partial_load=False)
+
+
 def load(state: dict, path: str | Path) -> dict:
-    """Load checkpoint ``path`` into ``state`` in place (DCP reshards as needed); returns it."""
+    """Load checkpoint ``path`` into ``state`` in place (DCP reshards as needed); returns it.
+
+    Strict both ways: every key of ``state`` must be in the checkpoint and every key of the
+    checkpoint in ``state`` (:class:`CheckpointError` names the first ones otherwise)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     path = Path(path)
     if not (path / MARKER).is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no {MARKER} marker)")
-    dcp.load(state, checkpoint_id=str(path))
+    try:
+        dcp.load(state, checkpoint_id=str(path), planner=_strict_planner(path))
+    except CheckpointException as e:  # DCP wraps every rank's error: raise the first one
+        for err in e.failures.values():
+            exc = err[0] if isinstance(err, tuple) else err
+            if isinstance(exc, CheckpointError | RuntimeError):
+                raise CheckpointError(str(exc)) from e
+        raise
     return state
 
 
-def load_local(path: str | Path) -> dict | None:
-    """This rank's ``local`` state saved with the checkpoint, or None."""
+def saved_keys(path: str | Path) -> set[str]:
+    """The flattened keys (``optim.state.<param>.exp_avg``, ...) stored in checkpoint ``path``."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def load_local(path: str | Path) -> dict:
+    """This rank's ``local`` state saved with the checkpoint (RNG, schedule)."""
     f = Path(path) / f"rank-{_rank()}.pt"
-    return torch.load(f, weights_only=True) if f.is_file() else None
+    if not f.is_file():
+        raise CheckpointError(
+            f"{f}: missing; this rank's RNG and schedule state cannot be restored, so the run "
+            f"cannot continue exactly (resume from another checkpoint or start a new run)"
+        )
+    return torch.load(f, weights_only=True)
 
 
 def _prune(ckpt_dir: Path, keep: int) -> None:

@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -247,6 +248,17 @@ def lr_lambda(cfg: ExperimentConfig, total_steps: int):
 # --------------------------------------------------------------------------- the trainer
 
 
+@dataclass
+class Position:
+    """Where the training loop stands: what a checkpoint restores besides the tensors."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    last_eval: dict = field(default_factory=dict)
+    stopped_early: bool = False
+
+
 class Trainer:
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -351,7 +363,14 @@ class Trainer:
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
 
-    def save(self, step: int, epoch: int, batch_in_epoch: int, metrics: dict | None = None):
+    def save(
+        self,
+        step: int,
+        epoch: int,
+        batch_in_epoch: int,
+        metrics: dict | None = None,
+        stopped_early: bool = False,
+    ):
         import yaml
 
         info = {
@@ -359,6 +378,7 @@ class Trainer:
             "batch_in_epoch": batch_in_epoch,
             "world_size": self.world,
             "selection": self.selection,
+            "stopped_early": stopped_early,
         }
         local = {"rng": ckpt.rng_state(), "scheduler": self.scheduler.state_dict()}
         path = ckpt.save(
@@ -378,11 +398,14 @@ class Trainer:
             (path / "config.yaml").write_text(yaml.safe_dump(self.cfg.raw, sort_keys=False))
         return path
 
-    def try_resume(self) -> tuple[int, int, int]:
-        """Load the newest complete checkpoint; returns ``(step, epoch, batch_in_epoch)``."""
+    def try_resume(self) -> Position:
+        """Load the newest complete checkpoint; returns where the loop stood when it was saved.
+        Everything the loop carries from step to step comes back: parameters and buffers, both
+        optimisers' state, the learning rate, RNG, data position, the last evaluation, the
+        model-selection state and whether the run had stopped early."""
         path = ckpt.latest(self.run_dir / "checkpoints")
         if path is None:
-            return 0, 0, 0
+            return Position()
         marker = ckpt.read_marker(path)
         if marker.get("world_size", self.world) != self.world:
             raise RuntimeError(
@@ -392,16 +415,44 @@ class Trainer:
                 f"and start a new run"
             )
         self.selection = marker.get("selection") or self.selection
+        self._init_dense_state(ckpt.saved_keys(path))
         state = self.state()
-        ckpt.load(state, path)
+        ckpt.load(state, path)  # strict: a key on either side only is an error naming it
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
         local = ckpt.load_local(path)
-        if local is not None:
-            ckpt.set_rng_state(local["rng"])
-            self.scheduler.load_state_dict(local["scheduler"])
+        ckpt.set_rng_state(local["rng"])
+        self.scheduler.load_state_dict(local["scheduler"])
+        # LambdaLR writes a group's lr only in step(): until the first step after resuming the
+        # groups would keep the lr of step 0 (the warm-up's smallest).
+        for group, lr in zip(self.dense_opt.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
         self.log.info(f"resumed from {path.name} (step {marker['step']})")
-        return marker["step"], marker["epoch"], marker["batch_in_epoch"]
+        return Position(
+            step=marker["step"],
+            epoch=marker["epoch"],
+            batch_in_epoch=marker["batch_in_epoch"],
+            last_eval=marker.get("metrics") or {},
+            stopped_early=bool(marker.get("stopped_early", False)),
+        )
+
+    def _init_dense_state(self, saved: set[str]) -> None:
+        """Create the dense optimiser's state before an in-place load.
+
+        torch optimisers create their state lazily, at a parameter's first step: a fresh
+        optimiser has none, and ``dcp.load`` fills only the keys the target has, so Adam's
+        moments and step count were silently not restored (the cause of #25). TorchRec's
+        ``init_state`` creates it with a zero-gradient step; the state of a parameter that had
+        none when the checkpoint was written (it never got a gradient) is removed again, so the
+        restored state has exactly the saved parameters. The dummy step changes the parameters
+        (weight decay); the load that follows overwrites them."""
+        opt = self.dense_opt
+        opt.init_state()
+        for p in self.dense_params:
+            p.grad = None
+        for key, p in opt.params.items():
+            if not any(k.startswith(f"optim.state.{key}.") for k in saved):
+                opt.state.pop(p, None)
 
     # ----------------------------------------------------------- loops
     def _forward(self, batch):
@@ -491,19 +542,19 @@ class Trainer:
         total = t.max_steps or sum(epoch_steps)
         steps_per_epoch = epoch_steps[0]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.dense_opt, lr_lambda(cfg, total))
-        step, epoch, skip = self.try_resume()
+        pos = self.try_resume()
+        step, epoch, skip, last_eval = pos.step, pos.epoch, pos.batch_in_epoch, pos.last_eval
         self.model.train()
         self.log.info(
             f"training {cfg.name}: {train_rows:,} rows, {self.world} rank(s), batch {bs}/rank, "
             f"{total} steps ({steps_per_epoch}/epoch)"
         )
-        last_eval: dict = {}
         batch_in_epoch = skip
         t_start, s_start = time.perf_counter(), step
         t_log, s_log = t_start, step
         loss_sum, loss_n = 0.0, 0
         self._steps_per_epoch = steps_per_epoch
-        stop = False
+        stop = pos.stopped_early  # resumed from the final checkpoint of an early-stopped run
         while step < total and not stop:
             reader = self._reader(cfg.data.train, bs, cfg.data.shuffle, epoch, drop_last=True)
             if skip:
@@ -571,7 +622,7 @@ class Trainer:
         if cfg.data.valid and (not last_eval or last_eval.get("step") != step):
             last_eval = self._eval_and_log(step, epoch)
             self._select(last_eval, step)
-        final = self.save(step, epoch, batch_in_epoch, last_eval)
+        final = self.save(step, epoch, batch_in_epoch, last_eval, stopped_early=stop)
         dist.barrier()
         if self.rank == 0:
             from ranking.export import export_checkpoint
