@@ -2,7 +2,8 @@
 
 ``manifest.json``::
 
-    {"format_version": 1, "model_version": "<sha256 of weights + manifest body, 16 hex>",
+    {"format_version": 1, "model_version": "<sha256 of weights + manifest body less the
+     run's paths (data files, schema file): 16 hex>",
      "name": ..., "arch": ..., "config": {<resolved experiment config>},
      "schema": {<FeatureSchema.to_dict()>}, "metrics": {<validation metrics at export>},
      "dtype": "fp32"|"bf16", "step": N, "created": "<UTC ISO time>", "weights": "weights.pt"}
@@ -178,7 +179,8 @@ def write_artifact(
         with open(tmp / WEIGHTS, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-        h.update(json.dumps(body, sort_keys=True, default=str).encode())
+        hashed = {**body, "config": _without_paths(config)}
+        h.update(json.dumps(hashed, sort_keys=True, default=str).encode())
         manifest = {
             **body,
             "model_version": h.hexdigest()[:16],
@@ -189,6 +191,18 @@ def write_artifact(
     except BaseException:
         _remove(tmp)
         raise
+    return out
+
+
+def _without_paths(config: dict) -> dict:
+    """The config as ``model_version`` hashes it: without the places a run read from (the data
+    paths, and the schema's file, whose resolved content the manifest's ``schema`` holds and the
+    hash covers). The same model trained in another run directory or from a copy of the data
+    gets the same version."""
+    out = {k: v for k, v in config.items() if k != "schema"}
+    data = config.get("data")
+    if isinstance(data, dict):
+        out["data"] = {k: v for k, v in data.items() if k not in ("train", "valid")}
     return out
 
 

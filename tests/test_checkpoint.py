@@ -39,6 +39,36 @@ def test_keep_last_k(tmp_path):
     assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [3, 4]
 
 
+def test_load_names_a_key_on_either_side_only(tmp_path):
+    import pytest
+
+    m = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(m.parameters())
+    m(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    ckpt.save({"model": m.state_dict(), "optim": opt.state_dict()}, tmp_path, step=1)
+    path = ckpt.latest(tmp_path)
+    assert "optim.state.0.exp_avg" in ckpt.saved_keys(path)
+    # the saved Adam moments have nowhere to go in a fresh optimiser (lazy state): that was #25
+    fresh = torch.optim.Adam(m.parameters())
+    with pytest.raises(ckpt.CheckpointError, match=r"optim\.state\.0\.exp_avg"):
+        ckpt.load({"model": m.state_dict(), "optim": fresh.state_dict()}, path)
+    # a key of the state that the checkpoint lacks
+    extra = {"model": {**m.state_dict(), "scale": torch.ones(2)}, "optim": opt.state_dict()}
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.scale"):
+        ckpt.load(extra, path)
+    # the same structure loads
+    ckpt.load({"model": m.state_dict(), "optim": opt.state_dict()}, path)
+
+
+def test_load_local_missing_is_an_error_naming_the_file(tmp_path):
+    import pytest
+
+    ckpt.save({"model": torch.nn.Linear(2, 2).state_dict()}, tmp_path, step=3)
+    with pytest.raises(ckpt.CheckpointError, match=r"step-00000003/rank-0\.pt: missing"):
+        ckpt.load_local(ckpt.latest(tmp_path))
+
+
 def _slow_auc(p, y):
     """Mann-Whitney: the probability a random positive outranks a random negative (ties 1/2)."""
     pos = [a for a, b in zip(p, y) if b == 1]
@@ -141,3 +171,34 @@ def test_fused_embedding_optimiser_params_from_config():
     )
     assert fused_params(exp)["optimizer"] == EmbOptimType.EXACT_SGD
     assert "weight_decay" not in fused_params(exp)
+
+
+def test_model_version_hashes_the_model_not_the_run_directory(tmp_path):
+    """The same weights, config and schema trained in another run directory (another vocab file
+    path, another copy of the data) get the same ``model_version``; any change of content not."""
+    from ranking.export import read_manifest, write_artifact
+    from ranking.features import load_schema
+
+    data = {"train": "/data/a/train", "valid": "/data/a/valid", "batch_size": 8}
+
+    def version(name, *, weights=None, preset="frappe", schema_file="/runs/a/vocab/s.yaml", **cfg):
+        config = {"name": "m", "schema": schema_file, "model": {"arch": "dlrm"}, "data": data}
+        out = write_artifact(
+            tmp_path / name,
+            weights if weights is not None else {"w": torch.arange(4.0)},
+            config={**config, **cfg},
+            schema=load_schema(preset),
+            dtype="fp32",
+            metrics={"auc": 0.5},
+            step=3,
+        )
+        return read_manifest(out)["model_version"]
+
+    base = version("base")
+    moved = {"train": "/data/b/train", "valid": "/data/b/valid", "batch_size": 8}
+    assert version("moved-data", data=moved) == base
+    assert version("other-run", schema_file="/runs/b/vocab/s.yaml") == base
+    assert version("batch", data={**data, "batch_size": 16}) != base
+    assert version("weights", weights={"w": torch.arange(4.0) + 1}) != base
+    assert version("schema", preset="movielens") != base
+    assert version("arch", model={"arch": "dcnv2"}) != base
