@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ranking.data.errors import DataError
-from ranking.data.reader import ParquetBatches
+from ranking.data.reader import ParquetBatches, resume_plan
 from ranking.features import FeatureSchema
 
 SCHEMA = FeatureSchema.from_dict(
@@ -118,6 +118,55 @@ def test_skip_batches_resumes_exactly(data_dir, skip):
     rest = [b.dense[:, 0].tolist() for b in ds]
     assert rest == full[skip:]
     assert ds.state_dict() == {"epoch": 0, "batches": len(full)}
+
+
+@pytest.mark.parametrize("num_workers, drop_last", [(2, True), (3, False)])
+def test_skip_batches_resumes_exactly_through_dataloader_workers(data_dir, num_workers, drop_last):
+    """Resuming at any batch of a DataLoader with workers, also after some workers ran out of
+    data (their shards are uneven here): the batches are the rest of the uninterrupted pass."""
+
+    def batches(skip):
+        ds = make(data_dir, seed=8, batch_size=96, unit_rows=700, drop_last=drop_last)
+        ds.skip_batches(skip)
+        dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)
+        return [b.dense[:, 0].long().tolist() for b in dl]
+
+    full = batches(0)
+    ds = make(data_dir, seed=8, batch_size=96, unit_rows=700, drop_last=drop_last)
+    counts = [ds._shard_batches(w, num_workers) for w in range(num_workers)]
+    assert len(set(counts)) > 1, counts  # some worker runs out before the others
+    assert len(full) == sum(counts)
+    ends = range(len(full) - 2 * num_workers - 2, len(full) + 1)
+    for skip in sorted({1, num_workers + 1, *ends}):
+        assert batches(skip) == full[skip:], skip
+
+
+def test_resume_plan_against_a_slow_round_robin():
+    import itertools
+    import random
+
+    rnd = random.Random(0)
+    for _ in range(300):
+        counts = [rnd.randint(0, 6) for _ in range(rnd.randint(1, 4))]
+        order, left = [], list(counts)
+        for w in itertools.cycle(range(len(counts))):
+            if not any(left):
+                break
+            if left[w]:
+                order.append(w)
+                left[w] -= 1
+        for n in range(len(order) + 1):
+            taken, nxt = resume_plan(counts, n)
+            assert taken == [order[:n].count(w) for w in range(len(counts))], (counts, n)
+            # the rest of the slow order is the round-robin over `nxt` with what remains
+            rest, left = [], [counts[w] - taken[w] for w in nxt]
+            for i in itertools.cycle(range(len(nxt))):
+                if not any(left):
+                    break
+                if left[i]:
+                    rest.append(nxt[i])
+                    left[i] -= 1
+            assert rest == order[n:], (counts, n, nxt)
 
 
 def test_bounded_memory_units(data_dir):

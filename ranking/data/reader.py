@@ -164,8 +164,8 @@ class ParquetBatches(IterableDataset):
     def skip_batches(self, n: int) -> None:
         """Resume: the next iteration of this epoch starts after ``n`` batches of this rank.
 
-        ``n`` counts batches as a DataLoader delivers them (round-robin over its workers); exact
-        as long as no worker had run out of data (i.e. before the last few batches of an epoch).
+        ``n`` counts batches as a DataLoader delivers them: round-robin over its workers, and
+        over the workers still holding data once some have run out (:func:`worker_skips`).
         """
         self._skip = n
 
@@ -185,9 +185,15 @@ class ParquetBatches(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        shard = self.rank * nw + wid
         num_shards = self.world_size * nw
-        skip = (self._skip - wid + nw - 1) // nw if self._skip > wid else 0
+        skip = 0
+        if self._skip:  # resuming: this worker continues the shard whose turn is wid-th
+            counts = [self._shard_batches(self.rank * nw + w, num_shards) for w in range(nw)]
+            taken, order = resume_plan(counts, self._skip)
+            if wid >= len(order):
+                return  # fewer shards than workers still hold data this epoch
+            wid, skip = order[wid], taken[order[wid]]
+        shard = self.rank * nw + wid
         units = self.shard_units(shard, num_shards)
         rng = np.random.default_rng([self.seed, self.epoch, shard, 0xB0F])
         self._cache = None  # the last row group read is kept only within one pass
@@ -197,6 +203,13 @@ class ParquetBatches(IterableDataset):
             self.batches_yielded += 1
             yield to_batch(self.schema, cols)
         self._cache = None
+
+    def _shard_batches(self, shard: int, num_shards: int) -> int:
+        """Batches one shard yields in the current epoch (``iter_shard`` cuts every full batch
+        of its rows, and the rest as one more unless ``drop_last``)."""
+        rows = sum(u.rows for u in self.shard_units(shard, num_shards))
+        full, rest = divmod(rows, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
 
     def rank_rows(self) -> int:
         """Rows this rank reads in the current epoch (over all its DataLoader workers)."""
@@ -250,6 +263,44 @@ class ParquetBatches(IterableDataset):
         state = self.__dict__.copy()
         state.pop("_cache", None)
         return state
+
+
+def resume_plan(counts: list[int], n: int) -> tuple[list[int], list[int]]:
+    """Where each DataLoader worker stands after the first ``n`` batches of an epoch.
+
+    Worker ``w`` yields ``counts[w]`` batches; a DataLoader over an iterable dataset takes one
+    from each worker in turn, passing over the workers that have run out. Returns ``(taken,
+    order)``: how many batches each worker had delivered, and the workers that still hold data
+    in the order the next batches come from them. A resumed DataLoader starts again at its worker
+    0, so its worker ``i`` must continue worker ``order[i]``'s shard (a rotation keeps the
+    round-robin, also as more workers run out).
+
+    >>> resume_plan([3, 1, 3], 5)  # w0 w1 w2 w0 w2 | w0 w2
+    ([2, 1, 2], [0, 2])
+    >>> resume_plan([2, 2, 2], 4)  # w0 w1 w2 w0 | w1 w2
+    ([2, 1, 1], [1, 2])
+    """
+    nw = len(counts)
+    taken = [0] * nw
+    last = nw - 1  # the worker that delivered the last batch: the next turn is after it
+    while n > 0:
+        active = [w for w in range(nw) if taken[w] < counts[w]]
+        if not active:
+            break
+        # whole rounds over the same active set; a round starts after `last`
+        first = [w for w in active if w > last] + [w for w in active if w <= last]
+        rounds = min(n // len(active), min(counts[w] - taken[w] for w in active))
+        if rounds == 0:  # part of a round
+            for w in first[:n]:
+                taken[w] += 1
+            last = first[n - 1]
+            break
+        for w in active:
+            taken[w] += rounds
+        n -= rounds * len(active)
+        last = first[-1]
+    order = [(last + 1 + i) % nw for i in range(nw)]
+    return taken, [w for w in order if taken[w] < counts[w]]
 
 
 def iter_shard(units, read, batch_size, buffer_rows, rng, drop_last, skip=0):
