@@ -1,15 +1,14 @@
 """The distributed training job, end to end: real torchrun, gloo, 2 processes.
 
 One uninterrupted run is shared by several tests (module fixture); the kill/resume test runs the
-same config again, SIGKILLs it after its first complete checkpoint, restarts it, and checks that
-it ends where the uninterrupted run ended.
+same config again, SIGKILLs a worker right after its first checkpoint (step 10 of 46), restarts
+it with ``mixrank train``, and checks that it ends where the uninterrupted run ended (every
+shipped config: tests/test_resume_matrix.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -161,36 +160,32 @@ def test_export_then_eval_reproduces_validation_auc(full_run, data, tmp_path, ca
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(full_run, tmp_path):
+    from resume_worker import launch
+
+    from ranking.train.commands import prepare_run
+
     cfg, full_dir = full_run
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _train_cmd(cfg, run_dir),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
     ckdir = run_dir / "checkpoints"
-    while time.time() < deadline:
-        if ckdir.is_dir() and any((p / "COMPLETE").exists() for p in ckdir.glob("step-*")):
-            break
-        if proc.poll() is not None:
-            pytest.fail("training ended before it could be killed")
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # the worker, with its last rank sending itself SIGKILL right after checkpoint 10 of 46
+    prepare_run(str(cfg), [], str(run_dir))
+    proc = launch([run_dir], {"MIXRANK_TEST_SIGKILL_AFTER": "10"}, timeout=600)
+    assert proc.returncode != 0, "training ended before it could be killed"
+    assert [p.name for p in ckdir.glob("step-*")] == ["step-00000010"]
     # a half-written checkpoint from "another crash" must be skipped on resume
     bogus = ckdir / "step-00009999"
     bogus.mkdir()
     (bogus / ".metadata").write_text("garbage")
     proc = subprocess.run(_train_cmd(cfg, run_dir), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "resumed from step-" in proc.stderr
+    assert "resumed from step-00000010" in proc.stderr
     a = json.loads((full_dir / "summary.json").read_text())["eval"]
     b = json.loads((run_dir / "summary.json").read_text())["eval"]
     # same seed, same data order, restored optimiser/RNG state: equal up to float noise
     assert abs(a["auc"] - b["auc"]) < 1e-6
     assert abs(a["logloss"] - b["logloss"]) < 1e-6
+    versions = [json.loads((d / "artifact/manifest.json").read_text()) for d in (full_dir, run_dir)]
+    assert versions[0]["model_version"] == versions[1]["model_version"]
 
 
 @pytest.mark.parametrize(
