@@ -9,7 +9,7 @@ mode with no grad:
 - samples/s of the whole forward and of the dense part alone (tokens -> logits; the whole
   forward for DLRM/DCNv2), achieved dense FLOP/s (analytic FLOPs per sample from
   ``ranking.model.flops`` x dense samples/s), and ``frac_of_peak``: its ratio to a 2048^3
-  matmul of the same dtype timed right before and after each measurement (median over pairs;
+  (``peak_n``^3 where that is too slow, see ``MatmulPeak``) matmul of the same dtype timed right before and after each measurement (median over pairs;
   the machines are shared, so unpaired peaks drift);
 - ``by_regime`` (mixers): the host runs the matmul in regimes about 2.5x apart that switch
   within seconds, so the whole-forward ratio depends on which regime a run lands in. For
@@ -110,14 +110,24 @@ def _time(fn, iters: int, warmup: int) -> float:
 
 
 class MatmulPeak:
-    """An n^3 matmul in ``dtype``: the machine's practical GEMM peak, timed on demand."""
+    """An n^3 matmul in ``dtype``: the machine's practical GEMM peak, timed on demand.
 
-    def __init__(self, dtype, n: int = 2048):
+    ``n`` is 2048, or the largest power of two from 256 whose matmul stays under about
+    ``max_seconds``: a CPU without native bf16 (AVX2 only) runs a 2048^3 bf16 matmul about
+    1,000x slower than one with AMX, for minutes per call. The record says which ``n`` ran."""
+
+    def __init__(self, dtype, n: int = 2048, max_seconds: float = 0.25):
         import torch
 
-        self.n = n
-        self.a, self.b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        self()
+        size = 256
+        while True:
+            self.n = size
+            self.a = torch.randn(size, size, dtype=dtype)
+            self.b = torch.randn(size, size, dtype=dtype)
+            self()  # warm-up
+            if size >= n or 8 * self() > max_seconds:  # the next size costs 8x
+                break
+            size *= 2
 
     def __call__(self) -> float:
         """Seconds of one matmul."""
@@ -250,7 +260,8 @@ def plot_ab(records: list[dict], path: str) -> None:
                 ax.plot(g["peak_gflop_s"], g[key], "o", color=color, ms=9, mec="k")
             ax.plot([], [], "o", color=color, mec="k", label=f"{label} (median per regime)")
         ax.axhline(0.4, color="k", ls="--", lw=1, label="target 0.40")
-        ax.set_xlabel("2048^3 bf16 matmul next to the call (GFLOP/s)")
+        n = records[0].get("peak_n", 2048) if records else 2048
+        ax.set_xlabel(f"{n}^3 bf16 matmul next to the call (GFLOP/s)")
         ax.set_ylabel("dense FLOP/s / matmul FLOP/s")
         ax.set_title(
             f"{r['config']} (bf16, {r['micro_batch'] or r['batch']} rows per call)", fontsize=9
@@ -364,6 +375,7 @@ def bench_config(name: str, args) -> list[dict]:
             "dense_samples_s": args.batch / t_dense,
             "dense_gflop_s": flops * args.batch / t_dense / 1e9,
             "peak_gflop_s": peak.flops / t_peak / 1e9,
+            "peak_n": peak.n,  # the matmul is peak_n^3 (2048 unless that is too slow here)
             "peak_bf16_gflop_s": peaks["bf16"].flops / t_bf16 / 1e9,
             # paired ratio: achieved dense FLOP/s over the matmul FLOP/s timed next to it
             "frac_of_peak": ratio * per_sample * args.batch,
