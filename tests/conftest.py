@@ -49,7 +49,7 @@ def one_rank_trainer(tmp_path):
             "import ranking.train.config as c",
             "real = c.load_experiment",
             "c.load_experiment = lambda p: real(p, require_data=False)",
-            "import ranking.train.worker as w",
+            "import ranking.train.trainer as w",
             "w.load_experiment = c.load_experiment",
             f"t = w.Trainer(Path({str(tmp_path)!r}))",
             textwrap.dedent(body),

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ranking.train import worker as W
+from ranking.train import trainer as W
+from ranking.train import worker
 
 
 def _flat(obj, prefix: str, out: dict) -> dict:
@@ -161,4 +162,4 @@ def launch(run_dirs: list[Path], env: dict, timeout: int):
 
 if __name__ == "__main__":
     install()
-    sys.exit(W.main())
+    sys.exit(worker.main())

@@ -117,12 +117,12 @@ def test_training_metrics_exporter_serves_prometheus_text():
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    from ranking.train.worker import _PromExporter
+    from ranking.train.telemetry import PromExporter
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    exp = _PromExporter(rank=0, port=port)
+    exp = PromExporter(rank=0, port=port)
     exp.update({"step": 42, "loss": 0.25, "samples_per_s": 1234.5, "eval_auc": 0.75})
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     got = {
@@ -135,10 +135,10 @@ def test_training_metrics_exporter_serves_prometheus_text():
     assert got["mixrank_train_loss"] == 0.25
     assert got["mixrank_train_samples_per_second"] == 1234.5
     assert got["mixrank_train_eval_auc"] == 0.75
-    assert _PromExporter(rank=1, port=port).gauges is None  # only rank 0 exports
+    assert PromExporter(rank=1, port=port).gauges is None  # only rank 0 exports
     # the next run of a several-run worker (quality harness) reuses the endpoint and gauges
     # instead of failing to bind the port or to register the gauges again
-    again = _PromExporter(rank=0, port=port)
+    again = PromExporter(rank=0, port=port)
     again.update({"step": 7})
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     steps = [
@@ -156,7 +156,7 @@ def test_fused_embedding_optimiser_params_from_config():
     from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 
     from ranking.train.config import load_experiment
-    from ranking.train.worker import fused_params
+    from ranking.train.sharding import fused_params
 
     exp = load_experiment("configs/demo.yaml", ["train.embedding_lr=0.3"], require_data=False)
     # fused decay is for the CUDA kernels (the config refuses it on CPU, whose kernels ignore it:

@@ -133,7 +133,8 @@ def test_skip_batches_resumes_exactly_through_dataloader_workers(data_dir, num_w
 
     full = batches(0)
     ds = make(data_dir, seed=8, batch_size=96, unit_rows=700, drop_last=drop_last)
-    counts = [ds._shard_batches(w, num_workers) for w in range(num_workers)]
+    counts = [ds._shard_batches(0, w, num_workers) for w in range(num_workers)]
+    assert ds.rank_batches(0, num_workers) == sum(counts)
     assert len(set(counts)) > 1, counts  # some worker runs out before the others
     assert len(full) == sum(counts)
     ends = range(len(full) - 2 * num_workers - 2, len(full) + 1)

@@ -112,7 +112,8 @@ def test_sharding_wildcard_and_named_tables():
 def test_adamw_groups_decay_embeddings_only_against_the_formula():
     """One AdamW step of the trainer's dense optimiser: the table decays by
     ``embedding_weight_decay``, the linear layer by ``weight_decay``."""
-    from ranking.train.worker import dense_optimizer_factory, embedding_param_names
+    from ranking.train.optim import dense_optimizer_factory
+    from ranking.train.sharding import embedding_param_names
 
     exp = load_experiment(
         "configs/frappe_rankmixer.yaml",
@@ -194,7 +195,8 @@ def test_adam_couples_the_table_decay_into_the_gradient_recipe_b():
     """Recipe B (configs/frappe_rankmixer.yaml as shipped): Adam with a coupled L2 decay on the
     data-parallel tables only. Two steps against the Adam formula with ``g + wd * p`` as the
     gradient; a row that is never looked up still moves (its gradient is ``wd * p`` alone)."""
-    from ranking.train.worker import dense_optimizer_factory, embedding_param_names
+    from ranking.train.optim import dense_optimizer_factory
+    from ranking.train.sharding import embedding_param_names
 
     exp = load_experiment("configs/frappe_rankmixer.yaml", [], require_data=False)
     t = exp.train

@@ -188,12 +188,12 @@ class ParquetBatches(IterableDataset):
         num_shards = self.world_size * nw
         skip = 0
         if self._skip:  # resuming: this worker continues the shard whose turn is wid-th
-            counts = [self._shard_batches(self.rank * nw + w, num_shards) for w in range(nw)]
+            counts = [self._shard_batches(self.rank, w, nw) for w in range(nw)]
             taken, order = resume_plan(counts, self._skip)
             if wid >= len(order):
                 return  # fewer shards than workers still hold data this epoch
             wid, skip = order[wid], taken[order[wid]]
-        shard = self.rank * nw + wid
+        shard = self.shard_index(self.rank, wid, nw)
         units = self.shard_units(shard, num_shards)
         rng = np.random.default_rng([self.seed, self.epoch, shard, 0xB0F])
         self._cache = None  # the last row group read is kept only within one pass
@@ -204,12 +204,24 @@ class ParquetBatches(IterableDataset):
             yield to_batch(self.schema, cols)
         self._cache = None
 
-    def _shard_batches(self, shard: int, num_shards: int) -> int:
-        """Batches one shard yields in the current epoch (``iter_shard`` cuts every full batch
-        of its rows, and the rest as one more unless ``drop_last``)."""
-        rows = sum(u.rows for u in self.shard_units(shard, num_shards))
+    def shard_index(self, rank: int, worker: int, num_workers: int) -> int:
+        """The shard that loader worker ``worker`` of rank ``rank`` reads, of
+        ``world_size * num_workers``."""
+        return rank * num_workers + worker
+
+    def _shard_batches(self, rank: int, worker: int, num_workers: int) -> int:
+        """Batches one loader worker of ``rank`` yields in the current epoch (``iter_shard`` cuts
+        every full batch of its rows, and the rest as one more unless ``drop_last``)."""
+        shard = self.shard_index(rank, worker, num_workers)
+        rows = sum(u.rows for u in self.shard_units(shard, self.world_size * num_workers))
         full, rest = divmod(rows, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
+
+    def rank_batches(self, rank: int, num_workers: int = 0) -> int:
+        """Batches rank ``rank`` gets in the current epoch through a DataLoader with
+        ``num_workers`` workers (0: read in the training process)."""
+        nw = max(1, num_workers)
+        return sum(self._shard_batches(rank, w, nw) for w in range(nw))
 
     def rank_rows(self) -> int:
         """Rows this rank reads in the current epoch (over all its DataLoader workers)."""

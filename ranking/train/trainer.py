@@ -1,0 +1,436 @@
+"""The training loop of one run on one rank: build the DistributedModelParallel model and its
+optimisers, step through the epochs in lockstep with the other ranks, evaluate and select,
+checkpoint and resume, export the artifact.
+
+Where each part lives: the process group and rank agreement in ``distributed``, table placement
+in ``sharding``, the dense optimiser and schedule in ``optim``, the objective in ``loss``,
+evaluation and selection in ``evaluation``, checkpoint files in ``checkpoint``, progress and
+metrics in ``telemetry``; ``worker`` is the torchrun entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ranking.export import schema_dict
+from ranking.train import checkpoint as ckpt
+from ranking.train.config import load_experiment
+from ranking.train.distributed import all_ranks, init_distributed
+from ranking.train.evaluation import evaluate, improves, selection_value
+from ranking.train.loss import training_loss
+from ranking.train.optim import dense_optimizer_factory, init_dense_state, lr_lambda
+from ranking.train.sharding import (
+    embedding_modules,
+    embedding_param_names,
+    embedding_parents,
+    fused_params,
+    sharding_plan,
+)
+from ranking.train.telemetry import PromExporter, RankZeroLog, fmt_eta
+
+
+@dataclass
+class Position:
+    """Where the training loop stands: what a checkpoint restores besides the tensors."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    last_eval: dict = field(default_factory=dict)
+    stopped_early: bool = False
+
+
+class Trainer:
+    """One run on this rank: ``Trainer(run_dir).run()`` trains the experiment whose resolved
+    config is ``<run_dir>/config.yaml`` (written by ``mixrank train``), resuming from the run
+    directory's newest complete checkpoint, and returns 0 when the artifact is written."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.rank, self.world, self.local_rank, self.device = init_distributed()
+        self.cfg = load_experiment(run_dir / "config.yaml")
+        threads = self.cfg.train.threads or max(
+            1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        )
+        torch.set_num_threads(threads)
+        torch.manual_seed(self.cfg.train.seed)
+        self.log = RankZeroLog(self.rank, run_dir / "metrics.jsonl")
+        self.exporter = PromExporter(self.rank, self.cfg.train.prometheus_port)
+        self._row_counts: dict[str, int] = {}
+        # model selection on valid (train.select_best): the best evaluation so far, its step and
+        # epoch, and evaluations since it; saved in every checkpoint's marker for resuming
+        self.selection: dict = {"best": None, "step": None, "epoch": None, "since": 0}
+        self._build()
+
+    # ----------------------------------------------------------- model and optimisers
+    def _build(self) -> None:
+        from torchrec.distributed import DistributedModelParallel
+        from torchrec.distributed.embedding import EmbeddingCollectionSharder
+        from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+        from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+        from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+        from ranking.model.ranker import build_model
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)  # identical dense init on every rank
+        model = build_model(cfg.model, cfg.schema)
+        fp = fused_params(cfg)
+        sharders = [
+            EmbeddingBagCollectionSharder(fused_params=fp),
+            EmbeddingCollectionSharder(fused_params=fp),
+        ]
+        plan = sharding_plan(model, cfg, self.world, self.device, sharders)
+        self.plan = plan
+        emb_paths = list(embedding_modules(model))
+        self.model = DistributedModelParallel(
+            model, device=self.device, plan=plan, sharders=sharders
+        )
+        dense_params = dict(in_backward_optimizer_filter(self.model.named_parameters()))
+        self.dense_params = list(dense_params.values())
+        emb_names = embedding_param_names(dense_params.items(), emb_paths)
+        self.dense_opt = KeyedOptimizerWrapper(
+            dense_params, dense_optimizer_factory(cfg, emb_names), pass_params_dict=True
+        )
+        self.optimizer = CombinedOptimizer([self.model.fused_optimizer, self.dense_opt])
+        self._pooled: list[torch.Tensor] = []
+        if cfg.train.embedding_l2:
+            for parent in embedding_parents(self.model.module, emb_paths):
+                parent.register_forward_hook(self._keep_pooled)
+        if self.rank == 0:
+            print(f"[mixrank] sharding plan:\n{plan}", file=sys.stderr, flush=True)
+
+    def _keep_pooled(self, _module, _inputs, output) -> None:
+        """Forward hook on the module that owns an embedding collection: its output is the
+        batch's looked-up (pooled) embeddings, which ``train.embedding_l2`` penalises."""
+        if self.model.training and isinstance(output, torch.Tensor):
+            self._pooled.append(output)
+
+    # ----------------------------------------------------------- data
+    def _reader(self, path: str, batch_size: int, shuffle: bool, epoch: int, drop_last: bool):
+        from ranking.data.reader import ParquetBatches
+
+        # Units small enough that ranks get near-equal rows (every rank runs the same number of
+        # steps: the epoch ends when the first rank runs out).
+        shards = self.world * max(1, self.cfg.data.num_workers)
+        unit_rows = int(min(65536, max(1024, self._rows(path) // (shards * 32))))
+        reader = ParquetBatches(
+            self.cfg.schema,
+            path,
+            batch_size,
+            rank=self.rank,
+            world_size=self.world,
+            shuffle=shuffle,
+            seed=self.cfg.train.seed,
+            drop_last=drop_last,
+            unit_rows=unit_rows,
+        )
+        reader.set_epoch(epoch)
+        return reader
+
+    def _loader(self, reader):
+        if self.cfg.data.num_workers > 0:
+            return torch.utils.data.DataLoader(
+                reader,
+                batch_size=None,
+                num_workers=self.cfg.data.num_workers,
+                persistent_workers=False,
+            )
+        return reader
+
+    def _any_rank_done(self, have: bool) -> bool:
+        """True when some rank has no batch left: every rank must run the same number of steps."""
+        return all_ranks(not have, "max", self.device) == 1
+
+    # ----------------------------------------------------------- state
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
+
+    def save(
+        self,
+        step: int,
+        epoch: int,
+        batch_in_epoch: int,
+        metrics: dict | None = None,
+        stopped_early: bool = False,
+    ):
+        import yaml
+
+        info = {
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "world_size": self.world,
+            "selection": self.selection,
+            "stopped_early": stopped_early,
+        }
+        local = {"rng": ckpt.rng_state(), "scheduler": self.scheduler.state_dict()}
+        path = ckpt.save(
+            self.state(),
+            self.run_dir / "checkpoints",
+            step,
+            keep=self.cfg.train.keep_checkpoints,
+            info={
+                **info,
+                "metrics": metrics or {},
+                "config": self.cfg.raw,
+                "schema": schema_dict(self.cfg.schema),
+            },
+            local=local,
+        )
+        if self.rank == 0:
+            (path / "config.yaml").write_text(yaml.safe_dump(self.cfg.raw, sort_keys=False))
+        return path
+
+    def try_resume(self) -> Position:
+        """Load the newest complete checkpoint; returns where the loop stood when it was saved.
+        Everything the loop carries from step to step comes back: parameters and buffers, both
+        optimisers' state, the learning rate, RNG, data position, the last evaluation, the
+        model-selection state and whether the run had stopped early."""
+        path = ckpt.latest(self.run_dir / "checkpoints")
+        if path is None:
+            return Position()
+        marker = ckpt.read_marker(path)
+        if marker.get("world_size", self.world) != self.world:
+            raise RuntimeError(
+                f"{path}: this checkpoint was written by {marker['world_size']} ranks and cannot "
+                f"resume with {self.world} (the data position and per-rank state depend on it); "
+                f"rerun with --nproc/--nnodes giving {marker['world_size']} ranks, or export it "
+                f"and start a new run"
+            )
+        self.selection = marker.get("selection") or self.selection
+        init_dense_state(self.dense_opt, self.dense_params, ckpt.saved_keys(path))
+        state = self.state()
+        ckpt.load(state, path)  # strict: a key on either side only is an error naming it
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optim"])
+        local = ckpt.load_local(path)
+        ckpt.set_rng_state(local["rng"])
+        self.scheduler.load_state_dict(local["scheduler"])
+        # LambdaLR writes a group's lr only in step(): until the first step after resuming the
+        # groups would keep the lr of step 0 (the warm-up's smallest).
+        for group, lr in zip(self.dense_opt.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        self.log.info(f"resumed from {path.name} (step {marker['step']})")
+        return Position(
+            step=marker["step"],
+            epoch=marker["epoch"],
+            batch_in_epoch=marker["batch_in_epoch"],
+            last_eval=marker.get("metrics") or {},
+            stopped_early=bool(marker.get("stopped_early", False)),
+        )
+
+    # ----------------------------------------------------------- loops
+    def _forward(self, batch):
+        return self.model(batch)  # bf16 autocast, if any, is the model's `compute_dtype`
+
+    def _loss(self, out, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = training_loss(out, batch.labels, self._pooled, self.cfg.train.embedding_l2)
+        self._pooled.clear()
+        return loss
+
+    def evaluate(self, path: str) -> dict:
+        reader = self._reader(path, self.cfg.data.eval_batch_size, False, 0, drop_last=False)
+        return evaluate(self.model, self._loader(reader), self.cfg.schema, self.device)
+
+    def _set_progress(self, frac: float) -> None:
+        """Schedule hooks: e.g. the UniMixer Sinkhorn temperature (annealed 1.0 -> 0.05)."""
+        fn = getattr(self.model.module, "set_progress", None)
+        if callable(fn):
+            fn(frac)
+
+    def _steps_in_epoch(self, epoch: int) -> int:
+        """Steps of one epoch: every rank steps in lockstep until the first one runs out, so
+        this is the minimum over ranks of the full batches its loader workers deliver."""
+        reader = self._reader(
+            self.cfg.data.train,
+            self.cfg.data.batch_size,
+            self.cfg.data.shuffle,
+            epoch,
+            drop_last=True,
+        )
+        per_rank = [reader.rank_batches(r, self.cfg.data.num_workers) for r in range(self.world)]
+        return max(1, min(per_rank))
+
+    def _rows(self, path: str) -> int:
+        if path not in self._row_counts:
+            from ranking.data.reader import list_units, resolve_files
+
+            self._row_counts[path] = sum(u.rows for u in list_units(resolve_files(path), 1 << 30))
+        return self._row_counts[path]
+
+    def run(self) -> int:
+        cfg = self.cfg
+        t = cfg.train
+        bs = cfg.data.batch_size
+        train_rows = self._rows(cfg.data.train)
+        epoch_steps = [self._steps_in_epoch(e) for e in range(t.epochs)]
+        total = t.max_steps or sum(epoch_steps)
+        steps_per_epoch = epoch_steps[0]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.dense_opt, lr_lambda(cfg, total))
+        pos = self.try_resume()
+        step, epoch, skip, last_eval = pos.step, pos.epoch, pos.batch_in_epoch, pos.last_eval
+        self.model.train()
+        self.log.info(
+            f"training {cfg.name}: {train_rows:,} rows, {self.world} rank(s), batch {bs}/rank, "
+            f"{total} steps ({steps_per_epoch}/epoch)"
+        )
+        batch_in_epoch = skip
+        t_start, s_start = time.perf_counter(), step
+        t_log, s_log = t_start, step
+        loss_sum, loss_n = 0.0, 0
+        self._steps_per_epoch = steps_per_epoch
+        stop = pos.stopped_early  # resumed from the final checkpoint of an early-stopped run
+        while step < total and not stop:
+            reader = self._reader(cfg.data.train, bs, cfg.data.shuffle, epoch, drop_last=True)
+            if skip:
+                reader.skip_batches(skip)
+            it = iter(self._loader(reader))
+            batch_in_epoch = skip
+            skip = 0
+            while step < total:
+                batch = next(it, None)
+                if self._any_rank_done(batch is not None):
+                    break
+                self._set_progress(step / max(1, total))
+                batch = batch.to(self.device)
+                out = self._forward(batch)
+                loss, bce = self._loss(out, batch)
+                self.optimizer.zero_grad()
+                loss.backward()
+                if t.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.dense_params, t.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                step += 1
+                batch_in_epoch += 1
+                loss_sum += bce.item()
+                loss_n += 1
+                if step % t.log_every == 0 or step == total:
+                    now = time.perf_counter()
+                    rate = (step - s_log) * bs * self.world / max(now - t_log, 1e-9)
+                    avg_rate = (step - s_start) / max(now - t_start, 1e-9)
+                    eta = (total - step) / max(avg_rate, 1e-9)
+                    rec = {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": loss_sum / max(loss_n, 1),
+                        "samples_per_s": rate,
+                        "lr": self.scheduler.get_last_lr()[0],
+                    }
+                    self.log.record(rec)
+                    self.log.progress(
+                        f"step {step}/{total}  epoch {epoch}  loss {rec['loss']:.4f}  "
+                        f"{rate:,.0f} samples/s  ETA {fmt_eta(eta)}"
+                    )
+                    self.exporter.update(rec)
+                    t_log, s_log, loss_sum, loss_n = now, step, 0.0, 0
+                paused = time.perf_counter()
+                if t.eval_every and step % t.eval_every == 0 and cfg.data.valid:
+                    last_eval = self._eval_and_log(step, epoch)
+                    stop = self._select(last_eval, step)
+                if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total:
+                    self.save(step, epoch, batch_in_epoch, last_eval)
+                t_log += time.perf_counter() - paused  # rates count training time only
+                if stop:
+                    break
+            if step >= total or stop:
+                break
+            epoch += 1  # this epoch's data is exhausted
+            batch_in_epoch = 0
+            if cfg.data.valid and not t.eval_every:
+                paused = time.perf_counter()
+                last_eval = self._eval_and_log(step, epoch)
+                stop = self._select(last_eval, step)
+                t_log += time.perf_counter() - paused
+        if not stop:
+            self._set_progress(1.0)  # schedules end at their final value (exported too)
+        if cfg.data.valid and (not last_eval or last_eval.get("step") != step):
+            last_eval = self._eval_and_log(step, epoch)
+            self._select(last_eval, step)
+        final = self.save(step, epoch, batch_in_epoch, last_eval, stopped_early=stop)
+        dist.barrier()
+        if self.rank == 0:
+            from ranking.export import export_checkpoint
+
+            source, exported = final, last_eval
+            best = ckpt.latest(self.run_dir / "best") if t.select_best else None
+            if best is not None:
+                source, exported = best, ckpt.read_marker(best).get("metrics") or last_eval
+            art = export_checkpoint(source, self.run_dir / "artifact")
+            self.log.info(f"artifact written to {art} (from {source.name})")
+            summary = {
+                "step": step,
+                "eval": exported,  # the exported model's validation metrics
+                "final_eval": last_eval,
+                "artifact": str(art),
+                "exported_step": int(ckpt.read_marker(source)["step"]),
+                "steps_per_epoch": steps_per_epoch,
+                "stopped_early": stop,
+            }
+            if t.select_best:
+                summary["selection"] = {"metric": t.select_metric, **self.selection}
+            # written whole, then renamed: a harness that waits for it never reads half a file
+            tmp = self.run_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, self.run_dir / "summary.json")
+        dist.barrier()
+        return 0
+
+    def _select(self, m: dict, step: int) -> bool:
+        """Model selection after an evaluation (``train.select_best``): an improvement of
+        ``select_metric`` saves the model into ``<run>/best/``; returns True when
+        ``early_stopping_patience`` evaluations in a row brought no improvement."""
+        t = self.cfg.train
+        if not t.select_best:
+            return False
+        value = selection_value(m, t.select_metric)
+        sel = self.selection
+        better = improves(value, sel["best"], t.select_metric)
+        epoch = round(step / max(1, self._steps_per_epoch), 3)  # epochs trained
+        if better:
+            sel.update(best=value, step=step, epoch=epoch, since=0)
+            ckpt.save(
+                {"model": self.model.state_dict()},
+                self.run_dir / "best",
+                step,
+                keep=1,
+                info={
+                    "epoch": epoch,
+                    "metrics": m,
+                    "config": self.cfg.raw,
+                    "schema": schema_dict(self.cfg.schema),
+                },
+            )
+        else:
+            sel["since"] += 1
+        stop = bool(t.early_stopping_patience) and sel["since"] >= t.early_stopping_patience
+        stop = bool(all_ranks(stop, "max", self.device))  # every rank stops at the same step
+        if stop:
+            self.log.info(
+                f"early stop at step {step}: no better valid {t.select_metric} for "
+                f"{sel['since']} evaluations (best {sel['best']:.5f} at step {sel['step']})"
+            )
+        return stop
+
+    def _eval_and_log(self, step: int, epoch: int) -> dict:
+        t0 = time.perf_counter()
+        m = self.evaluate(self.cfg.data.valid)
+        m = {**m, "step": step}
+        self.log.record(
+            {"step": step, "epoch": epoch, "eval": m, "eval_s": time.perf_counter() - t0}
+        )
+        auc = m.get("auc")
+        if auc is not None:
+            self.log.info(
+                f"eval step {step}: auc {auc:.5f} logloss {m['logloss']:.5f} ne {m['ne']:.5f}"
+            )
+        self.exporter.update({"eval_auc": auc} if auc is not None else {})
+        return m
