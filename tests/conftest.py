@@ -29,38 +29,31 @@ def shared_data() -> Path:
 
 
 @pytest.fixture
-def one_rank_trainer(tmp_path):
-    """``probe(cfg, body) -> obj``: builds the trainer's own ``Trainer`` (DistributedModelParallel,
-    one gloo rank) for the experiment dict ``cfg`` in a fresh interpreter, runs ``body`` (Python
-    source that sees the trainer as ``t`` and assigns a JSON-able ``out``) and returns ``out``."""
-    import json
-    import subprocess
-    import sys
-    import textwrap
+def one_rank_trainer(tmp_path, monkeypatch):
+    """``build(cfg[, run_dir]) -> Trainer``: the trainer's own ``Trainer`` (DistributedModelParallel,
+    one gloo rank) built in this process from the experiment dict or YAML ``cfg`` (data paths
+    needed only to run it).
+    The process group, the thread count and the environment are restored afterwards."""
+    import socket
 
-    import yaml
+    import torch
+    import torch.distributed as dist
 
-    def probe(cfg: dict, body: str):
-        (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-        script = "\n".join([
-            "import json, os",
-            "from pathlib import Path",
-            "os.environ.setdefault('WORLD_SIZE', '1')",
-            "import ranking.train.config as c",
-            "real = c.load_experiment",
-            "c.load_experiment = lambda p: real(p, require_data=False)",
-            "import ranking.train.trainer as w",
-            "w.load_experiment = c.load_experiment",
-            f"t = w.Trainer(Path({str(tmp_path)!r}))",
-            textwrap.dedent(body),
-            "print(json.dumps(out))",
-            "import torch.distributed as dist",
-            "dist.destroy_process_group()",
-        ])  # fmt: skip
-        proc = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+    from ranking.train.config import load_experiment
+    from ranking.train.trainer import Trainer
 
-    return probe
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    threads = torch.get_num_threads()
+
+    def build(cfg: dict | Path, run_dir: Path | None = None) -> Trainer:
+        return Trainer(run_dir or tmp_path, cfg=load_experiment(cfg, require_data=False))
+
+    yield build
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    torch.set_num_threads(threads)

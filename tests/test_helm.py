@@ -472,8 +472,8 @@ def test_dashboard_and_rules_use_emitted_metric_names():
         if isinstance(name, str) and name.startswith("mixrank_"):
             base = m.PREFIX + name
             emitted |= {base, base + "_bucket", base + "_sum", base + "_count"}
-    worker = (REPO / "ranking" / "train" / "worker.py").read_text()
-    emitted |= set(re.findall(r'"(mixrank_train_[a-z_]+)"', worker))
+    telemetry = (REPO / "ranking" / "train" / "telemetry.py").read_text()
+    emitted |= set(re.findall(r'"(mixrank_train_[a-z_]+)"', telemetry))
     used = _metric_names((REPO / "deploy" / "grafana" / "mixrank.json").read_text())
     used |= _metric_names((REPO / "deploy" / "prometheus" / "mixrank-rules.yaml").read_text())
     assert used, "no mixrank metric found"

@@ -188,6 +188,26 @@ def test_sigkill_then_resume_matches_uninterrupted_run(full_run, tmp_path):
     assert versions[0]["model_version"] == versions[1]["model_version"]
 
 
+def test_trainer_built_in_process_matches_mixrank_train(data, tmp_path, one_rank_trainer):
+    """A ``Trainer`` built in this process from the config (one gloo rank, no run directory
+    prepared, no script) trains to the same result as ``mixrank train --nproc 1``."""
+    cfg = _config(tmp_path, data, max_steps=12, epochs=1)
+    cli_dir = tmp_path / "cli"
+    cmd = _train_cmd(cfg, cli_dir)
+    cmd[cmd.index("--nproc") + 1] = "1"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    t = one_rank_trainer(cfg, tmp_path / "in-process")
+    assert t.run() == 0
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (cli_dir, t.run_dir))
+    assert a["step"] == b["step"] == 12
+    assert a["eval"] == b["eval"]
+    versions = [
+        json.loads((d / "artifact/manifest.json").read_text()) for d in (cli_dir, t.run_dir)
+    ]
+    assert versions[0]["model_version"] == versions[1]["model_version"]
+
+
 @pytest.mark.parametrize(
     "override, key",
     [

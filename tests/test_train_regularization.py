@@ -171,16 +171,12 @@ def test_dmp_data_parallel_tables_land_in_the_embedding_group(one_rank_trainer):
             "weight_decay": 0.01,
         },
     }
-    groups = one_rank_trainer(
-        cfg,
-        """
-        names = {id(p): n for n, p in t.model.named_parameters()}
-        out = [
-            {"wd": g["weight_decay"], "names": sorted(names[id(p)] for p in g["params"])}
-            for g in t.dense_opt._optimizer.param_groups
-        ]
-        """,
-    )
+    t = one_rank_trainer(cfg)
+    names = {id(p): n for n, p in t.model.named_parameters()}
+    groups = [
+        {"wd": g["weight_decay"], "names": sorted(names[id(p)] for p in g["params"])}
+        for g in t.dense_opt._optimizer.param_groups
+    ]
     by_wd = {g["wd"]: g["names"] for g in groups}
     tables = {"item", "cost", "daytime", "weekday", "isweekend", "homework", "weather",
               "country", "city"}  # fmt: skip
@@ -227,3 +223,43 @@ def test_adam_couples_the_table_decay_into_the_gradient_recipe_b():
     # the never-looked-up row 1 moved towards 0, by ~lr per step (Adam normalises wd * p)
     row1 = named["sparse.weight"][1].detach()
     torch.testing.assert_close(row1.abs(), init_row1.abs() - 2 * lr, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "model_cfg",
+    [
+        {"arch": "rankmixer", "dim": 32, "num_tokens": 8, "num_layers": 1},
+        {"arch": "dlrm", "dense_arch": [16], "over_arch": [32]},
+    ],
+)
+def test_ranking_train_objective_against_the_formula(model_cfg):
+    """``RankingTrain`` (the objective around the model, as TorchRec's ``DLRMTrain``): BCE from
+    the softplus formula plus ``embedding_l2`` x the batch mean of the squared norm of every
+    feature's embedding, looked up straight from the collections; in eval mode no penalty."""
+    import torch.nn.functional as F
+
+    from ranking.features import load_schema
+    from ranking.model.config import ModelConfig
+    from ranking.model.ranker import build_model
+    from ranking.model.synthetic import random_batch
+    from ranking.train.loss import RankingTrain
+    from ranking.train.sharding import embedding_modules, embedding_parents
+
+    schema = load_schema("frappe")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_dict(model_cfg), schema)
+    batch = random_batch(schema, 32, seed=1)
+    l2 = 0.25
+    wrapped = RankingTrain(model, l2, embedding_parents(model, list(embedding_modules(model))))
+    loss, (bce, out) = wrapped(batch)
+    z, y = out.logits.float(), batch.labels
+    want_bce = (y * F.softplus(-z) + (1 - y) * F.softplus(z)).mean()
+    looked_up = [ebc(batch.sparse).values() for ebc in embedding_modules(model).values()]
+    sq = sum(v.pow(2).sum(1) for v in looked_up).mean()
+    aux = out.aux_loss.float() if out.aux_loss is not None else 0.0
+    torch.testing.assert_close(bce, want_bce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, want_bce + aux + l2 * sq, rtol=1e-5, atol=1e-6)
+    assert wrapped._pooled == []  # nothing kept past the step
+    model.eval()
+    loss_eval, (bce_eval, _) = wrapped(batch)
+    torch.testing.assert_close(loss_eval, bce_eval + aux)

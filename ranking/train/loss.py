@@ -1,5 +1,6 @@
 """The training objective: BCE on every task's logit, the model's auxiliary losses, and the
-optional L2 penalty on the looked-up embeddings."""
+optional L2 penalty on the looked-up embeddings; ``RankingTrain`` puts it around the model, as
+TorchRec's ``DLRMTrain`` does, so that the model itself stays the math of the forward."""
 
 from __future__ import annotations
 
@@ -27,3 +28,41 @@ def training_loss(
     if pooled:
         loss = loss + embedding_l2 * embedding_l2_term(pooled)
     return loss, bce
+
+
+class RankingTrain(torch.nn.Module):
+    """The model with its training objective: ``forward(batch) -> (loss, (bce, out))``.
+
+    ``model`` is the (DistributedModelParallel-wrapped) ranking model; its state and its
+    checkpoints are its own, this wrapper adds no parameters. With ``embedding_l2``, a forward
+    hook on each of ``embedding_owners`` (the modules that own an embedding collection: their
+    output is the batch's looked-up embeddings, whatever the sharding) collects what the
+    penalty applies to, in training mode only.
+
+    Example::
+
+        train_model = RankingTrain(dmp_model)
+        loss, (bce, out) = train_model(batch)
+        loss.backward()
+    """
+
+    def __init__(self, model: torch.nn.Module, embedding_l2: float = 0.0, embedding_owners=()):
+        super().__init__()
+        self.model = model
+        self.embedding_l2 = embedding_l2
+        self._pooled: list[torch.Tensor] = []
+        if embedding_l2:
+            for owner in embedding_owners:
+                owner.register_forward_hook(self._keep_pooled)
+
+    def _keep_pooled(self, _module, _inputs, output) -> None:
+        if self.model.training and isinstance(output, torch.Tensor):
+            self._pooled.append(output)
+
+    def forward(self, batch):
+        try:
+            out = self.model(batch)
+            loss, bce = training_loss(out, batch.labels, self._pooled, self.embedding_l2)
+        finally:
+            self._pooled.clear()
+        return loss, (bce, out)

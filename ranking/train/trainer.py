@@ -22,10 +22,10 @@ import torch.distributed as dist
 
 from ranking.export import schema_dict
 from ranking.train import checkpoint as ckpt
-from ranking.train.config import load_experiment
+from ranking.train.config import ExperimentConfig, load_experiment
 from ranking.train.distributed import all_ranks, init_distributed
 from ranking.train.evaluation import evaluate, improves, selection_value
-from ranking.train.loss import training_loss
+from ranking.train.loss import RankingTrain
 from ranking.train.optim import dense_optimizer_factory, init_dense_state, lr_lambda
 from ranking.train.sharding import (
     embedding_modules,
@@ -51,18 +51,28 @@ class Position:
 class Trainer:
     """One run on this rank: ``Trainer(run_dir).run()`` trains the experiment whose resolved
     config is ``<run_dir>/config.yaml`` (written by ``mixrank train``), resuming from the run
-    directory's newest complete checkpoint, and returns 0 when the artifact is written."""
+    directory's newest complete checkpoint, and returns 0 when the artifact is written.
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
+    ``cfg`` builds it from an ``ExperimentConfig`` instead (in a test or a notebook: one rank
+    of gloo is enough); ``run_dir`` then only receives what the run writes.
+
+    Example::
+
+        t = Trainer(Path("runs/x"), cfg=load_experiment("configs/demo.yaml", ["data.train=..."]))
+        t.run()
+    """
+
+    def __init__(self, run_dir: Path, cfg: ExperimentConfig | None = None):
+        self.run_dir = Path(run_dir)
         self.rank, self.world, self.local_rank, self.device = init_distributed()
-        self.cfg = load_experiment(run_dir / "config.yaml")
+        self.cfg = cfg if cfg is not None else load_experiment(self.run_dir / "config.yaml")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         threads = self.cfg.train.threads or max(
             1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
         )
         torch.set_num_threads(threads)
         torch.manual_seed(self.cfg.train.seed)
-        self.log = RankZeroLog(self.rank, run_dir / "metrics.jsonl")
+        self.log = RankZeroLog(self.rank, self.run_dir / "metrics.jsonl")
         self.exporter = PromExporter(self.rank, self.cfg.train.prometheus_port)
         self._row_counts: dict[str, int] = {}
         # model selection on valid (train.select_best): the best evaluation so far, its step and
@@ -101,18 +111,14 @@ class Trainer:
             dense_params, dense_optimizer_factory(cfg, emb_names), pass_params_dict=True
         )
         self.optimizer = CombinedOptimizer([self.model.fused_optimizer, self.dense_opt])
-        self._pooled: list[torch.Tensor] = []
-        if cfg.train.embedding_l2:
-            for parent in embedding_parents(self.model.module, emb_paths):
-                parent.register_forward_hook(self._keep_pooled)
+        # the objective around the model (the model stays the forward's math)
+        self.train_model = RankingTrain(
+            self.model,
+            embedding_l2=cfg.train.embedding_l2,
+            embedding_owners=embedding_parents(self.model.module, emb_paths),
+        )
         if self.rank == 0:
             print(f"[mixrank] sharding plan:\n{plan}", file=sys.stderr, flush=True)
-
-    def _keep_pooled(self, _module, _inputs, output) -> None:
-        """Forward hook on the module that owns an embedding collection: its output is the
-        batch's looked-up (pooled) embeddings, which ``train.embedding_l2`` penalises."""
-        if self.model.training and isinstance(output, torch.Tensor):
-            self._pooled.append(output)
 
     # ----------------------------------------------------------- data
     def _reader(self, path: str, batch_size: int, shuffle: bool, epoch: int, drop_last: bool):
@@ -228,14 +234,6 @@ class Trainer:
         )
 
     # ----------------------------------------------------------- loops
-    def _forward(self, batch):
-        return self.model(batch)  # bf16 autocast, if any, is the model's `compute_dtype`
-
-    def _loss(self, out, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = training_loss(out, batch.labels, self._pooled, self.cfg.train.embedding_l2)
-        self._pooled.clear()
-        return loss
-
     def evaluate(self, path: str) -> dict:
         reader = self._reader(path, self.cfg.data.eval_batch_size, False, 0, drop_last=False)
         return evaluate(self.model, self._loader(reader), self.cfg.schema, self.device)
@@ -301,8 +299,7 @@ class Trainer:
                     break
                 self._set_progress(step / max(1, total))
                 batch = batch.to(self.device)
-                out = self._forward(batch)
-                loss, bce = self._loss(out, batch)
+                loss, (bce, _out) = self.train_model(batch)
                 self.optimizer.zero_grad()
                 loss.backward()
                 if t.grad_clip > 0:
