@@ -18,7 +18,7 @@ COMMAND_MODULES = (
     "ranking.data.commands",  # mixrank data {synth,convert-criteo,inspect,vocab}
     "ranking.train.commands",  # mixrank train, export, eval
     "benchmarks",  # mixrank bench {data,model,kernels,...}
-    "ranking.demo",  # mixrank demo
+    "serving.demo",  # mixrank demo (data, train and serve: it sits above both)
     "serving.commands",  # mixrank serve, loadtest
 )
 

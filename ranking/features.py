@@ -473,24 +473,3 @@ def load_schema(name_or_path: str | Path, relative_to: str | Path | None = None)
         f"{name_or_path}: not a schema file and not a preset (presets: {', '.join(PRESETS)}; "
         f"searched {searched}; set MIXRANK_SCHEMA_DIR to the folder holding the YAML files)"
     )
-
-
-def batch_from_arrow(
-    schema: FeatureSchema, data, source: str = "<arrow>", with_labels: bool = True
-) -> Batch:
-    """Arrow ``Table`` / ``RecordBatch`` -> ``Batch``: dense ``[B, Nd]`` float32, KJT with keys
-    ``schema.sparse_keys`` (categorical: one id per row, 0 when missing; id_list: 0..
-    ``max_list_length`` ids), labels ``[B, n_tasks]`` float32. See ``ranking.data.convert``."""
-    from ranking.data.convert import batch_from_arrow as impl
-
-    return impl(schema, data, source=source, with_labels=with_labels)
-
-
-def batch_from_rows(
-    schema: FeatureSchema, rows: list[dict[str, Any]], with_labels: bool = False
-) -> Batch:
-    """Per-candidate feature dicts -> ``Batch`` (serving); a missing key is a missing value.
-    The same code as ``batch_from_arrow``."""
-    from ranking.data.convert import batch_from_rows as impl
-
-    return impl(schema, rows, with_labels=with_labels)

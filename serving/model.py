@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ranking.data.convert import batch_from_rows
 from ranking.export import Artifact, ArtifactError, load_artifact
-from ranking.features import FeatureSchema, batch_from_rows
+from ranking.features import FeatureSchema
 
 
 def _signature(schema: FeatureSchema) -> tuple:

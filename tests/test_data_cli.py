@@ -221,8 +221,8 @@ def test_vocab_schema_survives_export_to_a_self_contained_artifact(tmp_path, cap
 
     import torch
 
+    from ranking.data.convert import batch_from_arrow
     from ranking.export import load_artifact, write_artifact
-    from ranking.features import batch_from_arrow
     from ranking.model.config import ModelConfig
     from ranking.model.ranker import build_model
 

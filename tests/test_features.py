@@ -12,15 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ranking.data.convert import columns_from_arrow
+from ranking.data.convert import batch_from_arrow, batch_from_rows, columns_from_arrow
 from ranking.data.errors import DataError
 from ranking.data.hashing import hash_array, hash_value, vocab_lookup
 from ranking.features import (
     PRESETS,
     FeatureSchema,
     SchemaError,
-    batch_from_arrow,
-    batch_from_rows,
     load_schema,
 )
 
@@ -414,7 +412,6 @@ def test_float_ids_hash_alike_in_training_and_serving():
     import pyarrow as pa
 
     from ranking.data.errors import DataError
-    from ranking.features import FeatureSchema, batch_from_arrow, batch_from_rows
 
     schema = FeatureSchema.from_dict(
         {

@@ -35,7 +35,7 @@ from ranking.model.ranker import build_model
 import yaml
 
 def batch_for(schema, n, seed):
-    from ranking.features import batch_from_rows
+    from ranking.data.convert import batch_from_rows
     g = torch.Generator().manual_seed(seed)
     rows = []
     for i in range(n):

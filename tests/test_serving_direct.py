@@ -67,8 +67,8 @@ def direct(tmp_path_factory):
 
 def _reference(artifact, req: dict) -> np.ndarray:
     """The model's own forward of the merged rows: no serving code involved."""
+    from ranking.data.convert import batch_from_rows
     from ranking.export import load_artifact
-    from ranking.features import batch_from_rows
 
     art = load_artifact(artifact)
     rows = [{**req["context"], **c} for c in req["candidates"]]

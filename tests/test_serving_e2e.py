@@ -149,8 +149,8 @@ def test_http_and_grpc_equal_offline_predictions_from_parquet(svc, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from ranking.data.convert import batch_from_arrow
     from ranking.export import load_artifact
-    from ranking.features import batch_from_arrow
 
     req = _request(40, seed=1)
     rows = [{**req["context"], **c} for c in req["candidates"]]
@@ -398,8 +398,8 @@ def test_separate_ingress_topology_answers_the_same(svc):
     default serves HTTP/gRPC from the Ranker itself): same answers, same error handling."""
     from ray import serve
 
+    from ranking.data.convert import batch_from_rows
     from ranking.export import load_artifact
-    from ranking.features import batch_from_rows
 
     cfg = svc.configure(svc.a1)
     app = cfg["applications"][0]

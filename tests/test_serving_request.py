@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from ranking.features import FeatureSchema, batch_from_rows
+from ranking.data.convert import batch_from_rows
+from ranking.features import FeatureSchema
 from serving.errors import RequestError
 from serving.featurize import merged_batch, request_columns
 from serving.request import Limits, parse_json, parse_proto, validate
@@ -274,7 +275,7 @@ def test_compiled_epilogues_compile_before_the_model_takes_traffic(tmp_path):
     import torch
     from torch._dynamo.utils import counters
 
-    from ranking.features import batch_from_rows
+    from ranking.data.convert import batch_from_rows
     from serving.artifacts import make_artifact
     from serving.model import load_validated
 

@@ -142,8 +142,8 @@ def test_export_then_eval_reproduces_validation_auc(full_run, data, tmp_path, ca
     import pyarrow.parquet as pq
     import torch
 
+    from ranking.data.convert import batch_from_arrow
     from ranking.export import load_artifact
-    from ranking.features import batch_from_arrow
 
     art = load_artifact(tmp_path / "art")
     batch = batch_from_arrow(art.schema, pq.read_table(data / "valid"))

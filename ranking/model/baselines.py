@@ -12,7 +12,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from ranking.features import Batch, FeatureSchema
 
 from .config import ConfigError, ModelConfig
-from .ranker import RankerOutput
+from .output import RankerOutput
 
 
 class BaselineRanker(nn.Module):

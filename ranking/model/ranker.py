@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,16 +18,8 @@ from ranking.features import Batch, FeatureSchema
 
 from .blocks import build_stack, compiled_or_eager
 from .config import ModelConfig, temperature_at
+from .output import RankerOutput
 from .tokenizer import Tokenizer
-
-
-class RankerOutput(NamedTuple):
-    """``logits [B, n_tasks]`` (pre-sigmoid, task order of the schema) and ``aux_loss``, a
-    scalar to add to the task loss (MoE L1, TokenMixer-Large's lower-layer logit loss; 0 in
-    eval)."""
-
-    logits: Tensor
-    aux_loss: Tensor
 
 
 class TaskHeads(nn.Module):

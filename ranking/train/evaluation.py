@@ -15,7 +15,7 @@ def evaluate(model, batches, schema, device: torch.device) -> dict:
     Every rank runs the same number of forwards (DistributedModelParallel's lookups are
     collective): a rank out of rows runs a batch it already scored (or an empty one) and
     discards the output, until no rank has data."""
-    from ranking.features import batch_from_rows
+    from ranking.data.convert import batch_from_rows
     from ranking.metrics import EvalAccumulator
 
     model.eval()
