@@ -18,7 +18,7 @@ request:
     model could reach through that path on this machine);
   - end to end ``/v1/rank`` p50/p99 at concurrency 1 over HTTP and over gRPC, and candidates/s
     at concurrency 8 (HTTP), with deploy/serve.yaml (one Ranker replica, one torch thread);
-  - the forward floor (``serving.app.ForwardFloor``): the Ranker's own batching and forward,
+  - the forward floor (``benchmarks.serve_floors.ForwardFloor``): the Ranker's own batching and forward,
     but per request only the no-op's work (decode the body, answer zeros), at concurrency 1
     (p50) and 8 (candidates/s). ``floor_*_ratio`` are its ratios against the same references
     as ours: the most any request path could reach through Ray Serve with this model here.
@@ -210,17 +210,21 @@ def serve_phase(
         deployments={"Ranker": {"num_replicas": 1, "user_config": {"dtype": dtype}}},
     )
     cfg["applications"].append(
-        {"name": "noop", "route_prefix": "/noop", "import_path": "serving.app:build_noop"}
+        {
+            "name": "noop",
+            "route_prefix": "/noop",
+            "import_path": "benchmarks.serve_floors:build_noop",
+        }
     )
     # the framework's floor with the forward in it: the Ranker's deployment settings, batching
-    # and forward; per request only the no-op's work (serving.app.ForwardFloor)
+    # and forward; per request only the no-op's work (benchmarks.serve_floors.ForwardFloor)
     app = next(a for a in cfg["applications"] if a["name"] == config.APP)
     ranker = next(d for d in app["deployments"] if d["name"] == config.RANKER)
     cfg["applications"].append(
         {
             "name": "forward_floor",
             "route_prefix": "/floor",
-            "import_path": "serving.app:build_forward_floor",
+            "import_path": "benchmarks.serve_floors:build_forward_floor",
             "deployments": [{**copy.deepcopy(ranker), "name": "ForwardFloor"}],
         }
     )

@@ -22,7 +22,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "serve.yaml"
 APP = "mixrank"
 RANKER = "Ranker"
 INGRESS = "RankIngress"
-# user_config keys each deployment reads (serving/app.py); anything else is a typo
+# user_config keys each deployment reads (serving/ranker.py, serving/ingress.py); anything else is a typo
 USER_CONFIG_KEYS = {
     RANKER: {
         "artifact",

@@ -419,14 +419,14 @@ def test_ranker_forward_in_thread_values():
     model. ``auto`` moves the forward to a thread once formed batches take > 0.1 s."""
     import asyncio
 
-    from serving.app import Ranker
+    from serving.ranker import Ranker
 
     ranker = Ranker.func_or_class()
     for bad in ("yes", "false", 1):
         with pytest.raises(ValueError, match=r"forward_in_thread must be true, false or auto"):
             asyncio.run(ranker.reconfigure({"artifact": "/nonexistent", "forward_in_thread": bad}))
     assert ranker._art is None
-    from serving.app import THREAD_AFTER_S
+    from serving.ranker import THREAD_AFTER_S
 
     assert ranker._forward_in_thread == "auto"
     for batch_s, expect in ((0.0, False), (THREAD_AFTER_S / 2, False), (THREAD_AFTER_S * 2, True)):

@@ -1,0 +1,34 @@
+"""The thin ``RankIngress`` deployment (topology ``separate``): HTTP and gRPC termination in
+front of the ``Ranker``, scaled apart from the model replicas."""
+
+from __future__ import annotations
+
+from ray import serve
+
+from serving.front import Front
+
+
+@serve.deployment(name="RankIngress", max_ongoing_requests=256)
+class RankIngress(Front):
+    """Thin HTTP and gRPC front door (topology ``separate``); ``user_config``:
+    ``max_body_bytes``."""
+
+    def __init__(self, ranker):
+        self._ranker = ranker
+        self._front_init()
+
+    def reconfigure(self, config: dict) -> None:
+        from serving.config import INGRESS, USER_CONFIG_KEYS
+
+        unknown = sorted(set(config) - USER_CONFIG_KEYS[INGRESS])
+        if unknown:
+            raise ValueError(f"user_config: unknown keys {unknown} (expected ['max_body_bytes'])")
+        self._front_reconfigure(config)
+
+    async def _health(self) -> tuple[int, dict]:
+        return await self._ranker.health.remote()
+
+    async def _rank(self, body, fmt: str) -> tuple[int, dict]:
+        if not isinstance(body, bytes):  # a decoded gRPC request travels serialized
+            body = body.SerializeToString()
+        return await self._ranker.rank.remote(body, fmt)

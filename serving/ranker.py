@@ -1,0 +1,269 @@
+"""The ``Ranker`` deployment: holds the model, parses and validates requests against its
+schema, builds features (context once per request), scores formed batches with ``@serve.batch``
+(sized in candidates) and swaps models on ``reconfigure``; it also answers HTTP and gRPC itself
+when it is the application's ingress (``serving.front``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ray import serve
+
+from serving.errors import RequestError
+from serving.front import Front
+
+log = logging.getLogger("ray.serve")
+
+
+@dataclass
+class _Prepared:
+    """One request's features, ready for a batch; ``art`` is the model they were built for."""
+
+    columns: Any  # FeatureColumns
+    size: int
+    art: Any  # Artifact
+
+
+def _candidates(items: list[_Prepared]) -> int:
+    return sum(p.size for p in items)
+
+
+THREAD_AFTER_S = 0.1  # forward_in_thread: auto
+
+
+@serve.deployment(name="Ranker", max_ongoing_requests=64)
+class Ranker(Front):
+    """Scores requests with the artifact named by ``user_config["artifact"]``.
+
+    ``user_config`` keys: ``artifact`` (path, required), ``dtype`` (auto | fp32 | bf16),
+    ``max_batch_size`` (candidates per formed batch), ``batch_wait_timeout_s``,
+    ``max_candidates``, ``max_string_length``, ``max_list_items``, ``torch_threads``,
+    ``forward_in_thread`` and ``max_body_bytes`` (when it is the application's ingress).
+    """
+
+    def __init__(self):
+        from serving.metrics import RankerMetrics
+        from serving.request import Limits
+        from serving.runtime import tune_allocator
+
+        tune_allocator()  # before the forward threads allocate: see serving/runtime.py
+        self._front_init()
+
+        self._art = None
+        self._path = None
+        self._dtype = None
+        self._limits = Limits()
+        self._wait_s = 0.005
+        self._max_wait_s = 0.1
+        self._inflight = 0
+        self._busy = 0  # formed batches being scored
+        self._batch_s = 0.0  # moving average of a formed batch's scoring time
+        self._forward_in_thread: bool | str = "auto"
+        self._last_error: str | None = None
+        self._metrics = RankerMetrics()
+
+    # ------------------------------------------------------------------ configuration
+    async def reconfigure(self, config: dict) -> None:
+        """Apply a new ``user_config``. A new artifact is loaded and validated off the event
+        loop (requests keep being answered by the old model) and swapped in only if valid; a
+        bad one is logged and counted, and the old model keeps serving. Without any model yet
+        (first start) a bad artifact fails the replica."""
+        import torch
+
+        from serving.config import RANKER, USER_CONFIG_KEYS
+        from serving.request import Limits
+
+        unknown = sorted(set(config) - USER_CONFIG_KEYS[RANKER])
+        if unknown:  # a typo must not silently fall back to a default
+            raise ValueError(
+                f"user_config: unknown keys {unknown} (expected {sorted(USER_CONFIG_KEYS[RANKER])})"
+            )
+        limits = Limits(
+            max_candidates=int(config.get("max_candidates", Limits.max_candidates)),
+            max_string_length=int(config.get("max_string_length", Limits.max_string_length)),
+            max_list_items=int(config.get("max_list_items", Limits.max_list_items)),
+        )
+        max_batch = int(config.get("max_batch_size", 2048))
+        if limits.max_candidates > max_batch:
+            raise ValueError(
+                f"user_config: max_candidates ({limits.max_candidates}) must be <= "
+                f"max_batch_size ({max_batch}): a request is never split across batches"
+            )
+        self._limits = limits
+        self._front_reconfigure(config)
+        self._wait_s = float(config.get("batch_wait_timeout_s", 0.005))
+        self._max_wait_s = float(config.get("max_batch_wait_s", 0.1))
+        self._score.set_max_batch_size(max_batch)
+        self._score.set_batch_wait_timeout_s(self._wait_s)
+        in_thread = config.get("forward_in_thread", "auto")
+        if not (isinstance(in_thread, bool) or in_thread == "auto"):
+            raise ValueError(
+                f"user_config: forward_in_thread must be true, false or auto, got {in_thread!r}"
+            )
+        self._forward_in_thread = in_thread
+        threads = int(config.get("torch_threads", 0))
+        if threads > 0:
+            torch.set_num_threads(threads)
+        path, dtype = config.get("artifact"), config.get("dtype", "auto")
+        if not path:
+            raise ValueError("user_config: 'artifact' (the artifact directory) is required")
+        if (path, dtype) != (self._path, self._dtype):
+            await self._load(str(path), dtype)
+
+    async def _load(self, path: str, dtype: str) -> None:
+        from serving.model import load_validated
+
+        old = self._art
+        try:
+            art = await asyncio.to_thread(load_validated, path, dtype, old)
+        except Exception as e:
+            self._last_error = f"{type(e).__name__}: {e}"
+            self._metrics.reloads.inc(1, tags={"result": "failure"})
+            log.error("model reload failed, still serving %s: %s", self._version(), e)
+            if old is None:
+                raise
+            return
+        self._art, self._path, self._dtype, self._last_error = art, path, dtype, None
+        self._metrics.swapped(old.model_version if old else None, art.model_version)
+        log.info("serving model %s from %s (%s)", art.model_version, path, art.dtype)
+
+    def _version(self) -> str | None:
+        return self._art.model_version if self._art is not None else None
+
+    # ------------------------------------------------------------------ requests
+    def health(self) -> tuple[int, dict]:
+        if self._art is None:
+            return 503, RequestError(503, "not_ready", "no model loaded").body()
+        return 200, {
+            "status": "ok",
+            "model_version": self._art.model_version,
+            "dtype": self._art.dtype,
+            "last_reload_error": self._last_error,
+        }
+
+    def check_health(self) -> None:
+        if self._art is None:
+            raise RuntimeError("no model loaded")
+
+    async def _health(self) -> tuple[int, dict]:
+        return self.health()
+
+    async def _rank(self, body, fmt: str) -> tuple[int, dict]:
+        return await self.rank(body, fmt)
+
+    async def rank(self, body, fmt: str = "json") -> tuple[int, dict]:
+        """Answer one request (``fmt``: "json" or "proto"): ``(HTTP status, body dict)``.
+        ``body``: the request's bytes, or for "proto" the decoded ``RankRequest`` message."""
+        from ranking.data.errors import DataError
+        from serving.featurize import request_columns
+        from serving.model import rank_response
+        from serving.request import parse_json, parse_proto
+
+        art = self._art
+        if art is None:
+            return 503, RequestError(503, "not_ready", "no model loaded").body()
+        try:
+            parse = parse_json if fmt == "json" else parse_proto
+            req = parse(body, art.schema, self._limits)
+            cols = request_columns(art.schema, req)
+        except RequestError as e:
+            return e.status, e.body()
+        except DataError as e:  # a value the feature pipeline refuses; names the column
+            field = getattr(e, "column", None)
+            return 422, RequestError(422, "invalid_value", str(e), field).body()
+        self._metrics.candidates.observe(req.size)
+        try:
+            probs, used = await self._scored(_Prepared(cols, req.size, art))
+        except Exception as e:
+            log.exception("forward failed")
+            return 503, RequestError(
+                503, "model_error", f"scoring failed: {type(e).__name__}"
+            ).body()
+        return 200, rank_response(used, req.request_id, probs, req.top_k)
+
+    async def _scored(self, prepared: _Prepared) -> tuple:
+        """``(probabilities, artifact used)`` of one prepared request, through a formed batch
+        or, alone in the replica, at once."""
+        self._inflight += 1
+        try:
+            if self._inflight == 1 and not self._busy and not self._in_thread():
+                # One pass of the loop lets requests that have already arrived get here too.
+                await asyncio.sleep(0)
+            if self._inflight == 1 and not self._busy and not self._in_thread():
+                # Alone in the replica, with nothing being scored: a batch of one, scored at
+                # once on the loop without the trip through Serve's batch queue (two task
+                # switches: 0.3-0.8 ms at concurrency 1, docs/SERVING.md).
+                ((probs, used),) = await self._score_batch([prepared])
+            else:
+                self._score.set_batch_wait_timeout_s(self._batch_wait())
+                probs, used = await self._score(prepared)
+        finally:
+            self._inflight -= 1
+        return probs, used
+
+    def _batch_wait(self) -> float:
+        """How long the batch being formed waits for company. Serve forms the next batch as
+        soon as the previous one is formed, not when it finishes: while a batch is being scored
+        the next can wait up to about that batch's scoring time (capped by
+        ``max_batch_wait_s``) for free, since it cannot start earlier; that turns one-request
+        batches under load into full ones. Otherwise ``batch_wait_timeout_s``, or no wait at
+        all for a request alone in the replica."""
+        if self._busy:
+            return max(self._wait_s, min(self._batch_s, self._max_wait_s))
+        return self._wait_s if self._inflight > 1 else 0.0
+
+    def _in_thread(self) -> bool:
+        """Whether a formed batch is scored in a worker thread (requests are parsed meanwhile)
+        or on the loop. A thread pays for itself only when the forward's operators are long
+        enough to leave the GIL free: with a small model the forward thread and the loop's
+        request parsing fight for the GIL at every operator (measured on 2 cores: default
+        model, c=8 batch forward 28 ms on the loop vs 50-55 ms in a thread; medium model,
+        0.3 s either way and c=8 throughput ~10% higher in a thread: docs/SERVING.md).
+        ``auto``: a thread once formed batches take longer than ``THREAD_AFTER_S``."""
+        if self._forward_in_thread == "auto":
+            return self._batch_s > THREAD_AFTER_S
+        return bool(self._forward_in_thread)
+
+    @serve.batch(max_batch_size=2048, batch_wait_timeout_s=0.005, batch_size_fn=_candidates)
+    async def _score(self, items: list[_Prepared]) -> list:
+        """A batch formed by Serve (``@serve.batch``), scored by ``_score_batch``."""
+        return await self._score_batch(items)
+
+    async def _score_batch(self, items: list[_Prepared]) -> list:
+        """Score a batch: one forward per model (normally one), on the user-code event loop
+        or, with ``forward_in_thread``, in a worker thread."""
+        t0 = time.perf_counter()
+        self._busy += 1
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(items):
+            groups.setdefault(id(p.art), []).append(i)
+        out: list = [None] * len(items)
+        try:
+            for idx in groups.values():
+                art = items[idx[0]].art
+                batch = [items[i] for i in idx]
+                if self._in_thread():
+                    probs = await asyncio.to_thread(self._forward, art, batch)
+                else:  # on the loop: requests arriving meanwhile wait in Serve's queue
+                    probs = self._forward(art, batch)
+                start = 0
+                for i in idx:
+                    out[i] = (probs[start : start + items[i].size], art)
+                    start += items[i].size
+        finally:
+            self._busy -= 1
+        seconds = time.perf_counter() - t0
+        self._batch_s = seconds if not self._batch_s else 0.7 * self._batch_s + 0.3 * seconds
+        self._metrics.batch(len(items), _candidates(items), seconds)
+        return out
+
+    def _forward(self, art, items: list[_Prepared]):
+        """The formed batch's probabilities: its requests' features merged, one forward."""
+        from serving.featurize import merged_batch
+
+        batch = merged_batch(art.schema, [p.columns for p in items])
+        return art.predict(batch).numpy()
