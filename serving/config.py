@@ -17,28 +17,14 @@ from typing import Any
 import yaml
 
 from ranking.errors import UserError
+from serving.settings import IngressSettings, RankerSettings, known_keys
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "serve.yaml"
 APP = "mixrank"
 RANKER = "Ranker"
 INGRESS = "RankIngress"
-# user_config keys each deployment reads (serving/ranker.py, serving/ingress.py); anything else is a typo
-USER_CONFIG_KEYS = {
-    RANKER: {
-        "artifact",
-        "dtype",
-        "max_batch_size",
-        "batch_wait_timeout_s",
-        "max_batch_wait_s",
-        "max_candidates",
-        "max_string_length",
-        "max_list_items",
-        "torch_threads",
-        "forward_in_thread",
-        "max_body_bytes",
-    },
-    INGRESS: {"max_body_bytes"},
-}
+# user_config keys each deployment reads (serving/settings.py); anything else is a typo
+USER_CONFIG_KEYS = {RANKER: known_keys(RankerSettings), INGRESS: known_keys(IngressSettings)}
 
 
 def load_config(
@@ -104,12 +90,17 @@ def _validate(cfg: dict, path: Path) -> None:
             user = dep.get("user_config") or {}
             if known is None or not isinstance(user, dict):
                 continue
+            where = f"{path}: applications[{APP}].deployments[{i}] ({dep['name']})"
             for key in user:
                 if key not in known:
                     raise UserError(
-                        f"{path}: applications[{APP}].deployments[{i}] ({dep['name']}): "
-                        f"user_config.{key}: unknown key (expected one of {sorted(known)})"
+                        f"{where}: user_config.{key}: unknown key (expected one of {sorted(known)})"
                     )
+            settings = RankerSettings if dep.get("name") == RANKER else IngressSettings
+            try:  # the values too, as the replica will read them
+                settings.from_user_config(user)
+            except ValueError as e:
+                raise UserError(f"{where}: {e}") from None
 
     try:
         ServeDeploySchema.model_validate(cfg)

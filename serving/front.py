@@ -11,6 +11,7 @@ import time
 
 from serving import jsonio
 from serving.errors import GRPC_CODES, RequestError
+from serving.settings import IngressSettings
 
 log = logging.getLogger("ray.serve")
 
@@ -23,15 +24,16 @@ class Front:
     ``_rank(body, fmt) -> (status, body dict)`` (``body``: bytes, or a decoded gRPC request)
     and ``_health() -> (status, body dict)``."""
 
-    _max_body = 8 << 20
+    _max_body = IngressSettings.max_body_bytes
 
     def _front_init(self) -> None:
         from serving.metrics import IngressMetrics
 
         self._front_metrics = IngressMetrics()
 
-    def _front_reconfigure(self, config: dict) -> None:
-        self._max_body = int(config.get("max_body_bytes", Front._max_body))
+    def _front_reconfigure(self, settings) -> None:
+        """``settings``: ``serving.settings.IngressSettings``."""
+        self._max_body = settings.max_body_bytes
 
     async def __call__(self, request):
         from starlette.responses import Response

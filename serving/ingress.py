@@ -18,12 +18,9 @@ class RankIngress(Front):
         self._front_init()
 
     def reconfigure(self, config: dict) -> None:
-        from serving.config import INGRESS, USER_CONFIG_KEYS
+        from serving.settings import IngressSettings
 
-        unknown = sorted(set(config) - USER_CONFIG_KEYS[INGRESS])
-        if unknown:
-            raise ValueError(f"user_config: unknown keys {unknown} (expected ['max_body_bytes'])")
-        self._front_reconfigure(config)
+        self._front_reconfigure(IngressSettings.from_user_config(config))
 
     async def _health(self) -> tuple[int, dict]:
         return await self._ranker.health.remote()

@@ -15,6 +15,7 @@ from ray import serve
 
 from serving.errors import RequestError
 from serving.front import Front
+from serving.settings import RankerSettings
 
 log = logging.getLogger("ray.serve")
 
@@ -47,7 +48,6 @@ class Ranker(Front):
 
     def __init__(self):
         from serving.metrics import RankerMetrics
-        from serving.request import Limits
         from serving.runtime import tune_allocator
 
         tune_allocator()  # before the forward threads allocate: see serving/runtime.py
@@ -56,9 +56,10 @@ class Ranker(Front):
         self._art = None
         self._path = None
         self._dtype = None
-        self._limits = Limits()
-        self._wait_s = 0.005
-        self._max_wait_s = 0.1
+        self.settings = RankerSettings()  # the defaults until reconfigure
+        self._limits = self.settings.limits()
+        self._wait_s = self.settings.batch_wait_timeout_s
+        self._max_wait_s = self.settings.max_batch_wait_s
         self._inflight = 0
         self._busy = 0  # formed batches being scored
         self._batch_s = 0.0  # moving average of a formed batch's scoring time
@@ -74,45 +75,21 @@ class Ranker(Front):
         (first start) a bad artifact fails the replica."""
         import torch
 
-        from serving.config import RANKER, USER_CONFIG_KEYS
-        from serving.request import Limits
+        from serving.settings import RankerSettings
 
-        unknown = sorted(set(config) - USER_CONFIG_KEYS[RANKER])
-        if unknown:  # a typo must not silently fall back to a default
-            raise ValueError(
-                f"user_config: unknown keys {unknown} (expected {sorted(USER_CONFIG_KEYS[RANKER])})"
-            )
-        limits = Limits(
-            max_candidates=int(config.get("max_candidates", Limits.max_candidates)),
-            max_string_length=int(config.get("max_string_length", Limits.max_string_length)),
-            max_list_items=int(config.get("max_list_items", Limits.max_list_items)),
-        )
-        max_batch = int(config.get("max_batch_size", 2048))
-        if limits.max_candidates > max_batch:
-            raise ValueError(
-                f"user_config: max_candidates ({limits.max_candidates}) must be <= "
-                f"max_batch_size ({max_batch}): a request is never split across batches"
-            )
-        self._limits = limits
-        self._front_reconfigure(config)
-        self._wait_s = float(config.get("batch_wait_timeout_s", 0.005))
-        self._max_wait_s = float(config.get("max_batch_wait_s", 0.1))
-        self._score.set_max_batch_size(max_batch)
+        s = RankerSettings.from_user_config(config)  # every check before anything changes
+        self.settings = s
+        self._limits = s.limits()
+        self._front_reconfigure(s.ingress)
+        self._wait_s = s.batch_wait_timeout_s
+        self._max_wait_s = s.max_batch_wait_s
+        self._score.set_max_batch_size(s.max_batch_size)
         self._score.set_batch_wait_timeout_s(self._wait_s)
-        in_thread = config.get("forward_in_thread", "auto")
-        if not (isinstance(in_thread, bool) or in_thread == "auto"):
-            raise ValueError(
-                f"user_config: forward_in_thread must be true, false or auto, got {in_thread!r}"
-            )
-        self._forward_in_thread = in_thread
-        threads = int(config.get("torch_threads", 0))
-        if threads > 0:
-            torch.set_num_threads(threads)
-        path, dtype = config.get("artifact"), config.get("dtype", "auto")
-        if not path:
-            raise ValueError("user_config: 'artifact' (the artifact directory) is required")
-        if (path, dtype) != (self._path, self._dtype):
-            await self._load(str(path), dtype)
+        self._forward_in_thread = s.forward_in_thread
+        if s.torch_threads > 0:
+            torch.set_num_threads(s.torch_threads)
+        if (s.artifact, s.dtype) != (self._path, self._dtype):
+            await self._load(s.artifact, s.dtype)
 
     async def _load(self, path: str, dtype: str) -> None:
         from serving.model import load_validated
@@ -228,7 +205,11 @@ class Ranker(Front):
             return self._batch_s > THREAD_AFTER_S
         return bool(self._forward_in_thread)
 
-    @serve.batch(max_batch_size=2048, batch_wait_timeout_s=0.005, batch_size_fn=_candidates)
+    @serve.batch(
+        max_batch_size=RankerSettings.max_batch_size,
+        batch_wait_timeout_s=RankerSettings.batch_wait_timeout_s,
+        batch_size_fn=_candidates,
+    )
     async def _score(self, items: list[_Prepared]) -> list:
         """A batch formed by Serve (``@serve.batch``), scored by ``_score_batch``."""
         return await self._score_batch(items)
