@@ -1,6 +1,6 @@
 """Request errors: one exception type that carries the HTTP status and the JSON error body.
 
-The wire format (docs/DESIGN.md) is ``{"error": {"code", "message", "field"}}`` with status
+The wire format (docs/SERVING.md) is ``{"error": {"code", "message", "field"}}`` with status
 400 (unreadable request), 413 (too large), 422 (readable but invalid) or 503 (not ready).
 Messages never include a stack trace; ``field`` is a path such as ``candidates[3].item``.
 """

@@ -96,3 +96,23 @@ def test_no_import_loops():
 
 def test_the_cycle_finder_finds_a_loop():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_files_named_in_the_source_exist():
+    """A comment or docstring that points at a file of the repository points at one that is
+    there (``docs/...``, ``serving/...``, ``deploy/...``, ...)."""
+    import re
+
+    named = re.compile(
+        r"(?<![\w/.])((?:docs|serving|ranking|kernels|benchmarks|deploy|helm|configs|tests)/"
+        r"[\w./-]*\w\.(?:py|md|yaml|yml|json|cpp|c|proto|sh|png|tpl|txt))(?![\w])"
+    )
+    missing = []
+    for pkg in (*LAYERS, "tests", "deploy", "helm"):
+        for path in (REPO / pkg).rglob("*"):
+            if path.suffix not in (".py", ".yaml", ".tpl", ".cpp", ".c", ".sh") or "*" in path.name:
+                continue
+            for m in named.finditer(path.read_text(errors="replace")):
+                if not (REPO / m.group(1)).exists():
+                    missing.append(f"{path.relative_to(REPO)}: {m.group(1)}")
+    assert missing == []
