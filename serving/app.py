@@ -8,9 +8,8 @@ only puts them together (``import_path: serving.app:build``).
 Topologies (``applications[].args.ingress`` in ``deploy/serve.yaml``):
 
 - ``ranker`` (default): the ``Ranker`` is the application's ingress. One Serve hop (proxy ->
-  replica), as the framework's own no-op floor: on our 2-core machines the extra
-  ingress -> ranker hop cost 7-10 ms per request, more than the model forward of the default
-  model (docs/BENCHMARKS.md).
+  replica), as the framework's own no-op floor: an extra ingress -> ranker hop costs more than
+  the default model's forward (docs/SERVING.md).
 - ``separate``: ``RankIngress`` (thin, no model) in front of the ``Ranker``, for scaling HTTP/gRPC
   termination apart from the model replicas.
 

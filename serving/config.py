@@ -144,10 +144,9 @@ def start(
     repo = str(Path(__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
     # Ray starts workers at nice 15 (below the raylet and GCS). A serving replica then yields
-    # the CPU to the HTTP proxy, the load generator and every nice-0 process on the node: on
-    # our 2-core machines the medium model served 0.42-0.49x its raw throughput at nice 15 and
-    # 0.64x at nice 0 (docs/BENCHMARKS.md). Set before the raylet starts; an explicit value in
-    # the environment wins.
+    # the CPU to the HTTP proxy, the load generator and every nice-0 process on the node, and
+    # serves less (docs/BENCHMARKS.md, "Measurements behind code choices"). Set before the
+    # raylet starts; an explicit value in the environment wins.
     os.environ.setdefault("RAY_worker_niceness", "0")
     saved = {k: os.environ.get(k) for k in THROUGHPUT_ENV}
     if direct_ingress:

@@ -173,7 +173,7 @@ class Ranker(Front):
             if self._inflight == 1 and not self._busy and not self._in_thread():
                 # Alone in the replica, with nothing being scored: a batch of one, scored at
                 # once on the loop without the trip through Serve's batch queue (two task
-                # switches: 0.3-0.8 ms at concurrency 1, docs/SERVING.md).
+                # switches; docs/SERVING.md).
                 ((probs, used),) = await self._score_batch([prepared])
             else:
                 self._score.set_batch_wait_timeout_s(self._batch_wait())
@@ -197,9 +197,8 @@ class Ranker(Front):
         """Whether a formed batch is scored in a worker thread (requests are parsed meanwhile)
         or on the loop. A thread pays for itself only when the forward's operators are long
         enough to leave the GIL free: with a small model the forward thread and the loop's
-        request parsing fight for the GIL at every operator (measured on 2 cores: default
-        model, c=8 batch forward 28 ms on the loop vs 50-55 ms in a thread; medium model,
-        0.3 s either way and c=8 throughput ~10% higher in a thread: docs/SERVING.md).
+        request parsing fight for the GIL at every operator (the measurements:
+        docs/SERVING.md).
         ``auto``: a thread once formed batches take longer than ``THREAD_AFTER_S``."""
         if self._forward_in_thread == "auto":
             return self._batch_s > THREAD_AFTER_S

@@ -92,9 +92,9 @@ def proto_dict(body) -> dict:
     """A serialized ``RankRequest`` or the message -> the JSON request shape (``RequestError``
     400 for bytes protobuf cannot decode).
 
-    The C reader (``serving._fastproto``) goes straight from the wire format to the dicts
-    (0.1 ms for 256 candidates x 10 features against 1.9 ms through protobuf's Python objects;
-    a decoded message is serialized again for it, 0.2 ms). Anything it is not sure of, it
+    The C reader (``serving._fastproto``) goes straight from the wire format to the dicts,
+    skipping protobuf's Python objects (a decoded message is serialized again for it; the
+    timings: docs/BENCHMARKS.md, "Measurements behind code choices"). Anything it is not sure of, it
     leaves to protobuf and ``proto_to_dict``, which give the same result
     (tests/test_serving_request.py compares the two on random and corrupted messages)."""
     from google.protobuf.message import DecodeError

@@ -9,8 +9,8 @@ biases and exact GELU) runs in the GEMMs' prologue and epilogues on 32-row block
 the core's cache. Written by hand because no route through the ecosystem fused it: Inductor's
 C++ GEMM template and oneDNN's per-token linear + GELU post-op were both slower than the eager
 ``bmm`` (docs/BENCHMARKS.md), the torch wheel exports no oneDNN primitive API, and with oneDNN's
-brgemm micro-kernel (which it does export) for the second GEMM the block ran 1.2x slower than
-with the hand-written loop.
+brgemm micro-kernel (which it does export) for the second GEMM the block ran slower than with the
+hand-written loop.
 
     ops()      -> torch.ops.mixrank_cpu, or None where unavailable (reason() says why)
     prepare_rankmixer(norm1, w1, b1, w2, b2, norm2, rms) -> packed parameters (once per weights)

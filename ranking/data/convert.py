@@ -164,7 +164,7 @@ def columns_from_arrow(
 
 # A request-sized table hashes all its hashed categorical columns in one pass
 # (``hash_columns``): per-column hashing costs a few numpy steps per byte position whatever the
-# column's length. request_columns of a 256-candidate request: 1.23 -> 0.73 ms (A/B, one process).
+# column's length (docs/BENCHMARKS.md, "Measurements behind code choices").
 SMALL_BATCH_VALUES = 1 << 16
 
 

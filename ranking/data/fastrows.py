@@ -3,9 +3,10 @@ plainly hashed categorical features, in one pass.
 
 ``scan`` is the serving path's per-request hashing: the C extension ``_fastrows``
 (ranking/data/_fastrows.c, built by ``pip install -e .`` where a C compiler is at hand) reads
-the dicts and hashes each string's UTF-8 bytes in place, about 0.05 ms for 256 candidates x 10
-features against about 0.6 ms for gathering the values in Python, building Arrow arrays and
-hashing them with numpy. Without the extension the same function runs on that Python path
+the dicts and hashes each string's UTF-8 bytes in place, instead of gathering the values in
+Python, building Arrow arrays and hashing them with numpy (about 10x slower per request:
+docs/BENCHMARKS.md, "Measurements behind code choices"). Without the extension the same
+function runs on that Python path
 (``AVAILABLE`` says which); tests/test_fastrows.py checks both against ``hash_value`` one value
 at a time.
 """

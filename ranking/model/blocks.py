@@ -58,10 +58,9 @@ def _chunk_permute(v: Tensor) -> Tensor:
     """``v [P, B, Q, d] -> [Q, B, P, d]``, a contiguous copy that moves whole ``d``-chunks.
 
     Where a chunk is a whole number of 16-byte units, the copy moves them as complex128
-    elements (the same bytes, bit for bit, fewer strided elements): one thread, bf16,
-    [8, 256, 64] (the default model, d = 8) 0.17 -> 0.03 ms, [8, 2048, 64] 1.3 -> 0.7 ms,
-    [16, 256, 256] (RankMixer medium) 0.84 -> 0.76 ms. 8-byte and 4-byte elements gave
-    nothing. Only without autograd (a dtype view has no gradient)."""
+    elements (the same bytes, bit for bit, fewer strided elements: faster, most for small d;
+    docs/BENCHMARKS.md, "Measurements behind code choices"). Only without autograd (a dtype
+    view has no gradient)."""
     nbytes = v.shape[-1] * v.element_size()
     if (
         v.is_contiguous()
@@ -76,9 +75,8 @@ def _chunk_permute(v: Tensor) -> Tensor:
 
 def _gelu_ffn_hidden(ffn: PerTokenFFN, s: Tensor) -> Tensor:
     """``GELU(W1_t s_t + b1_t)`` for token-major ``s [T, B, D]`` -> ``[T, B, kD]``."""
-    # the bias rides in the GEMM's accumulator (one broadcast write instead of a read-add-write
-    # pass after it: RankMixer medium bf16 stack 1.07 / 1.17x, median of 24 alternating pairs,
-    # identical outputs)
+    # the bias rides in the GEMM's accumulator: one broadcast write instead of a read-add-write
+    # pass after it, identical outputs (docs/BENCHMARKS.md, "Measurements behind code choices")
     h = torch.baddbmm(ffn.b1.unsqueeze(1), s, ffn.w1)
     if torch.is_grad_enabled():
         return torch.nn.functional.gelu(h)
@@ -88,9 +86,8 @@ def _gelu_ffn_hidden(ffn: PerTokenFFN, s: Tensor) -> Tensor:
 # Compiled epilogues (``compile_epilogues``, inference on the CPU path only): the elementwise
 # work between the GEMMs goes through ``torch.compile`` one function at a time, so Inductor's C++
 # backend emits one vectorised pass per function while the GEMMs stay eager oneDNN calls.
-# Measured (bf16, [16, 256, *], one process): Swish(gate) * up 2.93 -> 2.22 ms, RMSNorm
-# 1.09 -> 0.33 ms (bit-identical), LayerNorm 0.60 -> 0.45 ms; exact GELU compiled was 2x
-# slower than eager in-place ``gelu_`` and stays eager (docs/BENCHMARKS.md).
+# Exact GELU stays eager: compiled, it was slower than the in-place ``gelu_`` (the timings:
+# docs/BENCHMARKS.md, "Measurements behind code choices").
 # Compiling needs a working C++ compiler at run time (Inductor's CPU backend); where there is
 # none (the serving image ships without one) or compilation fails otherwise, the function runs
 # eagerly from then on, with one warning: same math, the eager speed.

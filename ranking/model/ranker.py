@@ -140,8 +140,8 @@ class Ranker(nn.Module):
         """``[B, T, D] -> [B, P]``."""
         if self.pooling == "mean":
             if x.dtype in (torch.bfloat16, torch.float16):
-                # the same fp32-accumulated mean as x.mean(1), 2x faster in bf16 on CPU
-                # ([256, 16, 256]: 0.60 -> 0.31 ms)
+                # the same fp32-accumulated mean as x.mean(1), faster in bf16 on CPU
+                # (docs/BENCHMARKS.md, "Measurements behind code choices")
                 return x.sum(1, dtype=torch.float32).div_(x.shape[1]).to(x.dtype)
             return x.mean(1)
         if self.pooling == "first":
@@ -202,10 +202,8 @@ def bf16_dense(model: Ranker) -> Ranker:
 
     Why not autocast: autocast keeps fp32 weights and casts at every GEMM, and CPU autocast
     runs LayerNorm in fp32, so each block converts its activations back and forth
-    (fp32 <-> bf16 copies, mixed-dtype adds). Measured on the 2-core machine, one thread,
-    2048 rows: default model 24-28 ms vs 31-37 ms under autocast; RankMixer medium at 256 rows
-    27-47 ms vs 39-63 ms (docs/BENCHMARKS.md). ``benchmarks.bench_model``'s bf16 mode is the
-    same conversion.
+    (fp32 <-> bf16 copies, mixed-dtype adds): slower (docs/BENCHMARKS.md, "Measurements behind
+    code choices"). ``benchmarks.bench_model``'s bf16 mode is the same conversion.
     """
     out = copy.copy(model)  # a shallow copy: give it its own module table before assigning
     out._modules = dict(model._modules)
