@@ -362,10 +362,10 @@ def run(args) -> int:
     modes = [m.strip() for m in args.ingress.split(",") if m.strip()]
     if not modes or set(modes) - {"proxy", "direct"}:
         raise UserError(f"--ingress: expected proxy and/or direct, got {args.ingress!r}")
+    from benchmarks.artifacts import make_artifact
     from benchmarks.common import emit, machine_info, table
     from ranking.export import load_artifact
     from ranking.features import load_schema
-    from serving.artifacts import make_artifact
     from serving.loadtest import synthetic_request
 
     models = _models()

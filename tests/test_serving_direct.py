@@ -35,8 +35,8 @@ def _request(n: int, seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def direct(tmp_path_factory):
+    from benchmarks.artifacts import make_artifact
     from serving import config
-    from serving.artifacts import make_artifact
 
     artifact = make_artifact(tmp_path_factory.mktemp("direct") / "a0", seed=0)
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}

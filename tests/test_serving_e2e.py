@@ -41,8 +41,8 @@ def _request(n: int, seed: int) -> dict:
 
 class Service:
     def __init__(self, tmp):
+        from benchmarks.artifacts import make_artifact
         from serving import config
-        from serving.artifacts import make_artifact
 
         self.a0 = make_artifact(tmp / "a0", seed=0)
         self.a1 = make_artifact(tmp / "a1", seed=1)

@@ -231,7 +231,7 @@ def test_validate_rejects_what_batch_from_rows_would_reject():
 
 # ----------------------------------------------------------------------------- answers
 def test_rank_response_orders_best_first_and_keeps_input_order(tmp_path):
-    from serving.artifacts import make_artifact
+    from benchmarks.artifacts import make_artifact
     from serving.model import load_validated, rank_response
 
     art = load_validated(
@@ -253,8 +253,8 @@ def test_rank_response_orders_best_first_and_keeps_input_order(tmp_path):
 
 
 def test_reload_validation_refuses_incompatible_and_corrupt_artifacts(tmp_path):
+    from benchmarks.artifacts import make_artifact
     from ranking.export import ArtifactError
-    from serving.artifacts import make_artifact
     from serving.model import load_validated
 
     base = load_validated(make_artifact(tmp_path / "a"), "auto", None)
@@ -275,8 +275,8 @@ def test_compiled_epilogues_compile_before_the_model_takes_traffic(tmp_path):
     import torch
     from torch._dynamo.utils import counters
 
+    from benchmarks.artifacts import make_artifact
     from ranking.data.convert import batch_from_rows
-    from serving.artifacts import make_artifact
     from serving.model import load_validated
 
     model = {"arch": "tokenmixer_large", "dim": 16, "num_heads": 4, "compile_epilogues": True}
@@ -447,7 +447,7 @@ def test_rewriting_an_artifact_in_place_never_leaves_the_path_missing(
     import threading
 
     import ranking.export as export
-    from serving.artifacts import make_artifact
+    from benchmarks.artifacts import make_artifact
 
     if not exchange:
         monkeypatch.setattr(export, "_exchange", lambda a, b: False)

@@ -1,4 +1,5 @@
-"""Small artifacts built in-process (random weights) for tests, benchmarks and smoke runs."""
+"""Small artifacts built in-process (random weights) for tests, benchmarks and smoke runs: the
+artifact format of ``ranking.export`` with an untrained model, no training run needed."""
 
 from __future__ import annotations
 
