@@ -1,6 +1,7 @@
 """Exact resume, for every shipped experiment config (issue #25).
 
-Each ``configs/frappe_*.yaml``, ``configs/movielens_*.yaml`` and ``configs/demo.yaml`` trains as
+Each ``configs/frappe_*.yaml``, ``configs/movielens_*.yaml`` and ``configs/demo.yaml`` (and the
+demo with the two dense optimisers no shipped config uses, RMSprop and Adagrad) trains as
 shipped (architecture, optimisers, schedule, sharding, model selection, vocabularies), shortened:
 synthetic data of its schema, 2 epochs of 8 steps on 2 ranks, a checkpoint every 4 steps, one
 thread. Its run is resumed from two points, in a new process, and must end where the
@@ -39,7 +40,13 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = [*REPO.glob("configs/frappe_*.yaml"), *REPO.glob("configs/movielens_*.yaml")]
 CONFIGS = [*sorted(SHIPPED), REPO / "configs/demo.yaml"]
-IDS = [p.stem for p in CONFIGS]
+# the dense optimisers no shipped config uses (their state is created at different times:
+# Adagrad's at construction, RMSprop's momentum lazily)
+VARIANTS = {
+    "demo-rmsprop": ["train.dense_optimizer=rmsprop", "train.momentum=0.9"],
+    "demo-adagrad": ["train.dense_optimizer=adagrad"],
+}
+IDS = [p.stem for p in CONFIGS] + list(VARIANTS)
 ROWS = 2048  # train rows: two units of 1024, one per rank
 BATCH = 128  # per rank: 8 steps per epoch
 POINTS = ("mid", "boundary")
@@ -101,6 +108,9 @@ def matrix(data, tmp_path_factory) -> dict:
         run = work / cfg.stem
         prepare_run(str(cfg), _overrides(data, _preset(cfg)), str(run))
         runs[cfg.stem] = run
+    for name, extra in VARIANTS.items():
+        runs[name] = work / name
+        prepare_run(str(REPO / "configs/demo.yaml"), _overrides(data, "frappe") + extra, runs[name])
     # early stopping: nothing learns (lr 0), so evaluations 2, 4, 6 tie and the run stops at
     # step 6 with patience 2; the mid-epoch checkpoint (4) holds a patience count of 1
     stopping = work / "early_stop"
