@@ -16,10 +16,12 @@ def make_artifact(
     seed: int = 0,
     dtype: str = "fp32",
     tasks: list[dict] | None = None,
+    inference: dict | None = None,
 ) -> Path:
     """Write an artifact of an untrained model (weights from ``seed``) to ``out``.
 
-    ``tasks`` replaces the schema's tasks (e.g. two tasks for a multi-task model).
+    ``tasks`` replaces the schema's tasks (e.g. two tasks for a multi-task model);
+    ``inference`` is the config's ``inference:`` section (how the artifact is served).
     """
     import torch
 
@@ -41,6 +43,8 @@ def make_artifact(
             if "embedding" in name:
                 p.normal_(0, 0.5)
     config = {"name": f"test-{seed}", "schema": fs.to_dict(), "model": model_cfg}
+    if inference is not None:
+        config["inference"] = inference
     return write_artifact(
         out, net.state_dict(), config=config, schema=fs, dtype=dtype, metrics={}, step=seed
     )

@@ -5,7 +5,8 @@ For each config (default: the ``*_medium`` presets) at ``--batch`` rows it measu
 mode with no grad:
 
 - ``fp32``: the whole forward (embeddings + dense part) in fp32;
-- ``bf16``: bf16 weights (``.to(bfloat16)`` of the dense part) or autocast (``--bf16 autocast``);
+- ``bf16``: the served model, ``ranking.inference.optimize_for_inference(dtype="bf16")`` with the
+  preset's ``inference:`` options (bf16 dense weights), or autocast (``--bf16 autocast``);
 - samples/s of the whole forward and of the dense part alone (tokens -> logits; the whole
   forward for DLRM/DCNv2), achieved dense FLOP/s (analytic FLOPs per sample from
   ``ranking.model.flops`` x dense samples/s), and ``frac_of_peak``: its ratio to a 2048^3
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import math
 import statistics
 import sys
@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bf16 by converting the dense weights (default) or by autocast",
     )
     parser.add_argument(
-        "--micro-batch", type=int, default=None, help="override model.micro_batch (0 = off)"
+        "--micro-batch", type=int, default=None, help="override inference.micro_batch (0 = off)"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the mixer stack")
     parser.add_argument(
@@ -305,15 +305,21 @@ def _resolve(name: str) -> Path:
 def bench_config(name: str, args) -> list[dict]:
     import torch
 
-    from ranking.model.config import load_experiment
+    from ranking.inference import optimize_for_inference
     from ranking.model.flops import forward_flops
     from ranking.model.ranker import Ranker, build_model
     from ranking.model.synthetic import random_batch
+    from ranking.train.config import load_experiment
 
     path = _resolve(name)
-    cfg, schema = load_experiment(path)
+    exp = load_experiment(path, require_data=False)
+    cfg, schema, opts = exp.model, exp.schema, exp.inference
     if args.micro_batch is not None:
-        cfg.micro_batch = args.micro_batch
+        opts.micro_batch = args.micro_batch
+    opts.compile = bool(args.compile or opts.compile)
+    opts.compile_epilogues = bool(args.compile_epilogues or opts.compile_epilogues)
+    fused = getattr(args, "cpu_fused_block", "preset")
+    opts.cpu_fused_block = opts.cpu_fused_block if fused == "preset" else fused == "on"
     torch.manual_seed(0)
     model = build_model(cfg, schema).eval()
     batch = random_batch(schema, args.batch)
@@ -322,21 +328,12 @@ def bench_config(name: str, args) -> list[dict]:
     records = []
     peaks = {"bf16": MatmulPeak(torch.bfloat16), "fp32": MatmulPeak(torch.float32)}
     for dt in args.dtypes:
-        m = model
-        if dt == "bf16" and args.bf16 == "weights" and is_mixer:
-            m = copy.deepcopy(model)
-            m.blocks.to(torch.bfloat16)
-            m.heads.to(torch.bfloat16)
-        if is_mixer:
-            m.compute_dtype = "bf16" if dt == "bf16" and args.bf16 == "autocast" else "fp32"
-            m.compile = bool(args.compile or cfg.compile)
-            m.compile_epilogues = bool(args.compile_epilogues or cfg.compile_epilogues)
-            fused = getattr(args, "cpu_fused_block", "preset")
-            m.cpu_fused_block = cfg.cpu_fused_block if fused == "preset" else fused == "on"
-        # DLRM has no dtype switch: its bf16 run is autocast
-        use_autocast = dt == "bf16" and (args.bf16 == "autocast" or not is_mixer)
+        autocast = dt == "bf16" and args.bf16 == "autocast"
+        # the served model: optimize_for_inference in this dtype with the preset's options;
+        # --bf16 autocast instead runs the fp32 lowering under autocast
+        m = optimize_for_inference(model, dtype="fp32" if autocast else dt, **opts.options())
 
-        def ctx(on=use_autocast):
+        def ctx(on=autocast):
             return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
         def forward(m=m):
@@ -347,12 +344,10 @@ def bench_config(name: str, args) -> list[dict]:
         if is_mixer:
             with torch.no_grad(), ctx():
                 tokens = m.tokenizer(batch.dense, batch.sparse)
-                if dt == "bf16" and args.bf16 == "weights":
-                    tokens = tokens.to(torch.bfloat16)
 
             def dense_only(m=m, tokens=tokens):
                 with torch.no_grad(), ctx():
-                    return _chunks(m, tokens)
+                    return m.chunks(tokens)
 
             dense_fn = dense_only
         else:
@@ -366,10 +361,10 @@ def bench_config(name: str, args) -> list[dict]:
             "arch": cfg.arch,
             "dtype": dt,
             "batch": args.batch,
-            "micro_batch": cfg.micro_batch if is_mixer else None,
-            "compile": bool(is_mixer and m.compile),
-            "compile_epilogues": bool(is_mixer and m.compile_epilogues),
-            "cpu_fused_block": bool(is_mixer and m.cpu_fused_block),
+            "micro_batch": opts.micro_batch if is_mixer else None,
+            "compile": bool(is_mixer and opts.compile),
+            "compile_epilogues": bool(is_mixer and opts.compile_epilogues),
+            "cpu_fused_block": bool(is_mixer and opts.cpu_fused_block),
             "flops_per_sample": flops,
             "samples_s": args.batch / t_full,
             "dense_samples_s": args.batch / t_dense,
@@ -381,36 +376,33 @@ def bench_config(name: str, args) -> list[dict]:
             "frac_of_peak": ratio * per_sample * args.batch,
         }
         rec["frac_of_bf16_peak"] = rec["dense_gflop_s"] / rec["peak_bf16_gflop_s"]
+        step = opts.micro_batch if 0 < opts.micro_batch < args.batch else args.batch
         if is_mixer and args.regime_seconds > 0:
-            step = m.micro_batch if 0 < m.micro_batch < args.batch else args.batch
             one = tokens[:step]
 
             def chunk(m=m, one=one):
                 with torch.no_grad(), ctx():
-                    return m._stack(one, None)
+                    return m.dense_part(one)
 
             rec["by_regime"] = by_regime(chunk, flops * step, peak, args.regime_seconds)
         ab_seconds = getattr(args, "ab_fused_seconds", 0.0)
         fusable = cfg.arch in ("rankmixer", "tokenmixer_large")
         if is_mixer and dt == "bf16" and ab_seconds > 0 and fusable:
-            step = m.micro_batch if 0 < m.micro_batch < args.batch else args.batch
-            one, was = tokens[:step], m.cpu_fused_block
+            one = tokens[:step]
+            lowered = {
+                on: optimize_for_inference(
+                    model, dtype="bf16", **{**opts.options(), "cpu_fused_block": on}
+                )
+                for on in (True, False)
+            }
 
-            def call(on, m=m, one=one):
-                m.cpu_fused_block = on
-                with torch.no_grad(), ctx():
-                    return m._stack(one, None)
+            def call(on, one=one, lowered=lowered):
+                with torch.no_grad():
+                    return lowered[on].dense_part(one)
 
             rec["ab_fused"], rec["ab_fused_calls"] = ab_fused(call, flops * step, peak, ab_seconds)
-            m.cpu_fused_block = was
         records.append(rec)
     return records
-
-
-def _chunks(m, tokens):
-    B = tokens.shape[0]
-    step = m.micro_batch if 0 < m.micro_batch < B else B
-    return [m._stack(tokens[i : i + step], None)[0] for i in range(0, B, step)]
 
 
 def run(args) -> int:

@@ -62,7 +62,6 @@ def _config(name: str):
         cfg.moe = dataclasses.replace(cfg.moe, enabled=True, num_experts=4, top_k=2)
     elif variant:
         raise ValueError(f"{name}: unknown variant {variant!r} (expected +moe)")
-    cfg.micro_batch = 0
     cfg.num_tokens = token_layout(cfg, schema).num_tokens
     cfg.resolve(cfg.num_tokens)
     return cfg, schema

@@ -46,27 +46,32 @@ class Artifact:
     schema: Any  # FeatureSchema
     manifest: dict
     path: Path
-    dtype: str = "fp32"  # "bf16": the dense part in bf16 (see ``predict``)
-    _bf16: Any = field(default=None, repr=False, compare=False)
+    dtype: str = "fp32"  # the dtype the forward runs in (see ``predict``)
+    _fast: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def inference(self):
+        """The manifest's runtime choices (``inference:``; defaults where absent)."""
+        from ranking.inference import InferenceConfig
+
+        section = (self.manifest.get("config") or {}).get("inference")
+        return InferenceConfig.from_dict(section, source=str(self.path / MANIFEST))
+
+    def lowered(self) -> torch.nn.Module:
+        """``optimize_for_inference(model, dtype=self.dtype, **inference options)``, made on
+        first use and kept; the loaded model is kept as it is."""
+        from ranking.inference import optimize_for_inference
+
+        if self._fast is None:
+            self._fast = optimize_for_inference(
+                self.model, dtype=self.dtype, device="cpu", **self.inference.options()
+            )
+        return self._fast
 
     @torch.no_grad()
     def predict(self, batch) -> torch.Tensor:
-        """``[B, n_tasks]`` probabilities for a ``Batch``.
-
-        With dtype "bf16", a mixer (``Ranker``) runs a copy whose stack and heads hold bf16
-        weights (``ranking.model.ranker.bf16_dense``, made on first use and kept); the DLRM /
-        DCNv2 baselines run under bf16 autocast. The fp32 model is kept as loaded.
-        """
-        from ranking.model.ranker import Ranker, bf16_dense
-
-        if self.dtype == "bf16" and isinstance(self.model, Ranker):
-            if self._bf16 is None:
-                self._bf16 = bf16_dense(self.model)
-            out = self._bf16(batch)
-        else:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
-                out = self.model(batch)
-        return torch.sigmoid(out.logits.float())
+        """``[B, n_tasks]`` probabilities for a ``Batch``, from the lowered model."""
+        return torch.sigmoid(self.lowered()(batch).logits.float())
 
     @property
     def model_version(self) -> str:
@@ -75,9 +80,10 @@ class Artifact:
 
 def _build(config: dict, schema_d: dict, source: str):
     from ranking.features import FeatureSchema
-    from ranking.model.config import ModelConfig
+    from ranking.model.config import ModelConfig, migrate_experiment
     from ranking.model.ranker import build_model
 
+    config = migrate_experiment(config)
     schema = FeatureSchema.from_dict(schema_d, source=f"{source}: schema")
     model_cfg = ModelConfig.from_dict(config.get("model") or {}, source=source)
     return build_model(model_cfg, schema), schema
@@ -132,6 +138,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
         if not cfg_file.is_file():
             raise ArtifactError(f"{checkpoint}: no config in {ckpt.MARKER} and no config.yaml")
         config = yaml.safe_load(cfg_file.read_text())
+    from ranking.model.config import migrate_experiment
+
+    config = migrate_experiment(config)  # a checkpoint from before the runtime split
     sd = marker.get("schema")
     if sd is None:  # a checkpoint from before the schema was recorded: re-resolve
         from ranking.features import load_schema
@@ -279,8 +288,13 @@ def load_artifact(path: str | Path, *, dtype: str | None = None) -> Artifact:
     Weights are held in fp32 (bf16 artifacts are upcast on load, halving the file but not the
     resident size); with dtype "bf16" the forward runs in bf16 (``Artifact.predict``).
     """
+    from ranking.model.config import migrate_experiment
+
     path = Path(path)
     manifest = read_manifest(path)
+    # an artifact exported before the architecture / runtime split still loads: its runtime
+    # keys move from config.model to config.inference / config.train (the version is kept)
+    manifest["config"] = migrate_experiment(manifest["config"])
     wf = path / manifest["weights"]
     try:
         weights = torch.load(wf, map_location="cpu", weights_only=True)

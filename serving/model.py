@@ -39,9 +39,10 @@ def load_validated(path: str | Path, dtype: str | None, previous: Artifact | Non
             f"{previous.model_version}: features/tasks differ "
             f"({_signature(art.schema)} vs {_signature(previous.schema)})"
         )
-    # Three batch sizes: a model with compile / compile_epilogues compiles for the first shape;
-    # at the second, once more with the batch dimension dynamic (torch.compile's automatic
-    # dynamic shapes), and a single row gets its own graph (sizes 0 and 1 are specialised).
+    # Three batch sizes: a model served with inference.compile / compile_epilogues compiles for
+    # the first shape; at the second, once more with the batch dimension dynamic (torch.compile's
+    # automatic dynamic shapes), and a single row gets its own graph (sizes 0 and 1 are
+    # specialised).
     # All of it happens here, before the model takes traffic, not on its first requests
     # (seconds each).
     for rows in (2, 3, 1):

@@ -34,6 +34,24 @@ def _block(T: int, D: int, mult: float, norm: str, seed: int = 0):
     return blk
 
 
+def _lowered(blk, fused: bool):
+    """The block as ``optimize_for_inference`` lowers it in bf16 on the CPU: the AMX op
+    (``fused``) or the token-major eager block; both take token-major ``[T, B, D]``."""
+    from ranking.lowered import (
+        AmxRankMixer,
+        AmxTokenMixerLarge,
+        TokenMajorRankMixer,
+        TokenMajorTokenMixerLarge,
+    )
+    from ranking.model.blocks import RankMixerBlock
+
+    rm = isinstance(blk, RankMixerBlock)
+    if fused:
+        return (AmxRankMixer if rm else AmxTokenMixerLarge)(blk)
+    eager = TokenMajorRankMixer if rm else TokenMajorTokenMixerLarge
+    return eager(blk, torch.bfloat16, torch.device("cpu"))
+
+
 def _reference(blk, x_tm: torch.Tensor) -> torch.Tensor:
     """The block's equations in float64, one token at a time: token-major in and out."""
     T, _, D = x_tm.shape
@@ -73,13 +91,10 @@ def test_fused_block_matches_the_equations(T, D, mult, norm, B):
     blk = _block(T, D, mult, norm)
     x = torch.randn(T, B, D).to(torch.bfloat16).float()  # the bf16 paths' exact input
     want = _reference(blk, x)
-    blk = blk.to(torch.bfloat16)
     xb = x.to(torch.bfloat16)
     with torch.no_grad():
-        blk.cpu_fused_block = False
-        eager = blk.forward_tm(xb)
-        blk.cpu_fused_block = True
-        got = blk.forward_tm(xb)
+        eager = _lowered(blk, False)(xb)
+        got = _lowered(blk, True)(xb)
     assert got.dtype == torch.bfloat16 and got.shape == (T, B, D)
     err = (got.double() - want).abs()
     eager_err = (eager.double() - want).abs()
@@ -106,11 +121,9 @@ def test_gelu_is_exact_erf_gelu():
         blk.norm2.bias.zero_()
     x = (torch.randn(T, 512, D) * 2).to(torch.bfloat16).float()
     want = _reference(blk, x)
-    blk = blk.to(torch.bfloat16)
     with torch.no_grad():
-        eager = blk.forward_tm(x.to(torch.bfloat16)).double()
-        blk.cpu_fused_block = True
-        got = blk.forward_tm(x.to(torch.bfloat16)).double()
+        eager = _lowered(blk, False)(x.to(torch.bfloat16)).double()
+        got = _lowered(blk, True)(x.to(torch.bfloat16)).double()
     err, eager_err = (got - want).abs(), (eager - want).abs()
     assert err.max() <= 1.1 * eager_err.max() and err.mean() <= 1.1 * eager_err.mean()
     # S rounds to bf16 (2^-9 relative) before the GELU; both terms carry it, then the output
@@ -185,13 +198,10 @@ def test_fused_tokenmixer_large_block_matches_the_equations(T, D, H, mult, resid
     blk = _tml_block(T, D, H, mult, residual)
     x = torch.randn(T, B, D).to(torch.bfloat16).float()
     want = _tml_reference(blk, x)
-    blk = blk.to(torch.bfloat16)
     xb = x.to(torch.bfloat16)
     with torch.no_grad():
-        eager = blk.forward_tm(xb)
-        blk.cpu_fused_block = True
-        got = blk.forward_tm(xb)
-    assert blk._prepared is not None  # the op ran
+        eager = _lowered(blk, False)(xb)
+        got = _lowered(blk, True)(xb)
     err, eager_err = (got.double() - want).abs(), (eager.double() - want).abs()
     assert err.max() <= 1.1 * eager_err.max() + 1e-3, (err.max(), eager_err.max())
     assert err.mean() <= 1.1 * eager_err.mean(), (err.mean(), eager_err.mean())
@@ -200,46 +210,52 @@ def test_fused_tokenmixer_large_block_matches_the_equations(T, D, H, mult, resid
 
 
 @needs_op
-def test_repacks_when_weights_change():
-    blk = _block(16, 256, 4, "layer").to(torch.bfloat16)
-    blk.cpu_fused_block = True
+def test_the_op_owns_its_packed_weights():
+    """Lowering packs the weights once: changing the trained block afterwards does not reach
+    the lowered op (lower again to serve new weights), and the new lowering follows them."""
+    blk = _block(16, 256, 4, "layer")
     x = torch.randn(16, 64, 256, dtype=torch.bfloat16)
     with torch.no_grad():
-        before = blk.forward_tm(x)
-        blk.ffn.ffn.w1.mul_(-1.0)  # in place: same storage, new version
-        after = blk.forward_tm(x)
-        blk.cpu_fused_block = False
-        eager = blk.forward_tm(x)
+        op = _lowered(blk, True)
+        before = op(x)
+        blk.ffn.ffn.w1.mul_(-1.0)
+        assert torch.equal(op(x), before)
+        after = _lowered(blk, True)(x)
+        eager = _lowered(blk, False)(x)
     assert not torch.allclose(before.float(), after.float(), atol=0.1)
     assert (after.float() - eager.float()).abs().max() < 0.1
 
 
-def test_grad_and_fp32_paths_stay_eager():
-    """Training (grad on) and fp32 never take the op: bit-identical to the eager block."""
-    blk = _block(16, 256, 4, "layer")
-    x = torch.randn(16, 20, 256)
-    blk.cpu_fused_block = False
-    want = blk.forward_tm(x)
-    blk.cpu_fused_block = True
-    assert torch.equal(blk.forward_tm(x), want)
-    with torch.no_grad():
-        assert torch.equal(blk.forward_tm(x), want.detach())
+def test_training_and_fp32_never_take_the_op():
+    """Training runs the block's own forward; fp32 inference lowers to the token-major block,
+    never the op, even with cpu_fused_block asked for."""
+    from ranking.inference import lower_stack
+    from ranking.lowered import AmxRankMixer, TokenMajorRankMixer
+    from ranking.model.blocks import RankMixerStack
+
+    stack = RankMixerStack([_block(16, 256, 4, "layer")])
+    low = lower_stack(stack, torch.float32, torch.device("cpu"), cpu_fused_block=True)
+    assert isinstance(low.blocks[0], TokenMajorRankMixer)
+    assert not any(isinstance(m, AmxRankMixer) for m in stack.modules())
 
 
 def test_unavailable_op_falls_back_with_one_warning(monkeypatch, caplog):
-    import ranking.model.blocks as blocks_mod
+    import ranking.inference as inference
+    from ranking.inference import lower_stack
+    from ranking.lowered import TokenMajorRankMixer
+    from ranking.model.blocks import RankMixerStack
 
     monkeypatch.setattr(kc, "_state", {"ops": None, "why": "no AMX here (test)"})
-    monkeypatch.setattr(blocks_mod, "_WARNED", set())
-    blk = _block(16, 256, 4, "layer").to(torch.bfloat16)
-    x = torch.randn(16, 20, 256, dtype=torch.bfloat16)
+    monkeypatch.setattr(inference, "_WARNED", set())
+    stack = RankMixerStack([_block(16, 256, 4, "layer"), _block(16, 256, 4, "layer", seed=1)])
+    x = torch.randn(20, 16, 256)
+    with caplog.at_level(logging.WARNING, logger="ranking.inference"):
+        low = lower_stack(stack, torch.bfloat16, torch.device("cpu"), cpu_fused_block=True)
+        lower_stack(stack, torch.bfloat16, torch.device("cpu"), cpu_fused_block=True)
+    assert all(isinstance(b, TokenMajorRankMixer) for b in low.blocks)
+    eager = lower_stack(stack, torch.bfloat16, torch.device("cpu"))
     with torch.no_grad():
-        want = blk.forward_tm(x)
-        blk.cpu_fused_block = True
-        with caplog.at_level(logging.WARNING, logger="ranking.model.blocks"):
-            got = blk.forward_tm(x)
-            blk.forward_tm(x)
-    assert torch.equal(got, want)
+        assert torch.equal(low(x.bfloat16()).x, eager(x.bfloat16()).x)
     msgs = [r.getMessage() for r in caplog.records if "cpu_fused_block" in r.getMessage()]
     assert len(msgs) == 1 and "no AMX here (test)" in msgs[0]
 
@@ -274,27 +290,29 @@ def test_bad_inputs_name_the_argument():
 @needs_op
 @pytest.mark.parametrize("preset", ["rankmixer_medium", "tokenmixer_large_medium"])
 def test_preset_runs_the_op_through_the_ranker(preset):
-    """The medium presets switch it on; through serving's bf16 copy
-    (``bf16_dense``, what ``Artifact.predict`` runs) its logits stay as close to the fp32
-    model as the eager bf16 model's."""
+    """The medium presets switch it on (``inference.cpu_fused_block``); through
+    ``optimize_for_inference`` in bf16 (what ``Artifact.predict`` runs) the logits stay as close
+    to the fp32 model as the eager bf16 model's."""
     from pathlib import Path
 
-    from ranking.model.config import load_experiment
-    from ranking.model.ranker import bf16_dense, build_model
+    from ranking.inference import optimize_for_inference
+    from ranking.lowered import AmxRankMixer, AmxTokenMixerLarge
+    from ranking.model.ranker import build_model
     from ranking.model.synthetic import random_batch
+    from ranking.train.config import load_experiment
 
     path = Path(__file__).resolve().parents[1] / "configs" / "models" / f"{preset}.yaml"
-    cfg, schema = load_experiment(path)
-    assert cfg.cpu_fused_block
+    exp = load_experiment(path, require_data=False)
+    assert exp.inference.cpu_fused_block
     torch.manual_seed(0)
-    model = build_model(cfg, schema).eval()
-    assert all(b.cpu_fused_block for b in model.blocks.blocks)
-    batch = random_batch(schema, 300)
+    model = build_model(exp.model, exp.schema).eval()
+    batch = random_batch(exp.schema, 300)
+    opts = exp.inference.options()
     with torch.no_grad():
         want = model(batch).logits
-        m = bf16_dense(model)
+        m = optimize_for_inference(model, dtype="bf16", **opts)
         got = m(batch).logits.float()
-        m.cpu_fused_block = False
-        eager = m(batch).logits.float()
-    assert m.blocks.blocks[0]._prepared is not None  # the op ran
+        e = optimize_for_inference(model, dtype="bf16", **{**opts, "cpu_fused_block": False})
+        eager = e(batch).logits.float()
+    assert all(isinstance(b, AmxRankMixer | AmxTokenMixerLarge) for b in m.blocks.blocks)
     assert (got - want).abs().max() <= 1.5 * (eager - want).abs().max() + 1e-3

@@ -269,7 +269,7 @@ def test_reload_validation_refuses_incompatible_and_corrupt_artifacts(tmp_path):
 
 
 def test_compiled_epilogues_compile_before_the_model_takes_traffic(tmp_path):
-    """A model with ``compile_epilogues`` compiles in ``load_validated`` (static shape, then
+    """A model served with ``inference.compile_epilogues`` compiles in ``load_validated`` (static shape, then
     the dynamic batch dimension), so requests of new sizes add no graph, and scores equal the
     eager forward's."""
     import torch
@@ -279,20 +279,21 @@ def test_compiled_epilogues_compile_before_the_model_takes_traffic(tmp_path):
     from ranking.data.convert import batch_from_rows
     from serving.model import load_validated
 
-    model = {"arch": "tokenmixer_large", "dim": 16, "num_heads": 4, "compile_epilogues": True}
-    path = make_artifact(tmp_path / "a", model=model)
+    from ranking.inference import optimize_for_inference
+
+    model = {"arch": "tokenmixer_large", "dim": 16, "num_heads": 4}
+    path = make_artifact(tmp_path / "a", model=model, inference={"compile_epilogues": True})
     torch._dynamo.reset()
     counters.clear()
     art = load_validated(path, "fp32", None)
     compiled = counters["stats"]["unique_graphs"]
     assert compiled >= 2  # the norm and the SwiGLU epilogues at least
+    eager = optimize_for_inference(art.model, dtype="fp32")
     rows = [{"user": f"u{i}", "item": f"i{i}"} for i in range(37)]
     for n in (1, 5, 37):
         batch = batch_from_rows(art.schema, rows[:n])
         got = art.predict(batch)
-        art.model.compile_epilogues = False
-        want = art.predict(batch)
-        art.model.compile_epilogues = True
+        want = torch.sigmoid(eager(batch).logits)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] == compiled  # nothing compiled after loading
 

@@ -34,6 +34,16 @@ class ConfigError(ValueError):
     """A model config is invalid. The message names the file and the key."""
 
 
+# Runtime keys that ``model:`` held before the architecture / runtime split: where each lives now.
+MOVED = {
+    "compute_dtype": "train.compute_dtype",
+    "micro_batch": "inference.micro_batch",
+    "compile": "inference.compile",
+    "compile_epilogues": "inference.compile_epilogues",
+    "cpu_fused_block": "inference.cpu_fused_block",
+}
+
+
 @dataclass
 class MoEConfig:
     """Sparse per-token MoE options (``model.moe``).
@@ -82,14 +92,10 @@ class ModelConfig:
     before the mixer stack); both are training-only (identity in eval) and mixer-only,
     ``embedding_init_scale`` (every table starts ``U(-s, s)``; 0 = TorchRec's default
     ``U(-sqrt(1/rows), sqrt(1/rows))``, which starts a 3-row table at up to 0.58),
-    ``compute_dtype`` (``fp32`` | ``bf16``: autocast of the dense part), ``micro_batch`` (rows
-    per chunk of the mixer stack; 0 = whole batch; a cache-friendly CPU layout), ``compile``
-    (``torch.compile`` the mixer stack; fuses the per-token FFN's bias/activation passes),
-    ``compile_epilogues`` (CPU inference: only the norms and the SwiGLU activation between the
-    GEMMs go through ``torch.compile``; RankMixer and TokenMixer-Large), ``cpu_fused_block``
-    (bf16 CPU inference: each RankMixer block, and each TokenMixer-Large pSwiGLU stage, as one
-    ``kernels.cpu`` C++ op, AMX GEMMs with the norms, biases, residuals and activations fused
-    around them; the eager block where the CPU or the build lacks it).
+    Architecture only: how a model is executed is not here. Mixed precision in training is
+    ``train.compute_dtype``; micro-batches, compilation and the fused CPU ops at inference are
+    the ``inference:`` section (``ranking.inference.InferenceConfig``). The old keys name their
+    new place when met (``MOVED``).
 
     Tokenizer: ``tokenizer`` (``groups`` | ``slices``), ``num_tokens`` (total T incl. dense and
     global tokens; required for ``slices``, checked for ``groups``), ``token_proj`` (``linear`` |
@@ -118,11 +124,6 @@ class ModelConfig:
     head_dropout: float = 0.0
     token_dropout: float = 0.0
     embedding_init_scale: float = 0.0
-    compute_dtype: str = "fp32"
-    micro_batch: int = 0
-    compile: bool = False
-    compile_epilogues: bool = False
-    cpu_fused_block: bool = False
     # tokenizer
     tokenizer: str = ""
     num_tokens: int = 0
@@ -162,6 +163,12 @@ class ModelConfig:
         fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
         kw: dict[str, Any] = {}
         for key, value in data.items():
+            if key in MOVED:
+                raise ConfigError(
+                    f"{source}: model.{key}: moved to {MOVED[key]} (the model section holds "
+                    f"the architecture only; runtime choices belong to the trainer and "
+                    f"inference sections)"
+                )
             if key not in fields:
                 raise ConfigError(
                     f"{source}: model.{key}: unknown key (expected one of {sorted(fields)})"
@@ -231,7 +238,6 @@ class ModelConfig:
         choice("token_proj", self.token_proj, ("linear", "mlp"))
         choice("pooling", self.pooling, ("mean", "first", "flatten"))
         choice("norm", self.norm, ("rms", "layer"))
-        choice("compute_dtype", self.compute_dtype, ("fp32", "bf16"))
         choice("second_residual", self.second_residual, ("input", "reverted"))
         choice("flatten", self.flatten, ("channel_major", "token_major"))
         choice("moe.kind", self.moe.kind, ("rankmixer", "tokenmixer_large"))
@@ -239,7 +245,7 @@ class ModelConfig:
         for key in ("dim", "num_layers", "sinkhorn_iters", "lite_bases", "lite_rank"):
             if getattr(self, key) < 1:
                 raise self._err(key, f"must be a positive integer, got {getattr(self, key)}")
-        for key in ("num_tokens", "num_heads", "block_size", "micro_batch"):
+        for key in ("num_tokens", "num_heads", "block_size"):
             if getattr(self, key) < 0:
                 raise self._err(key, f"must be >= 0, got {getattr(self, key)}")
         if self.ffn_mult <= 0 or int(self.ffn_mult * self.dim) != self.ffn_mult * self.dim:
@@ -301,6 +307,24 @@ class ModelConfig:
             Bk = self.block_size or D
             if (T * D) % Bk:
                 raise self._err("block_size", f"B={Bk} must divide T*D={T * D}")
+
+
+def migrate_experiment(raw: Any) -> Any:
+    """An experiment config (a manifest's or checkpoint's ``config``) written before the
+    architecture / runtime split, with its runtime keys moved out of ``model:`` to where
+    ``MOVED`` says; a config without them is returned unchanged. A key already set at its new
+    place wins over the old one."""
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if not isinstance(model, dict) or not set(model) & set(MOVED):
+        return raw
+    out = {**raw, "model": {k: v for k, v in model.items() if k not in MOVED}}
+    for key, new in MOVED.items():
+        if key in model:
+            section, name = new.split(".")
+            moved = dict(out.get(section) or {})
+            moved.setdefault(name, model[key])
+            out[section] = moved
+    return out
 
 
 def section_from_dict(cls, data: Any, section: str, source: str):

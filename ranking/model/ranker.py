@@ -7,16 +7,13 @@ loss = bce(out.logits, batch.labels) + out.aux_loss
 
 from __future__ import annotations
 
-import contextlib
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ranking.features import Batch, FeatureSchema
 
-from .blocks import build_stack, compiled_or_eager
+from .blocks import build_stack
 from .config import ModelConfig, temperature_at
 from .output import RankerOutput
 from .tokenizer import Tokenizer
@@ -57,6 +54,19 @@ class TaskHeads(nn.Module):
         return torch.cat([self._head(h, z) for h in self.heads], dim=1)
 
 
+def pool_tokens(x: Tensor, pooling: str) -> Tensor:
+    """``[B, T, D] -> [B, P]``: ``mean`` over tokens, the ``first`` token, or ``flatten``."""
+    if pooling == "mean":
+        if x.dtype in (torch.bfloat16, torch.float16):
+            # the same fp32-accumulated mean as x.mean(1), faster in bf16 on CPU
+            # (docs/BENCHMARKS.md, "Measurements behind code choices")
+            return x.sum(1, dtype=torch.float32).div_(x.shape[1]).to(x.dtype)
+        return x.mean(1)
+    if pooling == "first":
+        return x[:, 0]
+    return x.flatten(1)
+
+
 class Ranker(nn.Module):
     """``Batch -> RankerOutput``: tokenizer ``[B, T, D]`` -> stack -> pool -> task heads.
 
@@ -67,16 +77,17 @@ class Ranker(nn.Module):
         pooling: ``mean`` over tokens, ``first`` token (the global token), or ``flatten``.
         aux_loss_weight: weight of the BCE loss of the heads on each lower layer's output
             (TokenMixer-Large), training only.
-        micro_batch: run the stack on row chunks of this size (exact; better cache use on CPU).
-        compute_dtype: ``bf16`` autocasts the dense part.
-        compile: run the stack through ``torch.compile`` (compiled on first use).
-        compile_epilogues: on the CPU inference path, run the norms and the SwiGLU activation
-            between the GEMMs through ``torch.compile`` (GEMMs stay eager); settable later.
-        cpu_fused_block: on the bf16 CPU inference path, run each RankMixer block (each
-            TokenMixer-Large pSwiGLU stage) as one ``kernels.cpu`` op (AMX GEMMs with fused
-            epilogues) where the CPU and the build have it; the eager block elsewhere;
-            settable later.
+        temperature: UniMixer's Sinkhorn temperature ``(start, end)`` over training.
         token_dropout: dropout probability on the tokens entering the stack (training only).
+
+    The model is the math only: how it is executed (bf16 weights, token-major layout, compiled
+    or fused kernels, micro-batches) is ``ranking.inference.optimize_for_inference``'s choice,
+    and mixed precision in training is the trainer's (``train.compute_dtype``).
+
+    Example::
+
+        model = build_model(ModelConfig.from_dict({"arch": "rankmixer", "num_tokens": 4}), schema)
+        out = model(batch)  # RankerOutput(logits [B, n_tasks], aux_loss scalar)
     """
 
     def __init__(
@@ -86,46 +97,14 @@ class Ranker(nn.Module):
         heads: nn.Module,
         pooling: str = "mean",
         aux_loss_weight: float = 0.0,
-        micro_batch: int = 0,
-        compute_dtype: str = "fp32",
-        compile: bool = False,
         temperature: tuple[float, float] = (1.0, 0.05),
         token_dropout: float = 0.0,
-        compile_epilogues: bool = False,
-        cpu_fused_block: bool = False,
     ):
         super().__init__()
         self.token_dropout = token_dropout
         self.temperature = temperature  # UniMixer's Sinkhorn tau: (start, end) of the anneal
         self.tokenizer, self.blocks, self.heads = tokenizer, blocks, heads
-        self.compile = compile
-        self._compiled = None  # a compiled function, not a submodule: state_dict keys unchanged
         self.pooling, self.aux_loss_weight = pooling, aux_loss_weight
-        self.micro_batch, self.compute_dtype = micro_batch, compute_dtype
-        self.compile_epilogues = compile_epilogues
-        self.cpu_fused_block = cpu_fused_block
-
-    @property
-    def cpu_fused_block(self) -> bool:
-        return self._cpu_fused_block
-
-    @cpu_fused_block.setter
-    def cpu_fused_block(self, on: bool) -> None:
-        self._cpu_fused_block = bool(on)
-        for m in self.blocks.modules():
-            if hasattr(m, "cpu_fused_block"):
-                m.cpu_fused_block = bool(on)
-
-    @property
-    def compile_epilogues(self) -> bool:
-        return self._compile_epilogues
-
-    @compile_epilogues.setter
-    def compile_epilogues(self, on: bool) -> None:
-        self._compile_epilogues = bool(on)
-        for m in self.blocks.modules():
-            if hasattr(m, "compile_epilogues"):
-                m.compile_epilogues = bool(on)
 
     def set_progress(self, fraction: float) -> None:
         """Training-schedule hook (the trainer calls it every step with steps done / total):
@@ -138,88 +117,29 @@ class Ranker(nn.Module):
 
     def pool(self, x: Tensor) -> Tensor:
         """``[B, T, D] -> [B, P]``."""
-        if self.pooling == "mean":
-            if x.dtype in (torch.bfloat16, torch.float16):
-                # the same fp32-accumulated mean as x.mean(1), faster in bf16 on CPU
-                # (docs/BENCHMARKS.md, "Measurements behind code choices")
-                return x.sum(1, dtype=torch.float32).div_(x.shape[1]).to(x.dtype)
-            return x.mean(1)
-        if self.pooling == "first":
-            return x[:, 0]
-        return x.flatten(1)
+        return pool_tokens(x, self.pooling)
 
-    def _stack(self, tokens: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Stack + heads on one chunk: ``(logits [b, n_tasks], aux summed over the chunk's rows)``."""
-        if self.compile and self._compiled is None:
-            self._compiled = compiled_or_eager(
-                self.blocks.forward, "the mixer stack (compile)", dynamic=False
-            )
-        out = self._compiled(tokens) if self.compile else self.blocks(tokens)
+    def dense_part(self, tokens: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Stack, pooling and heads: ``tokens [B, T, D] -> (logits [B, n_tasks], aux scalar)``.
+
+        In training with ``aux_loss_weight`` and ``labels``, ``aux`` adds the heads' BCE on
+        each lower layer's output (mean over rows and tasks, times the weight)."""
+        out = self.blocks(tokens)
         logits = self.heads(self.pool(out.x))
-        aux = out.aux * tokens.shape[0]
+        aux = out.aux
         if self.training and self.aux_loss_weight and labels is not None and out.hidden:
             for h in out.hidden:
                 low = self.heads(self.pool(h)).float()
-                aux = (
-                    aux
-                    + self.aux_loss_weight
-                    * F.binary_cross_entropy_with_logits(low, labels, reduction="sum")
-                    / labels.shape[1]
-                )
+                aux = aux + self.aux_loss_weight * F.binary_cross_entropy_with_logits(low, labels)
         return logits, aux
 
     def forward(self, batch: Batch) -> RankerOutput:
-        device = batch.dense.device
-        ctx = (
-            torch.autocast(device.type, dtype=torch.bfloat16)
-            if self.compute_dtype == "bf16"
-            else contextlib.nullcontext()
-        )
-        with ctx:
-            tokens = self.tokenizer(batch.dense, batch.sparse)
-            if self.token_dropout and self.training:
-                tokens = F.dropout(tokens, self.token_dropout, training=True)
-            if not torch.is_autocast_enabled(device.type):  # weights converted with .to(dtype)
-                tokens = tokens.to(self.heads.heads[0][-1].weight.dtype)
-            B = tokens.shape[0]
-            labels = batch.labels.float() if batch.labels is not None else None
-            step = self.micro_batch if 0 < self.micro_batch < B else B
-            parts = [
-                self._stack(tokens[i : i + step], None if labels is None else labels[i : i + step])
-                for i in range(0, B, step)
-            ]
-        logits = torch.cat([p[0] for p in parts]).float()
-        aux = sum(p[1] for p in parts) / max(B, 1)
-        return RankerOutput(logits, aux.float() if torch.is_tensor(aux) else logits.new_zeros(()))
-
-
-def bf16_dense(model: Ranker) -> Ranker:
-    """A bf16 inference copy of ``model``: the stack's and heads' parameters converted to
-    bf16 (copies), the tokenizer (embedding tables and token projections, fp32) shared, not
-    copied. Its forward runs without autocast: tokens are cast to bf16 once after the
-    tokenizer. Buffers keep their dtype (UniMixer's Sinkhorn temperature stays fp32; Sinkhorn
-    itself computes in fp32 either way).
-
-    Why not autocast: autocast keeps fp32 weights and casts at every GEMM, and CPU autocast
-    runs LayerNorm in fp32, so each block converts its activations back and forth
-    (fp32 <-> bf16 copies, mixed-dtype adds): slower (docs/BENCHMARKS.md, "Measurements behind
-    code choices"). ``benchmarks.bench_model``'s bf16 mode is the same conversion.
-    """
-    out = copy.copy(model)  # a shallow copy: give it its own module table before assigning
-    out._modules = dict(model._modules)
-    out._compiled = None
-    for name in ("blocks", "heads"):
-        part = copy.deepcopy(getattr(model, name))
-        for m in part.modules():
-            for key, p in m._parameters.items():
-                if p is not None and p.is_floating_point():
-                    m._parameters[key] = nn.Parameter(
-                        p.detach().to(torch.bfloat16), requires_grad=False
-                    )
-        setattr(out, name, part.eval())
-    out.compute_dtype = "fp32"  # no autocast inside: the weights are bf16 already
-    out.training = False  # the shared tokenizer keeps its own mode
-    return out
+        tokens = self.tokenizer(batch.dense, batch.sparse)
+        if self.token_dropout and self.training:
+            tokens = F.dropout(tokens, self.token_dropout, training=True)
+        labels = batch.labels.float() if batch.labels is not None else None
+        logits, aux = self.dense_part(tokens, labels)
+        return RankerOutput(logits.float(), aux.float())
 
 
 def build_model(
@@ -257,11 +177,6 @@ def build_model(
         heads,
         pooling=c.pooling,
         aux_loss_weight=c.aux_loss_weight,
-        micro_batch=c.micro_batch,
-        compute_dtype=c.compute_dtype,
-        compile=c.compile,
         temperature=(c.tau_start, c.tau_end),
         token_dropout=c.token_dropout,
-        compile_epilogues=c.compile_epilogues,
-        cpu_fused_block=c.cpu_fused_block,
     )

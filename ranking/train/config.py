@@ -4,7 +4,7 @@
 
     name: frappe_rankmixer
     schema: frappe                      # preset name or path to a schema YAML
-    model: {arch: rankmixer, ...}       # see ranking/model/config.py and docs/MODELS.md
+    model: {arch: rankmixer, ...}       # architecture: ranking/model/config.py, docs/MODELS.md
     data:
       train: ../shared/data/frappe/train.parquet
       valid: ../shared/data/frappe/valid.parquet
@@ -13,6 +13,9 @@
       epochs: 3
       dense_optimizer: adamw
       lr: 0.001
+      compute_dtype: fp32               # bf16: autocast the forward in training
+    inference:                          # how the exported artifact runs (ranking/inference.py)
+      micro_batch: 256
 
 ``key=value`` overrides on the command line use dotted paths (``train.lr=0.01``,
 ``model.num_layers=4``); values are parsed as YAML scalars. Every key is validated before any
@@ -99,6 +102,9 @@ class TrainConfig:
     # table -> sharding type; the key "*" sets the type of every table not named
     sharding: dict[str, str] = field(default_factory=dict)
     threads: int = 0  # torch threads per rank; 0: cores / local world size
+    # Mixed precision of the forward in training and evaluation: bf16 autocasts it (the
+    # weights and the optimiser stay fp32). Inference picks its own dtype (export --dtype).
+    compute_dtype: str = "fp32"
 
 
 @dataclass
@@ -108,11 +114,12 @@ class ExperimentConfig:
     model: Any  # ModelConfig
     data: DataConfig
     train: TrainConfig
+    inference: Any  # ranking.inference.InferenceConfig: runtime choices the artifact serves with
     raw: dict  # the resolved YAML (with overrides applied), written to the run directory
     source: str = "<dict>"
 
 
-_TOP = {"name", "schema", "model", "data", "train"}
+_TOP = {"name", "schema", "model", "data", "train", "inference"}
 
 
 def _set_dotted(d: dict, dotted: str, value: Any, source: str) -> None:
@@ -199,13 +206,17 @@ def load_experiment(
     except (SchemaError, FileNotFoundError, ValueError) as e:
         raise ConfigError(f"{source}: schema: {e}") from e
 
+    from ranking.inference import InferenceConfig
+
     model = ModelConfig.from_dict(raw.get("model") or {}, source=source)
+    inference = InferenceConfig.from_dict(raw.get("inference"), source)
 
     data = section_from_dict(DataConfig, raw.get("data"), "data", source)
     train = section_from_dict(TrainConfig, raw.get("train"), "train", source)
     _choice(train.dense_optimizer, DENSE_OPTIMIZERS, "train.dense_optimizer", source)
     _choice(train.embedding_optimizer, EMBEDDING_OPTIMIZERS, "train.embedding_optimizer", source)
     _choice(train.schedule, SCHEDULES, "train.schedule", source)
+    _choice(train.compute_dtype, ("fp32", "bf16"), "train.compute_dtype", source)
     if not isinstance(train.sharding, dict):
         raise ConfigError(f"{source}: train.sharding: expected a mapping table -> sharding type")
     tables = {t.name for t in schema.tables}
@@ -251,5 +262,12 @@ def load_experiment(
                 f"data_parallel}}) so that the dense optimiser decays them"
             )
     return ExperimentConfig(
-        name=name, schema=schema, model=model, data=data, train=train, raw=raw, source=source
+        name=name,
+        schema=schema,
+        model=model,
+        data=data,
+        train=train,
+        inference=inference,
+        raw=raw,
+        source=source,
     )

@@ -9,14 +9,15 @@ import torch
 from ranking.train.distributed import all_ranks
 
 
-def evaluate(model, batches, schema, device: torch.device) -> dict:
+def evaluate(model, batches, schema, device: torch.device, compute_dtype: str = "fp32") -> dict:
     """AUC/logloss/NE of ``model`` over this rank's ``batches``, gathered over all ranks.
 
     Every rank runs the same number of forwards (DistributedModelParallel's lookups are
     collective): a rank out of rows runs a batch it already scored (or an empty one) and
-    discards the output, until no rank has data."""
+    discards the output, until no rank has data. ``compute_dtype`` as in training."""
     from ranking.data.convert import batch_from_rows
     from ranking.metrics import EvalAccumulator
+    from ranking.train.loss import precision
 
     model.eval()
     acc = EvalAccumulator(schema.task_names, device=device)
@@ -32,7 +33,8 @@ def evaluate(model, batches, schema, device: torch.device) -> dict:
                 dummy = batch
             if not real:  # labels of the stand-in are zeros; its outputs are discarded
                 batch = dummy if dummy is not None else batch_from_rows(schema, [{}])
-            out = model(batch.to(device))
+            with precision(device, compute_dtype):
+                out = model(batch.to(device))
             if real:
                 acc.update(torch.sigmoid(out.logits.float()), batch.labels)
     model.train()

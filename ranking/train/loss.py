@@ -4,7 +4,17 @@ TorchRec's ``DLRMTrain`` does, so that the model itself stays the math of the fo
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+
+def precision(device: torch.device, compute_dtype: str):
+    """The context a training or evaluation forward runs in: bf16 autocast for
+    ``compute_dtype: bf16`` (``train.compute_dtype``), else nothing."""
+    if compute_dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def embedding_l2_term(pooled: list[torch.Tensor]) -> torch.Tensor:
@@ -34,7 +44,8 @@ class RankingTrain(torch.nn.Module):
     """The model with its training objective: ``forward(batch) -> (loss, (bce, out))``.
 
     ``model`` is the (DistributedModelParallel-wrapped) ranking model; its state and its
-    checkpoints are its own, this wrapper adds no parameters. With ``embedding_l2``, a forward
+    checkpoints are its own, this wrapper adds no parameters. ``compute_dtype: bf16`` runs the
+    forward under bf16 autocast (the loss itself in fp32). With ``embedding_l2``, a forward
     hook on each of ``embedding_owners`` (the modules that own an embedding collection: their
     output is the batch's looked-up embeddings, whatever the sharding) collects what the
     penalty applies to, in training mode only.
@@ -46,9 +57,16 @@ class RankingTrain(torch.nn.Module):
         loss.backward()
     """
 
-    def __init__(self, model: torch.nn.Module, embedding_l2: float = 0.0, embedding_owners=()):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        embedding_l2: float = 0.0,
+        embedding_owners=(),
+        compute_dtype: str = "fp32",
+    ):
         super().__init__()
         self.model = model
+        self.compute_dtype = compute_dtype
         self.embedding_l2 = embedding_l2
         self._pooled: list[torch.Tensor] = []
         if embedding_l2:
@@ -61,7 +79,8 @@ class RankingTrain(torch.nn.Module):
 
     def forward(self, batch):
         try:
-            out = self.model(batch)
+            with precision(batch.dense.device, self.compute_dtype):
+                out = self.model(batch)
             loss, bce = training_loss(out, batch.labels, self._pooled, self.embedding_l2)
         finally:
             self._pooled.clear()

@@ -116,6 +116,7 @@ class Trainer:
             self.model,
             embedding_l2=cfg.train.embedding_l2,
             embedding_owners=embedding_parents(self.model.module, emb_paths),
+            compute_dtype=cfg.train.compute_dtype,
         )
         if self.rank == 0:
             print(f"[mixrank] sharding plan:\n{plan}", file=sys.stderr, flush=True)
@@ -236,7 +237,13 @@ class Trainer:
     # ----------------------------------------------------------- loops
     def evaluate(self, path: str) -> dict:
         reader = self._reader(path, self.cfg.data.eval_batch_size, False, 0, drop_last=False)
-        return evaluate(self.model, self._loader(reader), self.cfg.schema, self.device)
+        return evaluate(
+            self.model,
+            self._loader(reader),
+            self.cfg.schema,
+            self.device,
+            self.cfg.train.compute_dtype,
+        )
 
     def _set_progress(self, frac: float) -> None:
         """Schedule hooks: e.g. the UniMixer Sinkhorn temperature (annealed 1.0 -> 0.05)."""

@@ -1,0 +1,265 @@
+"""The execution strategy for inference, as one pass over a trained model.
+
+``optimize_for_inference(model, *, dtype="bf16", device="cpu")`` returns a model with the same
+``forward(batch) -> RankerOutput`` in which the mixer blocks are swapped for their fast
+implementations (``ranking.lowered``): token-major layout on the CPU, compiled epilogues, the
+``kernels.cpu`` AMX ops where the CPU has AMX, weights in ``dtype``. It is the one place that
+picks an implementation (in the spirit of Liger-Kernel's ``apply_liger_kernel_to_*``): the
+model's own code stays the papers' math. Serving, ``mixrank eval``, export and ``mixrank bench
+model`` call it (through ``ranking.export.Artifact``); training never does.
+
+The runtime choices it takes beyond ``dtype`` and ``device`` are the ``inference:`` section of
+an experiment YAML (``InferenceConfig``)::
+
+    inference:
+      micro_batch: 256          # rows per chunk of the dense part (0: the whole batch)
+      compile: false            # torch.compile the whole lowered stack
+      compile_epilogues: true   # torch.compile the norms / SwiGLU between the GEMMs
+      cpu_fused_block: true     # bf16 on an AMX CPU: each block (stage) as one kernels.cpu op
+
+Example::
+
+    fast = optimize_for_inference(model, dtype="bf16", **cfg.inference.options())
+    probs = torch.sigmoid(fast(batch).logits)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import kernels
+from kernels import cpu as cpu_kernels
+from ranking.features import Batch
+from ranking.lowered import (
+    AmxRankMixer,
+    AmxTokenMixerLarge,
+    CompiledOrEager,
+    TokenMajorRankMixer,
+    TokenMajorStack,
+    TokenMajorTokenMixerLarge,
+    has_token_major,
+)
+from ranking.model.blocks import (
+    RankMixerBlock,
+    RankMixerStack,
+    StackOutput,
+    TokenMixerLargeStack,
+)
+from ranking.model.config import ConfigError, section_from_dict
+from ranking.model.output import RankerOutput
+from ranking.model.ranker import Ranker, pool_tokens
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class InferenceConfig:
+    """Runtime choices for inference (the ``inference:`` section; architecture-free).
+
+    micro_batch: rows per chunk of the dense part (stack, pooling, heads); 0 = the whole batch.
+        Exact; on the CPU chunks of about 256 rows keep the per-token GEMMs in cache.
+    compile: ``torch.compile`` the lowered mixer stack (compiled on first use; a static shape
+        first, then the batch dimension dynamic).
+    compile_epilogues: on the CPU token-major path, only the norms and the SwiGLU activation
+        between the GEMMs go through ``torch.compile`` (the GEMMs stay eager).
+    cpu_fused_block: bf16 on the CPU: each RankMixer block, and each TokenMixer-Large pSwiGLU
+        stage, as one ``kernels.cpu`` op (AMX GEMMs with fused epilogues) where the CPU and the
+        build have it; the token-major block elsewhere (logged once).
+    """
+
+    micro_batch: int = 0
+    compile: bool = False
+    compile_epilogues: bool = False
+    cpu_fused_block: bool = False
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>") -> InferenceConfig:
+        cfg = section_from_dict(cls, data, "inference", source)
+        if cfg.micro_batch < 0:
+            raise ConfigError(
+                f"{source}: inference.micro_batch: must be >= 0, got {cfg.micro_batch}"
+            )
+        return cfg
+
+    def options(self) -> dict:
+        """The keyword arguments of ``optimize_for_inference``."""
+        return dataclasses.asdict(self)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, msg: str, *args) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(msg, *args)
+
+
+def _frozen_copy(module: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """A deep copy in eval mode with floating parameters in ``dtype`` on ``device``, outside
+    autograd; buffers keep their dtype (UniMixer's Sinkhorn temperature stays fp32; Sinkhorn
+    computes in fp32 either way)."""
+    part = copy.deepcopy(module).to(device)
+    for m in part.modules():
+        for key, p in m._parameters.items():
+            if p is not None and p.is_floating_point():
+                m._parameters[key] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+    return part.eval()
+
+
+def _fast_block(block, dtype, device, compile_epilogues: bool, cpu_fused_block: bool):
+    rankmixer = isinstance(block, RankMixerBlock)
+    if cpu_fused_block and dtype == torch.bfloat16:
+        amx = AmxRankMixer if rankmixer else AmxTokenMixerLarge
+        if cpu_kernels.ops() is None:
+            _warn_once(
+                "cpu_fused_block",
+                "cpu_fused_block: %s; running the token-major block",
+                cpu_kernels.reason(),
+            )
+        elif amx.supports(block):
+            return amx(block)
+        else:
+            _warn_once(
+                f"cpu_fused_block {type(block).__name__}",
+                "cpu_fused_block: kernels.cpu does not take this %s's shapes; running the "
+                "token-major block",
+                type(block).__name__,
+            )
+    fast = TokenMajorRankMixer if rankmixer else TokenMajorTokenMixerLarge
+    return fast(block, dtype, device, compile_epilogues)
+
+
+def lower_stack(
+    stack: nn.Module,
+    dtype: torch.dtype,
+    device: torch.device,
+    compile_epilogues: bool = False,
+    cpu_fused_block: bool = False,
+) -> nn.Module:
+    """The fastest implementation of a mixer stack for ``device``: token-major blocks on the
+    CPU (dense RankMixer / TokenMixer-Large), else a frozen copy in ``dtype`` (UniMixer, MoE
+    stages, and the GPU, where the blocks' own forward runs the Triton kernels)."""
+    token_major = (
+        device.type == "cpu"
+        and kernels.backend(device) == "torch"
+        and type(stack) in (RankMixerStack, TokenMixerLargeStack)
+        and all(has_token_major(b) for b in stack.blocks)
+    )
+    if not token_major:
+        return _frozen_copy(stack, dtype, device)
+    blocks = [
+        _fast_block(b, dtype, device, compile_epilogues, cpu_fused_block) for b in stack.blocks
+    ]
+    return TokenMajorStack(blocks, getattr(stack, "every", 0))
+
+
+class InferenceRanker(nn.Module):
+    """A ``Ranker`` lowered for inference: ``Batch -> RankerOutput`` without autograd.
+
+    The tokenizer (embedding tables, token projections) is the trained model's, shared and not
+    copied; the stack is lowered (``lower_stack``) and the heads are a copy in ``dtype``. The
+    tokens are cast to ``dtype`` once after the tokenizer; the dense part runs on chunks of
+    ``micro_batch`` rows (0: the whole batch), through ``torch.compile`` with ``compile``.
+    """
+
+    def __init__(
+        self,
+        model: Ranker,
+        stack: nn.Module,
+        heads: nn.Module,
+        dtype: torch.dtype,
+        micro_batch: int = 0,
+        compile: bool = False,
+    ):
+        super().__init__()
+        self.tokenizer, self.blocks, self.heads = model.tokenizer, stack, heads
+        self.pooling, self.dtype, self.micro_batch = model.pooling, dtype, micro_batch
+        self._stack = (
+            CompiledOrEager(stack.forward, "the mixer stack (compile)", dynamic=False)
+            if compile
+            else stack
+        )
+        self.compile = compile
+        self.training = False  # not self.eval(): that would reach the shared tokenizer
+
+    def dense_part(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Stack, pooling and heads on one chunk: ``tokens [b, T, D] -> (logits, aux)``."""
+        out: StackOutput = self._stack(tokens.to(self.dtype))
+        return self.heads(pool_tokens(out.x, self.pooling)), out.aux
+
+    def chunks(self, tokens: Tensor) -> list[tuple[Tensor, Tensor]]:
+        B = tokens.shape[0]
+        step = self.micro_batch if 0 < self.micro_batch < B else max(B, 1)
+        return [self.dense_part(tokens[i : i + step]) for i in range(0, B, step)]
+
+    @torch.no_grad()
+    def forward(self, batch: Batch) -> RankerOutput:
+        tokens = self.tokenizer(batch.dense, batch.sparse)
+        parts = self.chunks(tokens)
+        logits = torch.cat([p[0] for p in parts]).float()
+        B = tokens.shape[0]
+        aux = sum(p[1].float() * p[0].shape[0] for p in parts) / max(B, 1)
+        return RankerOutput(logits, aux if torch.is_tensor(aux) else logits.new_zeros(()))
+
+
+class AutocastModel(nn.Module):
+    """A model without a lowering of its own (the DLRM / DCNv2 baselines) run in eval mode
+    without autograd, under autocast to ``dtype`` when that is bf16."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.model, self.dtype, self.device_type = model, dtype, device.type
+
+    @torch.no_grad()
+    def forward(self, batch: Batch) -> RankerOutput:
+        bf16 = self.dtype == torch.bfloat16
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=bf16):
+            return self.model(batch)
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    *,
+    dtype: str = "bf16",
+    device: str | torch.device = "cpu",
+    micro_batch: int = 0,
+    compile: bool = False,
+    compile_epilogues: bool = False,
+    cpu_fused_block: bool = False,
+) -> nn.Module:
+    """``model`` lowered for inference on ``device`` in ``dtype`` (``fp32`` | ``bf16``).
+
+    The result has the same ``forward(batch) -> RankerOutput`` and gives the same logits within
+    ``dtype``'s rounding (tests/test_inference.py, every architecture). It runs without
+    autograd. A ``Ranker`` becomes an ``InferenceRanker`` that shares the embedding tables and
+    holds its own copies of the dense weights: later changes to ``model``'s dense weights do not
+    reach it (lower again). Other models (the baselines) run in eval mode under autocast for
+    bf16 (and are put in eval mode). The keyword options are ``InferenceConfig``'s fields.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(
+            f"optimize_for_inference: dtype: expected one of {list(DTYPES)}, got {dtype!r}"
+        )
+    dev = torch.device(device)
+    on = {p.device.type for p in model.parameters()}
+    if on and on != {dev.type}:
+        raise ValueError(
+            f"optimize_for_inference: the model's parameters are on {sorted(on)}, device={dev}: "
+            f"move the model first (model.to(device))"
+        )
+    dt = DTYPES[dtype]
+    if not isinstance(model, Ranker):
+        return AutocastModel(model.eval(), dt, dev)
+    stack = lower_stack(model.blocks, dt, dev, compile_epilogues, cpu_fused_block)
+    heads = _frozen_copy(model.heads, dt, dev)
+    return InferenceRanker(model, stack, heads, dt, micro_batch, compile)

@@ -1,0 +1,327 @@
+"""Fast inference implementations of the mixer blocks, swapped in for them by
+``ranking.inference.optimize_for_inference`` (training never runs these).
+
+Each module here is built from a block of ``ranking.model.blocks`` and owns its weights in the
+inference dtype: copies, packed where a kernel wants them packed. Its forward computes the same
+equations as the block's (tests/test_inference.py compares them for every architecture).
+
+**Token-major layout.** On the CPU (where the kernel dispatch picks the PyTorch reference) the
+dense RankMixer and TokenMixer-Large stacks run in ``[T, B, D]``: the per-token GEMMs then read
+and write contiguous ``[T, B, *]`` batches with no transposes, token mixing is one permuted
+copy, residuals and biases are folded into the second GEMM (``baddbmm``), norms run natively in
+the weights' dtype (fp32 statistics inside) and activations are applied in place.
+
+**Compiled epilogues** (``compile_epilogues``): the elementwise work between the GEMMs (the
+norms, SwiGLU's ``Swish(gate) * up``) goes through ``torch.compile`` one function at a time, so
+Inductor's C++ backend emits one vectorised pass per function while the GEMMs stay eager oneDNN
+calls. Exact GELU stays eager: compiled, it was slower than the in-place ``gelu_``
+(docs/BENCHMARKS.md, "Measurements behind code choices"). Compiling needs a C++ compiler at run
+time; where there is none (the serving image ships without one) or compilation fails otherwise,
+the function runs eagerly from then on, with one warning: same math, the eager speed.
+
+**AMX ops** (``cpu_fused_block``, bf16): each RankMixer block, and each TokenMixer-Large
+pSwiGLU stage, as one ``kernels.cpu`` op (AMX GEMMs with the norms, biases, residuals and
+activations fused around them), where the CPU and the build have it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from kernels import cpu as cpu_kernels
+from ranking.model.blocks import RankMixerBlock, StackOutput, TokenMixerLargeBlock
+from ranking.model.ffn import DenseStage, PerTokenFFN, PerTokenSwiGLU
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- token mixing
+
+
+def mix_tm(x: Tensor, num_heads: int) -> Tensor:
+    """Token mixing in token-major layout: ``[T, B, D] -> [H, B, T*D/H]`` (a copy);
+    ``out[h, b, t*d:(t+1)*d] = x[t, b, h*d:(h+1)*d]`` with ``d = D/H``."""
+    T, B, D = x.shape
+    d = D // num_heads
+    # clone, not reshape: always a fresh tensor (reshape returns a view of x when the permuted
+    # layout happens to be contiguous, e.g. T = 1, and callers add into the result in place)
+    return _chunk_permute(x.view(T, B, num_heads, d)).view(num_heads, B, T * d)
+
+
+def revert_tm(y: Tensor, num_tokens: int) -> Tensor:
+    """Inverse of ``mix_tm``: ``[H, B, T*d] -> [T, B, H*d]`` (a copy)."""
+    H, B, W = y.shape
+    d = W // num_tokens
+    return _chunk_permute(y.view(H, B, num_tokens, d)).view(num_tokens, B, H * d)
+
+
+def _chunk_permute(v: Tensor) -> Tensor:
+    """``v [P, B, Q, d] -> [Q, B, P, d]``, a contiguous copy that moves whole ``d``-chunks.
+
+    Where a chunk is a whole number of 16-byte units, the copy moves them as complex128
+    elements (the same bytes, bit for bit, fewer strided elements: faster, most for small d;
+    docs/BENCHMARKS.md, "Measurements behind code choices"). Only without autograd (a dtype
+    view has no gradient)."""
+    nbytes = v.shape[-1] * v.element_size()
+    if (
+        v.is_contiguous()
+        and not v.requires_grad
+        and nbytes % 16 == 0
+        and v.storage_offset() * v.element_size() % 16 == 0
+    ):
+        w = v.view(torch.complex128).permute(2, 1, 0, 3)
+        return w.clone(memory_format=torch.contiguous_format).view(v.dtype)
+    return v.permute(2, 1, 0, 3).clone(memory_format=torch.contiguous_format)
+
+
+# ----------------------------------------------------------------------------- compiled functions
+
+
+class CompiledOrEager:
+    """``torch.compile(fn)``, or ``fn`` itself once the compiled call has failed where the
+    eager one succeeds (logged once; ``fell_back`` then says so). When the eager call fails
+    too, the input was at fault: its error is raised and the compiled path is kept."""
+
+    def __init__(self, fn, what: str, **compile_kwargs):
+        self.eager, self.what = fn, what
+        self.fn = torch.compile(fn, **{"dynamic": None, **compile_kwargs})
+
+    @property
+    def fell_back(self) -> bool:
+        return self.fn is self.eager
+
+    def __call__(self, *args, **kwargs):
+        if self.fell_back:
+            return self.eager(*args, **kwargs)
+        try:
+            return self.fn(*args, **kwargs)
+        except Exception as e:  # Inductor: no C++ compiler, a failed build, an unsupported op
+            out = self.eager(*args, **kwargs)  # raises on a bad input: compiled path kept
+            text = str(e).strip()
+            first = text.splitlines()[0][:300] if text else ""
+            log.warning(
+                "%s: torch.compile failed (%s: %s); running it eagerly",
+                self.what,
+                type(e).__name__,
+                first,
+            )
+            self.fn = self.eager
+            return out
+
+
+def norm_epilogue(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, rms: bool) -> Tensor:
+    """LayerNorm (``rms=False``) or RMSNorm over the last dim."""
+    if rms:
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def swiglu_epilogue(gate_up: Tensor, hidden: int) -> Tensor:
+    """``Swish(gate) * up`` of the fused ``[..., 2*hidden]`` projection (gate first)."""
+    gate, up = gate_up.split(hidden, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+# One compiled function per epilogue for the process: compiled graphs are shared by every block.
+EPILOGUES: dict[str, CompiledOrEager] = {}
+
+
+def compiled(name: str, fn) -> CompiledOrEager:
+    f = EPILOGUES.get(name)
+    if f is None:
+        f = EPILOGUES[name] = CompiledOrEager(fn, f"the {name} epilogue (compile_epilogues)")
+    return f
+
+
+# ----------------------------------------------------------------------------- owned weights
+
+
+def _eps(norm: nn.Module) -> float:
+    return norm.eps if norm.eps is not None else 1e-6
+
+
+def _own(t: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A contiguous copy of ``t`` in ``dtype`` on ``device``, outside autograd."""
+    return t.detach().to(device=device, dtype=dtype, copy=True).contiguous()
+
+
+class Norm(nn.Module):
+    """A block's LayerNorm or RMSNorm with its weights in the inference dtype; with ``compiled``
+    through the compiled norm epilogue (same math)."""
+
+    def __init__(self, norm: nn.Module, dtype: torch.dtype, device, compiled: bool = False):
+        super().__init__()
+        self.rms, self.eps, self.compiled = isinstance(norm, nn.RMSNorm), _eps(norm), compiled
+        self.register_buffer("weight", _own(norm.weight, dtype, device))
+        bias = None if self.rms else norm.bias
+        self.register_buffer("bias", None if bias is None else _own(bias, dtype, device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        fn = compiled("norm", norm_epilogue) if self.compiled else norm_epilogue
+        return fn(x, self.weight, self.bias, self.eps, self.rms)
+
+
+class SwiGLUWeights(nn.Module):
+    """A dense pSwiGLU's weights in the inference dtype; ``act(x)`` is ``Swish(gate) * up`` for
+    token-major ``x [T, B, W] -> [T, B, Hd]`` (``w_down`` is applied by the caller's GEMM)."""
+
+    def __init__(self, ffn: PerTokenSwiGLU, dtype: torch.dtype, device, compiled: bool = False):
+        super().__init__()
+        self.hidden, self.compiled = ffn.hidden, compiled
+        self.register_buffer("w_gate_up", _own(ffn.w_gate_up, dtype, device))
+        self.register_buffer("w_down", _own(ffn.w_down, dtype, device))
+
+    def act(self, x: Tensor) -> Tensor:
+        gate_up = torch.bmm(x, self.w_gate_up)
+        if self.compiled:
+            return compiled("swiglu", swiglu_epilogue)(gate_up, self.hidden)
+        gate, up = gate_up.split(self.hidden, dim=-1)
+        return torch.nn.functional.silu(gate).mul_(up)
+
+
+# ----------------------------------------------------------------------------- fast blocks
+
+
+def dense_ffn(stage: nn.Module, kind: type) -> nn.Module | None:
+    """The dense per-token FFN inside a block's stage, or None (a MoE stage)."""
+    if isinstance(stage, DenseStage) and isinstance(stage.ffn, kind):
+        return stage.ffn
+    return None
+
+
+def has_token_major(block: nn.Module) -> bool:
+    """Whether ``block`` has a token-major implementation here (dense RankMixer / TokenMixer-
+    Large blocks; a MoE stage or UniMixer keeps the block itself)."""
+    if isinstance(block, RankMixerBlock):
+        return dense_ffn(block.ffn, PerTokenFFN) is not None
+    if isinstance(block, TokenMixerLargeBlock):
+        return all(dense_ffn(f, PerTokenSwiGLU) is not None for f in (block.f1, block.f2))
+    return False
+
+
+class TokenMajorRankMixer(nn.Module):
+    """``RankMixerBlock`` (dense PFFN) on token-major ``x [T, B, D] -> [T, B, D]``:
+    ``S = Norm1(Mix(X) + X)``, ``Norm2(W2_t GELU(W1_t S_t + b1_t) + b2_t + S_t)``."""
+
+    def __init__(self, block: RankMixerBlock, dtype, device, compile_epilogues: bool = False):
+        super().__init__()
+        ffn = dense_ffn(block.ffn, PerTokenFFN)
+        self.num_tokens = block.num_tokens
+        self.norm1 = Norm(block.norm1, dtype, device, compile_epilogues)
+        self.norm2 = Norm(block.norm2, dtype, device, compile_epilogues)
+        self.register_buffer("w1", _own(ffn.w1, dtype, device))
+        self.register_buffer("b1", _own(ffn.b1.unsqueeze(1), dtype, device))  # [T, 1, kD]
+        self.register_buffer("w2", _own(ffn.w2, dtype, device))
+        self.register_buffer("b2", _own(ffn.b2.unsqueeze(1), dtype, device))  # [T, 1, D]
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.norm1(mix_tm(x, self.num_tokens).add_(x))
+        # the bias rides in the GEMM's accumulator: one broadcast write instead of a
+        # read-add-write pass after it (docs/BENCHMARKS.md, "Measurements behind code choices")
+        h = torch.ops.aten.gelu_(torch.baddbmm(self.b1, s, self.w1))
+        # Norm2(PFFN(S) + S): the residual and b2 ride in the second GEMM's accumulator
+        return self.norm2(torch.baddbmm(s + self.b2, h, self.w2))
+
+
+class AmxRankMixer(nn.Module):
+    """``RankMixerBlock`` (dense PFFN) as one ``kernels.cpu`` op on token-major bf16
+    ``x [T, B, D]``; owns the op's packed weights (packed once, from bf16 copies)."""
+
+    def __init__(self, block: RankMixerBlock):
+        super().__init__()
+        ffn = dense_ffn(block.ffn, PerTokenFFN)
+        rms = isinstance(block.norm1, nn.RMSNorm)
+        bf = lambda t: None if t is None else t.detach().to(torch.bfloat16)  # noqa: E731
+        norm = lambda n: (bf(n.weight), None if rms else bf(n.bias), _eps(n))  # noqa: E731
+        self.prepared = cpu_kernels.prepare_rankmixer(
+            norm(block.norm1),
+            bf(ffn.w1),
+            bf(ffn.b1),
+            bf(ffn.w2),
+            bf(ffn.b2),
+            norm(block.norm2),
+            rms,
+        )
+
+    @staticmethod
+    def supports(block: RankMixerBlock) -> bool:
+        ffn = dense_ffn(block.ffn, PerTokenFFN)
+        return cpu_kernels.supports(block.num_tokens, ffn.w1.shape[1], ffn.w1.shape[-1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return cpu_kernels.rankmixer_block(x, self.prepared)
+
+
+class TokenMajorTokenMixerLarge(nn.Module):
+    """``TokenMixerLargeBlock`` (dense pSwiGLU) on token-major ``x [T, B, D] -> [T, B, D]``:
+    ``Hm = Mix(X)``, ``H' = Hm + F1(RMSNorm(Hm))``, ``R + F2(RMSNorm(Revert(H')))``."""
+
+    def __init__(self, block: TokenMixerLargeBlock, dtype, device, compile_epilogues=False):
+        super().__init__()
+        self.num_tokens, self.num_heads = block.num_tokens, block.num_heads
+        self.second_residual = block.second_residual
+        self.norm1 = Norm(block.norm1, dtype, device, compile_epilogues)
+        self.norm2 = Norm(block.norm2, dtype, device, compile_epilogues)
+        self.f1 = SwiGLUWeights(block.f1.ffn, dtype, device, compile_epilogues)
+        self.f2 = SwiGLUWeights(block.f2.ffn, dtype, device, compile_epilogues)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hm = mix_tm(x, self.num_heads)  # [H, B, W]
+        h = torch.baddbmm(hm, self.f1.act(self.norm1(hm)), self.f1.w_down)  # Hm + F1(...)
+        r = revert_tm(h, self.num_tokens)
+        base = x if self.second_residual == "input" else r
+        return torch.baddbmm(base, self.f2.act(self.norm2(r)), self.f2.w_down)
+
+
+class AmxTokenMixerLarge(nn.Module):
+    """``TokenMixerLargeBlock`` (dense pSwiGLU) with each stage one ``kernels.cpu`` op on
+    token-major bf16 ``x [T, B, D]`` (mixing and reverting stay copies); owns the packed
+    weights of both stages."""
+
+    def __init__(self, block: TokenMixerLargeBlock):
+        super().__init__()
+        self.num_tokens, self.num_heads = block.num_tokens, block.num_heads
+        self.second_residual = block.second_residual
+        bf = lambda t: t.detach().to(torch.bfloat16)  # noqa: E731
+        self.prepared = tuple(
+            cpu_kernels.prepare_swiglu((bf(n.weight), _eps(n)), bf(f.w_gate_up), bf(f.w_down))
+            for n, f in ((block.norm1, block.f1.ffn), (block.norm2, block.f2.ffn))
+        )
+
+    @staticmethod
+    def supports(block: TokenMixerLargeBlock) -> bool:
+        return all(
+            cpu_kernels.swiglu_supports(f.ffn.w_down.shape[-1], f.ffn.hidden)
+            for f in (block.f1, block.f2)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        hm = mix_tm(x, self.num_heads)
+        r = revert_tm(cpu_kernels.swiglu_stage(hm, hm, self.prepared[0]), self.num_tokens)
+        base = x if self.second_residual == "input" else r
+        return cpu_kernels.swiglu_stage(r, base, self.prepared[1])
+
+
+class TokenMajorStack(nn.Module):
+    """A RankMixer / TokenMixer-Large stack of token-major blocks: ``[B, T, D] -> StackOutput``
+    (transposed in once, out once as a view; ``hidden`` empty: inference). ``every`` is
+    TokenMixer-Large's interlayer residual (0: none)."""
+
+    def __init__(self, blocks: list[nn.Module], every: int = 0):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.every = every
+
+    def forward(self, x: Tensor) -> StackOutput:
+        aux = x.new_zeros((), dtype=torch.float32)
+        xt = x.transpose(0, 1).contiguous()
+        anchor, L = xt, len(self.blocks)
+        for i, blk in enumerate(self.blocks, start=1):
+            xt = blk(xt)
+            if self.every and i % self.every == 0 and i < L:
+                xt = xt + anchor
+                anchor = xt
+        return StackOutput(xt.transpose(0, 1), aux, [])
