@@ -277,9 +277,8 @@ def test_compiled_epilogues_compile_before_the_model_takes_traffic(tmp_path):
 
     from benchmarks.artifacts import make_artifact
     from ranking.data.convert import batch_from_rows
-    from serving.model import load_validated
-
     from ranking.inference import optimize_for_inference
+    from serving.model import load_validated
 
     model = {"arch": "tokenmixer_large", "dim": 16, "num_heads": 4}
     path = make_artifact(tmp_path / "a", model=model, inference={"compile_epilogues": True})
