@@ -117,14 +117,14 @@ def in_process(art, request: dict, iters: int, dtypes=("fp32", "bf16")) -> dict:
     """Forward p50 per dtype, full-answer p50, raw batched forward candidates/s."""
     import torch
 
-    from serving.featurize import merged_batch, request_columns
+    from ranking.data.encode import merged_batch
     from serving.model import rank_response
     from serving.request import Limits, parse_json
 
     torch.set_num_threads(1)  # as deploy/serve.yaml's torch_threads
     body = json.dumps(request).encode()
     req = parse_json(body, art.schema, Limits())
-    cols = request_columns(art.schema, req)
+    cols = req.features
     batch = merged_batch(art.schema, [cols])
     big = merged_batch(art.schema, [cols] * 8)
     out = {}
@@ -136,7 +136,7 @@ def in_process(art, request: dict, iters: int, dtypes=("fp32", "bf16")) -> dict:
 
     def answer():
         r = parse_json(body, art.schema, Limits())
-        b = merged_batch(art.schema, [request_columns(art.schema, r)])
+        b = merged_batch(art.schema, [r.features])
         rank_response(art, r.request_id, art.predict(b).numpy(), None)
 
     out["answer_p50_ms"] = _p(_time(answer, iters), 0.5) * 1e3
@@ -158,14 +158,12 @@ def _probe(art, request: dict, dtype: str, iters: int = 10) -> dict:
     of the request's ``Batch`` back to back, and the raw batched forward's candidates/s."""
     import torch
 
-    from serving.featurize import merged_batch, request_columns
+    from ranking.data.encode import merged_batch
     from serving.request import Limits, parse_json
 
     torch.set_num_threads(1)
     art.dtype = dtype
-    cols = request_columns(
-        art.schema, parse_json(json.dumps(request).encode(), art.schema, Limits())
-    )
+    cols = parse_json(json.dumps(request).encode(), art.schema, Limits()).features
     batch, big = merged_batch(art.schema, [cols]), merged_batch(art.schema, [cols] * 8)
     fwd = _p(_time(lambda: art.predict(batch), iters), 0.5) * 1e3
     sec = statistics.median(_time(lambda: art.predict(big), 3))

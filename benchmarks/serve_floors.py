@@ -50,7 +50,6 @@ class _ForwardFloor(Ranker.func_or_class):
     async def __call__(self, request):
         from starlette.responses import Response
 
-        from serving.featurize import request_columns
         from serving.request import parse_json
 
         raw = await request.body()
@@ -58,14 +57,14 @@ class _ForwardFloor(Ranker.func_or_class):
         n = len(body.get("candidates", []))
         art = self._art
         if self._columns is None:
-            self._columns = request_columns(art.schema, parse_json(raw, art.schema, self._limits))
+            self._columns = parse_json(raw, art.schema, self._limits).features
         if len(self._columns) != n:
             raise ValueError("ForwardFloor: every request must have the first one's candidates")
         await self._scored(_Prepared(self._columns, n, art))
         return Response(jsonio.dumps({"scores": [0.0] * n}), media_type="application/json")
 
     def _forward(self, art, items: list[_Prepared]):
-        from serving.featurize import merged_batch
+        from ranking.data.encode import merged_batch
 
         key = tuple(p.size for p in items)
         batch = self._merged.get(key)

@@ -59,14 +59,16 @@ class Artifact:
 
     def lowered(self) -> torch.nn.Module:
         """``optimize_for_inference(model, dtype=self.dtype, **inference options)``, made on
-        first use and kept; the loaded model is kept as it is."""
+        first use and kept (made again when ``dtype`` changes); the loaded model is kept as
+        it is."""
         from ranking.inference import optimize_for_inference
 
-        if self._fast is None:
-            self._fast = optimize_for_inference(
+        if self._fast is None or self._fast[0] != self.dtype:  # (made for dtype, model)
+            fast = optimize_for_inference(
                 self.model, dtype=self.dtype, device="cpu", **self.inference.options()
             )
-        return self._fast
+            self._fast = (self.dtype, fast)
+        return self._fast[1]
 
     @torch.no_grad()
     def predict(self, batch) -> torch.Tensor:

@@ -135,8 +135,6 @@ class Ranker(Front):
     async def rank(self, body, fmt: str = "json") -> tuple[int, dict]:
         """Answer one request (``fmt``: "json" or "proto"): ``(HTTP status, body dict)``.
         ``body``: the request's bytes, or for "proto" the decoded ``RankRequest`` message."""
-        from ranking.data.errors import DataError
-        from serving.featurize import request_columns
         from serving.model import rank_response
         from serving.request import parse_json, parse_proto
 
@@ -145,13 +143,10 @@ class Ranker(Front):
             return 503, RequestError(503, "not_ready", "no model loaded").body()
         try:
             parse = parse_json if fmt == "json" else parse_proto
-            req = parse(body, art.schema, self._limits)
-            cols = request_columns(art.schema, req)
+            req = parse(body, art.schema, self._limits)  # envelope, then ranking.data.encode
         except RequestError as e:
             return e.status, e.body()
-        except DataError as e:  # a value the feature pipeline refuses; names the column
-            field = getattr(e, "column", None)
-            return 422, RequestError(422, "invalid_value", str(e), field).body()
+        cols = req.features
         self._metrics.candidates.observe(req.size)
         try:
             probs, used = await self._scored(_Prepared(cols, req.size, art))
@@ -243,7 +238,7 @@ class Ranker(Front):
 
     def _forward(self, art, items: list[_Prepared]):
         """The formed batch's probabilities: its requests' features merged, one forward."""
-        from serving.featurize import merged_batch
+        from ranking.data.encode import merged_batch
 
         batch = merged_batch(art.schema, [p.columns for p in items])
         return art.predict(batch).numpy()

@@ -1,31 +1,28 @@
-"""Parse and validate ranking requests (JSON or protobuf) against a model's feature schema.
+"""Parse ranking requests (JSON or protobuf): the envelope here, the feature values in
+``ranking.data.encode``.
 
-Everything a request can get wrong is caught here, before any feature processing, and raised
-as a ``RequestError`` naming the field: malformed JSON (400), a body or candidate list over the
-configured limits (413), wrong types, unknown features, NaN or infinite numbers, empty candidate
-lists, over-long strings or lists, nested values (422). Accepted values are exactly those
-``ranking.features.batch_from_rows`` turns into model input: a string or integer (or integral
-float) for a categorical, a list of those for an id_list, a finite number for a dense feature,
-and null for any missing value.
+Everything a request can get wrong is raised as a ``RequestError`` naming the field: malformed
+JSON (400), a candidate list over the configured limit (413), and (422) an unknown top-level
+field, a bad request_id or top_k, a context or candidate list of the wrong type, an empty
+candidate list. The feature values (types, unknown features, NaN or infinite numbers, over-long
+strings or lists) are checked, hashed and turned into model input in one pass by
+``ranking.data.encode.encode``, whose ``InvalidValue`` becomes a 422 naming
+``candidates[i].feature``.
 """
 
 from __future__ import annotations
 
-import math
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from ranking.data import fastrows
-from ranking.data.convert import plainly_hashed
-from ranking.features import CATEGORICAL, DENSE, FeatureSchema
+from ranking.data.convert import FeatureColumns
+from ranking.data.encode import InvalidValue, encode
+from ranking.features import FeatureSchema
 from serving import jsonio
 from serving.errors import RequestError
 
 _TOP_KEYS = ("request_id", "context", "candidates", "top_k")
-_INT64 = 2**63
 
 
 @dataclass(frozen=True)
@@ -47,15 +44,8 @@ class RankRequest:
     context: dict[str, Any]
     candidates: list[dict[str, Any]]
     top_k: int | None
-    # the candidates' values per feature they send (None where a candidate lacks it), kept from
-    # the column-at-a-time validation so featurisation does not gather them again; None when
-    # the per-value checks ran instead
-    columns: dict[str, list] | None = None
-    # bucket ids of the plainly hashed categorical features the candidates or the context send,
-    # from the same validation pass (``ranking.data.fastrows.scan``): per feature column, an
-    # ``[n + 1]`` int64 array of each candidate's bucket (``ABSENT`` (-1) where a candidate lacks
-    # the key) and then the context's (``ABSENT`` if the context lacks it)
-    hashed: dict[str, np.ndarray] | None = None
+    # the model input of the candidates, context broadcast (``ranking.data.encode``)
+    features: FeatureColumns
 
     @property
     def size(self) -> int:
@@ -169,7 +159,6 @@ def validate(obj: Any, schema: FeatureSchema, limits: Limits) -> RankRequest:
     if top_k is not None and top_k < 1:
         raise RequestError(422, "invalid_value", f"must be >= 1, got {top_k}", "top_k")
 
-    columns = {f.column: f for f in schema.features}
     context = obj.get("context")
     if context is None:
         context = {}
@@ -177,8 +166,6 @@ def validate(obj: Any, schema: FeatureSchema, limits: Limits) -> RankRequest:
         raise RequestError(
             422, "invalid_type", f"expected an object of features, got {_type(context)}", "context"
         )
-    _check_features(context, "context", columns, limits)
-
     candidates = obj.get("candidates")
     if candidates is None:
         raise RequestError(422, "missing_field", "required: a list of candidates", "candidates")
@@ -197,192 +184,18 @@ def validate(obj: Any, schema: FeatureSchema, limits: Limits) -> RankRequest:
             f"{len(candidates)} candidates, the limit is {limits.max_candidates}",
             "candidates",
         )
-    cand_columns: dict[str, list] = {}
-    hashed: dict[str, np.ndarray] = {}
-    if _fast_ok(schema, context, candidates, columns, limits, cand_columns, hashed):
-        return RankRequest(
-            request_id,
+    try:
+        features = encode(
+            schema,
             context,
             candidates,
-            top_k if top_k is None else int(top_k),
-            cand_columns,
-            hashed,
+            max_chars=limits.max_string_length,
+            max_items=limits.max_list_items,
         )
-    for i, cand in enumerate(candidates):
-        if not isinstance(cand, dict):
-            raise RequestError(
-                422,
-                "invalid_type",
-                f"expected an object of features, got {_type(cand)}",
-                f"candidates[{i}]",
-            )
-        _check_features(cand, f"candidates[{i}]", columns, limits)
-    return RankRequest(request_id, context, candidates, top_k if top_k is None else int(top_k))
-
-
-_NONE = type(None)
-
-
-def _fast_ok(
-    schema: FeatureSchema,
-    context: dict,
-    candidates: list,
-    columns: dict,
-    limits: Limits,
-    out: dict | None = None,
-    hashed: dict | None = None,
-) -> bool:
-    """Column-at-a-time check of the features (C-level passes instead of a Python call per
-    value). True means every value is acceptable; False means "not sure": the per-value checks
-    then run and raise the error that names the field. Never True where those would raise
-    (tests/test_serving_request.py compares both on valid and invalid requests).
-
-    The plainly hashed categorical features whose values are all strings or null are checked
-    and hashed in one pass (``ranking.data.fastrows.scan``, C where built); ``hashed`` receives
-    their ids. ``out`` receives the candidates' values of each other feature some candidate
-    sends."""
-    names = tuple(columns)
-    buckets = tuple(f.num_buckets if plainly_hashed(f) else 0 for f in columns.values())
-    scanned = fastrows.scan(
-        candidates, context, names, buckets, schema.hash_seed, limits.max_string_length
-    )
-    if scanned is None:
-        return False
-    ids, mixed = scanned
-    n = len(candidates)
-    sent = (ids[:, :n] != fastrows.ABSENT).any(axis=1).tolist()
-    for j, name in enumerate(names):
-        if not sent[j] and name not in context:
-            continue
-        if buckets[j] and j not in mixed:  # checked and hashed
-            if hashed is not None:
-                hashed[name] = ids[j]
-            continue
-        spec = columns[name]
-        vals = [c.get(name) for c in candidates] if sent[j] else [None] * n
-        if out is not None and sent[j]:
-            out[name] = vals[:]
-        if name in context:
-            vals.append(context[name])
-        types = set(map(type, vals))
-        if spec.kind == DENSE:
-            if not types <= {float, int, _NONE}:
-                return False
-            nums = [v for v in vals if v is not None]
-            try:
-                if nums and not np.isfinite(np.asarray(nums, dtype=np.float64)).all():
-                    return False
-            except OverflowError:
-                return False
-        elif spec.kind == CATEGORICAL:
-            if not _ids_ok(vals, types, limits):
-                return False
-        else:
-            if not types <= {list, _NONE}:
-                return False
-            lists = [v for v in vals if v is not None]
-            if lists and max(map(len, lists)) > limits.max_list_items:
-                return False
-            flat = [x for v in lists for x in v]
-            if not _ids_ok(flat, set(map(type, flat)), limits):
-                return False
-    return True
-
-
-def _ids_ok(vals: list, types: set, limits: Limits) -> bool:
-    if types <= {str, _NONE}:
-        strs = [v for v in vals if v is not None]
-        if strs and max(map(len, strs)) > limits.max_string_length:
-            return False
-        try:
-            "".join(strs).encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-        return True
-    if types <= {int, _NONE}:
-        ints = [v for v in vals if v is not None]
-        return not ints or (min(ints) >= -_INT64 and max(ints) < _INT64)
-    return False
-
-
-def _check_features(feats: dict, where: str, columns: dict, limits: Limits) -> None:
-    for name, value in feats.items():
-        spec = columns.get(name)
-        if spec is None:
-            raise RequestError(
-                422,
-                "unknown_feature",
-                f"unknown feature {_short(name)!r} (the model's features: {', '.join(columns)})",
-                f"{where}.{_short(name)}",
-            )
-        if value is None:
-            continue
-        field = f"{where}.{name}"
-        if spec.kind == DENSE:
-            _check_number(value, field)
-        elif spec.kind == CATEGORICAL:
-            _check_id(value, field, limits)
-        else:
-            if not isinstance(value, list):
-                raise RequestError(
-                    422,
-                    "invalid_type",
-                    f"id_list feature: expected a list, got {_type(value)}",
-                    field,
-                )
-            if len(value) > limits.max_list_items:
-                raise RequestError(
-                    422,
-                    "value_too_long",
-                    f"{len(value)} ids, the limit is {limits.max_list_items}",
-                    field,
-                )
-            for j, v in enumerate(value):
-                if v is not None:
-                    _check_id(v, f"{field}[{j}]", limits)
-
-
-def _check_number(v, field: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise RequestError(
-            422, "invalid_type", f"dense feature: expected a number or null, got {_type(v)}", field
-        )
-    try:
-        ok = math.isfinite(v)
-    except OverflowError:  # an integer too large for a float
-        ok = False
-    if not ok:
-        raise RequestError(422, "invalid_value", "dense feature: must be a finite number", field)
-
-
-def _check_id(v, field: str, limits: Limits) -> None:
-    if isinstance(v, str):
-        if len(v) > limits.max_string_length:
-            raise RequestError(
-                422,
-                "value_too_long",
-                f"string of {len(v)} characters, the limit is {limits.max_string_length}",
-                field,
-            )
-        try:
-            v.encode("utf-8")
-        except UnicodeEncodeError:  # JSON allows lone surrogates ("\ud800"); UTF-8 does not
-            raise RequestError(
-                422, "invalid_value", "string is not valid Unicode (lone surrogate)", field
-            ) from None
-        return
-    if isinstance(v, int) and not isinstance(v, bool):
-        if not -_INT64 <= v < _INT64:
-            raise RequestError(422, "invalid_value", "integer id outside the int64 range", field)
-        return
-    if isinstance(v, float):
-        if not math.isfinite(v) or not v.is_integer():
-            raise RequestError(
-                422, "invalid_value", f"expected a string or an integer, got {v!r}", field
-            )
-        return
-    raise RequestError(
-        422, "invalid_type", f"expected a string or an integer, got {_type(v)}", field
+    except InvalidValue as e:
+        raise RequestError(422, e.code, e.message, e.field) from None
+    return RankRequest(
+        request_id, context, candidates, top_k if top_k is None else int(top_k), features
     )
 
 

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from ranking.data import encode as encode_mod
 from ranking.data.convert import batch_from_rows
+from ranking.data.encode import merged_batch
 from ranking.features import FeatureSchema
 from serving.errors import RequestError
-from serving.featurize import merged_batch, request_columns
 from serving.request import Limits, parse_json, parse_proto, validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,13 +87,13 @@ CANDIDATES = [
 )
 def test_context_broadcast_equals_merged_dicts(context, scan_path):
     req = _parse({"context": context, "candidates": CANDIDATES})
-    got = merged_batch(SCHEMA, [request_columns(SCHEMA, req)])
+    got = merged_batch(SCHEMA, [req.features])
     want = batch_from_rows(SCHEMA, [{**context, **c} for c in CANDIDATES])
     _assert_same_batch(got, want)
 
 
-# Values the column-at-a-time validation accepts, so featurisation reuses the value lists it
-# gathered (``RankRequest.columns``); a candidate's explicit null still beats the context.
+# Values the column-at-a-time check accepts, so encoding reuses the value lists it gathered
+# (``encode.Checked.columns``); a candidate's explicit null still beats the context.
 FAST_CANDIDATES = [
     {"item": "a", "tags": [1, 2], "price": 3.5},
     {"item": "b", "user": "override", "age": None},
@@ -114,14 +115,15 @@ def test_validated_columns_featurise_like_merged_dicts(context, mixed, scan_path
             if "item" in c:
                 c["item"] = 10 + i
     req = _parse({"context": context, "candidates": cands})
-    assert req.columns is not None  # the fast path ran
+    checked = encode_mod.check_columns(SCHEMA, context, cands, 16, 4)
+    assert checked is not None  # the fast path ran
     sent = {k for c in cands for k in c}
     hashed = {"user", "item"} & (sent | set(context))
     if mixed and "item" in sent:
         hashed.discard("item")
-    assert set(req.hashed) == hashed  # plainly hashed, all strings or null: one pass
-    assert set(req.columns) == sent - hashed  # the others keep their value lists
-    got = merged_batch(SCHEMA, [request_columns(SCHEMA, req)])
+    assert set(checked.hashed) == hashed  # plainly hashed, all strings or null: one pass
+    assert set(checked.columns) == sent - hashed  # the others keep their value lists
+    got = merged_batch(SCHEMA, [req.features])
     want = batch_from_rows(SCHEMA, [{**context, **c} for c in cands])
     _assert_same_batch(got, want)
 
@@ -129,7 +131,7 @@ def test_validated_columns_featurise_like_merged_dicts(context, mixed, scan_path
 def test_several_requests_concatenate_in_order():
     r1 = _parse({"context": {"user": "a"}, "candidates": CANDIDATES[:2]})
     r2 = _parse({"context": {"tags": [1]}, "candidates": CANDIDATES[2:]})
-    got = merged_batch(SCHEMA, [request_columns(SCHEMA, r1), request_columns(SCHEMA, r2)])
+    got = merged_batch(SCHEMA, [r1.features, r2.features])
     rows = [{"user": "a", **c} for c in CANDIDATES[:2]] + [
         {"tags": [1], **c} for c in CANDIDATES[2:]
     ]
@@ -226,7 +228,7 @@ def test_validate_rejects_what_batch_from_rows_would_reject():
     ok = validate(
         {"candidates": [{"item": 2**63 - 1, "tags": [-(2**63)], "price": 1e300}]}, SCHEMA, LIMITS
     )
-    request_columns(SCHEMA, ok)
+    assert len(ok.features) == 1
 
 
 # ----------------------------------------------------------------------------- answers
@@ -368,11 +370,9 @@ def _outcome(obj):
 def test_fast_validation_agrees_with_the_per_value_checks(monkeypatch, scan_path):
     """The column-at-a-time check only ever says "fine" where the per-value checks agree: on
     random valid and invalid requests both give the same answer or the same error."""
-    import serving.request as request_mod
-
     reqs = _fuzz_requests(400, seed=0)
     fast = [_outcome(r) for r in reqs]
-    monkeypatch.setattr(request_mod, "_fast_ok", lambda *a: False)
+    monkeypatch.setattr(encode_mod, "check_columns", lambda *a: None)
     slow = [_outcome(r) for r in reqs]
     assert fast == slow
     kinds = {o[0] for o in fast}
@@ -544,8 +544,11 @@ def test_all_hashed_features_featurise_like_merged_dicts(context, scan_path):
     req = parse_json(
         json.dumps({"context": context, "candidates": cands}).encode(), CATEGORICAL_ONLY, LIMITS
     )
-    assert req.columns == {} and req.hashed is not None
-    got = merged_batch(CATEGORICAL_ONLY, [request_columns(CATEGORICAL_ONLY, req)])
+    checked = encode_mod.check_columns(CATEGORICAL_ONLY, context, cands, 16, 4)
+    assert checked.columns == {} and set(checked.hashed) == {"user", "item", "city"} & {
+        k for c in [*cands, context] for k in c
+    }
+    got = merged_batch(CATEGORICAL_ONLY, [req.features])
     want = batch_from_rows(CATEGORICAL_ONLY, [{**context, **c} for c in cands])
     _assert_same_batch(got, want)
 
@@ -664,3 +667,58 @@ def test_proto_requests_parse_alike_on_both_readers(monkeypatch):
     monkeypatch.setattr(request_mod, "FAST_PROTO", False)
     assert fast == outcomes()
     assert {o[0] for o in fast} == {"ok", 422, 400}
+
+
+CATEGORICAL_VALUES = [
+    "a",
+    "",
+    "x" * 16,
+    "x" * 17,  # over the limit
+    "東京",
+    "\ud800",  # a lone surrogate: no UTF-8 form
+    0,
+    -5,
+    2**63 - 1,
+    -(2**63),
+    2**63,  # outside int64
+    -(2**63) - 1,
+    3.0,
+    -0.0,
+    1e16,
+    1.5,
+    float("nan"),
+    float("inf"),
+    True,
+    [1],
+    {"a": 1},
+]
+
+
+@pytest.mark.parametrize("value", CATEGORICAL_VALUES, ids=repr)
+def test_the_categorical_rule_is_one_rule(value, scan_path):
+    """``ranking.data.values.categorical_problem`` decides for every path: the request encoder
+    (per value and column at a time), ``batch_from_rows`` (without the length limit), and the
+    one-pass scanner (C and Python) for strings. Accepted values hash alike in all of them."""
+    from ranking.data import fastrows
+    from ranking.data.errors import DataError
+    from ranking.data.values import categorical_problem
+
+    problem = categorical_problem(value, 16)
+    try:
+        features = encode_mod.encode(SCHEMA, {}, [{"user": value}], max_chars=16, max_items=4)
+        encoded = None
+    except encode_mod.InvalidValue as e:
+        encoded = e.code
+    assert encoded == (problem[0] if problem else None)
+    try:
+        rows_batch = batch_from_rows(SCHEMA, [{"user": value}])
+        by_rows = None
+    except DataError:
+        by_rows = "refused"
+    unlimited = categorical_problem(value, 10**9)
+    assert (by_rows is None) == (unlimited is None)
+    if problem is None:
+        _assert_same_batch(merged_batch(SCHEMA, [features]), rows_batch)
+    if isinstance(value, str):
+        scanned = fastrows.scan([{"user": value}], {}, ("user",), (64,), SCHEMA.hash_seed, 16)
+        assert (scanned is not None) == (problem is None)

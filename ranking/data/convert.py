@@ -17,6 +17,7 @@ shuffle and cut batches without going back to Arrow.
 from __future__ import annotations
 
 import itertools
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from ranking.data.hashing import (
     load_vocab,
     vocab_lookup,
 )
+from ranking.data.values import categorical_problem
 from ranking.features import CATEGORICAL, DENSE, Batch, FeatureSchema, FeatureSpec
 
 
@@ -427,26 +429,12 @@ def _categorical_array(f: FeatureSpec, vals: list[Any]) -> pa.Array:
             pass
     out = []
     for v in vals:
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:  # e.g. a lone surrogate from JSON "\ud800"
-                raise column_error(
-                    "<rows>", f.column, f"{f.kind} feature {f.name!r}: not valid UTF-8"
-                ) from None
-            out.append(v)
-        elif v is None:
-            out.append(v)
-        elif isinstance(v, int) and not isinstance(v, bool):
-            out.append(str(v))
-        elif isinstance(v, float) and v.is_integer():
-            out.append(str(int(v)))
-        else:
+        problem = None if v is None else categorical_problem(v, sys.maxsize)
+        if problem is not None:
             raise column_error(
-                "<rows>",
-                f.column,
-                f"{f.kind} feature {f.name!r} got {v!r}, expected a string or an integer",
+                "<rows>", f.column, f"{f.kind} feature {f.name!r} got {v!r:.80}: {problem[1]}"
             )
+        out.append(v if v is None or isinstance(v, str) else str(int(v)))
     return pa.array(out, pa.string())
 
 
