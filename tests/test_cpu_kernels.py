@@ -142,7 +142,7 @@ def _tml_block(T: int, D: int, H: int, mult: float, second_residual: str):
             "num_tokens": T,
             "num_heads": H,
             "ffn_mult": mult,
-            "second_residual": second_residual,
+            "tokenmixer_large": {"second_residual": second_residual},
             "down_init_scale": 1.0,
         }
     )

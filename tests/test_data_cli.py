@@ -238,8 +238,8 @@ def test_vocab_schema_survives_export_to_a_self_contained_artifact(tmp_path, cap
                         str(tmp_path / "d.parquet"), "--out", str(tmp_path / "voc")], capsys)  # fmt: skip
     assert rc == 0
     schema = FeatureSchema.from_yaml(tmp_path / "voc" / "schema.yaml")
-    cfg = {"name": "v", "schema": "unused", "model": {"arch": "dlrm", "dense_arch": [8],
-                                                      "over_arch": [8]}}  # fmt: skip
+    cfg = {"name": "v", "schema": "unused", "model": {"arch": "dlrm", "dlrm": {
+                                                      "dense_arch": [8], "over_arch": [8]}}}  # fmt: skip
     torch.manual_seed(0)
     model = build_model(ModelConfig.from_dict(cfg["model"]), schema).eval()
     want = torch.sigmoid(model(batch_from_arrow(schema, t)).logits)

@@ -52,7 +52,7 @@ SMALL = {
         "num_heads": 8,
         "num_layers": 3,
         "global_token": True,
-        "aux_loss_weight": 0.1,
+        "tokenmixer_large": {"aux_loss_weight": 0.1},
         "token_proj": "mlp",
         "down_init_scale": 1.0,
     },
@@ -60,7 +60,7 @@ SMALL = {
         "arch": "tokenmixer_large",
         "dim": 16,
         "num_heads": 2,
-        "second_residual": "reverted",
+        "tokenmixer_large": {"second_residual": "reverted"},
         "num_layers": 4,
         "down_init_scale": 1.0,
     },
@@ -70,15 +70,14 @@ SMALL = {
         "num_layers": 2,
         "moe": {"enabled": True},
     },
-    "unimixer": {"arch": "unimixer", "dim": 16, "block_size": 8},
+    "unimixer": {"arch": "unimixer", "dim": 16, "unimixer": {"block_size": 8}},
     "unimixer_lite": {
         "arch": "unimixer_lite",
         "dim": 16,
-        "block_size": 8,
-        "flatten": "token_major",
+        "unimixer": {"block_size": 8, "flatten": "token_major"},
     },
-    "dlrm": {"arch": "dlrm", "dense_arch": [16], "over_arch": [32]},
-    "dcnv2": {"arch": "dcnv2", "dense_arch": [16], "over_arch": [32], "dcn_rank": 8},
+    "dlrm": {"arch": "dlrm", "dlrm": {"dense_arch": [16], "over_arch": [32]}},
+    "dcnv2": {"arch": "dcnv2", "dlrm": {"dense_arch": [16], "over_arch": [32], "dcn_rank": 8}},
 }
 TOKEN_MAJOR = {"rankmixer", "rankmixer_rms_t1", "tokenmixer_large", "tokenmixer_large_reverted"}
 
@@ -273,7 +272,7 @@ def test_token_major_tokenmixer_large_block_equations(second_residual, T, D, H):
             "arch": "tokenmixer_large",
             "dim": D,
             "num_heads": H,
-            "second_residual": second_residual,
+            "tokenmixer_large": {"second_residual": second_residual},
             "down_init_scale": 1.0,
         }
     )
@@ -428,6 +427,29 @@ def test_old_runtime_keys_name_their_new_place(tmp_path, key, value, new):
     assert getattr(getattr(exp, section), name) == value
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "section"),
+    [
+        ("second_residual", "reverted", "tokenmixer_large"),
+        ("aux_loss_weight", 0.1, "tokenmixer_large"),
+        ("block_size", 8, "unimixer"),
+        ("tau_end", 0.1, "unimixer"),
+        ("dense_arch", [8], "dlrm"),
+        ("dcn_rank", 4, "dlrm"),
+    ],
+)
+def test_flat_family_keys_name_their_section(key, value, section):
+    with pytest.raises(
+        ConfigError, match=rf"cfg.yaml: model.{key}: moved to model.{section}.{key}"
+    ):
+        ModelConfig.from_dict({"arch": "rankmixer", key: value}, source="cfg.yaml")
+    cfg = ModelConfig.from_dict(
+        {"arch": "rankmixer", "num_tokens": 4, section: {key: value}}, source="cfg.yaml"
+    )
+    assert getattr(getattr(cfg, section), key) == value
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg  # round trip through the manifest form
+
+
 def test_inference_section_is_checked(tmp_path):
     from ranking.train.config import load_experiment
 
@@ -459,10 +481,11 @@ def test_every_preset_loads_with_its_inference_section():
 
 
 def test_artifact_from_before_the_split_still_loads(tmp_path):
-    """A manifest in the old format (runtime keys inside config.model, as exported before the
-    architecture / runtime split, written here by hand) loads: the keys move to
-    config.inference / config.train, the model version is kept, and the artifact serves the
-    same probabilities as the same weights exported in the new format."""
+    """A manifest in the old format (runtime keys and every family's keys flat inside
+    config.model, as exported before the split, written here by hand) loads: the runtime keys
+    move to config.inference / config.train, the family keys into their sections, the model
+    version is kept, and the artifact serves the same probabilities as the same weights
+    exported in the new format."""
     from ranking.export import load_artifact, write_artifact
 
     model, schema = _model("tokenmixer_large", num_tasks=1)
@@ -479,17 +502,23 @@ def test_artifact_from_before_the_split_still_loads(tmp_path):
     old = write_artifact(tmp_path / "old", weights, config=new_cfg, **kw)
     mf = old / "manifest.json"
     manifest = json.loads(mf.read_text())
+    flat = {k: v for k, v in model_cfg.items() if k not in ("tokenmixer_large", "unimixer", "dlrm")}
+    for section in ("tokenmixer_large", "unimixer", "dlrm"):  # the old format: every key flat
+        flat.update(model_cfg[section])
     manifest["config"] = {
         "name": "t",
         "schema": "toy",
-        "model": {**model_cfg, "micro_batch": 16, "compute_dtype": "bf16", "compile": False},
+        "model": {**flat, "micro_batch": 16, "compute_dtype": "bf16", "compile": False},
     }
     mf.write_text(json.dumps(manifest))
     art = load_artifact(old)
     assert art.model_version == manifest["model_version"]
     assert art.inference == InferenceConfig(micro_batch=16)
     assert art.manifest["config"]["train"] == {"compute_dtype": "bf16"}
-    assert "micro_batch" not in art.manifest["config"]["model"]
+    migrated = art.manifest["config"]["model"]
+    assert "micro_batch" not in migrated and "aux_loss_weight" not in migrated
+    assert migrated["tokenmixer_large"] == model_cfg["tokenmixer_large"]
+    assert migrated["unimixer"] == model_cfg["unimixer"] and migrated["dlrm"] == model_cfg["dlrm"]
     batch = random_batch(schema, 40)
     torch.testing.assert_close(art.predict(batch), load_artifact(new).predict(batch))
     with torch.no_grad():

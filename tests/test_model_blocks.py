@@ -70,7 +70,7 @@ def test_tokenmixer_large_block_equations(second_residual, T, D, H):
             "arch": "tokenmixer_large",
             "dim": D,
             "num_heads": H,
-            "second_residual": second_residual,
+            "tokenmixer_large": {"second_residual": second_residual},
             "down_init_scale": 1.0,
         }
     )
@@ -110,7 +110,7 @@ def test_interlayer_residual_every_two_not_after_last():
 def test_unimixer_block_siamese_equations():
     torch.manual_seed(0)
     cfg = ModelConfig.from_dict(
-        {"arch": "unimixer", "dim": 8, "block_size": 4, "down_init_scale": 1.0}
+        {"arch": "unimixer", "dim": 8, "unimixer": {"block_size": 4}, "down_init_scale": 1.0}
     )
     mixing = UniMixing(3, 8, 4, iters=5)
     blk = UniMixerBlock(3, 8, mixing, cfg)
@@ -138,7 +138,7 @@ SMALL = {
         "num_heads": 8,
         "num_layers": 3,
         "global_token": True,
-        "aux_loss_weight": 0.1,
+        "tokenmixer_large": {"aux_loss_weight": 0.1},
         "token_proj": "mlp",
     },
     "tokenmixer_large_moe": {
@@ -147,15 +147,14 @@ SMALL = {
         "num_layers": 2,
         "moe": {"enabled": True},
     },
-    "unimixer": {"arch": "unimixer", "dim": 16, "block_size": 8},
+    "unimixer": {"arch": "unimixer", "dim": 16, "unimixer": {"block_size": 8}},
     "unimixer_lite": {
         "arch": "unimixer_lite",
         "dim": 16,
-        "block_size": 8,
-        "flatten": "token_major",
+        "unimixer": {"block_size": 8, "flatten": "token_major"},
     },
-    "dlrm": {"arch": "dlrm", "dense_arch": [16], "over_arch": [32]},
-    "dcnv2": {"arch": "dcnv2", "dense_arch": [16], "over_arch": [32], "dcn_rank": 8},
+    "dlrm": {"arch": "dlrm", "dlrm": {"dense_arch": [16], "over_arch": [32]}},
+    "dcnv2": {"arch": "dcnv2", "dlrm": {"dense_arch": [16], "over_arch": [32], "dcn_rank": 8}},
 }
 
 

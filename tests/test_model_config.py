@@ -67,7 +67,7 @@ def test_other_top_level_sections_are_ignored(tmp_path):
         ({"arch": "rankmixer", "tokenizer": "slices"}, "model.num_tokens"),
         ({"arch": "rankmixer", "moe": {"top_k": 9}}, "model.moe.top_k"),
         ({"arch": "rankmixer", "moe": {"dtsi_train_mode": "max"}}, "model.moe.dtsi_train_mode"),
-        ({"arch": "unimixer", "tau_end": 2.0}, "model.tau_end"),
+        ({"arch": "unimixer", "unimixer": {"tau_end": 2.0}}, "model.unimixer.tau_end"),
     ],
 )
 def test_bad_values_name_the_key(model, key):
@@ -85,7 +85,10 @@ def test_bad_values_name_the_key(model, key):
             {"arch": "tokenmixer_large", "dim": 32, "num_tokens": 7},
             "model.num_tokens",
         ),  # groups give 5
-        ({"arch": "unimixer", "dim": 32, "block_size": 7}, "model.block_size"),
+        (
+            {"arch": "unimixer", "dim": 32, "unimixer": {"block_size": 7}},
+            "model.unimixer.block_size",
+        ),
         ({"arch": "dlrm", "moe": {"enabled": True}}, "model.moe.enabled"),
     ],
 )

@@ -40,15 +40,16 @@ CONFIGS = {
         "num_heads": 4,
         "moe": {"enabled": True, "num_experts": 4, "top_k": 2},
     },
-    "unimixer": {"arch": "unimixer", "dim": 32, "block_size": 16},
-    "unimixer_lite": {"arch": "unimixer_lite", "dim": 32, "block_size": 8, "lite_rank": 4},
-    "dlrm": {"arch": "dlrm", "dense_arch": [32], "over_arch": [64, 32]},
+    "unimixer": {"arch": "unimixer", "dim": 32, "unimixer": {"block_size": 16}},
+    "unimixer_lite": {
+        "arch": "unimixer_lite",
+        "dim": 32,
+        "unimixer": {"block_size": 8, "lite_rank": 4},
+    },
+    "dlrm": {"arch": "dlrm", "dlrm": {"dense_arch": [32], "over_arch": [64, 32]}},
     "dcnv2": {
         "arch": "dcnv2",
-        "dense_arch": [32],
-        "over_arch": [64],
-        "dcn_layers": 2,
-        "dcn_rank": 8,
+        "dlrm": {"dense_arch": [32], "over_arch": [64], "dcn_layers": 2, "dcn_rank": 8},
     },
 }
 

@@ -202,8 +202,8 @@ def test_ranker_set_progress_anneals_every_sinkhorn_temperature_linearly():
 
     schema = load_schema("frappe")
     for arch in ("unimixer", "unimixer_lite"):
-        cfg = ModelConfig.from_dict({"arch": arch, "dim": 16, "block_size": 16, "num_layers": 2,
-                                     "tau_start": 0.8, "tau_end": 0.1})  # fmt: skip
+        cfg = ModelConfig.from_dict({"arch": arch, "dim": 16, "num_layers": 2, "unimixer":
+                                     {"block_size": 16, "tau_start": 0.8, "tau_end": 0.1}})  # fmt: skip
         model = build_model(cfg, schema)
         mixers = [m for m in model.modules() if isinstance(m, UniMixing | UniMixingLite)]
         assert len(mixers) == 2

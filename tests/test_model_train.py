@@ -25,14 +25,14 @@ ARCHS = {
         "arch": "tokenmixer_large",
         "num_heads": 4,
         "global_token": True,
-        "aux_loss_weight": 0.1,
+        "tokenmixer_large": {"aux_loss_weight": 0.1},
         "num_layers": 2,
     },
     "tokenmixer_large_moe": {"arch": "tokenmixer_large", "num_heads": 4, "moe": {"enabled": True}},
-    "unimixer": {"arch": "unimixer", "block_size": 16},
-    "unimixer_lite": {"arch": "unimixer_lite", "block_size": 16},
-    "dlrm": {"arch": "dlrm", "dense_arch": [32], "over_arch": [64]},
-    "dcnv2": {"arch": "dcnv2", "dense_arch": [32], "over_arch": [64], "dcn_rank": 16},
+    "unimixer": {"arch": "unimixer", "unimixer": {"block_size": 16}},
+    "unimixer_lite": {"arch": "unimixer_lite", "unimixer": {"block_size": 16}},
+    "dlrm": {"arch": "dlrm", "dlrm": {"dense_arch": [32], "over_arch": [64]}},
+    "dcnv2": {"arch": "dcnv2", "dlrm": {"dense_arch": [32], "over_arch": [64], "dcn_rank": 16}},
 }
 
 

@@ -229,7 +229,7 @@ def test_adam_couples_the_table_decay_into_the_gradient_recipe_b():
     "model_cfg",
     [
         {"arch": "rankmixer", "dim": 32, "num_tokens": 8, "num_layers": 1},
-        {"arch": "dlrm", "dense_arch": [16], "over_arch": [32]},
+        {"arch": "dlrm", "dlrm": {"dense_arch": [16], "over_arch": [32]}},
     ],
 )
 def test_ranking_train_objective_against_the_formula(model_cfg):

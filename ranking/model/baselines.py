@@ -47,10 +47,11 @@ def build_baseline(config: ModelConfig, schema: FeatureSchema, device=None) -> B
         device=None if device is None else torch.device(device),
     )
     n_dense = max(schema.num_dense, 1)
-    dense_arch = [*config.dense_arch, emb_dim]
-    over_arch = [*config.over_arch, len(schema.tasks)]
+    d = config.dlrm
+    dense_arch = [*d.dense_arch, emb_dim]
+    over_arch = [*d.over_arch, len(schema.tasks)]
     if config.arch == "dlrm":
         model = DLRM(ebc, n_dense, dense_arch, over_arch)
     else:
-        model = DLRM_DCN(ebc, n_dense, dense_arch, over_arch, config.dcn_layers, config.dcn_rank)
+        model = DLRM_DCN(ebc, n_dense, dense_arch, over_arch, d.dcn_layers, d.dcn_rank)
     return BaselineRanker(model, schema.num_dense)

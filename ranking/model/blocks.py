@@ -80,7 +80,7 @@ class TokenMixerLargeBlock(nn.Module):
         T, D, H = num_tokens, dim, num_heads
         W = T * D // H
         self.num_tokens, self.num_heads = T, H
-        self.second_residual = cfg.second_residual
+        self.second_residual = cfg.tokenmixer_large.second_residual
         self.norm1 = nn.RMSNorm(W, eps=1e-6)
         self.f1 = make_ffn(H, W, cfg.ffn_mult, cfg, swiglu=True)
         self.norm2 = nn.RMSNorm(D, eps=1e-6)
@@ -186,15 +186,16 @@ def build_stack(c, num_tokens: int) -> nn.Module:
         H = c.num_heads or T
         return TokenMixerLargeStack(
             [TokenMixerLargeBlock(T, D, H, c) for _ in range(c.num_layers)],
-            c.interlayer_residual_every,
+            c.tokenmixer_large.interlayer_residual_every,
         )
     if c.arch not in ("unimixer", "unimixer_lite"):
         raise ValueError(f"model.arch={c.arch!r} has no mixer stack")
-    Bk = c.block_size or D
+    u = c.unimixer
+    Bk = u.block_size or D
 
     def mixing():
         if c.arch == "unimixer":
-            return UniMixing(T, D, Bk, c.sinkhorn_iters, c.flatten)
-        return UniMixingLite(T, D, Bk, c.sinkhorn_iters, c.flatten, c.lite_bases, c.lite_rank)
+            return UniMixing(T, D, Bk, u.sinkhorn_iters, u.flatten)
+        return UniMixingLite(T, D, Bk, u.sinkhorn_iters, u.flatten, u.lite_bases, u.lite_rank)
 
     return UniMixerStack([UniMixerBlock(T, D, mixing(), c) for _ in range(c.num_layers)], D)

@@ -82,6 +82,60 @@ class MoEConfig:
 
 
 @dataclass
+class TokenMixerLargeConfig:
+    """TokenMixer-Large's own keys (``model.tokenmixer_large``).
+
+    second_residual: ``input`` (X_next = X + F2(...), default) or ``reverted``
+        (Revert(H') + F2(...)).
+    interlayer_residual_every: an extra residual every n layers (0 = off).
+    aux_loss_weight: weight of the heads' BCE on each lower layer's output (training only).
+    """
+
+    second_residual: str = "input"
+    interlayer_residual_every: int = 2
+    aux_loss_weight: float = 0.0
+
+
+@dataclass
+class UniMixerConfig:
+    """UniMixer's and UniMixer-Lite's own keys (``model.unimixer``).
+
+    block_size: B, the local block width (0 = D); sinkhorn_iters; flatten (``channel_major`` as
+    in the authors' code, or ``token_major``); tau_start, tau_end: the Sinkhorn temperature's
+    linear anneal over training; lite_bases (b) and lite_rank (r): UniMixer-Lite only.
+    """
+
+    block_size: int = 0
+    sinkhorn_iters: int = 10
+    flatten: str = "channel_major"
+    tau_start: float = 1.0
+    tau_end: float = 0.05
+    lite_bases: int = 4
+    lite_rank: int = 8
+
+
+@dataclass
+class DLRMConfig:
+    """The DLRM / DCNv2 baselines' own keys (``model.dlrm``): ``dense_arch`` (bottom MLP; the
+    embedding dim is appended), ``over_arch`` (n_tasks appended), ``dcn_layers`` and
+    ``dcn_rank`` (DCNv2 only)."""
+
+    dense_arch: list[int] = field(default_factory=lambda: [64])
+    over_arch: list[int] = field(default_factory=lambda: [128, 64])
+    dcn_layers: int = 3
+    dcn_rank: int = 32
+
+
+# section name -> (its dataclass, the archs it applies to)
+SECTIONS = {
+    "moe": (MoEConfig, ("rankmixer", "tokenmixer_large")),
+    "tokenmixer_large": (TokenMixerLargeConfig, ("tokenmixer_large",)),
+    "unimixer": (UniMixerConfig, ("unimixer", "unimixer_lite")),
+    "dlrm": (DLRMConfig, ("dlrm", "dcnv2")),
+}
+
+
+@dataclass
 class ModelConfig:
     """Everything that defines a model's architecture (``model:`` in an experiment YAML).
 
@@ -101,18 +155,14 @@ class ModelConfig:
     global tokens; required for ``slices``, checked for ``groups``), ``token_proj`` (``linear`` |
     ``mlp``), ``dense_token`` (a token from ``Batch.dense`` when Nd > 0), ``global_token``.
 
-    Mixing: ``num_heads`` (H; RankMixer uses H = T), ``norm`` (``rms`` | ``layer``).
+    Mixing: ``num_heads`` (H; RankMixer uses H = T), ``norm`` (``rms`` | ``layer``);
+    ``down_init_scale`` (initial scale of every pSwiGLU's down projection: TokenMixer-Large,
+    UniMixer).
 
-    TokenMixer-Large: ``second_residual`` (``input``: X_next = X + F2(...), or ``reverted``:
-    Revert(H') + F2(...)), ``interlayer_residual_every`` (n; 0 = off), ``aux_loss_weight``
-    (lower-layer logit loss), ``down_init_scale``.
-
-    UniMixer: ``block_size`` (B), ``sinkhorn_iters``, ``flatten`` (``channel_major`` as in the
-    authors' code, or ``token_major``), ``tau_start``, ``tau_end``, ``lite_bases`` (b),
-    ``lite_rank`` (r).
-
-    Baselines: ``dense_arch`` (DLRM bottom MLP; last = embedding dim), ``over_arch``,
-    ``dcn_layers``, ``dcn_rank``.
+    Per-architecture sections hold the keys of one family (``SECTIONS``): ``moe``
+    (``MoEConfig``), ``tokenmixer_large`` (``TokenMixerLargeConfig``), ``unimixer``
+    (``UniMixerConfig``, also UniMixer-Lite), ``dlrm`` (``DLRMConfig``, also DCNv2). A flat key
+    that moved into a section (``model.block_size``) is an error naming its new place.
     """
 
     arch: str = "rankmixer"
@@ -133,25 +183,11 @@ class ModelConfig:
     # mixing
     num_heads: int = 0
     norm: str = ""
-    # tokenmixer_large
-    second_residual: str = "input"
-    interlayer_residual_every: int = 2
-    aux_loss_weight: float = 0.0
     down_init_scale: float = 0.01
-    # unimixer
-    block_size: int = 0
-    sinkhorn_iters: int = 10
-    flatten: str = "channel_major"
-    tau_start: float = 1.0
-    tau_end: float = 0.05
-    lite_bases: int = 4
-    lite_rank: int = 8
-    # baselines
-    dense_arch: list[int] = field(default_factory=lambda: [64])
-    over_arch: list[int] = field(default_factory=lambda: [128, 64])
-    dcn_layers: int = 3
-    dcn_rank: int = 32
     moe: MoEConfig = field(default_factory=MoEConfig)
+    tokenmixer_large: TokenMixerLargeConfig = field(default_factory=TokenMixerLargeConfig)
+    unimixer: UniMixerConfig = field(default_factory=UniMixerConfig)
+    dlrm: DLRMConfig = field(default_factory=DLRMConfig)
     source: str = field(default="<dict>", compare=False, repr=False)
 
     # ------------------------------------------------------------------ loading
@@ -163,6 +199,11 @@ class ModelConfig:
         fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
         kw: dict[str, Any] = {}
         for key, value in data.items():
+            if key in IN_SECTION:
+                raise ConfigError(
+                    f"{source}: model.{key}: moved to model.{IN_SECTION[key]}.{key} (keys of "
+                    f"one architecture family live in its section)"
+                )
             if key in MOVED:
                 raise ConfigError(
                     f"{source}: model.{key}: moved to {MOVED[key]} (the model section holds "
@@ -173,8 +214,8 @@ class ModelConfig:
                 raise ConfigError(
                     f"{source}: model.{key}: unknown key (expected one of {sorted(fields)})"
                 )
-            if key == "moe":
-                kw["moe"] = section_from_dict(MoEConfig, value, "model.moe", source)
+            if key in SECTIONS:
+                kw[key] = section_from_dict(SECTIONS[key][0], value, f"model.{key}", source)
             else:
                 kw[key] = _coerce(f"model.{key}", value, fields[key], source)
         cfg = cls(**kw, source=source)
@@ -238,16 +279,33 @@ class ModelConfig:
         choice("token_proj", self.token_proj, ("linear", "mlp"))
         choice("pooling", self.pooling, ("mean", "first", "flatten"))
         choice("norm", self.norm, ("rms", "layer"))
-        choice("second_residual", self.second_residual, ("input", "reverted"))
-        choice("flatten", self.flatten, ("channel_major", "token_major"))
+        choice(
+            "tokenmixer_large.second_residual",
+            self.tokenmixer_large.second_residual,
+            ("input", "reverted"),
+        )
+        choice("unimixer.flatten", self.unimixer.flatten, ("channel_major", "token_major"))
         choice("moe.kind", self.moe.kind, ("rankmixer", "tokenmixer_large"))
         choice("moe.dtsi_train_mode", self.moe.dtsi_train_mode, ("average", "sum", "train_router"))
-        for key in ("dim", "num_layers", "sinkhorn_iters", "lite_bases", "lite_rank"):
-            if getattr(self, key) < 1:
-                raise self._err(key, f"must be a positive integer, got {getattr(self, key)}")
-        for key in ("num_tokens", "num_heads", "block_size"):
-            if getattr(self, key) < 0:
-                raise self._err(key, f"must be >= 0, got {getattr(self, key)}")
+        u = self.unimixer
+        positive = {"dim": self.dim, "num_layers": self.num_layers}
+        positive.update(
+            {f"unimixer.{k}": getattr(u, k) for k in ("sinkhorn_iters", "lite_bases", "lite_rank")}
+        )
+        for key, value in positive.items():
+            if value < 1:
+                raise self._err(key, f"must be a positive integer, got {value}")
+        for key, value in (
+            ("num_tokens", self.num_tokens),
+            ("num_heads", self.num_heads),
+            ("unimixer.block_size", u.block_size),
+            (
+                "tokenmixer_large.interlayer_residual_every",
+                self.tokenmixer_large.interlayer_residual_every,
+            ),
+        ):
+            if value < 0:
+                raise self._err(key, f"must be >= 0, got {value}")
         if self.ffn_mult <= 0 or int(self.ffn_mult * self.dim) != self.ffn_mult * self.dim:
             raise self._err(
                 "ffn_mult", f"ffn_mult * dim must be a positive integer, got {self.ffn_mult}"
@@ -263,8 +321,8 @@ class ModelConfig:
                 raise self._err(key, f"a dropout probability must be in [0, 1), got {p}")
             if p and self.arch in ("dlrm", "dcnv2"):
                 raise self._err(key, f"not available for arch {self.arch!r} (mixer archs only)")
-        if not 0 < self.tau_end <= self.tau_start:
-            raise self._err("tau_end", "need 0 < tau_end <= tau_start")
+        if not 0 < u.tau_end <= u.tau_start:
+            raise self._err("unimixer.tau_end", "need 0 < tau_end <= tau_start")
         m = self.moe
         if m.num_experts < 1:
             raise self._err("moe.num_experts", f"must be >= 1, got {m.num_experts}")
@@ -281,8 +339,9 @@ class ModelConfig:
             raise self._err("moe.enabled", f"MoE is not available for arch {self.arch!r}")
         if self.tokenizer == "slices" and self.arch in MIXER_ARCHS and self.num_tokens < 1:
             raise self._err("num_tokens", "required (> 0) with tokenizer: slices")
-        if self.arch in ("dlrm", "dcnv2") and (not self.over_arch or not self.dense_arch):
-            raise self._err("over_arch", "dense_arch and over_arch must be non-empty")
+        d = self.dlrm
+        if self.arch in ("dlrm", "dcnv2") and (not d.over_arch or not d.dense_arch):
+            raise self._err("dlrm.over_arch", "dense_arch and over_arch must be non-empty")
 
     def resolve(self, num_tokens: int) -> None:
         """Shape checks once the tokenizer's T is known (named by key)."""
@@ -304,20 +363,36 @@ class ModelConfig:
             if (T * D) % H:
                 raise self._err("num_heads", f"H={H} must divide T*D={T * D}")
         if self.arch in ("unimixer", "unimixer_lite"):
-            Bk = self.block_size or D
+            Bk = self.unimixer.block_size or D
             if (T * D) % Bk:
-                raise self._err("block_size", f"B={Bk} must divide T*D={T * D}")
+                raise self._err("unimixer.block_size", f"B={Bk} must divide T*D={T * D}")
+
+
+# flat keys of one family -> the model section they live in now
+IN_SECTION = {
+    f.name: name
+    for name, (cls, _) in SECTIONS.items()
+    if name != "moe"
+    for f in dataclasses.fields(cls)
+}
 
 
 def migrate_experiment(raw: Any) -> Any:
     """An experiment config (a manifest's or checkpoint's ``config``) written before the
     architecture / runtime split, with its runtime keys moved out of ``model:`` to where
-    ``MOVED`` says; a config without them is returned unchanged. A key already set at its new
-    place wins over the old one."""
+    ``MOVED`` says and its flat family keys into their sections (``IN_SECTION``); a config
+    without them is returned unchanged. A key already set at its new place wins over the old
+    one."""
     model = raw.get("model") if isinstance(raw, dict) else None
-    if not isinstance(model, dict) or not set(model) & set(MOVED):
+    if not isinstance(model, dict) or not set(model) & (set(MOVED) | set(IN_SECTION)):
         return raw
-    out = {**raw, "model": {k: v for k, v in model.items() if k not in MOVED}}
+    kept = {k: v for k, v in model.items() if k not in MOVED and k not in IN_SECTION}
+    for key, section in IN_SECTION.items():
+        if key in model:
+            sec = dict(kept.get(section) or {})
+            sec.setdefault(key, model[key])
+            kept[section] = sec
+    out = {**raw, "model": kept}
     for key, new in MOVED.items():
         if key in model:
             section, name = new.split(".")

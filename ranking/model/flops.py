@@ -115,12 +115,12 @@ def _mixer_counts(
             p2, f2 = _stage(c, T, D, True, moe_active)
             p, f = p + p1 + p2 + W + D, f + f1 + f2
         else:
-            Bk = c.block_size or D
+            Bk = c.unimixer.block_size or D
             n = T * D // Bk
             if c.arch == "unimixer":
                 mp, per_batch = n * Bk * Bk + n * n, 0
             else:
-                b, r = c.lite_bases, c.lite_rank
+                b, r = c.unimixer.lite_bases, c.unimixer.lite_rank
                 mp = b * Bk * Bk + n * b + 2 * n * r
                 per_batch = 2 * n * b * Bk * Bk + 2 * n * r * n
             sp, sf = _stage(c, T, D, True, moe_active)
@@ -140,18 +140,18 @@ def _baseline_counts(c: ModelConfig, schema: FeatureSchema) -> tuple[int, float]
     D = schema.tables[0].dim
     F = len(schema.sparse_features)
     Nd = max(schema.num_dense, 1)
-    dp, df = _chain([Nd, *c.dense_arch, D])
+    dp, df = _chain([Nd, *c.dlrm.dense_arch, D])
     n_tasks = len(schema.tasks)
     if c.arch == "dlrm":
         over_in = D + F * (F + 1) // 2
         ip, inf = 0, 2 * (F + 1) * (F + 1) * D
     else:
         d_in = (F + 1) * D
-        r = c.dcn_rank
+        r = c.dlrm.dcn_rank
         over_in = d_in
-        ip = c.dcn_layers * (d_in * r + r * d_in + d_in)
-        inf = c.dcn_layers * 4 * d_in * r
-    op, of = _chain([over_in, *c.over_arch, n_tasks])
+        ip = c.dlrm.dcn_layers * (d_in * r + r * d_in + d_in)
+        inf = c.dlrm.dcn_layers * 4 * d_in * r
+    op, of = _chain([over_in, *c.dlrm.over_arch, n_tasks])
     return dp + ip + op, df + inf + of
 
 

@@ -176,7 +176,7 @@ def build_model(
         stack,
         heads,
         pooling=c.pooling,
-        aux_loss_weight=c.aux_loss_weight,
-        temperature=(c.tau_start, c.tau_end),
+        aux_loss_weight=c.tokenmixer_large.aux_loss_weight,
+        temperature=(c.unimixer.tau_start, c.unimixer.tau_end),
         token_dropout=c.token_dropout,
     )
