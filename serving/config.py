@@ -137,7 +137,7 @@ def start(
     each ingress replica also listens on its own ports (``ingress_targets``). Applies to a Ray
     this call starts; an explicit value in the environment wins."""
     import ray
-    from ray.serve._private import api as serve_api
+    from ray import serve
     from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
 
@@ -172,13 +172,27 @@ def start(
                 else:
                     os.environ[k] = v
     schema = ServeDeploySchema.model_validate(cfg)
-    client = serve_api.serve_start(
+    serve.start(
         http_options=schema.http_options.model_dump(),
         grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
         proxy_location=schema.proxy_location,
     )
-    client.deploy_apps(schema, _blocking=False)
+    _deploy(schema)
     wait_running(timeout_s)
+
+
+def _deploy(schema) -> None:
+    """Apply a whole Serve config (every application, with the YAML's deployment overrides:
+    user_config, replicas, actor options) to the running Serve.
+
+    Serve has no public Python API for this: ``serve deploy`` goes through the dashboard's REST
+    endpoint (we run Ray without the dashboard), and ``serve.run`` takes built applications, so
+    the YAML's per-deployment overrides would have to be re-applied by hand. This calls the
+    client ``serve deploy``'s endpoint itself calls (``ray.serve.context._get_global_client``,
+    ``ServeControllerClient.deploy_apps``)."""
+    from ray.serve.context import _get_global_client
+
+    _get_global_client().deploy_apps(schema, _blocking=False)
 
 
 def ingress_targets(app: str = APP, timeout_s: float = 30.0) -> dict[str, list[tuple[str, int]]]:
@@ -189,6 +203,8 @@ def ingress_targets(app: str = APP, timeout_s: float = 30.0) -> dict[str, list[t
     import ray
     from ray.serve.context import _get_global_client
 
+    # no public API lists a replica's own ports: read the controller's target groups (what
+    # Ray's HAProxy integration reads)
     controller = _get_global_client()._controller
     deadline = time.monotonic() + timeout_s
     while True:
@@ -223,11 +239,9 @@ def wait_running(timeout_s: float = 120.0) -> None:
 def redeploy(cfg: dict) -> None:
     """Apply a changed config to the running Serve (e.g. a new artifact in ``user_config``:
     replicas are reconfigured in place, no restart)."""
-    from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
-    client = serve_api.serve_start()
-    client.deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=False)
+    _deploy(ServeDeploySchema.model_validate(cfg))
 
 
 def stop() -> None:
