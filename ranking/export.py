@@ -156,6 +156,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
         k: v.detach().to(DTYPES[dtype]) if v.is_floating_point() else v.detach()
         for k, v in model.state_dict().items()
     }
+    if dtype != "fp32":  # what the artifact will hold and serve: the weights rounded to dtype
+        model.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+        )
+    check_lowering(model.eval(), schema, dtype, config, str(checkpoint))
     return write_artifact(
         out,
         weights,
@@ -165,6 +170,35 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
         metrics=marker.get("metrics") or {},
         step=int(marker.get("step", 0)),
     )
+
+
+# How far the lowered model's logits may be from the eager model's (torch.allclose terms): fp32
+# differs only by float rounding; bf16 by the tolerance the bf16 tests use.
+LOWERING_TOLERANCE = {"fp32": (1e-4, 1e-4), "bf16": (0.1, 0.05)}
+
+
+def check_lowering(model, schema, dtype: str, config: dict, source: str, rows: int = 64) -> float:
+    """Export's train/serve check: ``optimize_for_inference`` (with the config's ``inference:``
+    options, in ``dtype``) must give the eager model's logits on ``rows`` random rows of the
+    schema, within ``LOWERING_TOLERANCE``; ``ArtifactError`` otherwise. Returns the largest
+    absolute difference."""
+    from ranking.inference import InferenceConfig, optimize_for_inference
+    from ranking.model.synthetic import random_batch
+
+    opts = InferenceConfig.from_dict(config.get("inference"), source).options()
+    batch = random_batch(schema, rows, seed=0)
+    with torch.no_grad():
+        eager = model(batch).logits.float()
+        fast = optimize_for_inference(model, dtype=dtype, device="cpu", **opts)(batch).logits
+    atol, rtol = LOWERING_TOLERANCE[dtype]
+    diff = (fast - eager).abs()
+    if not bool((diff <= atol + rtol * eager.abs()).all()):
+        raise ArtifactError(
+            f"{source}: the model lowered for inference ({dtype}, {opts}) disagrees with the "
+            f"trained model: max |logit difference| {float(diff.max()):.3g} on {rows} random "
+            f"rows (allowed {atol} + {rtol} x |logit|)"
+        )
+    return float(diff.max())
 
 
 def write_artifact(

@@ -524,3 +524,20 @@ def test_artifact_from_before_the_split_still_loads(tmp_path):
     with torch.no_grad():
         want = torch.sigmoid(model(batch).logits)
     torch.testing.assert_close(art.predict(batch), want, atol=1e-5, rtol=1e-5)
+
+
+def test_export_checks_the_lowered_model_against_the_trained_one(monkeypatch):
+    """``export.check_lowering`` (run by every export): the lowered model passes within the
+    dtype's tolerance, and a lowering that computes something else is refused, naming the
+    checkpoint and the difference."""
+    from ranking.export import ArtifactError, check_lowering
+
+    model, schema = _model("rankmixer")
+    config = {"inference": {"micro_batch": 16}}
+    assert check_lowering(model, schema, "fp32", config, "ckpt") < 1e-5
+    assert check_lowering(model, schema, "bf16", config, "ckpt") < 0.1
+
+    real = TokenMajorRankMixer.forward
+    monkeypatch.setattr(TokenMajorRankMixer, "forward", lambda self, x: real(self, x) * 1.5)
+    with pytest.raises(ArtifactError, match=r"ckpt: the model lowered for inference \(fp32"):
+        check_lowering(model, schema, "fp32", config, "ckpt")
