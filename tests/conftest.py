@@ -11,6 +11,13 @@ from pathlib import Path
 
 import pytest
 
+# Triton reads TRITON_INTERPRET once, when it is first imported, and torch.compile (the
+# compiled-epilogue tests) imports it too. Choose the interpreter here, before any test module,
+# as tests/test_kernels_*.py would, so that they run their Triton cases in this process whatever
+# ran first (on a GPU run, MIXRANK_TEST_DEVICE=cuda, they compile the kernels instead).
+if os.environ.get("MIXRANK_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MIXRANK_SHARED_DATA", REPO.parent / "shared" / "data"))
 
