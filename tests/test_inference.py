@@ -1,5 +1,5 @@
 """``optimize_for_inference``: the lowered model equals the eager one for every architecture; its
-fast blocks (``ranking.lowered``) against the blocks' equations; the ``inference:`` section;
+fast blocks (``ranking.lowered``; their equations: tests/test_model_blocks.py); the ``inference:`` section;
 artifacts exported before the architecture / runtime split still load."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_model_blocks import SMALL as BLOCK_MODELS
 
 from ranking.inference import InferenceConfig, InferenceRanker, optimize_for_inference
 from ranking.lowered import (
@@ -23,38 +24,23 @@ from ranking.lowered import (
     mix_tm,
     revert_tm,
 )
-from ranking.model.blocks import RankMixerBlock, TokenMixerLargeBlock, build_stack
+from ranking.model.blocks import build_stack
 from ranking.model.config import ConfigError, ModelConfig
 from ranking.model.ranker import build_model
 from ranking.model.synthetic import random_batch, toy_schema
 
 CPU = torch.device("cpu")
 
-# one small model per architecture and stage kind (dense / MoE), as in test_model_blocks
+# one small model per architecture and stage kind (dense / MoE): test_model_blocks' models, and
+# two more shapes of the token-major path (T = 1 with RMSNorm; the reverted residual, L = 4)
 SMALL = {
-    "rankmixer": {"arch": "rankmixer", "dim": 16, "num_tokens": 4},
+    **BLOCK_MODELS,
     "rankmixer_rms_t1": {
         "arch": "rankmixer",
         "dim": 8,
         "num_tokens": 1,
         "norm": "rms",
         "dense_token": False,
-    },
-    "rankmixer_moe": {
-        "arch": "rankmixer",
-        "dim": 16,
-        "num_tokens": 4,
-        "moe": {"enabled": True, "l1_weight": 0.01},
-    },
-    "tokenmixer_large": {
-        "arch": "tokenmixer_large",
-        "dim": 16,
-        "num_heads": 8,
-        "num_layers": 3,
-        "global_token": True,
-        "tokenmixer_large": {"aux_loss_weight": 0.1},
-        "token_proj": "mlp",
-        "down_init_scale": 1.0,
     },
     "tokenmixer_large_reverted": {
         "arch": "tokenmixer_large",
@@ -64,20 +50,6 @@ SMALL = {
         "num_layers": 4,
         "down_init_scale": 1.0,
     },
-    "tokenmixer_large_moe": {
-        "arch": "tokenmixer_large",
-        "dim": 16,
-        "num_layers": 2,
-        "moe": {"enabled": True},
-    },
-    "unimixer": {"arch": "unimixer", "dim": 16, "unimixer": {"block_size": 8}},
-    "unimixer_lite": {
-        "arch": "unimixer_lite",
-        "dim": 16,
-        "unimixer": {"block_size": 8, "flatten": "token_major"},
-    },
-    "dlrm": {"arch": "dlrm", "dlrm": {"dense_arch": [16], "over_arch": [32]}},
-    "dcnv2": {"arch": "dcnv2", "dlrm": {"dense_arch": [16], "over_arch": [32], "dcn_rank": 8}},
 }
 TOKEN_MAJOR = {"rankmixer", "rankmixer_rms_t1", "tokenmixer_large", "tokenmixer_large_reverted"}
 
@@ -188,20 +160,6 @@ def test_bad_arguments_are_named():
 # ----------------------------------------------------------------------------- fast blocks
 
 
-def head_mix(x, H):
-    B, T, D = x.shape
-    return x.view(B, T, H, D // H).transpose(1, 2).reshape(B, H, T * D // H)
-
-
-def head_revert(y, T):
-    B, H, W = y.shape
-    return y.view(B, H, T, W // T).transpose(1, 2).reshape(B, T, H * W // T)
-
-
-def rms(x, w, eps=1e-6):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
 @pytest.mark.parametrize(
     ("T", "D", "H"), [(4, 16, 4), (8, 64, 8), (3, 12, 2), (5, 10, 5), (2, 6, 3)]
@@ -225,70 +183,6 @@ def test_token_major_mix_and_revert_move_whole_chunks(dtype, T, D, H):
     if dtype.is_floating_point:
         x = torch.randn(T, B, D, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda v: revert_tm(mix_tm(v, H) * 2, T), (x,))
-
-
-@pytest.mark.parametrize("norm", ["layer", "rms"])
-def test_token_major_rankmixer_block_equations(norm):
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_dict({"arch": "rankmixer", "dim": 16, "num_tokens": 4, "norm": norm})
-    blk = RankMixerBlock(4, 16, cfg)
-    with torch.no_grad():
-        for p in blk.parameters():
-            if p.dim() <= 2:
-                p.add_(torch.randn_like(p) * 0.3)
-    x = torch.randn(3, 4, 16)
-
-    def nrm(n, v):
-        if norm == "rms":
-            return rms(v, n.weight, n.eps)
-        return F.layer_norm(v, (16,), n.weight, n.bias, n.eps)
-
-    s = nrm(blk.norm1, head_mix(x, 4) + x)
-    f = blk.ffn.ffn
-    pffn = torch.stack(
-        [F.gelu(s[:, t] @ f.w1[t] + f.b1[t]) @ f.w2[t] + f.b2[t] for t in range(4)], 1
-    )
-    ref = nrm(blk.norm2, pffn + s)
-    with torch.no_grad():
-        yt = TokenMajorRankMixer(blk, torch.float32, CPU)(x.transpose(0, 1).contiguous())
-    torch.testing.assert_close(yt.transpose(0, 1), ref, atol=1e-5, rtol=1e-5)
-
-
-def swiglu_ref(m, x):
-    Hd = m.hidden
-    outs = []
-    for t in range(x.shape[1]):
-        g, u = m.w_gate_up[t, :, :Hd], m.w_gate_up[t, :, Hd:]
-        outs.append((F.silu(x[:, t] @ g) * (x[:, t] @ u)) @ m.w_down[t])
-    return torch.stack(outs, 1)
-
-
-@pytest.mark.parametrize("second_residual", ["input", "reverted"])
-@pytest.mark.parametrize(("T", "D", "H"), [(4, 16, 4), (4, 16, 8), (3, 12, 2)])
-def test_token_major_tokenmixer_large_block_equations(second_residual, T, D, H):
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_dict(
-        {
-            "arch": "tokenmixer_large",
-            "dim": D,
-            "num_heads": H,
-            "tokenmixer_large": {"second_residual": second_residual},
-            "down_init_scale": 1.0,
-        }
-    )
-    blk = TokenMixerLargeBlock(T, D, H, cfg)
-    with torch.no_grad():
-        blk.norm1.weight.add_(torch.randn_like(blk.norm1.weight) * 0.3)
-        blk.norm2.weight.add_(torch.randn_like(blk.norm2.weight) * 0.3)
-    x = torch.randn(2, T, D)
-    hm = head_mix(x, H)
-    h = hm + swiglu_ref(blk.f1.ffn, rms(hm, blk.norm1.weight))
-    r = head_revert(h, T)
-    base = x if second_residual == "input" else r
-    ref = base + swiglu_ref(blk.f2.ffn, rms(r, blk.norm2.weight))
-    with torch.no_grad():
-        yt = TokenMajorTokenMixerLarge(blk, torch.float32, CPU)(x.transpose(0, 1).contiguous())
-    torch.testing.assert_close(yt.transpose(0, 1), ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ranking.lowered import TokenMajorRankMixer, TokenMajorTokenMixerLarge
 from ranking.model.blocks import (
     RankMixerBlock,
     TokenMixerLargeBlock,
@@ -50,6 +51,12 @@ def test_rankmixer_block_equations():
     ref = F.layer_norm(pffn + s, (16,), blk.norm2.weight, blk.norm2.bias, 1e-5)
     y, _aux = blk(x)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    # the inference lowering (token-major [T, B, D], ranking/lowered.py) against the same equations
+    with torch.no_grad():
+        yt = TokenMajorRankMixer(blk, torch.float32, torch.device("cpu"))(
+            x.transpose(0, 1).contiguous()
+        )
+    torch.testing.assert_close(yt.transpose(0, 1), ref, atol=1e-5, rtol=1e-5)
 
 
 def swiglu_ref(m, x):
@@ -87,6 +94,10 @@ def test_tokenmixer_large_block_equations(second_residual, T, D, H):
     ref = base + swiglu_ref(blk.f2.ffn, rms(r, blk.norm2.weight))
     y, _ = blk(x)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        lowered = TokenMajorTokenMixerLarge(blk, torch.float32, torch.device("cpu"))
+        yt = lowered(x.transpose(0, 1).contiguous())
+    torch.testing.assert_close(yt.transpose(0, 1), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_interlayer_residual_every_two_not_after_last():
