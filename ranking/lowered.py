@@ -3,7 +3,8 @@
 
 Each module here is built from a block of ``ranking.model.blocks`` and owns its weights in the
 inference dtype: copies, packed where a kernel wants them packed. Its forward computes the same
-equations as the block's (tests/test_inference.py compares them for every architecture).
+equations as the block's (tests/test_model_blocks.py checks both against the equations,
+tests/test_inference.py whole lowered models for every architecture).
 
 **Token-major layout.** On the CPU (where the kernel dispatch picks the PyTorch reference) the
 dense RankMixer and TokenMixer-Large stacks run in ``[T, B, D]``: the per-token GEMMs then read
