@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -213,3 +215,27 @@ def test_reads_real_frappe(shared_data):
     )
     sizes = [b.size for b in ds]
     assert sum(sizes) == 57721
+
+
+@pytest.mark.parametrize(
+    "column, array, message",
+    [
+        ("n", pa.array(["1.5"]), "column 'n': dense feature 'n' has type string, expected a number"),
+        ("tags", pa.array(["x"]), "column 'tags': id_list feature 'tags' has type string, expected a list"),
+        ("tags", pa.array([[True]]), "column 'tags': id_list feature 'tags' has type list<element: bool>, expected a list of strings"),
+        ("kcol", pa.array([[1]]), "column 'kcol': categorical feature 'k' has type list<element: int64>"),
+        ("u", pa.array([b"x"]), "column 'u': categorical feature 'u' has type binary"),
+        ("y", pa.array(["1"]), "column 'y': label has type string, expected 0/1 numbers"),
+        ("y", pa.array([None], pa.int8()), "column 'y': label has 1 null(s) by the file's column statistics"),
+    ],
+)  # fmt: skip
+def test_footer_check_names_file_and_column(tmp_path, column, array, message):
+    """The reader checks every file's footer (types against the schema, label nulls from the
+    column statistics) before reading a row; the message names the file and the column."""
+    import pyarrow.parquet as pq
+    from test_features import SCHEMA, _table
+
+    path = tmp_path / "f.parquet"
+    pq.write_table(_table(**{column: array}), path)
+    with pytest.raises(DataError, match=re.escape(f"{path}: {message}")):
+        ParquetBatches(SCHEMA, str(path), batch_size=4, rank=0, world_size=1)

@@ -281,3 +281,59 @@ def test_several_runs_in_one_worker_match_separate_launches(full_run, data, tmp_
     first = json.loads((other / "summary.json").read_text())
     assert first["step"] == a["step"] and first["eval"]["auc"] != a["eval"]["auc"]
     assert yaml.safe_load((other / "config.yaml").read_text())["model"]["arch"] == "dlrm"
+
+
+def _bad_copy(src_dir: Path, out: Path, change) -> Path:
+    """A data directory: one good training file, plus ``change(table)`` written as bad.parquet."""
+    import pyarrow.parquet as pq
+
+    out.mkdir(parents=True)
+    src = sorted(src_dir.glob("*.parquet"))[0]
+    table = pq.read_table(src)
+    pq.write_table(table, out / "a.parquet")
+    pq.write_table(change(table), out / "bad.parquet")
+    return out
+
+
+def _label_as_string(t):
+    import pyarrow as pa
+
+    i = t.schema.get_field_index("label")
+    return t.set_column(i, "label", t.column("label").cast(pa.string()))
+
+
+def _label_null_at_row_10(t):
+    import pyarrow as pa
+
+    i = t.schema.get_field_index("label")
+    vals = t.column("label").to_pylist()
+    vals[10] = None
+    return t.set_column(i, "label", pa.array(vals, t.schema.field("label").type))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_label_as_string, "column 'label': label has type string, expected 0/1 numbers"),
+        (
+            _label_null_at_row_10,
+            "column 'label': label has 1 null(s) by the file's column statistics",
+        ),
+    ],
+)
+def test_bad_label_files_are_refused_before_spawning(data, tmp_path, change, message):
+    """#26's two cases, read from the Parquet footer (schema, column statistics): one line
+    naming the file and the column, exit code 2, nothing spawned, no run directory."""
+    bad_dir = _bad_copy(data / "train", tmp_path / "bad", change)
+    cfg = _config(tmp_path, data)
+    proc = subprocess.run(
+        _train_cmd(cfg, tmp_path / "r", f"data.train={bad_dir}"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mixrank: error:")]
+    assert len(lines) == 1 and str(bad_dir / "bad.parquet") in lines[0] and message in lines[0]
+    assert "Traceback" not in proc.stderr and "torch.distributed" not in proc.stderr
+    assert not (tmp_path / "r").exists()

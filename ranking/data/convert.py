@@ -32,6 +32,7 @@ from ranking.data.hashing import (
     canonical_strings,
     hash_array,
     hash_columns,
+    id_type_ok,
     load_vocab,
     vocab_lookup,
 )
@@ -199,19 +200,38 @@ def _hash_small(
     return {f.name: h for f, h in zip(feats, hashed)}
 
 
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def type_problem(kind: str, t: pa.DataType) -> str | None:
+    """What is wrong with a column of Arrow type ``t`` holding ``kind`` (``"label"``, or a
+    feature kind), or None: the one rule the conversion below and the footer check before
+    training (``ranking.data.reader``) share."""
+    numeric = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+    if kind == "label":
+        return None if numeric else f"label has type {t}, expected 0/1 numbers"
+    if kind == DENSE:
+        ok = numeric or pa.types.is_null(t) or pa.types.is_decimal(t)
+        return None if ok else f"has type {t}, expected a number"
+    if kind == CATEGORICAL:
+        ok = not _is_list(t) and id_type_ok(t)
+        return None if ok else f"has type {t}, expected strings or integers"
+    if pa.types.is_null(t):
+        return None
+    if not _is_list(t):
+        return f"has type {t}, expected a list"
+    if not id_type_ok(t.value_type):
+        return f"has type {t}, expected a list of strings or integers"
+    return None
+
+
 def dense_values(f: FeatureSpec, col: pa.Array | pa.ChunkedArray, source: str) -> np.ndarray:
     """One dense column: ``[n]`` Arrow numbers -> ``[n]`` float32 (fill, clip, transform)."""
     t = col.type
-    if not (
-        pa.types.is_integer(t)
-        or pa.types.is_floating(t)
-        or pa.types.is_null(t)
-        or pa.types.is_boolean(t)
-        or pa.types.is_decimal(t)
-    ):
-        raise column_error(
-            source, f.column, f"dense feature {f.name!r} has type {t}, expected a number"
-        )
+    problem = type_problem(DENSE, t)
+    if problem:
+        raise column_error(source, f.column, f"dense feature {f.name!r} {problem}")
     x = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False) if len(col) else np.zeros(0)
     x = np.where(np.isnan(x), f.fill, x)
     if f.clip is not None:
@@ -228,21 +248,13 @@ def sparse_values(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One sparse column -> (ids ``[total]`` int64, lengths ``[n]`` int64)."""
     t = col.type
-    is_list = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+    problem = type_problem(f.kind, t)
+    if problem:
+        raise column_error(source, f.column, f"{f.kind} feature {f.name!r} {problem}")
     if f.kind == CATEGORICAL:
-        if is_list:
-            raise column_error(
-                source,
-                f.column,
-                f"categorical feature {f.name!r} has type {t}, expected strings or integers",
-            )
         return _bucket(schema, f, col, source), np.ones(len(col), dtype=np.int64)
     if pa.types.is_null(t):
         return np.zeros(0, np.int64), np.zeros(len(col), np.int64)
-    if not is_list:
-        raise column_error(
-            source, f.column, f"id_list feature {f.name!r} has type {t}, expected a list"
-        )
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
     lengths = (
@@ -290,9 +302,9 @@ def resolve_vocab_path(schema: FeatureSchema, f: FeatureSpec) -> Path:
 
 def label_values(col: pa.Array | pa.ChunkedArray, column: str, source: str) -> np.ndarray:
     """One label column: ``[n]`` 0/1 values -> ``[n]`` float32; anything else is an error."""
-    t = col.type
-    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
-        raise column_error(source, column, f"label has type {t}, expected 0/1 numbers")
+    problem = type_problem("label", col.type)
+    if problem:
+        raise column_error(source, column, problem)
     if col.null_count:
         row = int(pc.index(pc.is_null(col), True).as_py())
         raise column_error(source, column, f"label is null at row {row}, expected 0 or 1")

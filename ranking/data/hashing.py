@@ -51,6 +51,8 @@ def canonical_strings(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     """
     arr = _one_chunk(arr)
     t = arr.type
+    if not id_type_ok(t):
+        raise HashTypeError(f"expected strings or integers, got Arrow type {t}")
     if pa.types.is_dictionary(t):
         arr = arr.dictionary_decode()
         t = arr.type
@@ -71,9 +73,23 @@ def canonical_strings(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
             return pc.cast(pc.cast(arr, pa.int64()), pa.string())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
             raise HashTypeError(f"float ids outside the int64 range: {e}") from None
-    if pa.types.is_null(t):
-        return pa.nulls(len(arr), pa.string())
-    raise HashTypeError(f"expected strings or integers, got Arrow type {t}")
+    return pa.nulls(len(arr), pa.string())  # the null type: id_type_ok admits nothing else
+
+
+def id_type_ok(t: pa.DataType) -> bool:
+    """Whether a categorical column (or an id list's elements) of Arrow type ``t`` can be
+    hashed: strings, integers, floats (integral values; checked on the data), nulls, or a
+    dictionary of those. The footer check (``ranking.data.reader``) uses it too."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return (
+        pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_string_view(t)
+        or pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_null(t)
+    )
 
 
 def fnv1a64(arr: pa.Array) -> np.ndarray:

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ranking.data.convert import FeatureColumns, columns_from_arrow, to_batch
+from ranking.data.convert import FeatureColumns, columns_from_arrow, to_batch, type_problem
 from ranking.data.errors import DataError
 from ranking.features import FeatureSchema
 
@@ -99,6 +99,19 @@ def epoch_order(units: list[Unit], seed: int, epoch: int, shuffle: bool) -> list
         members = groups[keys[gi]]
         order.extend(members[j] for j in rng.permutation(len(members)))
     return order
+
+
+def _footer_nulls(meta, column: str) -> int:
+    """Null count of a top-level column over all row groups, from the footer's statistics
+    (0 where a row group records none: the rows are checked again when read)."""
+    idx = [i for i in range(meta.num_columns) if meta.schema.column(i).path == column]
+    total = 0
+    for rg in range(meta.num_row_groups):
+        for i in idx:
+            stats = meta.row_group(rg).column(i).statistics
+            if stats is not None and stats.has_null_count:
+                total += stats.null_count
+    return total
 
 
 class ParquetBatches(IterableDataset):
@@ -229,18 +242,35 @@ class ParquetBatches(IterableDataset):
 
     # ------------------------------------------------------------------ reading
     def _check_columns(self) -> None:
+        """Every file's footer against the schema, before any row is read (``mixrank train``
+        runs this before spawning): the columns are there, their types are ones the
+        conversion takes (``convert.type_problem``), and no label column has nulls by the
+        footer's statistics. ``DataError`` naming the file and the column."""
         import pyarrow.parquet as pq
 
-        need = [f.column for f in self.schema.features]
-        need += self.schema.label_columns if self.with_labels else []
+        kinds = {f.column: (f.kind, f"{f.kind} feature {f.name!r} ") for f in self.schema.features}
+        if self.with_labels:
+            kinds.update({c: ("label", "") for c in self.schema.label_columns})
         for f in self.files:
             try:
-                names = pq.read_schema(f).names
+                pf = pq.ParquetFile(f)
+                meta, arrow = pf.metadata, pf.schema_arrow
             except (pa.ArrowInvalid, OSError) as e:
                 raise DataError(f"{f}: not a readable Parquet file: {e}") from None
-            for c in need:
+            names = arrow.names
+            for c, (kind, what) in kinds.items():
                 if c not in names:
                     raise DataError(f"{f}: column {c!r}: missing (the file has {names})")
+                problem = type_problem(kind, arrow.field(c).type)
+                if problem:
+                    raise DataError(f"{f}: column {c!r}: {what}{problem}")
+            for c in (c for c, (kind, _) in kinds.items() if kind == "label"):
+                nulls = _footer_nulls(meta, c)
+                if nulls:
+                    raise DataError(
+                        f"{f}: column {c!r}: label has {nulls} null(s) by the file's column "
+                        f"statistics, expected 0 or 1 in every row"
+                    )
 
     _cache: tuple[tuple[str, int], pa.Table] | None = None
 
