@@ -416,11 +416,15 @@ class Batch:
         dense: ``[B, Nd]`` float32, columns in ``schema.dense_features`` order (Nd may be 0).
         sparse: ``KeyedJaggedTensor`` with keys ``schema.sparse_keys``, values int64 bucket ids.
         labels: ``[B, n_tasks]`` float32 in ``schema.tasks`` order (zeros when serving).
+        bad_rows: rows dropped from this batch as bad, per cause (``data.on_bad_rows: skip``).
+        bad_examples: the first message of each cause of bad rows the reader met so far.
     """
 
     dense: Any  # torch.Tensor
     sparse: Any  # torchrec.sparse.jagged_tensor.KeyedJaggedTensor
     labels: Any  # torch.Tensor
+    bad_rows: dict[str, int] = field(default_factory=dict)
+    bad_examples: dict[str, str] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -431,10 +435,18 @@ class Batch:
             self.dense.to(device, non_blocking=non_blocking),
             self.sparse.to(device, non_blocking=non_blocking),
             self.labels.to(device, non_blocking=non_blocking),
+            self.bad_rows,
+            self.bad_examples,
         )
 
     def pin_memory(self) -> Batch:
-        return Batch(self.dense.pin_memory(), self.sparse.pin_memory(), self.labels.pin_memory())
+        return Batch(
+            self.dense.pin_memory(),
+            self.sparse.pin_memory(),
+            self.labels.pin_memory(),
+            self.bad_rows,
+            self.bad_examples,
+        )
 
 
 # ---------------------------------------------------------------------------- presets and rows

@@ -8,7 +8,12 @@ Conventions (shared by training and serving):
   element inside a list gets bucket 0; lists are truncated to ``schema.max_list_length``.
 - dense: null / NaN / missing -> ``fill``; then ``clip`` (on the raw scale); then ``transform``
   (``log1p``: log1p(max(x, 0)); ``signed_log1p``: sign(x) * log1p(|x|)). Output float32.
-- labels: must be 0/1 (any numeric or boolean type); anything else is a ``DataError``.
+- labels: must be 0/1 (any numeric or boolean type); anything else is a bad row.
+- bad rows (what only the data shows: a label that is null or not 0/1, an infinite dense value,
+  and, read from files, a string that is not UTF-8 or an id list over ``max_list_items``):
+  ``RowChecks`` either raises a ``DataError`` naming the file, row group, row and column
+  (``on_bad_rows: fail``), or marks the rows in ``FeatureColumns.bad`` with their cause
+  (``skip``) so that the reader drops them when it cuts batches.
 
 The numpy core works on ``FeatureColumns`` (per-row arrays), which the reader also uses to
 shuffle and cut batches without going back to Arrow.
@@ -60,6 +65,8 @@ class FeatureColumns:
         lengths: per sparse key, ``[n]`` int64 ids per row.
         labels: ``[n, n_tasks]`` float32.
         jagged: the keys whose rows may hold other than one id (id_list features).
+        bad: ``[n]`` uint8 cause of each bad row (``BAD_CAUSES[code - 1]``, 0: a good row), or
+            None when every row is good; bad rows hold placeholder values.
     """
 
     dense: np.ndarray
@@ -67,6 +74,7 @@ class FeatureColumns:
     lengths: dict[str, np.ndarray]
     labels: np.ndarray
     jagged: frozenset[str] = field(default_factory=frozenset)
+    bad: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.dense.shape[0])
@@ -79,7 +87,18 @@ class FeatureColumns:
                 ids[k], lengths[k] = jagged_take(v, self.lengths[k], idx)
             else:
                 ids[k], lengths[k] = v[idx], self.lengths[k][idx]
-        return FeatureColumns(self.dense[idx], ids, lengths, self.labels[idx], self.jagged)
+        bad = None if self.bad is None else self.bad[idx]
+        return FeatureColumns(self.dense[idx], ids, lengths, self.labels[idx], self.jagged, bad)
+
+    def drop_bad(self) -> tuple[FeatureColumns, dict[str, int]]:
+        """The good rows, and how many rows were dropped per cause."""
+        if self.bad is None or not self.bad.any():
+            return self, {}
+        counts = np.bincount(self.bad, minlength=len(BAD_CAUSES) + 1)
+        dropped = {c: int(counts[i + 1]) for i, c in enumerate(BAD_CAUSES) if counts[i + 1]}
+        good = self.take(np.flatnonzero(self.bad == 0))
+        good.bad = None
+        return good, dropped
 
     def split(self, size: int, count: int) -> tuple[list[FeatureColumns], FeatureColumns]:
         """The first ``count`` runs of ``size`` rows, and the rest (views, no copies)."""
@@ -92,8 +111,9 @@ class FeatureColumns:
                 for k, v in self.ids.items()
             }
             lengths = {k: v[a:b] for k, v in self.lengths.items()}
+            bad = None if self.bad is None else self.bad[a:b]
             parts.append(
-                FeatureColumns(self.dense[a:b], ids, lengths, self.labels[a:b], self.jagged)
+                FeatureColumns(self.dense[a:b], ids, lengths, self.labels[a:b], self.jagged, bad)
             )
         return parts[:-1], parts[-1]
 
@@ -103,12 +123,18 @@ class FeatureColumns:
         if len(parts) == 1:
             return parts[0]
         keys = parts[0].ids.keys()
+        bad = None
+        if any(p.bad is not None for p in parts):
+            bad = np.concatenate(
+                [p.bad if p.bad is not None else np.zeros(len(p), np.uint8) for p in parts]
+            )
         return FeatureColumns(
             np.concatenate([p.dense for p in parts]),
             {k: np.concatenate([p.ids[k] for p in parts]) for k in keys},
             {k: np.concatenate([p.lengths[k] for p in parts]) for k in keys},
             np.concatenate([p.labels for p in parts]),
             parts[0].jagged,
+            bad,
         )
 
 
@@ -124,6 +150,112 @@ def jagged_take(values: np.ndarray, lengths: np.ndarray, idx: np.ndarray):
     return values[gather], new_len
 
 
+# ------------------------------------------------------------------------------ bad rows
+# Causes of bad rows, in the order of their codes in ``FeatureColumns.bad`` (code = index + 1);
+# the names are the keys of the per-cause counts in logs and ``summary.json``.
+BAD_CAUSES = ("label", "dense", "utf8", "list_length")
+ON_BAD_ROWS = ("fail", "skip")
+
+
+class RowChecks:
+    """The value checks of one slice of rows, and what a bad row does.
+
+    ``fail``: the first bad row raises a ``DataError`` naming ``source`` (the file and row
+    group), the column and the row (``row_offset`` + its index: the row of the file).
+    ``skip``: bad rows are recorded in ``codes`` (the first cause of each row) and the first
+    message of each cause in ``examples``; the caller keeps placeholder values in them.
+
+    ``utf8`` (strings must be UTF-8) and ``max_list_items`` (ids per list) are the checks of
+    rows read from files; requests are checked before they get here (``ranking.data.values``).
+    """
+
+    def __init__(
+        self,
+        source: str,
+        n: int,
+        *,
+        row_offset: int = 0,
+        on_bad_rows: str = "fail",
+        utf8: bool = False,
+        max_list_items: int | None = None,
+    ):
+        if on_bad_rows not in ON_BAD_ROWS:
+            raise ValueError(f"on_bad_rows: expected one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
+        self.source, self.n, self.row_offset = source, n, row_offset
+        self.skip = on_bad_rows == "skip"
+        self.utf8, self.max_list_items = utf8, max_list_items
+        self.codes: np.ndarray | None = None
+        self.examples: dict[str, str] = {}
+
+    def flag(self, cause: str, column: str, mask: np.ndarray, what) -> None:
+        """Rows ``mask`` (``[n]`` bool) have a bad value of ``cause`` in ``column``;
+        ``what(i)`` describes row ``i``'s problem (\"label is 2\", ...)."""
+        if not mask.any():
+            return
+        i = int(np.argmax(mask))
+        text, _, expected = what(i).partition("; ")
+        msg = f"{text} at row {self.row_offset + i}" + (f", {expected}" if expected else "")
+        if not self.skip:
+            raise column_error(self.source, column, msg)
+        self.examples.setdefault(cause, str(column_error(self.source, column, msg)))
+        if self.codes is None:
+            self.codes = np.zeros(self.n, np.uint8)
+        self.codes[(self.codes == 0) & mask] = BAD_CAUSES.index(cause) + 1
+
+
+def _utf8_problem_rows(col, checks: RowChecks) -> np.ndarray | None:
+    """For rows read from files: the elements of a string column (``[m]``) that are not
+    UTF-8, as a bool mask, or None when all are (Arrow's full validation: a SIMD pass)."""
+    if not checks.utf8:
+        return None
+    t = col.type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        return None
+    try:
+        col.validate(full=True)
+        return None
+    except pa.ArrowInvalid:
+        pass
+    binary = pa.large_binary() if pa.types.is_large_string(t) else pa.binary()
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    bad = []
+    for ch in chunks:
+        for v in ch.view(binary).to_pylist():
+            try:
+                bad.append(v is not None and v.decode("utf-8") is None)
+            except UnicodeDecodeError:
+                bad.append(True)
+    return np.array(bad, dtype=bool)
+
+
+def _check_categorical_utf8(schema: FeatureSchema, data, checks: RowChecks, skip):
+    """Categorical string columns read from files must be UTF-8: bad rows flagged, their
+    values made null (hashed like a missing value while the row waits to be dropped)."""
+    for f in schema.sparse_features:
+        if f.kind != CATEGORICAL or f.name in skip:
+            continue
+        col = data.column(f.column)
+        bad = _utf8_problem_rows(col, checks)
+        if bad is None:
+            continue
+        checks.flag(
+            "utf8",
+            f.column,
+            bad,
+            lambda i, f=f: f"categorical feature {f.name!r} holds a string that is not UTF-8",
+        )
+        i = data.schema.get_field_index(f.column)
+        data = data.set_column(i, f.column, _null_where(col, bad))
+    return data
+
+
+def _null_where(col, mask: np.ndarray):
+    """``col`` with the elements of ``mask`` made null (bad values of a skipped row)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    return pc.if_else(pa.array(mask), pa.scalar(None, col.type), col)
+
+
 # ------------------------------------------------------------------------------ arrow -> numpy
 def columns_from_arrow(
     schema: FeatureSchema,
@@ -131,13 +263,16 @@ def columns_from_arrow(
     source: str = "<arrow>",
     with_labels: bool = True,
     skip: frozenset[str] = frozenset(),
+    checks: RowChecks | None = None,
 ) -> FeatureColumns:
     """Convert rows to ``FeatureColumns``; ``source`` names the file in error messages.
 
     With ``with_labels=False`` labels are zeros and label columns are not read. ``skip``: names
     of sparse features whose columns are not read; the caller adds their ids and lengths.
+    ``checks``: the bad-row checks and policy (default: fail on the first bad value).
     """
     n = data.num_rows
+    checks = checks if checks is not None else RowChecks(source, n)
     names = set(data.schema.names)
     need = [f.column for f in schema.features if f.name not in skip]
     need += schema.label_columns if with_labels else []
@@ -146,7 +281,9 @@ def columns_from_arrow(
             raise column_error(source, col, f"missing (the file has {sorted(names)})")
     dense = np.empty((n, schema.num_dense), dtype=np.float32)
     for j, f in enumerate(schema.dense_features):
-        dense[:, j] = dense_values(f, data.column(f.column), source)
+        dense[:, j] = dense_values(f, data.column(f.column), source, checks)
+    if checks.utf8:
+        data = _check_categorical_utf8(schema, data, checks, skip)
     ids, lengths = {}, {}
     if n * len(schema.sparse_features) <= SMALL_BATCH_VALUES:
         ids.update(_hash_small(schema, data, source, skip))
@@ -156,13 +293,15 @@ def columns_from_arrow(
         if f.name in ids:
             lengths[f.name] = np.ones(n, dtype=np.int64)
             continue
-        ids[f.name], lengths[f.name] = sparse_values(schema, f, data.column(f.column), source)
+        ids[f.name], lengths[f.name] = sparse_values(
+            schema, f, data.column(f.column), source, checks
+        )
     labels = np.zeros((n, len(schema.tasks)), dtype=np.float32)
     if with_labels:
         for j, col in enumerate(schema.label_columns):
-            labels[:, j] = label_values(data.column(col), col, source)
+            labels[:, j] = label_values(data.column(col), col, source, checks)
     jagged = frozenset(f.name for f in schema.sparse_features if f.kind != CATEGORICAL)
-    return FeatureColumns(dense, ids, lengths, labels, jagged)
+    return FeatureColumns(dense, ids, lengths, labels, jagged, checks.codes)
 
 
 # A request-sized table hashes all its hashed categorical columns in one pass
@@ -226,13 +365,29 @@ def type_problem(kind: str, t: pa.DataType) -> str | None:
     return None
 
 
-def dense_values(f: FeatureSpec, col: pa.Array | pa.ChunkedArray, source: str) -> np.ndarray:
-    """One dense column: ``[n]`` Arrow numbers -> ``[n]`` float32 (fill, clip, transform)."""
+def dense_values(
+    f: FeatureSpec,
+    col: pa.Array | pa.ChunkedArray,
+    source: str,
+    checks: RowChecks | None = None,
+) -> np.ndarray:
+    """One dense column: ``[n]`` Arrow numbers -> ``[n]`` float32 (fill, clip, transform).
+    A null or NaN is a missing value (``fill``); an infinite one is a bad row."""
     t = col.type
     problem = type_problem(DENSE, t)
     if problem:
         raise column_error(source, f.column, f"dense feature {f.name!r} {problem}")
     x = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False) if len(col) else np.zeros(0)
+    inf = np.isinf(x)
+    if inf.any():
+        checks = checks if checks is not None else RowChecks(source, len(x))
+        checks.flag(
+            "dense",
+            f.column,
+            inf,
+            lambda i: f"dense feature {f.name!r} is {x[i]:g}; expected a finite number or null",
+        )
+        x = np.where(inf, np.nan, x)
     x = np.where(np.isnan(x), f.fill, x)
     if f.clip is not None:
         x = np.clip(x, f.clip[0], f.clip[1])
@@ -244,13 +399,18 @@ def dense_values(f: FeatureSpec, col: pa.Array | pa.ChunkedArray, source: str) -
 
 
 def sparse_values(
-    schema: FeatureSchema, f: FeatureSpec, col: pa.Array | pa.ChunkedArray, source: str
+    schema: FeatureSchema,
+    f: FeatureSpec,
+    col: pa.Array | pa.ChunkedArray,
+    source: str,
+    checks: RowChecks | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One sparse column -> (ids ``[total]`` int64, lengths ``[n]`` int64)."""
     t = col.type
     problem = type_problem(f.kind, t)
     if problem:
         raise column_error(source, f.column, f"{f.kind} feature {f.name!r} {problem}")
+    checks = checks if checks is not None else RowChecks(source, len(col))
     if f.kind == CATEGORICAL:
         return _bucket(schema, f, col, source), np.ones(len(col), dtype=np.int64)
     if pa.types.is_null(t):
@@ -260,7 +420,29 @@ def sparse_values(
     lengths = (
         pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
     )
+    limit = checks.max_list_items
+    if limit is not None and len(lengths) and int(lengths.max()) > limit:
+        checks.flag(
+            "list_length",
+            f.column,
+            lengths > limit,
+            lambda i: (
+                f"id_list feature {f.name!r} has {lengths[i]} ids; the limit is {limit} "
+                f"(data.max_list_items)"
+            ),
+        )
     flat = pc.list_flatten(col)
+    bad = _utf8_problem_rows(flat, checks)
+    if bad is not None:
+        rows = np.zeros(len(col), dtype=bool)
+        rows[pc.list_parent_indices(col).to_numpy()[bad]] = True
+        checks.flag(
+            "utf8",
+            f.column,
+            rows,
+            lambda i: f"id_list feature {f.name!r} holds a string that is not UTF-8",
+        )
+        flat = _null_where(flat, bad)
     ids = _bucket(schema, f, flat, source) if len(flat) else np.zeros(0, np.int64)
     cap = schema.max_list_length
     if len(lengths) and int(lengths.max()) > cap:
@@ -300,22 +482,26 @@ def resolve_vocab_path(schema: FeatureSchema, f: FeatureSpec) -> Path:
     return p
 
 
-def label_values(col: pa.Array | pa.ChunkedArray, column: str, source: str) -> np.ndarray:
-    """One label column: ``[n]`` 0/1 values -> ``[n]`` float32; anything else is an error."""
+def label_values(
+    col: pa.Array | pa.ChunkedArray,
+    column: str,
+    source: str,
+    checks: RowChecks | None = None,
+) -> np.ndarray:
+    """One label column: ``[n]`` 0/1 values -> ``[n]`` float32; a null or any other value is a
+    bad row (placeholder 0)."""
     problem = type_problem("label", col.type)
     if problem:
         raise column_error(source, column, problem)
-    if col.null_count:
-        row = int(pc.index(pc.is_null(col), True).as_py())
-        raise column_error(source, column, f"label is null at row {row}, expected 0 or 1")
+    checks = checks if checks is not None else RowChecks(source, len(col))
     y = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False) if len(col) else np.zeros(0)
-    bad = (y != 0) & (y != 1)
-    if bad.any():
-        row = int(np.argmax(bad))
-        raise column_error(
-            source, column, f"label is {float(y[row]):g} at row {row}, expected 0 or 1"
-        )
-    return y.astype(np.float32)
+    null = np.zeros(len(y), dtype=bool)
+    if col.null_count:
+        null = pc.is_null(col).to_numpy(zero_copy_only=False)
+        checks.flag("label", column, null, lambda i: "label is null; expected 0 or 1")
+    bad = (y != 0) & (y != 1) & ~null
+    checks.flag("label", column, bad, lambda i: f"label is {float(y[i]):g}; expected 0 or 1")
+    return np.where(bad | null, 0.0, y).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------ numpy -> Batch

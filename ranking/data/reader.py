@@ -28,19 +28,28 @@ import numpy as np
 import pyarrow as pa
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ranking.data.convert import FeatureColumns, columns_from_arrow, to_batch, type_problem
+from ranking.data.convert import (
+    ON_BAD_ROWS,
+    FeatureColumns,
+    RowChecks,
+    columns_from_arrow,
+    to_batch,
+    type_problem,
+)
 from ranking.data.errors import DataError
 from ranking.features import FeatureSchema
 
 
 @dataclass(frozen=True)
 class Unit:
-    """Rows ``[start, stop)`` of row group ``row_group`` of ``path``."""
+    """Rows ``[start, stop)`` of row group ``row_group`` of ``path``; ``first_row``: the row
+    of the file that row group starts at (for error messages)."""
 
     path: str
     row_group: int
     start: int
     stop: int
+    first_row: int = 0
 
     @property
     def rows(self) -> int:
@@ -68,20 +77,34 @@ def resolve_files(path: str | Path | list) -> list[str]:
     return [str(p)]
 
 
+def open_error(path: str, e: Exception, what: str = "not a readable Parquet file") -> DataError:
+    """The ``DataError`` for a file that cannot be opened or read: a missing file says so (a
+    data file deleted or moved while a job runs), anything else gives Arrow's reason."""
+    if isinstance(e, FileNotFoundError) or (
+        isinstance(e, OSError) and getattr(e, "errno", None) == 2
+    ):
+        return DataError(f"{path}: no such file (deleted or moved after the data set was listed)")
+    if isinstance(e, PermissionError):
+        return DataError(f"{path}: permission denied")
+    return DataError(f"{path}: {what}: {e}")
+
+
 def list_units(files: list[str], unit_rows: int) -> list[Unit]:
     """All units of the data set, in file / row-group order (reads only the footers)."""
-    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
 
     units = []
     for f in files:
         try:
-            frag = next(iter(ds.dataset(f, format="parquet").get_fragments()))
-            row_groups = [rg.num_rows for rg in frag.row_groups]
-        except (pa.ArrowInvalid, OSError, StopIteration) as e:
-            raise DataError(f"{f}: not a readable Parquet file: {e}") from None
+            meta = pq.ParquetFile(f).metadata
+            row_groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        except (pa.ArrowInvalid, OSError) as e:
+            raise open_error(f, e) from None
+        first = 0
         for rg, n in enumerate(row_groups):
             for start in range(0, n, unit_rows):
-                units.append(Unit(f, rg, start, min(n, start + unit_rows)))
+                units.append(Unit(f, rg, start, min(n, start + unit_rows), first))
+            first += n
     return units
 
 
@@ -131,6 +154,12 @@ class ParquetBatches(IterableDataset):
         unit_rows: rows per unit of work (a row-group slice).
         shuffle_buffer: rows in the shuffle buffer.
         with_labels: read the label columns (False: zeros, for unlabeled data).
+        on_bad_rows: ``fail`` (the first bad row raises a ``DataError`` naming file, row group,
+            row and column) or ``skip`` (bad rows are dropped from the batches; each batch
+            carries ``bad_rows``, the count per cause, and ``bad_examples``, the first message
+            of each cause this reader met).
+        max_list_items: an id list longer than this is a bad row (None: no limit; lists are
+            truncated to ``schema.max_list_length`` either way).
     """
 
     def __init__(
@@ -147,9 +176,16 @@ class ParquetBatches(IterableDataset):
         unit_rows: int = 65536,
         shuffle_buffer: int = 65536,
         with_labels: bool = True,
+        on_bad_rows: str = "fail",
+        max_list_items: int | None = None,
     ):
         if batch_size < 1 or unit_rows < 1:
             raise ValueError("batch_size and unit_rows must be positive")
+        if on_bad_rows not in ON_BAD_ROWS:
+            raise ValueError(f"on_bad_rows: expected one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
+        self.on_bad_rows = on_bad_rows
+        self.max_list_items = max_list_items
+        self.bad_examples: dict[str, str] = {}
         self.schema = schema
         self.files = resolve_files(path)
         self.batch_size = batch_size
@@ -214,7 +250,17 @@ class ParquetBatches(IterableDataset):
             units, self._read, self.batch_size, self.shuffle_buffer, rng, self.drop_last, skip
         ):
             self.batches_yielded += 1
-            yield to_batch(self.schema, cols)
+            cols, dropped = cols.drop_bad()
+            if dropped and len(cols) == 0:
+                raise DataError(
+                    f"every row of a batch is bad ({_counts(dropped)}); first: "
+                    f"{next(iter(self.bad_examples.values()))}"
+                )
+            batch = to_batch(self.schema, cols)
+            if self.on_bad_rows == "skip":
+                batch.bad_rows = dropped
+                batch.bad_examples = dict(self.bad_examples) if dropped else {}
+            yield batch
         self._cache = None
 
     def shard_index(self, rank: int, worker: int, num_workers: int) -> int:
@@ -251,12 +297,16 @@ class ParquetBatches(IterableDataset):
         kinds = {f.column: (f.kind, f"{f.kind} feature {f.name!r} ") for f in self.schema.features}
         if self.with_labels:
             kinds.update({c: ("label", "") for c in self.schema.label_columns})
+        self.empty_files = []
         for f in self.files:
             try:
                 pf = pq.ParquetFile(f)
                 meta, arrow = pf.metadata, pf.schema_arrow
             except (pa.ArrowInvalid, OSError) as e:
-                raise DataError(f"{f}: not a readable Parquet file: {e}") from None
+                raise open_error(f, e) from None
+            if meta.num_rows == 0:
+                self.empty_files.append(f)  # as Spark writes for an empty partition: no rows
+                continue
             names = arrow.names
             for c, (kind, what) in kinds.items():
                 if c not in names:
@@ -287,14 +337,24 @@ class ParquetBatches(IterableDataset):
                     unit.row_group, columns=self._columns()
                 )
             except (pa.ArrowInvalid, OSError) as e:
-                raise DataError(
-                    f"{unit.path}: cannot read row group {unit.row_group}: {e}"
-                ) from None
+                raise open_error(unit.path, e, f"cannot read row group {unit.row_group}") from None
             self._cache = (key, table)
         table = self._cache[1].slice(unit.start, unit.rows)
-        return columns_from_arrow(
-            self.schema, table, source=unit.path, with_labels=self.with_labels
+        source = f"{unit.path}: row group {unit.row_group}"
+        checks = RowChecks(
+            source,
+            unit.rows,
+            row_offset=unit.first_row + unit.start,
+            on_bad_rows=self.on_bad_rows,
+            utf8=True,
+            max_list_items=self.max_list_items,
         )
+        cols = columns_from_arrow(
+            self.schema, table, source=source, with_labels=self.with_labels, checks=checks
+        )
+        for cause, msg in checks.examples.items():
+            self.bad_examples.setdefault(cause, msg)
+        return cols
 
     def _columns(self) -> list[str]:
         cols = [f.column for f in self.schema.features]
@@ -417,6 +477,10 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     return rank, world_size
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{c} {n}" for c, n in counts.items())
 
 
 def _describe(path) -> str:
