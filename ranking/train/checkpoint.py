@@ -10,6 +10,15 @@ Layout of ``<run>/checkpoints/``::
 A save writes into ``step-N.partial/``; after a barrier rank 0 writes ``COMPLETE`` into it and
 renames it to ``step-N/``. ``latest()`` only returns directories that have the marker, so a
 checkpoint killed half way is skipped. The newest ``keep`` complete checkpoints are kept.
+
+A save that fails (no space left, no permission, on any rank) raises
+:class:`CheckpointWriteError` on every rank that sees it, naming the checkpoint, the cause and
+the newest complete checkpoint, which stays the newest: the partial directory is removed (or,
+where even that fails, left without its marker, which ``latest()`` never takes).
+
+``MIXRANK_FAULT_CHECKPOINT=<step>[:<errno name>]`` makes DCP's file writer fail with that
+error (default ``ENOSPC``) while writing checkpoint ``<step>``: a fault-injecting storage path
+for tests of the above with real torchrun; nothing reads it otherwise.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from ranking.errors import UserError
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -74,24 +85,35 @@ def save(
     ``rank-<r>.pt``; DCP would treat plain tensors as replicated and keep only rank 0's copy.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"step-{step:08d}"
     partial = ckpt_dir / f"step-{step:08d}.partial"
-    if _rank() == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if partial.exists():
-            shutil.rmtree(partial)
+    try:
+        if _rank() == 0:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if partial.exists():
+                shutil.rmtree(partial)
+    except OSError as e:
+        raise _write_error(ckpt_dir, partial, step, e) from None
     _barrier()
-    dcp.save(state, checkpoint_id=str(partial))
-    if local is not None:
-        torch.save(local, partial / f"rank-{_rank()}.pt")
+    try:
+        dcp.save(state, checkpoint_id=str(partial), storage_writer=_writer(partial, step))
+        if local is not None:
+            torch.save(local, partial / f"rank-{_rank()}.pt")
+    except (OSError, RuntimeError, CheckpointException) as e:
+        # DCP gathers every rank's failure into a CheckpointException (a BaseException)
+        raise _write_error(ckpt_dir, partial, step, _root_cause(e)) from None
     _barrier()
     if _rank() == 0:
-        marker = {"step": step, "time": time.time(), **(info or {})}
-        tmp = partial / (MARKER + ".tmp")
-        tmp.write_text(json.dumps(marker))
-        os.replace(tmp, partial / MARKER)
+        try:
+            marker = {"step": step, "time": time.time(), **(info or {})}
+            tmp = partial / (MARKER + ".tmp")
+            tmp.write_text(json.dumps(marker))
+            os.replace(tmp, partial / MARKER)
+        except OSError as e:
+            raise _write_error(ckpt_dir, partial, step, e) from None
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -99,6 +121,55 @@ def save(
         _prune(ckpt_dir, keep)
     _barrier()
     return final
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written; the newest complete one is unchanged."""
+
+
+def _write_error(ckpt_dir: Path, partial: Path, step: int, cause) -> CheckpointWriteError:
+    """Remove what the failed save left (best effort: rank 0) and say what happened."""
+    if _rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    newest = latest(ckpt_dir)
+    keeps = (
+        f"the newest complete checkpoint is still {newest}"
+        if newest
+        else ("there is no complete checkpoint yet")
+    )
+    return CheckpointWriteError(
+        f"{partial}: checkpoint of step {step} could not be written: {cause}; {keeps}"
+    )
+
+
+def _root_cause(e: BaseException) -> str:
+    """The first rank's error inside DCP's ``CheckpointException`` (else ``e`` itself)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, err = sorted(failures.items())[0]
+        exc = err[0] if isinstance(err, tuple) else err
+        return f"{exc} (rank {rank})"
+    return str(e) or type(e).__name__
+
+
+def _writer(path: Path, step: int):
+    """DCP's file-system writer; the fault-injecting one where ``MIXRANK_FAULT_CHECKPOINT``
+    names this step (see the module docstring)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    fault = os.environ.get("MIXRANK_FAULT_CHECKPOINT", "")
+    fault_step, _, name = fault.partition(":")
+    if not fault or int(fault_step) != step:
+        return FileSystemWriter(str(path))
+    import errno
+
+    code = getattr(errno, name or "ENOSPC")
+
+    class FaultyWriter(FileSystemWriter):
+        def write_data(self, plan, planner):
+            raise OSError(code, os.strerror(code), str(path))
+
+    return FaultyWriter(str(path))
 
 
 class CheckpointError(RuntimeError):

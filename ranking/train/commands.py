@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -147,13 +149,24 @@ def check_model_shapes(exp) -> None:
 
 
 def check_data(exp) -> None:
-    """Open the training and validation sets (footers and columns only) before spawning."""
+    """The training and validation sets' footers before spawning: every file readable, the
+    schema's columns present with types the conversion takes, no nulls in a label column by
+    the column statistics, some rows. A ``UserError`` naming the key, file and column; a file
+    with no rows is skipped with a warning (Spark writes one for an empty partition)."""
+    from ranking.data.errors import DataError
     from ranking.data.reader import ParquetBatches
+    from ranking.errors import UserError
 
     for key in ("train", "valid"):
         path = getattr(exp.data, key)
-        if path:
-            ParquetBatches(exp.schema, path, exp.data.batch_size, rank=0, world_size=1)
+        if not path:
+            continue
+        try:
+            reader = ParquetBatches(exp.schema, path, exp.data.batch_size, rank=0, world_size=1)
+        except DataError as e:
+            raise UserError(f"data.{key}: {e}") from None
+        for f in reader.empty_files:
+            print(f"mixrank: warning: data.{key}: {f}: no rows; skipped", file=sys.stderr)
 
 
 def torchrun_command(run: Path, args) -> list[str]:
@@ -182,10 +195,19 @@ def launch_env(nproc: int) -> dict:
 
 
 def train(args) -> int:
+    from ranking.errors import UserError
+    from ranking.train.worker import ERRORS_DIR
+
     run = prepare_run(args.config, args.overrides, args.run_dir)
     cmd = torchrun_command(run, args)
     print(f"[mixrank] run directory: {run}", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(cmd, env=launch_env(args.nproc), start_new_session=True)
+    errors = run / ERRORS_DIR
+    shutil.rmtree(errors, ignore_errors=True)  # what an earlier launch of this run reported
+    proc = subprocess.Popen(
+        cmd, env=launch_env(args.nproc), start_new_session=True, stderr=subprocess.PIPE
+    )
+    relay = threading.Thread(target=relay_stderr, args=(proc.stderr, errors), daemon=True)
+    relay.start()
 
     def forward(signum, _frame):
         with contextlib.suppress(ProcessLookupError):
@@ -197,11 +219,42 @@ def train(args) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    relay.join(timeout=10)
+    reported = reported_errors(errors)
+    if reported:
+        raise UserError(reported[0]["message"])
     if rc == 0:
         summary = run / "summary.json"
         if summary.is_file():
             print(summary.read_text())
     return rc
+
+
+def relay_stderr(pipe, errors: Path) -> None:
+    """Copy torchrun's stderr (the ranks' progress lines, torchrun's own messages) to ours as
+    it comes, until a rank has reported an error: what follows is torchrun stopping the other
+    ranks and its failure summary, which would bury the one line ``train`` prints instead."""
+    out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+    quiet = False
+    for line in iter(pipe.readline, b""):
+        quiet = quiet or (errors.is_dir() and any(errors.glob("rank-*.json")))
+        if quiet:
+            continue
+        if out is not None:
+            out.write(line)
+            out.flush()
+        else:  # a replaced sys.stderr (a test's capture): text only
+            sys.stderr.write(line.decode(errors="replace"))
+    pipe.close()
+
+
+def reported_errors(errors: Path) -> list[dict]:
+    """The ranks' one-line errors (``ranking.train.worker.report_error``), earliest first."""
+    out = []
+    for f in sorted(errors.glob("rank-*.json")) if errors.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError):
+            out.append(json.loads(f.read_text()))
+    return sorted(out, key=lambda r: (r.get("time", 0), r.get("rank", 0)))
 
 
 def export(args) -> int:

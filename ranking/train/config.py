@@ -58,6 +58,16 @@ class DataConfig:
     # training values share an embedding row; values unseen in train share the OOV row.
     vocab_from_train: bool = False
     vocab_min_count: int = 1
+    # Rows whose values only the data shows to be bad (a label that is null or not 0/1, an
+    # infinite dense value, a string that is not UTF-8, an id list over max_list_items):
+    # `fail` stops the job at the first one, naming file, row group, row and column; `skip`
+    # drops them, counts them per cause (logged, and in summary.json), and fails once a rank's
+    # bad rows in an epoch pass max_bad_fraction of the rows it reads in that epoch.
+    on_bad_rows: str = "fail"
+    max_bad_fraction: float = 0.001
+    # The longest id list a row may hold (the serving limit `max_list_items` has the same
+    # default); lists are truncated to the schema's max_list_length either way.
+    max_list_items: int = 1024
 
 
 @dataclass
@@ -242,7 +252,13 @@ def load_experiment(
                 f"{source}: train.sharding.{table}: no such embedding table (tables: {sorted(tables)})"
             )
         _choice(st, SHARDING_TYPES, f"train.sharding.{table}", source)
-    for k in ("batch_size", "eval_batch_size", "vocab_min_count"):
+    _choice(data.on_bad_rows, ("fail", "skip"), "data.on_bad_rows", source)
+    if not 0 <= data.max_bad_fraction < 1:
+        raise ConfigError(
+            f"{source}: data.max_bad_fraction: expected a fraction in [0, 1), got "
+            f"{data.max_bad_fraction!r}"
+        )
+    for k in ("batch_size", "eval_batch_size", "vocab_min_count", "max_list_items"):
         if getattr(data, k) < 1:
             raise ConfigError(f"{source}: data.{k}: must be positive")
     if train.epochs < 1 and train.max_steps < 1:

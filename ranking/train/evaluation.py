@@ -9,12 +9,20 @@ import torch
 from ranking.train.distributed import all_ranks
 
 
-def evaluate(model, batches, schema, device: torch.device, compute_dtype: str = "fp32") -> dict:
+def evaluate(
+    model,
+    batches,
+    schema,
+    device: torch.device,
+    compute_dtype: str = "fp32",
+    on_batch=None,
+) -> dict:
     """AUC/logloss/NE of ``model`` over this rank's ``batches``, gathered over all ranks.
 
     Every rank runs the same number of forwards (DistributedModelParallel's lookups are
     collective): a rank out of rows runs a batch it already scored (or an empty one) and
-    discards the output, until no rank has data. ``compute_dtype`` as in training."""
+    discards the output, until no rank has data. ``compute_dtype`` as in training.
+    ``on_batch(batch)`` sees every batch read (the trainer counts bad rows with it)."""
     from ranking.data.convert import batch_from_rows
     from ranking.metrics import EvalAccumulator
     from ranking.train.loss import precision
@@ -29,6 +37,8 @@ def evaluate(model, batches, schema, device: torch.device, compute_dtype: str = 
             if all_ranks(batch is not None, "sum", device) == 0:
                 break
             real = batch is not None
+            if real and on_batch is not None:
+                on_batch(batch)
             if real and dummy is None:
                 dummy = batch
             if not real:  # labels of the stand-in are zeros; its outputs are discarded

@@ -20,8 +20,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ranking.data.errors import DataError
+from ranking.errors import UserError
 from ranking.export import schema_dict
 from ranking.train import checkpoint as ckpt
+from ranking.train.badrows import BadRows, counts_text, merge_counts
 from ranking.train.config import ExperimentConfig, load_experiment
 from ranking.train.distributed import all_ranks, init_distributed
 from ranking.train.evaluation import evaluate, improves, selection_value
@@ -74,7 +77,14 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed)
         self.log = RankZeroLog(self.rank, self.run_dir / "metrics.jsonl")
         self.exporter = PromExporter(self.rank, self.cfg.train.prometheus_port)
-        self._row_counts: dict[str, int] = {}
+        self._row_counts: dict[tuple, int] = {}
+        # The data set is listed once, when the run starts: a file deleted later is an error
+        # (not a smaller epoch), and a resumed run checks it reads the files it was saved with.
+        self.files = {
+            key: self._list(key) for key in ("train", "valid") if getattr(self.cfg.data, key)
+        }
+        self.bad = BadRows(self.cfg.data.max_bad_fraction, "data.train")
+        self.bad_valid: dict[str, int] = {}
         # model selection on valid (train.select_best): the best evaluation so far, its step and
         # epoch, and evaluations since it; saved in every checkpoint's marker for resuming
         self.selection: dict = {"best": None, "step": None, "epoch": None, "since": 0}
@@ -122,16 +132,25 @@ class Trainer:
             print(f"[mixrank] sharding plan:\n{plan}", file=sys.stderr, flush=True)
 
     # ----------------------------------------------------------- data
-    def _reader(self, path: str, batch_size: int, shuffle: bool, epoch: int, drop_last: bool):
+    def _list(self, key: str) -> list[str]:
+        from ranking.data.reader import resolve_files
+
+        try:
+            return resolve_files(getattr(self.cfg.data, key))
+        except DataError as e:
+            raise DataError(f"data.{key}: {e}") from None
+
+    def _reader(self, key: str, batch_size: int, shuffle: bool, epoch: int, drop_last: bool):
         from ranking.data.reader import ParquetBatches
 
+        files = self.files[key]
         # Units small enough that ranks get near-equal rows (every rank runs the same number of
         # steps: the epoch ends when the first rank runs out).
         shards = self.world * max(1, self.cfg.data.num_workers)
-        unit_rows = int(min(65536, max(1024, self._rows(path) // (shards * 32))))
+        unit_rows = int(min(65536, max(1024, self._rows(files) // (shards * 32))))
         reader = ParquetBatches(
             self.cfg.schema,
-            path,
+            files,
             batch_size,
             rank=self.rank,
             world_size=self.world,
@@ -139,6 +158,8 @@ class Trainer:
             seed=self.cfg.train.seed,
             drop_last=drop_last,
             unit_rows=unit_rows,
+            on_bad_rows=self.cfg.data.on_bad_rows,
+            max_list_items=self.cfg.data.max_list_items,
         )
         reader.set_epoch(epoch)
         return reader
@@ -178,7 +199,11 @@ class Trainer:
             "selection": self.selection,
             "stopped_early": stopped_early,
         }
-        local = {"rng": ckpt.rng_state(), "scheduler": self.scheduler.state_dict()}
+        local = {
+            "rng": ckpt.rng_state(),
+            "scheduler": self.scheduler.state_dict(),
+            "bad_rows": self.bad.state_dict(),
+        }
         path = ckpt.save(
             self.state(),
             self.run_dir / "checkpoints",
@@ -186,6 +211,7 @@ class Trainer:
             keep=self.cfg.train.keep_checkpoints,
             info={
                 **info,
+                "data_files": self._file_rows(),
                 "metrics": metrics or {},
                 "config": self.cfg.raw,
                 "schema": schema_dict(self.cfg.schema),
@@ -205,8 +231,9 @@ class Trainer:
         if path is None:
             return Position()
         marker = ckpt.read_marker(path)
+        self._check_same_data(path, marker.get("data_files"))
         if marker.get("world_size", self.world) != self.world:
-            raise RuntimeError(
+            raise UserError(
                 f"{path}: this checkpoint was written by {marker['world_size']} ranks and cannot "
                 f"resume with {self.world} (the data position and per-rank state depend on it); "
                 f"rerun with --nproc/--nnodes giving {marker['world_size']} ranks, or export it "
@@ -221,6 +248,7 @@ class Trainer:
         local = ckpt.load_local(path)
         ckpt.set_rng_state(local["rng"])
         self.scheduler.load_state_dict(local["scheduler"])
+        self.bad.load_state_dict(local.get("bad_rows", {}))
         # LambdaLR writes a group's lr only in step(): until the first step after resuming the
         # groups would keep the lr of step 0 (the warm-up's smallest).
         for group, lr in zip(self.dense_opt.param_groups, self.scheduler.get_last_lr()):
@@ -234,16 +262,61 @@ class Trainer:
             stopped_early=bool(marker.get("stopped_early", False)),
         )
 
+    def _file_rows(self) -> dict[str, list]:
+        """``{key: [[file, rows], ...]}`` of the data sets this run reads (saved in every
+        checkpoint's marker)."""
+        if not hasattr(self, "_file_rows_cache"):
+            from ranking.data.reader import list_units
+
+            out = {}
+            for key, files in self.files.items():
+                rows = dict.fromkeys(files, 0)
+                for u in list_units(files, 1 << 30):
+                    rows[u.path] += u.rows
+                out[key] = [[f, n] for f, n in rows.items()]
+            self._file_rows_cache = out
+        return self._file_rows_cache
+
+    def _check_same_data(self, path: Path, saved: dict | None) -> None:
+        """A checkpoint's data position holds only for the files it was saved with: a file
+        added, removed or rewritten since is an error naming it (restore it, or start a new
+        run)."""
+        if not saved:  # checkpoints written before the file list was saved
+            return
+        now = self._file_rows()
+        for key, files in saved.items():
+            old = {f: n for f, n in files}
+            new = {f: n for f, n in now.get(key, [])}
+            for f in sorted(set(old) | set(new)):
+                if old.get(f) == new.get(f):
+                    continue
+                what = (
+                    "is gone"
+                    if f not in new
+                    else "was added"
+                    if f not in old
+                    else f"has {new[f]} rows, {old[f]} when saved"
+                )
+                raise DataError(
+                    f"data.{key}: {f} {what} since checkpoint {path}; the saved data position "
+                    f"holds for the files it was saved with: restore them, or train a new run"
+                )
+
     # ----------------------------------------------------------- loops
-    def evaluate(self, path: str) -> dict:
-        reader = self._reader(path, self.cfg.data.eval_batch_size, False, 0, drop_last=False)
-        return evaluate(
+    def evaluate(self, key: str) -> dict:
+        reader = self._reader(key, self.cfg.data.eval_batch_size, False, 0, drop_last=False)
+        bad = BadRows(self.cfg.data.max_bad_fraction, f"data.{key}")
+        bad.start_epoch(0, reader.rank_rows())
+        m = evaluate(
             self.model,
             self._loader(reader),
             self.cfg.schema,
             self.device,
             self.cfg.train.compute_dtype,
+            on_batch=lambda b: bad.add(b, self.rank),
         )
+        self.bad_valid = bad.total
+        return m
 
     def _set_progress(self, frac: float) -> None:
         """Schedule hooks: e.g. the UniMixer Sinkhorn temperature (annealed 1.0 -> 0.05)."""
@@ -255,7 +328,7 @@ class Trainer:
         """Steps of one epoch: every rank steps in lockstep until the first one runs out, so
         this is the minimum over ranks of the full batches its loader workers deliver."""
         reader = self._reader(
-            self.cfg.data.train,
+            "train",
             self.cfg.data.batch_size,
             self.cfg.data.shuffle,
             epoch,
@@ -264,18 +337,19 @@ class Trainer:
         per_rank = [reader.rank_batches(r, self.cfg.data.num_workers) for r in range(self.world)]
         return max(1, min(per_rank))
 
-    def _rows(self, path: str) -> int:
-        if path not in self._row_counts:
-            from ranking.data.reader import list_units, resolve_files
+    def _rows(self, files: list[str]) -> int:
+        key = tuple(files)
+        if key not in self._row_counts:
+            from ranking.data.reader import list_units
 
-            self._row_counts[path] = sum(u.rows for u in list_units(resolve_files(path), 1 << 30))
-        return self._row_counts[path]
+            self._row_counts[key] = sum(u.rows for u in list_units(files, 1 << 30))
+        return self._row_counts[key]
 
     def run(self) -> int:
         cfg = self.cfg
         t = cfg.train
         bs = cfg.data.batch_size
-        train_rows = self._rows(cfg.data.train)
+        train_rows = self._rows(self.files["train"])
         epoch_steps = [self._steps_in_epoch(e) for e in range(t.epochs)]
         total = t.max_steps or sum(epoch_steps)
         steps_per_epoch = epoch_steps[0]
@@ -294,7 +368,8 @@ class Trainer:
         self._steps_per_epoch = steps_per_epoch
         stop = pos.stopped_early  # resumed from the final checkpoint of an early-stopped run
         while step < total and not stop:
-            reader = self._reader(cfg.data.train, bs, cfg.data.shuffle, epoch, drop_last=True)
+            reader = self._reader("train", bs, cfg.data.shuffle, epoch, drop_last=True)
+            self.bad.start_epoch(epoch, reader.rank_rows(), resumed=bool(skip))
             if skip:
                 reader.skip_batches(skip)
             it = iter(self._loader(reader))
@@ -304,6 +379,7 @@ class Trainer:
                 batch = next(it, None)
                 if self._any_rank_done(batch is not None):
                     break
+                self.bad.add(batch, self.rank)
                 self._set_progress(step / max(1, total))
                 batch = batch.to(self.device)
                 loss, (bce, _out) = self.train_model(batch)
@@ -329,10 +405,14 @@ class Trainer:
                         "samples_per_s": rate,
                         "lr": self.scheduler.get_last_lr()[0],
                     }
+                    skipped = ""
+                    if self.bad.total:  # rank 0's count; summary.json adds every rank's
+                        rec["bad_rows_rank0"] = dict(self.bad.total)
+                        skipped = f"  bad rows skipped: {counts_text(self.bad.total)}"
                     self.log.record(rec)
                     self.log.progress(
                         f"step {step}/{total}  epoch {epoch}  loss {rec['loss']:.4f}  "
-                        f"{rate:,.0f} samples/s  ETA {fmt_eta(eta)}"
+                        f"{rate:,.0f} samples/s  ETA {fmt_eta(eta)}{skipped}"
                     )
                     self.exporter.update(rec)
                     t_log, s_log, loss_sum, loss_n = now, step, 0.0, 0
@@ -360,6 +440,7 @@ class Trainer:
             last_eval = self._eval_and_log(step, epoch)
             self._select(last_eval, step)
         final = self.save(step, epoch, batch_in_epoch, last_eval, stopped_early=stop)
+        bad_rows = self._gather_bad_rows()
         dist.barrier()
         if self.rank == 0:
             from ranking.export import export_checkpoint
@@ -379,6 +460,8 @@ class Trainer:
                 "steps_per_epoch": steps_per_epoch,
                 "stopped_early": stop,
             }
+            if cfg.data.on_bad_rows == "skip":
+                summary["bad_rows"] = bad_rows
             if t.select_best:
                 summary["selection"] = {"metric": t.select_metric, **self.selection}
             # written whole, then renamed: a harness that waits for it never reads half a file
@@ -387,6 +470,23 @@ class Trainer:
             os.replace(tmp, self.run_dir / "summary.json")
         dist.barrier()
         return 0
+
+    def _gather_bad_rows(self) -> dict:
+        """Bad rows skipped by every rank (per cause): in training (``train``, the whole run,
+        resumed parts included), in the last evaluation (``valid``), and the first message of
+        each cause (``examples``)."""
+        mine = (self.bad.total, self.bad_valid, self.bad.examples)
+        every = [None] * self.world
+        dist.all_gather_object(every, mine)
+        examples: dict[str, str] = {}
+        for _, _, ex in every:
+            for c, msg in ex.items():
+                examples.setdefault(c, msg)
+        return {
+            "train": merge_counts([t for t, _, _ in every]),
+            "valid": merge_counts([v for _, v, _ in every]),
+            "examples": examples,
+        }
 
     def _select(self, m: dict, step: int) -> bool:
         """Model selection after an evaluation (``train.select_best``): an improvement of
@@ -426,7 +526,7 @@ class Trainer:
 
     def _eval_and_log(self, step: int, epoch: int) -> dict:
         t0 = time.perf_counter()
-        m = self.evaluate(self.cfg.data.valid)
+        m = self.evaluate("valid")
         m = {**m, "step": step}
         self.log.record(
             {"step": step, "epoch": epoch, "eval": m, "eval_s": time.perf_counter() - t0}
