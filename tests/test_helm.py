@@ -311,6 +311,15 @@ def test_training_job_is_a_consistent_torchrun_launch(values, tmp_path):
     (container,) = pod["containers"]
     rdzv_port = {p["name"]: p["containerPort"] for p in container["ports"]}["rdzv"]
     assert svc["spec"]["ports"][0]["port"] == rdzv_port
+    # mixrank train's exit code for bad input (2) fails the Job at once, in the container that
+    # runs it; a pod failure policy needs restartPolicy Never
+    (fail,) = [r for r in spec["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
+    assert fail["onExitCodes"] == {
+        "containerName": container["name"],
+        "operator": "In",
+        "values": [2],
+    }
+    assert pod["restartPolicy"] == "Never"
 
     # The experiment config comes from the ConfigMap mounted at the --config path.
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
