@@ -456,6 +456,36 @@ def test_skip_drops_exactly_the_bad_rows_and_counts_them(tmp_path):
     assert set(examples) == set(dropped)
 
 
+def test_skip_resumes_exactly(tmp_path):
+    """``skip_batches`` under ``skip``: the resumed stream is the rest of the uninterrupted one,
+    rows and dropped counts alike (a batch keeps its place in the stream; only its bad rows go)."""
+    path = _write(_many_bad_rows(), tmp_path / "bad.parquet", row_group_size=512)
+    schema = FeatureSchema.from_dict(SCHEMA)
+
+    def reader():
+        return ParquetBatches(
+            schema,
+            str(path),
+            128,
+            seed=5,
+            on_bad_rows="skip",
+            max_list_items=32,
+            unit_rows=256,
+            shuffle_buffer=512,
+        )
+
+    full = list(reader())
+    for k in (1, 5, len(full) - 1):
+        r = reader()
+        r.skip_batches(k)
+        rest = list(r)
+        assert len(rest) == len(full) - k
+        for a, b in zip(full[k:], rest, strict=True):
+            assert a.bad_rows == b.bad_rows
+            assert a.labels.equal(b.labels) and a.dense.equal(b.dense)
+            assert a.sparse.values().equal(b.sparse.values())
+
+
 def test_row_numbers_are_rows_of_the_file(tmp_path):
     """A bad row in the third row group is named by that row group and its row in the file."""
     path = _write(_with(G, "label", 2000, 5), tmp_path / "bad.parquet", row_group_size=700)
@@ -572,13 +602,21 @@ def _wait_for(pred, timeout: float, proc=None) -> bool:
 @pytest.mark.slow
 def test_data_file_deleted_mid_run_then_restored_resumes(tmp_path):
     """A data file deleted while the job runs: one line naming it, exit 2; the newest complete
-    checkpoint is intact, and once the file is back the same command resumes from it."""
+    checkpoint is intact, and once the file is back the same command resumes from it. Under
+    ``skip``, with bad rows in both files: the resumed run's counts are every epoch's (they
+    come back from the checkpoint; the batches it skips are not read again)."""
     from ranking.train import checkpoint as ckpt
 
-    root = tmp_path / "data"
-    _write(good_table(seed=6), root / "a.parquet")
-    _write(good_table(seed=7), root / "b.parquet")
-    cfg = _config(tmp_path, str(root), train__epochs=12, train__checkpoint_every=4)
+    root, counts = _skip_data(tmp_path / "data")
+    epochs = 12
+    cfg = _config(
+        tmp_path,
+        str(root),
+        train__epochs=epochs,
+        train__checkpoint_every=4,
+        data__on_bad_rows="skip",
+        data__max_bad_fraction=0.01,
+    )
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "ranking.cli", "train", "--config", str(cfg), "--nproc", "2"]
     cmd += ["--run-dir", str(run)]
@@ -600,13 +638,14 @@ def test_data_file_deleted_mid_run_then_restored_resumes(tmp_path):
     line = _one_error_line(P)
     assert f"{root / 'b.parquet'}: no such file" in line, line
     saved = ckpt.latest(run / "checkpoints")
-    assert saved is not None and ckpt.read_marker(saved)["step"] >= 4
+    assert saved is not None and 4 <= ckpt.read_marker(saved)["step"] < epochs * 8
     shutil.move(tmp_path / "b.parquet", root / "b.parquet")
     again = _train(cfg, run)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {saved.name}" in again.stderr
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["step"] == 12 * summary["steps_per_epoch"]
+    assert summary["step"] == epochs * summary["steps_per_epoch"] == epochs * 8
+    assert summary["bad_rows"]["train"] == {c: epochs * n for c, n in sorted(counts.items())}
 
 
 @pytest.mark.slow
