@@ -30,6 +30,7 @@ class Front:
         from serving.metrics import IngressMetrics
 
         self._front_metrics = IngressMetrics()
+        self._front_metrics.start_at_zero(("/v1/rank", GRPC_ROUTE))
 
     def _front_reconfigure(self, settings) -> None:
         """``settings``: ``serving.settings.IngressSettings``."""

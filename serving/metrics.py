@@ -4,11 +4,24 @@ They are ``ray.serve.metrics`` objects, exported by Ray's metrics agent (``ray s
 --metrics-export-port``) with ``application``, ``deployment`` and ``replica`` tags added, so that
 several replicas add up correctly in Prometheus (sum over ``replica``). Ray prefixes every name
 with ``ray_``: ``mixrank_requests_total`` is scraped as ``ray_mixrank_requests_total``.
-Ray estimates a histogram's ``_sum`` from bucket midpoints: use ``_count`` and the buckets, and
-the counters (exact) for totals.
+
+What reads right on a real Prometheus (tests/test_prometheus.py checks every dashboard query
+against the traffic it sent):
+
+- Averages come from exact counters, a summed quantity next to a count
+  (``mixrank_scored_candidates_total / mixrank_batches_total``), never from a histogram's
+  ``_sum``: Ray's exporter makes that up from bucket midpoints (128 candidates in every request
+  read as 96, the middle of the (64, 128] bucket). The histograms stay, for quantiles.
+- Counters are created at 0 when a replica starts (the label sets known in advance), so that
+  Prometheus's first sample is 0 and ``rate()`` counts the first requests too.
+- Ray evicts a gauge that was not set for two export intervals, so the serving model's gauge
+  (``mixrank_model_info{model_version, dtype}``) is set again every ``GAUGE_REFRESH_S`` by a
+  thread of the replica, for its whole life.
 """
 
 from __future__ import annotations
+
+import threading
 
 PREFIX = "ray_"  # what Ray's exporter puts in front of the names below
 
@@ -20,8 +33,24 @@ CANDIDATES = "mixrank_candidates_per_request"
 BATCH_CANDIDATES = "mixrank_batch_candidates"
 BATCH_REQUESTS = "mixrank_batch_requests"
 SCORED = "mixrank_scored_candidates_total"
+BATCHES = "mixrank_batches_total"
+BATCHED_REQUESTS = "mixrank_batched_requests_total"
+RANKED_REQUESTS = "mixrank_ranked_requests_total"
+RANKED_CANDIDATES = "mixrank_ranked_candidates_total"
 MODEL_INFO = "mixrank_model_info"
 RELOADS = "mixrank_model_reloads_total"
+
+GAUGE_REFRESH_S = 0.5  # Ray's eviction: 2 export intervals of at least 1 s each
+
+
+def start_at_zero(counter, tags: dict[str, str] | None = None) -> None:
+    """Create a counter's series at 0. ``Counter.inc`` refuses 0, so this records through the
+    metric's own ``_record`` (what ``inc`` calls after its check); on a Ray without it the
+    series appears at its first increment, as before."""
+    record = getattr(counter, "_record", None)
+    if record is not None:
+        record(0, tags=tags)
+
 
 _LATENCY_S = [
     0.001,
@@ -62,6 +91,14 @@ class IngressMetrics:
             tag_keys=("route",),
         )
 
+    def start_at_zero(self, routes: tuple[str, ...]) -> None:
+        """The answered-request series of the ranking routes, at 0: success and the statuses
+        of bad requests and overload (``serving.errors``), so that an error share reads 0 and
+        its first errors count."""
+        for route in routes:
+            for code in ("200", "400", "413", "422", "503"):
+                start_at_zero(self.requests, {"route": route, "code": code})
+
     def observe(self, route: str, status: int, seconds: float, error: str | None = None) -> None:
         self.requests.inc(1, tags={"route": route, "code": str(status)})
         self.latency.observe(seconds, tags={"route": route})
@@ -90,21 +127,61 @@ class RankerMetrics:
             BATCH_REQUESTS, "Requests per formed batch.", boundaries=_SIZES[:9]
         )
         self.scored = Counter(SCORED, "Candidates scored (all formed batches).")
+        self.batches = Counter(BATCHES, "Formed batches scored.")
+        self.batched_requests = Counter(BATCHED_REQUESTS, "Requests in the formed batches.")
+        self.ranked_requests = Counter(RANKED_REQUESTS, "Requests accepted for scoring.")
+        self.ranked_candidates = Counter(
+            RANKED_CANDIDATES, "Candidates of the requests accepted for scoring."
+        )
         self.model_info = Gauge(
-            MODEL_INFO, "1 for the model version this replica serves.", tag_keys=("model_version",)
+            MODEL_INFO,
+            "1 for the model version (and dtype) this replica serves.",
+            tag_keys=("model_version", "dtype"),
         )
         self.reloads = Counter(
             RELOADS, "Model loads, by result (success, failure).", tag_keys=("result",)
         )
+        for c in (
+            self.scored,
+            self.batches,
+            self.batched_requests,
+            self.ranked_requests,
+            self.ranked_candidates,
+        ):
+            start_at_zero(c)
+        for result in ("success", "failure"):
+            start_at_zero(self.reloads, {"result": result})
+        self._serving: dict[str, str] | None = None
+        self._stop = threading.Event()
+        threading.Thread(target=self._refresh, name="mixrank-model-info", daemon=True).start()
+
+    def request(self, candidates: int) -> None:
+        """One request accepted for scoring."""
+        self.candidates.observe(candidates)
+        self.ranked_requests.inc(1)
+        self.ranked_candidates.inc(candidates)
 
     def batch(self, requests: int, candidates: int, seconds: float) -> None:
         self.forward.observe(seconds)
         self.batch_candidates.observe(candidates)
         self.batch_requests.observe(requests)
         self.scored.inc(candidates)
+        self.batches.inc(1)
+        self.batched_requests.inc(requests)
 
-    def swapped(self, old: str | None, new: str) -> None:
+    def swapped(self, old: dict[str, str] | None, new: dict[str, str]) -> None:
+        """The replica now serves ``new`` (``{"model_version", "dtype"}``) instead of ``old``."""
         if old is not None and old != new:
-            self.model_info.set(0, tags={"model_version": old})
-        self.model_info.set(1, tags={"model_version": new})
+            self.model_info.set(0, tags=old)
+        self._serving = dict(new)
+        self.model_info.set(1, tags=new)
         self.reloads.inc(1, tags={"result": "success"})
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(GAUGE_REFRESH_S):
+            serving = self._serving
+            if serving is not None:
+                self.model_info.set(1, tags=serving)
+
+    def close(self) -> None:
+        self._stop.set()

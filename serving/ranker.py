@@ -33,6 +33,11 @@ def _candidates(items: list[_Prepared]) -> int:
     return sum(p.size for p in items)
 
 
+def _info(art) -> dict[str, str]:
+    """The labels of ``mixrank_model_info`` for an artifact."""
+    return {"model_version": art.model_version, "dtype": str(art.dtype)}
+
+
 THREAD_AFTER_S = 0.1  # forward_in_thread: auto
 
 
@@ -105,7 +110,7 @@ class Ranker(Front):
                 raise
             return
         self._art, self._path, self._dtype, self._last_error = art, path, dtype, None
-        self._metrics.swapped(old.model_version if old else None, art.model_version)
+        self._metrics.swapped(_info(old) if old else None, _info(art))
         log.info("serving model %s from %s (%s)", art.model_version, path, art.dtype)
 
     def _version(self) -> str | None:
@@ -147,7 +152,7 @@ class Ranker(Front):
         except RequestError as e:
             return e.status, e.body()
         cols = req.features
-        self._metrics.candidates.observe(req.size)
+        self._metrics.request(req.size)
         try:
             probs, used = await self._scored(_Prepared(cols, req.size, art))
         except Exception as e:

@@ -58,6 +58,8 @@ class PromExporter:
             "lr": Gauge("mixrank_train_learning_rate", "Dense learning rate"),
             "eval_auc": Gauge("mixrank_train_eval_auc", "Validation AUC at the last evaluation"),
         }
+        for g in self.gauges.values():  # nothing measured yet: a gap on a graph, not a 0
+            g.set(float("nan"))
         PromExporter._gauges[port] = self.gauges
 
     def update(self, rec: dict) -> None:
