@@ -15,7 +15,7 @@ from ranking.errors import UserError
 
 # One line per command group: the module that registers it.
 COMMAND_MODULES = (
-    "ranking.data.commands",  # mixrank data {synth,convert-criteo,inspect,vocab}
+    "ranking.data.commands",  # mixrank data {synth,convert-criteo,inspect,vocab,sequences}
     "ranking.train.commands",  # mixrank train, export, eval
     "benchmarks",  # mixrank bench {data,model,kernels,...}
     "serving.demo",  # mixrank demo (data, train and serve: it sits above both)

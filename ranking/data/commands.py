@@ -1,4 +1,4 @@
-"""``mixrank data {synth,convert-criteo,inspect,vocab}``. Heavy imports inside the commands."""
+"""``mixrank data {synth,convert-criteo,inspect,vocab,sequences}``. Heavy imports inside the commands."""
 
 from __future__ import annotations
 
@@ -48,6 +48,40 @@ def register(sub) -> None:
     v.add_argument("--out", required=True, help="output directory: <feature>.txt, schema.yaml")
     v.add_argument("--min-count", type=_positive, default=1)
     v.set_defaults(func=cmd_vocab)
+
+    q = dsub.add_parser(
+        "sequences",
+        help="point-in-time behaviour histories from an event log",
+        description="Read every INPUT as one event log ordered by time and write each back "
+        "under --out with {item}_hist (the user's items with a strictly earlier time, most "
+        "recent first, at most --length) and, with --label, {item}_hist_pos / {item}_hist_neg.",
+    )
+    q.add_argument("inputs", nargs="+", metavar="INPUT", help="Parquet files, directories, globs")
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--user", required=True, help="user column")
+    q.add_argument("--item", required=True, help="item column (histories list its values)")
+    q.add_argument("--time", required=True, help="event time column (numbers or timestamps)")
+    q.add_argument("--label", default=None, help="0/1 column: also the _pos/_neg histories")
+    q.add_argument("--length", type=_positive, default=50, help="longest history (default 50)")
+    q.add_argument("--quiet", action="store_true", help="no progress lines")
+    q.set_defaults(func=cmd_sequences)
+
+
+def cmd_sequences(args) -> int:
+    from ranking.data.sequences import build_histories
+
+    files = build_histories(
+        args.inputs,
+        args.out,
+        user=args.user,
+        item=args.item,
+        time=args.time,
+        label=args.label,
+        length=args.length,
+        progress=not args.quiet,
+    )
+    print(json.dumps({"files": [str(f) for f in files], "length": args.length}))
+    return 0
 
 
 def _positive(text: str) -> int:
