@@ -193,13 +193,15 @@ def _serve(artifact: Path, valid: Path) -> None:
             if line.startswith(
                 ("ray_mixrank_requests_total", "ray_mixrank_model_info", "ray_mixrank_scored")
             ):
-                name = line.split("{")[0]
+                name, value = line.split("{")[0], line.rsplit(" ", 1)[1]
+                if float(value) == 0:  # the series every replica creates at 0 when it starts
+                    continue
                 keep = [
                     kv
                     for kv in line.split("{")[1].split("}")[0].split(",")
-                    if kv.split("=")[0] in ("route", "code", "model_version")
+                    if kv.split("=")[0] in ("route", "code", "model_version", "dtype")
                 ]
-                print(f"  {name}{{{','.join(keep)}}} {line.rsplit(' ', 1)[1]}")
+                print(f"  {name}{{{','.join(keep)}}} {value}")
     finally:
         config.stop()
         print("Ray Serve shut down.")
