@@ -127,6 +127,13 @@ def test_histories_equal_the_per_row_reference(tmp_path, string_ids):
     assert len({(e["user"], e["time"]) for e in events}) < len(events)
 
 
+def _build(path: Path, out: Path, **kw) -> list[Path]:
+    """``build_histories`` of one log with the test's column names."""
+    return build_histories(
+        [str(path)], out, user="user", item="item", time="ts", progress=False, **kw
+    )
+
+
 def test_equal_times_never_see_each_other(tmp_path):
     t = pa.table(
         {
@@ -137,15 +144,7 @@ def test_equal_times_never_see_each_other(tmp_path):
         }
     )
     pq.write_table(t, tmp_path / "log.parquet")
-    (f,) = build_histories(
-        [str(tmp_path / "log.parquet")],
-        tmp_path / "out",
-        user="user",
-        item="item",
-        time="ts",
-        label="click",
-        progress=False,
-    )
+    (f,) = _build(tmp_path / "log.parquet", tmp_path / "out", label="click")
     r = pq.read_table(f)
     assert r.column("item_hist").to_pylist() == [[], [], [11, 10], [11, 10]]
     assert r.column("item_hist_pos").to_pylist() == [[], [], [10], [10]]
@@ -177,15 +176,7 @@ def test_bad_logs_name_the_file_and_column(tmp_path, change, message):
     )
     pq.write_table(change(t), tmp_path / "bad.parquet")
     with pytest.raises(DataError, match=message) as e:
-        build_histories(
-            [str(tmp_path / "bad.parquet")],
-            tmp_path / "out",
-            user="user",
-            item="item",
-            time="ts",
-            label="click",
-            progress=False,
-        )
+        _build(tmp_path / "bad.parquet", tmp_path / "out", label="click")
     assert str(tmp_path / "bad.parquet") in str(e.value)
     assert not list((tmp_path / "out").glob("*.parquet")) if (tmp_path / "out").exists() else True
 

@@ -18,7 +18,6 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_serving_e2e import wait_for  # poll until truthy, naming what timed out
 
 from serving.client import free_port
 
@@ -136,16 +136,6 @@ class Prometheus:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
-
-
-def wait_for(pred, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def dashboard_queries() -> list[tuple[str, str, str]]:
@@ -501,7 +491,7 @@ def test_model_version_panel_through_a_rollout_and_a_failed_reload(live):
 def test_training_metrics_read_what_the_run_logged(tmp_path):
     """A short real run (2 ranks) with ``train.prometheus_port``: every (step, loss) and
     (step, eval AUC) pair Prometheus scraped from rank 0 is one that ``metrics.jsonl`` holds."""
-    from test_train_bad_data import _config, _write, good_table
+    from test_train_bad_data import _config, _train, _write, good_table
 
     port = free_port()
     prom = Prometheus(tmp_path, {"train": port})
@@ -519,23 +509,7 @@ def test_training_metrics_read_what_the_run_logged(tmp_path):
             train__prometheus_port=port,
         )
         t0 = time.time()
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "ranking.cli",
-                "train",
-                "--config",
-                str(cfg),
-                "--nproc",
-                "2",
-                "--run-dir",
-                str(tmp_path / "run"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        proc = _train(cfg, tmp_path / "run", timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         t1 = time.time()
         time.sleep(2)
