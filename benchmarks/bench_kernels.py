@@ -188,6 +188,52 @@ def _ops(torch, kernels, ref, case, dtype):
         3 * (ffn_bytes + 2 * N * D * es),
         3 * ffn_flops,
     )
+    yield from _target_attention_ops(torch, kernels, ref, case, dtype, dev, bwd)
+
+
+def _target_attention_ops(torch, kernels, ref, case, dtype, dev, bwd_pair):
+    """Target attention rows: histories of L = 256 items, H = 4 heads of d = 32; in training
+    every row has its own sequence, in serving 256 candidates share a request's sequence."""
+    _, B, *_ = case
+    L, H, d = 256, 4, 32
+    es = torch.tensor([], dtype=dtype).element_size()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    lengths = torch.randint(L // 4, L + 1, (B,), generator=g).to(dev)
+    q = torch.randn(B, H, d, device=dev, dtype=dtype)
+    k = torch.randn(B, L, H, d, device=dev, dtype=dtype)
+    v = torch.randn(B, L, H, d, device=dev, dtype=dtype)
+    items = int(lengths.sum())
+    kv_bytes = 2 * items * H * d * es
+    flops = 4 * items * H * d
+    yield (
+        "target_attention(L=256)",
+        lambda: kernels.target_attention(q, k, v, lengths),
+        lambda: ref.target_attention(q, k, v, lengths),
+        kv_bytes + 2 * B * H * d * es,
+        flops,
+    )
+    ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    yield (
+        "target_attention+bwd",
+        *bwd_pair(
+            lambda m: m.target_attention(ql, kl, vl, lengths),
+            torch.randn(B, H, d, device=dev, dtype=dtype),
+            [ql, kl, vl],
+        ),
+        3 * kv_bytes,
+        3 * flops,
+    )
+    requests = max(1, B // 256)
+    seq_of = torch.arange(B, device=dev) // 256 % requests
+    ks, vs, ls = k[:requests], v[:requests], lengths[:requests]
+    s_items = int(ls[seq_of].sum())
+    yield (
+        "target_attention(serving)",
+        lambda: kernels.target_attention(q, ks, vs, ls, seq_of),
+        lambda: ref.target_attention(q, ks, vs, ls, seq_of),
+        2 * int(ls.sum()) * H * d * es + 2 * B * H * d * es,
+        4 * s_items * H * d,
+    )
 
 
 def _grad_fn(torch, forward, module, cot, inputs):
@@ -309,8 +355,17 @@ def _smoke() -> int:
     (out.sum() + l1.sum()).backward()
     out_ref = ref.moe_ffn(xf, wts, gids, wu, wd, w_gate=wg)
     checks["moe_ffn"] = torch.allclose(out, out_ref, rtol=1e-4, atol=1e-4)
+    q = torch.randn(B * T, 2, 8, requires_grad=True)
+    kv = torch.randn(3, 5, 2, 8, requires_grad=True)
+    lens, seq = torch.tensor([5, 0, 2]), torch.arange(B * T) % 3
+    att = kernels.target_attention(q, kv, kv, lens, seq)
+    att.sum().backward()
+    checks["target_attention"] = torch.allclose(
+        att, ref.target_attention(q, kv, kv, lens, seq), atol=1e-5
+    )
     checks["grads"] = all(
-        t.grad is not None and torch.isfinite(t.grad).all() for t in (x, w, xf, logits, wu, wg, wd)
+        t.grad is not None and torch.isfinite(t.grad).all()
+        for t in (x, w, xf, logits, wu, wg, wd, q, kv)
     )
     for name, ok in checks.items():
         print(f"{name:14s} {'ok' if ok else 'MISMATCH'}")

@@ -14,6 +14,8 @@ Dispatch (``kernels.dispatch``): Triton for CUDA tensors, the reference for CPU 
     grouped_ffn(x_perm [M, D], offsets [G+1], w_up, w_down, *, w_gate, b_up, b_down, activation)
     moe_unpermute(y_perm [M, D], routing, weights [N, k]) -> [N, D]
     moe_ffn(x [N, D], weights [N, k], ids [N, k], w_up, w_down, ...) -> [N, D]
+    target_attention(q [B, H, d], k [S, L, H, d], v [S, L, H, d], lengths [S], seq_of [B])
+        -> [B, H, d]
     backend(device=None) -> "triton" | "torch"
 """
 
@@ -30,6 +32,7 @@ from .dispatch import (
     moe_permute,
     moe_unpermute,
     relu_gate,
+    target_attention,
     token_mix,
     token_revert,
     topk_gate,
@@ -46,6 +49,7 @@ __all__ = [
     "moe_permute",
     "moe_unpermute",
     "relu_gate",
+    "target_attention",
     "token_mix",
     "token_revert",
     "topk_gate",

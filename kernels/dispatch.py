@@ -35,6 +35,7 @@ _TRITON_SOURCES = {
     "moe_gather": ("moe_permute", "moe_gather"),
     "grouped_ffn": ("grouped_ffn", "grouped_ffn"),
     "moe_unpermute": ("moe_unpermute", "moe_unpermute"),
+    "target_attention": ("target_attention", "target_attention"),
 }
 _TRITON: dict[str, Callable] = {}
 _TRITON_LOCK = threading.Lock()  # serving runs forwards in threads: load the modules once
@@ -177,6 +178,19 @@ def grouped_ffn(
         b_down=b_down,
         activation=activation,
     )
+
+
+def target_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lengths: Tensor,
+    seq_of: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """``q [B, H, d]`` over ``k, v [S, L, H, d]`` with ``lengths [S]`` (candidate b reads
+    sequence ``seq_of[b]``) -> ``[B, H, d]``. See reference.target_attention."""
+    return _impl("target_attention", q)(q, k, v, lengths, seq_of, scale)
 
 
 def moe_unpermute(y_perm: Tensor, routing: MoERouting, weights: Tensor) -> Tensor:

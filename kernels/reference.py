@@ -316,3 +316,42 @@ def moe_ffn(
         activation=activation,
     )
     return moe_unpermute(y_perm, routing, weights)
+
+
+# ------------------------------------------------------------------------- target attention
+def target_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lengths: Tensor,
+    seq_of: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Attention of each candidate's query over its behaviour sequence (padded, with lengths).
+
+    Args:
+        q: ``[B, H, d]`` one query per candidate and head.
+        k, v: ``[S, L, H, d]`` keys and values of S padded sequences of at most L items.
+        lengths: ``[S]`` int, items of each sequence (positions ``>= lengths[s]`` are padding).
+        seq_of: ``[B]`` int, the sequence of each candidate (default ``arange(B)``, S = B); in
+            serving the candidates of one request share one sequence, computed once.
+        scale: score scale (default ``1 / sqrt(d)``).
+
+    Returns ``[B, H, d]``: ``out[b, h] = sum_{l < n} p_l v[s, l, h]`` with
+    ``p = softmax_l(scale * q[b, h] . k[s, l, h])``, ``s = seq_of[b]``, ``n = lengths[s]``;
+    zeros for an empty sequence. Math in fp32, output in ``q``'s dtype.
+    """
+    B, _, d = q.shape
+    if seq_of is None:
+        seq_of = torch.arange(B, device=q.device)
+    scale = d**-0.5 if scale is None else scale
+    pos = torch.arange(k.shape[1], device=q.device)
+    valid = pos[None, :] < lengths[seq_of].to(pos.dtype)[:, None]  # [B, L]
+    pad = ~valid[:, :, None, None]  # padding is never read (nor differentiated), even if NaN
+    kk = k[seq_of].float().masked_fill(pad, 0.0)  # [B, L, H, d]
+    vv = v[seq_of].float().masked_fill(pad, 0.0)
+    s = torch.einsum("bhd,blhd->bhl", q.float(), kk) * scale
+    s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # an empty sequence: every score -inf
+    return torch.einsum("bhl,blhd->bhd", p, vv).to(q.dtype)

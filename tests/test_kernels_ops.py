@@ -20,6 +20,7 @@ does that. CI has no GPU, so there they run interpreted on the CPU.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -442,3 +443,88 @@ def test_moe_ffn_per_token_experts(triton_ops, dtype, gate):
     assert_close(out, out_r, tol, "out")
     for a, e, name in zip(_grads(out, tri), _grads(out_r.to(dtype), rf), ["x", "logits", *params]):
         assert_close(a, e, 2 * tol, f"grad {name}")
+
+
+# --------------------------------------------------------------------------- target attention
+def _slow_target_attention(q, k, v, lengths, seq_of, scale):
+    """Candidate by candidate, head by head: softmax over the first n items, then the weighted
+    sum of their values (an empty sequence gives zeros)."""
+    B, H, d = q.shape
+    out = torch.zeros(B, H, d, dtype=torch.float64)
+    for b in range(B):
+        s = int(seq_of[b])
+        n = int(lengths[s])
+        for h in range(H):
+            if n == 0:
+                continue
+            scores = [scale * float(q[b, h].double() @ k[s, i, h].double()) for i in range(n)]
+            top = max(scores)
+            w = [math.exp(x - top) for x in scores]
+            total = sum(w)
+            for i in range(n):
+                out[b, h] += (w[i] / total) * v[s, i, h].double()
+    return out
+
+
+TA_CASES = [
+    # B, S, L, H, d, lengths, seq_of (None: one sequence per candidate)
+    (4, 4, 5, 2, 8, [5, 0, 3, 1], None),
+    (6, 2, 7, 3, 5, [7, 4], [0, 1, 1, 0, 0, 1]),  # candidates sharing a request's sequence
+    (3, 3, 40, 1, 16, [40, 17, 33], None),  # several BLOCK_L blocks
+    (5, 1, 9, 4, 3, [0], [0, 0, 0, 0, 0]),  # an empty sequence for everyone
+]
+
+
+def _ta_inputs(case, dtype, nan_padding=False):
+    B, S, L, H, d, lengths, seq_of = case
+    g = torch.Generator().manual_seed(B * 100 + L)
+    q = torch.randn(B, H, d, generator=g).to(dtype)
+    k = torch.randn(S, L, H, d, generator=g).to(dtype)
+    v = torch.randn(S, L, H, d, generator=g).to(dtype)
+    lengths = torch.tensor(lengths)
+    if nan_padding:  # padding must never be read
+        pad = torch.arange(L)[None, :] >= lengths[:, None]
+        k[pad] = float("nan")
+        v[pad] = float("nan")
+    seq = torch.tensor(seq_of) if seq_of is not None else None
+    return q, k, v, lengths, seq
+
+
+@pytest.mark.parametrize("case", TA_CASES)
+def test_target_attention_reference_against_a_slow_loop(case):
+    q, k, v, lengths, seq = _ta_inputs(case, torch.float32, nan_padding=True)
+    seq_of = seq if seq is not None else torch.arange(q.shape[0])
+    want = _slow_target_attention(q, k, v, lengths, seq_of, q.shape[-1] ** -0.5)
+    got = ref.target_attention(q, k, v, lengths, seq)
+    assert_close(got, want, 1e-5, "reference")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", TA_CASES)
+def test_target_attention_triton_matches_reference(triton_ops, dtype, case):
+    """Forward and backward (queries, keys, values: the key/value gradients of a shared sequence
+    add up over its candidates), with NaN in every padded position."""
+    q, k, v, lengths, seq = _ta_inputs(case, dtype, nan_padding=True)
+    tq, tk, tv = _leaves(q, k, v)
+    rq, rk, rv = _fp32([q, k, v])
+    out = triton_ops.target_attention(tq, tk, tv, lengths, seq)
+    want = ref.target_attention(rq, rk, rv, lengths, seq)
+    assert out.dtype == dtype
+    assert_close(out, want, _tol(dtype, gemm=True), "out")
+    got_g = _grads(out, [tq, tk, tv])
+    want_g = _grads(want, [rq, rk, rv])
+    pad = torch.arange(k.shape[1])[None, :] >= lengths[:, None]
+    for name, a, e in zip(("dq", "dk", "dv"), got_g, want_g):
+        if name != "dq":  # padded positions get no gradient (the reference's is NaN-free too)
+            assert (a[pad] == 0).all(), name
+            a, e = a[~pad], e[~pad]
+        assert_close(a, e, _tol(dtype, gemm=True), name)
+
+
+def test_target_attention_shared_sequence_equals_copies():
+    """A request's candidates reading one sequence (seq_of) equal each reading its own copy: the
+    candidate-independent keys and values can be computed once per request."""
+    q, k, v, lengths, seq = _ta_inputs(TA_CASES[1], torch.float32)
+    copies = ref.target_attention(q, k[seq], v[seq], lengths[seq])
+    assert torch.allclose(ref.target_attention(q, k, v, lengths, seq), copies, atol=1e-6)
