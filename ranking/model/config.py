@@ -126,12 +126,36 @@ class DLRMConfig:
     dcn_rank: int = 32
 
 
+HEAD_TYPES = ("separate", "mmoe", "ple")
+
+
+@dataclass
+class HeadsConfig:
+    """The task heads (``model.heads``; mixer archs): how the pooled representation is shared by
+    the schema's tasks (``ranking/model/heads.py``, docs/MODELS.md).
+
+    type: ``separate`` (one MLP per task on the pooled input), ``mmoe`` (``experts`` shared
+        experts, a softmax gate per task) or ``ple`` (per level, ``task_experts`` experts of each
+        task and ``shared_experts`` shared ones; ``levels`` extraction levels, 1 = CGC).
+    expert_hidden: each expert's MLP widths (ReLU after each); the last is its output width,
+        which the task towers (``head_hidden``) take.
+    """
+
+    type: str = "separate"
+    experts: int = 4
+    task_experts: int = 1
+    shared_experts: int = 1
+    levels: int = 1
+    expert_hidden: list[int] = field(default_factory=lambda: [64])
+
+
 # section name -> (its dataclass, the archs it applies to)
 SECTIONS = {
     "moe": (MoEConfig, ("rankmixer", "tokenmixer_large")),
     "tokenmixer_large": (TokenMixerLargeConfig, ("tokenmixer_large",)),
     "unimixer": (UniMixerConfig, ("unimixer", "unimixer_lite")),
     "dlrm": (DLRMConfig, ("dlrm", "dcnv2")),
+    "heads": (HeadsConfig, ("rankmixer", "tokenmixer_large", "unimixer", "unimixer_lite")),
 }
 
 
@@ -188,6 +212,7 @@ class ModelConfig:
     tokenmixer_large: TokenMixerLargeConfig = field(default_factory=TokenMixerLargeConfig)
     unimixer: UniMixerConfig = field(default_factory=UniMixerConfig)
     dlrm: DLRMConfig = field(default_factory=DLRMConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
     source: str = field(default="<dict>", compare=False, repr=False)
 
     # ------------------------------------------------------------------ loading
@@ -339,6 +364,18 @@ class ModelConfig:
             raise self._err("moe.enabled", f"MoE is not available for arch {self.arch!r}")
         if self.tokenizer == "slices" and self.arch in MIXER_ARCHS and self.num_tokens < 1:
             raise self._err("num_tokens", "required (> 0) with tokenizer: slices")
+        h = self.heads
+        if h.type not in HEAD_TYPES:
+            raise self._err("heads.type", f"expected one of {list(HEAD_TYPES)}, got {h.type!r}")
+        for key in ("experts", "levels", "shared_experts"):
+            if getattr(h, key) < 1:
+                raise self._err(f"heads.{key}", f"must be >= 1, got {getattr(h, key)}")
+        if h.task_experts < 0:
+            raise self._err("heads.task_experts", f"must be >= 0, got {h.task_experts}")
+        if not h.expert_hidden or min(h.expert_hidden) < 1:
+            raise self._err("heads.expert_hidden", "a non-empty list of positive widths")
+        if h.type != "separate" and self.arch in ("dlrm", "dcnv2"):
+            raise self._err("heads.type", f"not available for arch {self.arch!r} (mixer archs)")
         d = self.dlrm
         if self.arch in ("dlrm", "dcnv2") and (not d.over_arch or not d.dense_arch):
             raise self._err("dlrm.over_arch", "dense_arch and over_arch must be non-empty")
@@ -372,7 +409,7 @@ class ModelConfig:
 IN_SECTION = {
     f.name: name
     for name, (cls, _) in SECTIONS.items()
-    if name != "moe"
+    if name not in ("moe", "heads")  # never flat keys
     for f in dataclasses.fields(cls)
 }
 

@@ -15,43 +15,9 @@ from ranking.features import Batch, FeatureSchema
 
 from .blocks import build_stack
 from .config import ModelConfig, temperature_at
+from .heads import TaskHeads, build_heads  # noqa: F401 - TaskHeads: re-exported
 from .output import RankerOutput
 from .tokenizer import Tokenizer
-
-
-class TaskHeads(nn.Module):
-    """One MLP head per task: ``[B, P] -> [B, n_tasks]``.
-
-    ``dropout`` (training only) drops the pooled input and the output of each hidden ReLU; it is
-    applied functionally, so the parameter names (``heads.<task>.<layer>``) do not depend on it.
-    """
-
-    def __init__(self, in_dim: int, tasks: list[str], hidden: list[int], dropout: float = 0.0):
-        super().__init__()
-        self.tasks = list(tasks)
-        self.dropout = dropout
-        heads = []
-        for _ in self.tasks:
-            layers, d = [], in_dim
-            for h in hidden:
-                layers += [nn.Linear(d, h), nn.ReLU()]
-                d = h
-            layers.append(nn.Linear(d, 1))
-            heads.append(nn.Sequential(*layers))
-        self.heads = nn.ModuleList(heads)
-
-    def _head(self, head: nn.Sequential, z: Tensor) -> Tensor:
-        if not (self.dropout and self.training):
-            return head(z)
-        z = F.dropout(z, self.dropout, training=True)
-        for layer in head:
-            z = layer(z)
-            if isinstance(layer, nn.ReLU):
-                z = F.dropout(z, self.dropout, training=True)
-        return z
-
-    def forward(self, z: Tensor) -> Tensor:
-        return torch.cat([self._head(h, z) for h in self.heads], dim=1)
 
 
 def pool_tokens(x: Tensor, pooling: str) -> Tensor:
@@ -170,7 +136,7 @@ def build_model(
     c.resolve(T)
     stack = build_stack(c, T)
     pooled = T * D if c.pooling == "flatten" else D
-    heads = TaskHeads(pooled, schema.task_names, c.head_hidden, dropout=c.head_dropout)
+    heads = build_heads(pooled, schema.task_names, c.head_hidden, c.head_dropout, c.heads)
     return Ranker(
         tok,
         stack,

@@ -115,6 +115,9 @@ class TrainConfig:
     # Mixed precision of the forward in training and evaluation: bf16 autocasts it (the
     # weights and the optimiser stay fp32). Inference picks its own dtype (export --dtype).
     compute_dtype: str = "fp32"
+    # task name -> weight of its mean BCE in the loss (missing tasks: 1); the loss is
+    # sum_t w_t BCE_t / n_tasks, so all-1 weights give the mean BCE
+    task_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -261,6 +264,15 @@ def load_experiment(
     for k in ("batch_size", "eval_batch_size", "vocab_min_count", "max_list_items"):
         if getattr(data, k) < 1:
             raise ConfigError(f"{source}: data.{k}: must be positive")
+    if not isinstance(train.task_weights, dict):
+        raise ConfigError(f"{source}: train.task_weights: expected a mapping task -> weight")
+    for task, w in train.task_weights.items():
+        if task not in schema.task_names:
+            raise ConfigError(
+                f"{source}: train.task_weights.{task}: no such task (tasks: {schema.task_names})"
+            )
+        if isinstance(w, bool) or not isinstance(w, int | float) or w < 0:
+            raise ConfigError(f"{source}: train.task_weights.{task}: expected a weight >= 0")
     if train.epochs < 1 and train.max_steps < 1:
         raise ConfigError(f"{source}: train.epochs: must be positive (or set train.max_steps)")
     if require_data:

@@ -26,15 +26,29 @@ def embedding_l2_term(pooled: list[torch.Tensor]) -> torch.Tensor:
 
 
 def training_loss(
-    out, labels: torch.Tensor, pooled: list[torch.Tensor], embedding_l2: float
+    out,
+    labels: torch.Tensor,
+    pooled: list[torch.Tensor],
+    embedding_l2: float,
+    task_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, bce)`` of one batch: ``out`` is the model's output (``logits [B, n_tasks]``,
     ``aux_loss`` or None, already weighted by the model config), ``pooled`` the batch's
-    looked-up embeddings when ``embedding_l2`` penalises them."""
+    looked-up embeddings when ``embedding_l2`` penalises them. ``task_weights [n_tasks]``
+    (``train.task_weights``) weighs each task's mean BCE in the loss, ``sum_t w_t BCE_t /
+    n_tasks`` (all 1: the mean BCE); ``bce`` is the unweighted mean either way."""
     logits = out.logits.float()
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    if task_weights is None:
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        objective = bce
+    else:
+        per_task = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, labels, reduction="none"
+        ).mean(0)
+        bce = per_task.mean()
+        objective = (per_task * task_weights).mean()
     aux = out.aux_loss if out.aux_loss is not None else torch.zeros(())
-    loss = bce + aux.float()
+    loss = objective + aux.float()
     if pooled:
         loss = loss + embedding_l2 * embedding_l2_term(pooled)
     return loss, bce
@@ -63,9 +77,13 @@ class RankingTrain(torch.nn.Module):
         embedding_l2: float = 0.0,
         embedding_owners=(),
         compute_dtype: str = "fp32",
+        task_weights: list[float] | None = None,
     ):
         super().__init__()
         self.model = model
+        self.task_weights = (
+            torch.tensor(task_weights, dtype=torch.float32) if task_weights else None
+        )
         self.compute_dtype = compute_dtype
         self.embedding_l2 = embedding_l2
         self._pooled: list[torch.Tensor] = []
@@ -81,7 +99,9 @@ class RankingTrain(torch.nn.Module):
         try:
             with precision(batch.dense.device, self.compute_dtype):
                 out = self.model(batch)
-            loss, bce = training_loss(out, batch.labels, self._pooled, self.embedding_l2)
+            w = self.task_weights
+            w = None if w is None else w.to(batch.labels.device)
+            loss, bce = training_loss(out, batch.labels, self._pooled, self.embedding_l2, w)
         finally:
             self._pooled.clear()
         return loss, (bce, out)

@@ -127,6 +127,9 @@ class Trainer:
             embedding_l2=cfg.train.embedding_l2,
             embedding_owners=embedding_parents(self.model.module, emb_paths),
             compute_dtype=cfg.train.compute_dtype,
+            task_weights=[float(cfg.train.task_weights.get(t, 1.0)) for t in cfg.schema.task_names]
+            if cfg.train.task_weights
+            else None,
         )
         if self.rank == 0:
             print(f"[mixrank] sharding plan:\n{plan}", file=sys.stderr, flush=True)
