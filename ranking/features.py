@@ -18,6 +18,20 @@ Feature kinds:
   seeded 64-bit hash (or by a vocabulary file built with ``mixrank data vocab``).
 - ``id_list``: a ``list<...>`` column of variable length, each element mapped like a categorical.
 - ``dense``: a number (or null, replaced by ``fill``) with an optional ``transform``.
+- ``sequence``: a behaviour history, a ``list<...>`` column of ids, most recent first, truncated
+  to ``max_length``; hashed like an id_list. It may share an embedding ``table`` with a
+  categorical feature (``table: item``: the history's items and the candidate's item are rows
+  of one table), whose embedding is then the ``target`` of target attention. A side sequence
+  (``side_of: item_hist``, e.g. an action type per position) is aligned with its main sequence
+  position by position, has its own table of the same ``dim``, and its embeddings are added to
+  the main sequence's. Sequences make their own tokens (``model.sequence``), so they take no
+  ``group``; their ids travel in ``Batch.sequences``.
+
+Example::
+
+      - {name: item, kind: categorical, num_buckets: 4096, dim: 16, group: item}
+      - {name: item_hist, kind: sequence, table: item, max_length: 50}
+      - {name: action_hist, kind: sequence, side_of: item_hist, num_buckets: 8, dim: 16}
 
 Every sparse feature names its embedding ``table`` (default: its own name; several features may
 share one table if they agree on ``num_buckets`` and ``dim``), its embedding ``dim`` and its token
@@ -37,7 +51,8 @@ import yaml
 CATEGORICAL = "categorical"
 ID_LIST = "id_list"
 DENSE = "dense"
-KINDS = (CATEGORICAL, ID_LIST, DENSE)
+SEQUENCE = "sequence"
+KINDS = (CATEGORICAL, ID_LIST, DENSE, SEQUENCE)
 TRANSFORMS = ("none", "log1p", "signed_log1p")
 POOLINGS = ("sum", "mean")
 
@@ -75,10 +90,18 @@ class FeatureSpec:
     transform: str = "none"
     fill: float = 0.0
     clip: tuple[float, float] | None = None
+    max_length: int = 0
+    target: str = ""
+    side_of: str = ""
 
     @property
     def is_sparse(self) -> bool:
-        return self.kind in (CATEGORICAL, ID_LIST)
+        """Hashed into an embedding table (categorical, id_list, sequence)."""
+        return self.kind in (CATEGORICAL, ID_LIST, SEQUENCE)
+
+    @property
+    def is_sequence(self) -> bool:
+        return self.kind == SEQUENCE
 
 
 @dataclass(frozen=True)
@@ -197,7 +220,7 @@ class FeatureSchema:
             if f.column in label_cols:
                 raise err(f"features[{f.name}].column", f"{f.column!r} is a label column")
 
-        seen_groups = list(dict.fromkeys(f.group for f in features))
+        seen_groups = list(dict.fromkeys(f.group for f in features if not f.is_sequence))
         groups = data.get("groups", seen_groups)
         if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
             raise err("groups", "expected a list of group names")
@@ -208,6 +231,7 @@ class FeatureSchema:
         if empty:
             raise err("groups", f"group {empty[0]!r} has no feature")
 
+        features = _resolve_sequences(features, raw_features, err)
         schema = cls(
             name=name,
             tasks=tuple(tasks),
@@ -238,8 +262,19 @@ class FeatureSchema:
         if kind not in KINDS:
             raise err(f"{key}.kind", f"expected one of {list(KINDS)}, got {kind!r}")
         group = raw.get("group")
-        if not isinstance(group, str) or not group:
+        if kind == SEQUENCE:
+            if group is not None:
+                raise err(
+                    f"{key}.group",
+                    "a sequence makes its own tokens (model.sequence), it takes no group",
+                )
+            group = ""
+        elif not isinstance(group, str) or not group:
             raise err(f"{key}.group", "required, the token group of this feature")
+        else:
+            for k in ("max_length", "target", "side_of"):
+                if k in raw:
+                    raise err(f"{key}.{k}", "only for sequence features")
         kw: dict[str, Any] = {"name": fname, "kind": kind, "group": group}
         kw["column"] = raw.get("column", fname)
         if not isinstance(kw["column"], str):
@@ -272,15 +307,28 @@ class FeatureSchema:
             for k in ("transform", "fill", "clip"):
                 if k in raw:
                     raise err(f"{key}.{k}", "only for dense features")
+            shared = kind == SEQUENCE and "table" in raw and raw["table"] != fname
             for k in ("num_buckets", "dim"):
                 v = raw.get(k)
+                if shared and v is None:
+                    continue  # taken from the table's other feature (``_resolve_sequences``)
                 if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                     raise err(f"{key}.{k}", f"required, a positive integer, got {v!r}")
                 kw[k] = v
             kw["table"] = raw.get("table", fname)
             if not isinstance(kw["table"], str) or not kw["table"]:
                 raise err(f"{key}.table", "expected a non-empty string")
-            pooling = raw.get("pooling", "sum")
+            if kind == SEQUENCE:
+                ml = raw.get("max_length", 50)
+                if not isinstance(ml, int) or isinstance(ml, bool) or ml < 1:
+                    raise err(f"{key}.max_length", f"expected a positive integer, got {ml!r}")
+                kw["max_length"] = ml
+                for k in ("target", "side_of"):
+                    v = raw.get(k, "")
+                    if not isinstance(v, str):
+                        raise err(f"{key}.{k}", f"expected a feature name, got {v!r}")
+                    kw[k] = v
+            pooling = raw.get("pooling", "mean" if kind == SEQUENCE else "sum")
             if pooling not in POOLINGS:
                 raise err(f"{key}.pooling", f"expected one of {list(POOLINGS)}, got {pooling!r}")
             kw["pooling"] = pooling
@@ -298,14 +346,25 @@ class FeatureSchema:
             d: dict[str, Any] = {"name": f.name, "kind": f.kind, "group": f.group}
             if f.column != f.name:
                 d["column"] = f.column
+            if f.is_sequence:
+                del d["group"]
             keys = (
                 ("transform", "fill", "clip")
                 if f.kind == DENSE
                 else ("num_buckets", "dim", "table", "pooling", "vocab")
             )
+            if f.is_sequence:
+                keys = (*keys, "max_length", "target", "side_of")
             for k in keys:
                 v = getattr(f, k)
                 if k == "table" and v == f.name:
+                    continue
+                if k == "pooling" and f.is_sequence:
+                    if v != "mean":
+                        d[k] = v
+                    continue
+                if k == "max_length":
+                    d[k] = v
                     continue
                 if k in ("num_buckets", "dim") or v != getattr(defaults, k):
                     d[k] = list(v) if isinstance(v, tuple) else v
@@ -332,7 +391,27 @@ class FeatureSchema:
 
     @property
     def sparse_keys(self) -> list[str]:
-        return [f.name for f in self.sparse_features]
+        """Keys of ``Batch.sparse``: the categorical and id_list features (not sequences)."""
+        return [f.name for f in self.sparse_features if not f.is_sequence]
+
+    @property
+    def sequence_features(self) -> tuple[FeatureSpec, ...]:
+        """The main sequences (not side sequences), in schema order: one encoder each."""
+        return tuple(f for f in self.features if f.is_sequence and not f.side_of)
+
+    def side_sequences(self, name: str) -> tuple[FeatureSpec, ...]:
+        """The side sequences aligned with the main sequence ``name``."""
+        return tuple(f for f in self.features if f.is_sequence and f.side_of == name)
+
+    @property
+    def sequence_keys(self) -> list[str]:
+        """Keys of ``Batch.sequences``: every sequence feature, side sequences included."""
+        return [f.name for f in self.features if f.is_sequence]
+
+    @property
+    def sequence_tables(self) -> tuple[str, ...]:
+        """Tables read by a sequence (held unpooled, in an ``EmbeddingCollection``)."""
+        return tuple(dict.fromkeys(f.table for f in self.features if f.is_sequence))
 
     @property
     def num_dense(self) -> int:
@@ -360,16 +439,26 @@ class FeatureSchema:
         out = []
         for tname, feats in by_name.items():
             first = feats[0]
+            # a categorical has one id per row, so its pooling is moot: the table's is that of
+            # its id_list or sequence features
+            pooled = [f for f in feats if f.kind != CATEGORICAL] or feats
             for f in feats[1:]:
-                for k in ("num_buckets", "dim", "pooling"):
-                    if getattr(f, k) != getattr(first, k):
+                for k in ("num_buckets", "dim", "pooling", "vocab"):
+                    ref = pooled[0] if k == "pooling" else first
+                    if k == "pooling" and f.kind == CATEGORICAL:
+                        continue
+                    if getattr(f, k) != getattr(ref, k):
                         raise SchemaError(
                             f"{self.source}: features[{f.name}].{k}: table {tname!r} is shared "
-                            f"with {first.name!r}, which has {k}={getattr(first, k)!r}"
+                            f"with {ref.name!r}, which has {k}={getattr(ref, k)!r}"
                         )
             out.append(
                 TableSpec(
-                    tname, first.num_buckets, first.dim, first.pooling, tuple(f.name for f in feats)
+                    tname,
+                    first.num_buckets,
+                    first.dim,
+                    pooled[0].pooling,
+                    tuple(f.name for f in feats),
                 )
             )
         return tuple(out)
@@ -383,8 +472,8 @@ class FeatureSchema:
                 return f
         raise KeyError(name)
 
-    def embedding_bag_configs(self, init_scale: float = 0.0):
-        """TorchRec ``EmbeddingBagConfig`` list, one per table.
+    def embedding_bag_configs(self, init_scale: float = 0.0, exclude: tuple[str, ...] = ()):
+        """TorchRec ``EmbeddingBagConfig`` list, one per table (but the tables in ``exclude``).
 
         ``init_scale`` > 0 initialises every table uniformly in ``[-init_scale, init_scale]``
         (the config's ``weight_init_min/max``, which TorchRec's sharded kernels use too);
@@ -405,7 +494,106 @@ class FeatureSchema:
                 **bounds,
             )
             for t in self.tables
+            if t.name not in exclude
         ]
+
+    def embedding_configs(self, tables: tuple[str, ...], init_scale: float = 0.0):
+        """TorchRec ``EmbeddingConfig`` list (unpooled, for an ``EmbeddingCollection``) of the
+        named tables, initialised as ``embedding_bag_configs`` does."""
+        from torchrec.modules.embedding_configs import EmbeddingConfig
+
+        bounds = {}
+        if init_scale > 0:
+            bounds = {"weight_init_min": -init_scale, "weight_init_max": init_scale}
+        return [
+            EmbeddingConfig(
+                name=t.name,
+                embedding_dim=t.dim,
+                num_embeddings=t.num_buckets,
+                feature_names=list(t.feature_names),
+                **bounds,
+            )
+            for t in self.tables
+            if t.name in tables
+        ]
+
+
+def _resolve_sequences(features: list[FeatureSpec], raw: list, err) -> list[FeatureSpec]:
+    """Sequence features completed and checked against the others: a shared ``table`` must be
+    another (categorical or id_list) feature's, whose ``num_buckets`` and ``dim`` it takes;
+    ``target`` must be a categorical feature of the same table (default: the first one, if
+    any); ``side_of`` must name a main sequence, with the same ``dim`` and ``max_length``."""
+    by_name = {f.name: f for f in features}
+    out = []
+    for f in features:
+        if not f.is_sequence:
+            out.append(f)
+            continue
+        key = f"features[{f.name}]"
+        kw: dict[str, Any] = {}
+        if f.table != f.name:
+            owners = [g for g in features if g.table == f.table and not g.is_sequence]
+            if not owners:
+                raise err(
+                    f"{key}.table",
+                    f"unknown table {f.table!r}: no categorical or id_list feature has it (a "
+                    "sequence shares the table of the candidate's feature, e.g. table: item)",
+                )
+            if not f.num_buckets:
+                kw["num_buckets"] = owners[0].num_buckets
+            if not f.dim:
+                kw["dim"] = owners[0].dim
+            if f.vocab is None and owners[0].vocab is not None:
+                kw["vocab"] = owners[0].vocab
+        if f.side_of:
+            main = by_name.get(f.side_of)
+            if main is None or not main.is_sequence or main.side_of:
+                raise err(
+                    f"{key}.side_of", f"{f.side_of!r} is not a main sequence feature of the schema"
+                )
+            if f.target:
+                raise err(f"{key}.target", "a side sequence has no target (its main one has)")
+            dim = kw.get("dim", f.dim)
+            if dim != main.dim and main.table == main.name:
+                raise err(
+                    f"{key}.dim",
+                    f"{dim} differs from {main.name!r}'s {main.dim}: side embeddings are added "
+                    "position by position",
+                )
+            if "max_length" in _raw_of(raw, f.name) and f.max_length != main.max_length:
+                raise err(f"{key}.max_length", f"must equal {main.name!r}'s {main.max_length}")
+            kw["max_length"] = main.max_length
+        else:
+            cands = [g for g in features if g.table == f.table and g.kind == CATEGORICAL]
+            if f.target:
+                t = by_name.get(f.target)
+                if t is None or t.kind != CATEGORICAL or t.table != f.table:
+                    raise err(
+                        f"{key}.target",
+                        f"{f.target!r} is not a categorical feature of table {f.table!r} (the "
+                        "target's embedding is the query over the sequence, so they share one "
+                        "table)",
+                    )
+            elif cands:
+                kw["target"] = cands[0].name
+        out.append(dataclasses.replace(f, **kw) if kw else f)
+    # side sequences' dims against their main one's (resolved) dim
+    resolved = {f.name: f for f in out}
+    for f in out:
+        if f.is_sequence and f.side_of and f.dim != resolved[f.side_of].dim:
+            raise err(
+                f"features[{f.name}].dim",
+                f"{f.dim} differs from {f.side_of!r}'s {resolved[f.side_of].dim}: side "
+                "embeddings are added position by position",
+            )
+    return out
+
+
+def _raw_of(raw: list, name: str) -> dict:
+    for r in raw:
+        if isinstance(r, dict) and r.get("name") == name:
+            return r
+    return {}
 
 
 @dataclass
@@ -416,6 +604,10 @@ class Batch:
         dense: ``[B, Nd]`` float32, columns in ``schema.dense_features`` order (Nd may be 0).
         sparse: ``KeyedJaggedTensor`` with keys ``schema.sparse_keys``, values int64 bucket ids.
         labels: ``[B, n_tasks]`` float32 in ``schema.tasks`` order (zeros when serving).
+        sequences: ``KeyedJaggedTensor`` with keys ``schema.sequence_keys`` and S rows, or None
+            when the schema has no sequence; S = B (row b's history is row b) unless ``seq_of``.
+        seq_of: ``[B]`` int64, the sequence row of each row (serving: the candidates of one
+            request share one history, looked up and projected once), or None (identity).
         bad_rows: rows dropped from this batch as bad, per cause (``data.on_bad_rows: skip``).
         bad_examples: the first message of each cause of bad rows the reader met so far.
     """
@@ -425,28 +617,48 @@ class Batch:
     labels: Any  # torch.Tensor
     bad_rows: dict[str, int] = field(default_factory=dict)
     bad_examples: dict[str, str] = field(default_factory=dict)
+    sequences: Any = None  # KeyedJaggedTensor | None
+    seq_of: Any = None  # torch.Tensor | None
 
     @property
     def size(self) -> int:
         return int(self.dense.shape[0])
 
     def to(self, device, non_blocking: bool = False) -> Batch:
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
         return Batch(
             self.dense.to(device, non_blocking=non_blocking),
             self.sparse.to(device, non_blocking=non_blocking),
             self.labels.to(device, non_blocking=non_blocking),
             self.bad_rows,
             self.bad_examples,
+            move(self.sequences),
+            move(self.seq_of),
         )
 
     def pin_memory(self) -> Batch:
+        def pin(t):
+            return None if t is None else t.pin_memory()
+
         return Batch(
             self.dense.pin_memory(),
             self.sparse.pin_memory(),
             self.labels.pin_memory(),
             self.bad_rows,
             self.bad_examples,
+            pin(self.sequences),
+            pin(self.seq_of),
         )
+
+    def aligned_sequences(self):
+        """``Batch.sequences`` with one row per batch row (``seq_of`` applied), or None."""
+        if self.sequences is None or self.seq_of is None:
+            return self.sequences
+        from ranking.model.sequence import expand_rows
+
+        return expand_rows(self.sequences, self.seq_of)
 
 
 # ---------------------------------------------------------------------------- presets and rows

@@ -204,7 +204,7 @@ class InferenceRanker(nn.Module):
 
     @torch.no_grad()
     def forward(self, batch: Batch) -> RankerOutput:
-        tokens = self.tokenizer(batch.dense, batch.sparse)
+        tokens = self.tokenizer(batch.dense, batch.sparse, batch.sequences, batch.seq_of)
         parts = self.chunks(tokens)
         logits = torch.cat([p[0] for p in parts]).float()
         B = tokens.shape[0]

@@ -20,23 +20,32 @@ from ranking.errors import UserError
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def synthetic_request(schema, n: int, seed: int = 0) -> dict:
-    """A request with ``n`` candidates for ``schema``: the first token group's features go in
-    the context (the user), the others vary per candidate."""
+def synthetic_request(schema, n: int, seed: int = 0, history: int | None = None) -> dict:
+    """A request with ``n`` candidates for ``schema``: the first token group's features and
+    the behaviour sequences (``history`` ids each, default random up to ``max_length``; side
+    sequences aligned) go in the context (the user), the others vary per candidate."""
     from ranking.features import CATEGORICAL, DENSE
 
     rng = random.Random(seed)
+    lengths: dict[str, int] = {}
 
     def value(f):
         if f.kind == DENSE:
             return round(rng.uniform(0, 100), 3)
         if f.kind == CATEGORICAL:
             return f"{f.name}-{rng.randrange(f.num_buckets * 2)}"
+        if f.is_sequence:
+            if f.side_of:
+                k = lengths[f.side_of]
+            else:
+                k = history if history is not None else rng.randrange(1, f.max_length + 1)
+                lengths[f.name] = k
+            return [rng.randrange(f.num_buckets * 2) for _ in range(k)]
         return [rng.randrange(f.num_buckets * 2) for _ in range(rng.randrange(1, 6))]
 
     ctx_group = schema.groups[0]
-    context = {f.column: value(f) for f in schema.features if f.group == ctx_group}
-    per_cand = [f for f in schema.features if f.group != ctx_group]
+    context = {f.column: value(f) for f in schema.features if f.group == ctx_group or f.is_sequence}
+    per_cand = [f for f in schema.features if f.group != ctx_group and not f.is_sequence]
     cands = [{f.column: value(f) for f in per_cand} for _ in range(n)]
     return {"request_id": f"load-{seed}", "context": context, "candidates": cands}
 

@@ -6,6 +6,9 @@ Conventions (shared by training and serving):
   the reserved bucket ``NULL_BUCKET = 0``.
 - id_list: a null or missing list has length 0 (an empty bag; mean pooling gives zeros); a null
   element inside a list gets bucket 0; lists are truncated to ``schema.max_list_length``.
+- sequence: as an id_list, truncated to its own ``max_length`` (most recent first, so the oldest
+  ids go); a side sequence must have its main sequence's length in every row (a null side list
+  is all null ids at that length); any other length is a bad row (cause ``sequence``).
 - dense: null / NaN / missing -> ``fill``; then ``clip`` (on the raw scale); then ``transform``
   (``log1p``: log1p(max(x, 0)); ``signed_log1p``: sign(x) * log1p(|x|)). Output float32.
 - labels: must be 0/1 (any numeric or boolean type); anything else is a bad row.
@@ -64,9 +67,13 @@ class FeatureColumns:
         ids: per sparse key, ``[total]`` int64 bucket ids (categorical: total = n).
         lengths: per sparse key, ``[n]`` int64 ids per row.
         labels: ``[n, n_tasks]`` float32.
-        jagged: the keys whose rows may hold other than one id (id_list features).
+        jagged: the keys whose rows may hold other than one id (id_list and sequence features).
+        seq_keys: the sequence features' keys (``Batch.sequences``).
         bad: ``[n]`` uint8 cause of each bad row (``BAD_CAUSES[code - 1]``, 0: a good row), or
             None when every row is good; bad rows hold placeholder values.
+        seq_of: ``[n]`` int64, the row of the sequence keys' ids/lengths each row reads (their
+            arrays then have as many rows as there are distinct histories: serving's one per
+            request), or None: the sequence keys have one row per row, like the others.
     """
 
     dense: np.ndarray
@@ -75,12 +82,15 @@ class FeatureColumns:
     labels: np.ndarray
     jagged: frozenset[str] = field(default_factory=frozenset)
     bad: np.ndarray | None = None
+    seq_of: np.ndarray | None = None
+    seq_keys: frozenset[str] = field(default_factory=frozenset)
 
     def __len__(self) -> int:
         return int(self.dense.shape[0])
 
     def take(self, idx: np.ndarray) -> FeatureColumns:
         """The rows ``idx`` (``[m]`` int64), in that order."""
+        assert self.seq_of is None, "take() of per-request sequences"
         ids, lengths = {}, {}
         for k, v in self.ids.items():
             if k in self.jagged:
@@ -88,7 +98,9 @@ class FeatureColumns:
             else:
                 ids[k], lengths[k] = v[idx], self.lengths[k][idx]
         bad = None if self.bad is None else self.bad[idx]
-        return FeatureColumns(self.dense[idx], ids, lengths, self.labels[idx], self.jagged, bad)
+        return FeatureColumns(
+            self.dense[idx], ids, lengths, self.labels[idx], self.jagged, bad, None, self.seq_keys
+        )
 
     def drop_bad(self) -> tuple[FeatureColumns, dict[str, int]]:
         """The good rows, and how many rows were dropped per cause."""
@@ -102,6 +114,7 @@ class FeatureColumns:
 
     def split(self, size: int, count: int) -> tuple[list[FeatureColumns], FeatureColumns]:
         """The first ``count`` runs of ``size`` rows, and the rest (views, no copies)."""
+        assert self.seq_of is None, "split() of per-request sequences"
         bounds = [i * size for i in range(count + 1)] + [len(self)]
         starts = {k: np.concatenate([[0], np.cumsum(self.lengths[k])]) for k in self.jagged}
         parts = []
@@ -113,7 +126,16 @@ class FeatureColumns:
             lengths = {k: v[a:b] for k, v in self.lengths.items()}
             bad = None if self.bad is None else self.bad[a:b]
             parts.append(
-                FeatureColumns(self.dense[a:b], ids, lengths, self.labels[a:b], self.jagged, bad)
+                FeatureColumns(
+                    self.dense[a:b],
+                    ids,
+                    lengths,
+                    self.labels[a:b],
+                    self.jagged,
+                    bad,
+                    None,
+                    self.seq_keys,
+                )
             )
         return parts[:-1], parts[-1]
 
@@ -123,6 +145,12 @@ class FeatureColumns:
         if len(parts) == 1:
             return parts[0]
         keys = parts[0].ids.keys()
+        seq_of = None
+        if any(p.seq_of is not None for p in parts):
+            assert all(p.seq_of is not None for p in parts), "mixed sequence layouts"
+            k0 = next(iter(parts[0].seq_keys))
+            offsets = np.cumsum([0] + [len(p.lengths[k0]) for p in parts])
+            seq_of = np.concatenate([p.seq_of + o for p, o in zip(parts, offsets)])
         bad = None
         if any(p.bad is not None for p in parts):
             bad = np.concatenate(
@@ -135,6 +163,8 @@ class FeatureColumns:
             np.concatenate([p.labels for p in parts]),
             parts[0].jagged,
             bad,
+            seq_of,
+            parts[0].seq_keys,
         )
 
 
@@ -153,7 +183,7 @@ def jagged_take(values: np.ndarray, lengths: np.ndarray, idx: np.ndarray):
 # ------------------------------------------------------------------------------ bad rows
 # Causes of bad rows, in the order of their codes in ``FeatureColumns.bad`` (code = index + 1);
 # the names are the keys of the per-cause counts in logs and ``summary.json``.
-BAD_CAUSES = ("label", "dense", "utf8", "list_length")
+BAD_CAUSES = ("label", "dense", "utf8", "list_length", "sequence")
 ON_BAD_ROWS = ("fail", "skip")
 
 
@@ -300,8 +330,47 @@ def columns_from_arrow(
     if with_labels:
         for j, col in enumerate(schema.label_columns):
             labels[:, j] = label_values(data.column(col), col, source, checks)
+    for f in schema.features:
+        if f.is_sequence and f.side_of and f.name not in skip and f.side_of not in skip:
+            ids[f.name], lengths[f.name] = align_side(
+                f, ids[f.name], lengths[f.name], lengths[f.side_of], checks
+            )
     jagged = frozenset(f.name for f in schema.sparse_features if f.kind != CATEGORICAL)
-    return FeatureColumns(dense, ids, lengths, labels, jagged, checks.codes)
+    seq_keys = frozenset(schema.sequence_keys)
+    return FeatureColumns(dense, ids, lengths, labels, jagged, checks.codes, None, seq_keys)
+
+
+def align_side(
+    f: FeatureSpec, ids: np.ndarray, lengths: np.ndarray, main: np.ndarray, checks: RowChecks
+) -> tuple[np.ndarray, np.ndarray]:
+    """A side sequence aligned with its main sequence's ``main`` lengths: an empty side list
+    where the main one is not becomes null ids (bucket 0) at the main length; any other
+    mismatch is a bad row (cause ``sequence``), whose side list is then null ids too."""
+    if np.array_equal(lengths, main):
+        return ids, lengths
+    fill = (lengths == 0) & (main > 0)
+    bad = (lengths != main) & ~fill
+    if bad.any():
+        checks.flag(
+            "sequence",
+            f.column,
+            bad,
+            lambda i: (
+                f"side sequence {f.name!r} has {lengths[i]} ids where {f.side_of!r} has "
+                f"{main[i]}; expected the same length (aligned position by position)"
+            ),
+        )
+    keep = lengths == main
+    starts = np.concatenate([[0], np.cumsum(lengths)])[:-1]
+    out = np.zeros(int(main.sum()), dtype=np.int64)
+    ostarts = np.concatenate([[0], np.cumsum(main)])[:-1]
+    rows = np.flatnonzero(keep & (main > 0))
+    if len(rows):
+        n = main[rows]
+        src = np.repeat(starts[rows], n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
+        dst = np.repeat(ostarts[rows], n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
+        out[dst] = ids[src]
+    return out, main.copy()
 
 
 # A request-sized table hashes all its hashed categorical columns in one pass
@@ -427,7 +496,7 @@ def sparse_values(
             f.column,
             lengths > limit,
             lambda i: (
-                f"id_list feature {f.name!r} has {lengths[i]} ids; the limit is {limit} "
+                f"{f.kind} feature {f.name!r} has {lengths[i]} ids; the limit is {limit} "
                 f"(data.max_list_items)"
             ),
         )
@@ -440,11 +509,11 @@ def sparse_values(
             "utf8",
             f.column,
             rows,
-            lambda i: f"id_list feature {f.name!r} holds a string that is not UTF-8",
+            lambda i: f"{f.kind} feature {f.name!r} holds a string that is not UTF-8",
         )
         flat = _null_where(flat, bad)
     ids = _bucket(schema, f, flat, source) if len(flat) else np.zeros(0, np.int64)
-    cap = schema.max_list_length
+    cap = f.max_length if f.is_sequence else schema.max_list_length
     if len(lengths) and int(lengths.max()) > cap:
         pos = np.arange(len(ids), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         ids = ids[pos < cap]
@@ -511,19 +580,30 @@ def to_batch(schema: FeatureSchema, cols: FeatureColumns) -> Batch:
     import torch
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    keys = schema.sparse_keys
-    values = np.concatenate([cols.ids[k] for k in keys]) if keys else np.zeros(0, np.int64)
-    lengths = np.concatenate([cols.lengths[k] for k in keys]) if keys else np.zeros(0, np.int64)
-    kjt = KeyedJaggedTensor(
-        keys=keys,
-        values=torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)),
-        lengths=torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64)),
-        stride=len(cols),
-    )
+    def kjt(keys: list[str], stride: int) -> KeyedJaggedTensor:
+        values = np.concatenate([cols.ids[k] for k in keys]) if keys else np.zeros(0, np.int64)
+        lengths = np.concatenate([cols.lengths[k] for k in keys]) if keys else np.zeros(0, np.int64)
+        return KeyedJaggedTensor(
+            keys=keys,
+            values=torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)),
+            lengths=torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64)),
+            stride=stride,
+        )
+
+    sequences = seq_of = None
+    if schema.sequence_keys:
+        keys = schema.sequence_keys
+        if cols.seq_of is None:
+            sequences = kjt(keys, len(cols))
+        else:
+            sequences = kjt(keys, len(cols.lengths[keys[0]]))
+            seq_of = torch.from_numpy(np.ascontiguousarray(cols.seq_of, dtype=np.int64))
     return Batch(
         torch.from_numpy(np.ascontiguousarray(cols.dense)),
-        kjt,
+        kjt(schema.sparse_keys, len(cols)),
         torch.from_numpy(np.ascontiguousarray(cols.labels)),
+        sequences=sequences,
+        seq_of=seq_of,
     )
 
 
@@ -596,7 +676,7 @@ def column_from_values(f: FeatureSpec, vals: list[Any]) -> pa.Array:
         for v in vals:
             if v is not None and not isinstance(v, list | tuple):
                 raise column_error(
-                    "<rows>", f.column, f"id_list feature {f.name!r} got {v!r}, expected a list"
+                    "<rows>", f.column, f"{f.kind} feature {f.name!r} got {v!r}, expected a list"
                 )
             lists.append(None if v is None else list(v))
         flat = _categorical_array(f, [x for v in lists if v is not None for x in v])

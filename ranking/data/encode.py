@@ -25,6 +25,8 @@ import numpy as np
 from ranking.data import fastrows
 from ranking.data.convert import (
     FeatureColumns,
+    RowChecks,
+    align_side,
     column_from_values,
     columns_from_arrow,
     dense_values,
@@ -171,7 +173,7 @@ def _check_features(feats: dict, where: str, columns: dict, max_chars: int, max_
         elif spec.kind == CATEGORICAL:
             problem = categorical_problem(value, max_chars)
         elif not isinstance(value, list):
-            problem = "invalid_type", f"id_list feature: expected a list, got {describe(value)}"
+            problem = "invalid_type", f"{spec.kind} feature: expected a list, got {describe(value)}"
         elif len(value) > max_items:
             problem = "value_too_long", f"{len(value)} ids, the limit is {max_items}"
         else:
@@ -199,14 +201,78 @@ def encode(
     or ``InvalidValue`` naming the field. ``max_chars``: the longest string value;
     ``max_items``: the longest id_list."""
     columns = {f.column: f for f in schema.features}
+    full_context = context
     _check_features(context, "context", columns, max_chars, max_items)  # one row: per value
+    seqs = [f for f in schema.features if f.is_sequence]
+    if seqs:
+        _check_sequences(seqs, context, candidates)
+        seq_cols = {f.column for f in seqs}
+        context = {k: v for k, v in context.items() if k not in seq_cols}
     checked = check_columns(schema, context, candidates, max_chars, max_items)
     if checked is None:
         check_values(schema, context, candidates, max_chars, max_items)
     try:
-        return _broadcast(schema, context, candidates, checked)
+        cols = _broadcast(schema, context, candidates, checked)
+        if seqs:
+            cols = _request_sequences(schema, cols, seqs, full_context)
+        return cols
     except DataError as e:  # the feature pipeline refused a value; it names the column
         raise InvalidValue("invalid_value", str(e), getattr(e, "column", None)) from None
+
+
+def _check_sequences(seqs: list, context: dict, candidates: list) -> None:
+    """A sequence is the user's history: sent once, in ``context``; a side sequence has its
+    main sequence's length."""
+    for i, cand in enumerate(candidates):
+        if isinstance(cand, dict):
+            for f in seqs:
+                if f.column in cand:
+                    raise InvalidValue(
+                        "invalid_value",
+                        f"sequence feature {f.name!r} is the user's history: send it once in "
+                        "context, not per candidate",
+                        f"candidates[{i}].{f.column}",
+                    )
+    by_name = {f.name: f for f in seqs}
+    for f in seqs:
+        side = context.get(f.column)
+        if not f.side_of or not side:
+            continue
+        main = context.get(by_name[f.side_of].column) or []
+        if len(side) != len(main):
+            raise InvalidValue(
+                "invalid_value",
+                f"side sequence {f.name!r} has {len(side)} ids where {f.side_of!r} has "
+                f"{len(main)}; they are aligned position by position",
+                f"context.{f.column}",
+            )
+
+
+def _request_sequences(
+    schema: FeatureSchema, cols: FeatureColumns, seqs: list, context: dict
+) -> FeatureColumns:
+    """``cols`` with the sequence features as one row, the request's, that every candidate
+    reads (``seq_of`` zeros): the model looks the history up and projects it once."""
+    ids, lengths = dict(cols.ids), dict(cols.lengths)
+    for f in seqs:
+        one = column_from_values(f, [context.get(f.column)])
+        ids[f.name], lengths[f.name] = sparse_values(schema, f, one, "<request>")
+    for f in seqs:
+        if f.side_of:
+            ids[f.name], lengths[f.name] = align_side(
+                f, ids[f.name], lengths[f.name], lengths[f.side_of], RowChecks("<request>", 1)
+            )
+    n = len(cols)
+    return FeatureColumns(
+        cols.dense,
+        ids,
+        lengths,
+        cols.labels,
+        cols.jagged,
+        cols.bad,
+        np.zeros(n, dtype=np.int64),
+        cols.seq_keys,
+    )
 
 
 def _candidate_columns(
@@ -279,7 +345,7 @@ def _broadcast(
             )
         else:
             ids[f.name] = np.where(own, cand.ids[f.name], ctx_ids[0])
-    return FeatureColumns(dense, ids, lengths, cand.labels, cand.jagged)
+    return FeatureColumns(dense, ids, lengths, cand.labels, cand.jagged, seq_keys=cand.seq_keys)
 
 
 def merged_batch(schema: FeatureSchema, parts: list[FeatureColumns]) -> Batch:

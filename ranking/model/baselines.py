@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ranking.features import Batch, FeatureSchema
 
@@ -30,7 +31,10 @@ class BaselineRanker(nn.Module):
         dense = batch.dense
         if self.num_dense == 0:
             dense = torch.ones(batch.sparse.stride(), 1, device=dense.device)
-        logits = self.model(dense_features=dense, sparse_features=batch.sparse)
+        sparse = batch.sparse
+        if batch.sequences is not None:  # histories pooled like id lists (their table's pooling)
+            sparse = KeyedJaggedTensor.concat([sparse, batch.aligned_sequences()])
+        logits = self.model(dense_features=dense, sparse_features=sparse)
         return RankerOutput(logits.float(), logits.new_zeros((), dtype=torch.float32))
 
 

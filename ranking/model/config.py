@@ -149,6 +149,34 @@ class HeadsConfig:
     expert_hidden: list[int] = field(default_factory=lambda: [64])
 
 
+SEQUENCE_ENCODERS = ("pool", "target_attention", "query_tokens")
+
+
+@dataclass
+class SequenceConfig:
+    """How each behaviour sequence of the schema becomes tokens (``model.sequence``;
+    ``ranking/model/sequence.py``, docs/MODELS.md).
+
+    encoder: ``pool`` (the mean or sum of the sequence's embeddings, one token; the baseline),
+        ``target_attention`` (the target's embedding attends over the sequence, DIN-style, one
+        token per candidate) or ``query_tokens`` (``query_tokens`` learned queries attend over
+        it, k tokens per request). DLRM and DCNv2 take ``pool`` only (a pooled embedding).
+    encoders: per-feature choice ``{feature name: encoder}``, over ``encoder``.
+    heads: attention heads; ``attn_dim``: the attention width (0: the model's D).
+    """
+
+    encoder: str = "pool"
+    encoders: dict = field(default_factory=dict)
+    heads: int = 2
+    attn_dim: int = 0
+    query_tokens: int = 4
+
+    def encoder_of(self, name: str) -> str:
+        return self.encoders.get(name, self.encoder)
+
+
+ALL_ARCHS = ("rankmixer", "tokenmixer_large", "unimixer", "unimixer_lite", "dlrm", "dcnv2")
+
 # section name -> (its dataclass, the archs it applies to)
 SECTIONS = {
     "moe": (MoEConfig, ("rankmixer", "tokenmixer_large")),
@@ -156,6 +184,7 @@ SECTIONS = {
     "unimixer": (UniMixerConfig, ("unimixer", "unimixer_lite")),
     "dlrm": (DLRMConfig, ("dlrm", "dcnv2")),
     "heads": (HeadsConfig, ("rankmixer", "tokenmixer_large", "unimixer", "unimixer_lite")),
+    "sequence": (SequenceConfig, ALL_ARCHS),
 }
 
 
@@ -213,6 +242,7 @@ class ModelConfig:
     unimixer: UniMixerConfig = field(default_factory=UniMixerConfig)
     dlrm: DLRMConfig = field(default_factory=DLRMConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
     source: str = field(default="<dict>", compare=False, repr=False)
 
     # ------------------------------------------------------------------ loading
@@ -376,6 +406,27 @@ class ModelConfig:
             raise self._err("heads.expert_hidden", "a non-empty list of positive widths")
         if h.type != "separate" and self.arch in ("dlrm", "dcnv2"):
             raise self._err("heads.type", f"not available for arch {self.arch!r} (mixer archs)")
+        q = self.sequence
+        for name, enc in [("encoder", q.encoder)] + [
+            (f"encoders.{k}", v) for k, v in q.encoders.items()
+        ]:
+            if enc not in SEQUENCE_ENCODERS:
+                raise self._err(
+                    f"sequence.{name}", f"expected one of {list(SEQUENCE_ENCODERS)}, got {enc!r}"
+                )
+            if enc != "pool" and self.arch in ("dlrm", "dcnv2"):
+                raise self._err(
+                    f"sequence.{name}",
+                    f"{enc} is for the mixer archs; {self.arch} takes pooled sequences (pool)",
+                )
+        for key in ("heads", "query_tokens"):
+            if getattr(q, key) < 1:
+                raise self._err(f"sequence.{key}", f"must be >= 1, got {getattr(q, key)}")
+        if q.attn_dim < 0 or (q.attn_dim or self.dim) % q.heads:
+            raise self._err(
+                "sequence.attn_dim",
+                f"the attention width {q.attn_dim or self.dim} must split into heads={q.heads}",
+            )
         d = self.dlrm
         if self.arch in ("dlrm", "dcnv2") and (not d.over_arch or not d.dense_arch):
             raise self._err("dlrm.over_arch", "dense_arch and over_arch must be non-empty")
@@ -409,7 +460,7 @@ class ModelConfig:
 IN_SECTION = {
     f.name: name
     for name, (cls, _) in SECTIONS.items()
-    if name not in ("moe", "heads")  # never flat keys
+    if name not in ("moe", "heads", "sequence")  # never flat keys
     for f in dataclasses.fields(cls)
 }
 
@@ -474,6 +525,9 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
     elif isinstance(default, str):
         if not isinstance(value, str):
             raise bad
+    elif isinstance(default, dict):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{source}: {key}: expected a mapping of names, got {value!r}")
     elif isinstance(default, list) and (
         not isinstance(value, list) or not all(isinstance(v, int) and v > 0 for v in value)
     ):

@@ -100,7 +100,7 @@ class Ranker(nn.Module):
         return logits, aux
 
     def forward(self, batch: Batch) -> RankerOutput:
-        tokens = self.tokenizer(batch.dense, batch.sparse)
+        tokens = self.tokenizer(batch.dense, batch.sparse, batch.sequences, batch.seq_of)
         if self.token_dropout and self.training:
             tokens = F.dropout(tokens, self.token_dropout, training=True)
         labels = batch.labels.float() if batch.labels is not None else None
@@ -131,6 +131,7 @@ def build_model(
         global_token=c.global_token,
         device=device,
         embedding_init_scale=c.embedding_init_scale,
+        sequence=c.sequence,
     )
     T, D = tok.num_tokens, c.dim
     c.resolve(T)

@@ -15,11 +15,16 @@ from ranking.features import ID_LIST, Batch, FeatureSchema
 
 
 def random_ids(schema: FeatureSchema, B: int, gen: torch.Generator, max_len: int = 3) -> dict:
-    """Per sparse feature: ``(values [sum lengths] int64, lengths [B] int64)``."""
+    """Per sparse feature: ``(values [sum lengths] int64, lengths [B] int64)``; a sequence has
+    0 to ``max_length`` ids, its side sequences the same lengths."""
     out = {}
     for f in schema.sparse_features:
         if f.kind == ID_LIST:
             lengths = torch.randint(0, max_len + 1, (B,), generator=gen)
+        elif f.is_sequence and f.side_of:
+            lengths = out[f.side_of][1]
+        elif f.is_sequence:
+            lengths = torch.randint(0, f.max_length + 1, (B,), generator=gen)
         else:
             lengths = torch.ones(B, dtype=torch.long)
         # a skewed id distribution, as in real logs
@@ -28,13 +33,19 @@ def random_ids(schema: FeatureSchema, B: int, gen: torch.Generator, max_len: int
     return out
 
 
-def make_kjt(schema: FeatureSchema, ids: dict) -> KeyedJaggedTensor:
-    keys = schema.sparse_keys
+def make_kjt(schema: FeatureSchema, ids: dict, keys: list[str] | None = None) -> KeyedJaggedTensor:
+    """The KJT of ``keys`` (default ``schema.sparse_keys``) from ``random_ids``'s output."""
+    keys = schema.sparse_keys if keys is None else keys
     return KeyedJaggedTensor.from_lengths_sync(
         keys=keys,
-        values=torch.cat([ids[k][0] for k in keys]),
-        lengths=torch.cat([ids[k][1] for k in keys]),
+        values=torch.cat([ids[k][0] for k in keys]) if keys else torch.zeros(0, dtype=torch.long),
+        lengths=torch.cat([ids[k][1] for k in keys]) if keys else torch.zeros(0, dtype=torch.long),
     )
+
+
+def _batch(schema: FeatureSchema, dense, ids: dict, labels) -> Batch:
+    seqs = make_kjt(schema, ids, schema.sequence_keys) if schema.sequence_keys else None
+    return Batch(dense, make_kjt(schema, ids), labels, sequences=seqs)
 
 
 def random_batch(schema: FeatureSchema, B: int, seed: int = 0) -> Batch:
@@ -43,7 +54,7 @@ def random_batch(schema: FeatureSchema, B: int, seed: int = 0) -> Batch:
     ids = random_ids(schema, B, gen)
     dense = torch.randn(B, schema.num_dense, generator=gen)
     labels = torch.randint(0, 2, (B, len(schema.tasks)), generator=gen).float()
-    return Batch(dense, make_kjt(schema, ids), labels)
+    return _batch(schema, dense, ids, labels)
 
 
 def planted_batch(
@@ -80,12 +91,10 @@ def planted_batch(
     dense = torch.randn(B, schema.num_dense, generator=gen)
     logit = scale * inter.unsqueeze(1) * task_sign + dense @ w_dense
     labels = torch.bernoulli(torch.sigmoid(logit), generator=gen)
-    return Batch(dense, make_kjt(schema, ids), labels)
+    return _batch(schema, dense, ids, labels)
 
 
-def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
-    """Rows ``start:stop`` of a batch (KJT rows sliced per key)."""
-    kjt = batch.sparse
+def _slice_kjt(kjt: KeyedJaggedTensor, start: int, stop: int) -> KeyedJaggedTensor:
     keys, jts = kjt.keys(), kjt.to_dict()
     vals, lens = [], []
     for k in keys:
@@ -93,10 +102,20 @@ def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
         off = jt.offsets()
         vals.append(jt.values()[off[start] : off[stop]])
         lens.append(jt.lengths()[start:stop])
-    sub = KeyedJaggedTensor.from_lengths_sync(
+    return KeyedJaggedTensor.from_lengths_sync(
         keys=keys, values=torch.cat(vals), lengths=torch.cat(lens)
     )
-    return Batch(batch.dense[start:stop], sub, batch.labels[start:stop])
+
+
+def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
+    """Rows ``start:stop`` of a batch (KJT rows sliced per key; sequences aligned)."""
+    seqs = batch.aligned_sequences()
+    return Batch(
+        batch.dense[start:stop],
+        _slice_kjt(batch.sparse, start, stop),
+        batch.labels[start:stop],
+        sequences=None if seqs is None else _slice_kjt(seqs, start, stop),
+    )
 
 
 def toy_schema(num_tasks: int = 1, num_buckets: int = 40, dim: int = 8) -> FeatureSchema:

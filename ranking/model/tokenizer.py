@@ -8,11 +8,14 @@ Two published recipes (``model.tokenizer``):
   equal slices (zero-padded to a multiple), each slice projected by its own weights.
 
 Dense features form one extra token (a small MLP on ``Batch.dense``) when Nd > 0, and an optional
-global token (TokenMixer-Large, an MLP over all groups) goes in front. Token order:
-``[global?, sparse tokens..., dense?]``.
+global token (TokenMixer-Large, an MLP over all groups) goes in front. Each behaviour sequence
+adds its encoder's tokens (``ranking/model/sequence.py``: 1 for ``pool`` and
+``target_attention``, k for ``query_tokens``). Token order:
+``[global?, sparse tokens..., sequence tokens..., dense?]``.
 
-The EmbeddingBagCollection is the attribute ``ebc``, so TorchRec's DistributedModelParallel can
-shard it; the tokenizer knows nothing about sharding.
+The EmbeddingBagCollection is the attribute ``embeddings.ebc`` (and the sequences' tables an
+EmbeddingCollection, ``embeddings.ec``), so TorchRec's DistributedModelParallel can shard them;
+the tokenizer knows nothing about sharding.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from ranking.features import FeatureSchema
+
+from .config import SequenceConfig
+from .sequence import build_encoder, padded, pooled
 
 
 def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
@@ -33,11 +39,19 @@ def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
 
 
 class SparseEmbeddings(nn.Module):
-    """Pooled embeddings of every sparse feature, concatenated in the schema's group order.
+    """Pooled embeddings of every categorical and id_list feature, concatenated in the schema's
+    group order, and the unpooled embeddings of every behaviour sequence.
 
-    Input: KJT keyed by ``schema.sparse_keys``. Output: ``[B, E]`` with E the sum of the
-    sparse features' dims; ``group_widths[g]`` columns per group (groups with no sparse feature
-    are absent from ``group_names``).
+    Tables no sequence reads live in an ``EmbeddingBagCollection`` (``ebc``); tables a sequence
+    reads (``schema.sequence_tables``, e.g. the item table that the history and the candidate
+    share) in an ``EmbeddingCollection`` (``ec``), whose candidate features are pooled here.
+    Both are plain TorchRec modules that DistributedModelParallel shards.
+
+    Input: ``sparse`` KJT keyed by ``schema.sparse_keys`` (B rows); ``sequences`` KJT keyed by
+    ``schema.sequence_keys`` (S rows) and ``seq_of [B]`` (None: S = B). Output: ``[B, E]`` with
+    E the sum of the non-sequence sparse features' dims (``group_widths[g]`` columns per group),
+    and per main sequence ``(seq [S, L, d], lengths [S])`` with the side sequences' embeddings
+    added, and the embeddings ``[B, d]`` of every feature in ``target_keys``.
     """
 
     def __init__(
@@ -47,18 +61,23 @@ class SparseEmbeddings(nn.Module):
         init_scale: float = 0.0,
     ):
         super().__init__()
-        self.ebc = EmbeddingBagCollection(
-            tables=schema.embedding_bag_configs(init_scale),
-            device=None if device is None else torch.device(device),
-        )
-        # EBC output column order: tables in order, features within each table.
-        offsets: dict[str, tuple[int, int]] = {}
-        pos = 0
-        for cfg in self.ebc.embedding_bag_configs():
-            for name in cfg.feature_names:
-                offsets[name] = (pos, cfg.embedding_dim)
-                pos += cfg.embedding_dim
-        cols: list[int] = []
+        dev = None if device is None else torch.device(device)
+        seq_tables = schema.sequence_tables
+        bag_cfgs = schema.embedding_bag_configs(init_scale, exclude=seq_tables)
+        self.ebc = EmbeddingBagCollection(tables=bag_cfgs, device=dev) if bag_cfgs else None
+        self.ec = None
+        if seq_tables:
+            cfgs = schema.embedding_configs(seq_tables, init_scale)
+            dims = {c.embedding_dim for c in cfgs}
+            if len(dims) > 1:
+                raise ValueError(
+                    f"{schema.source}: features: the tables read by sequences "
+                    f"({', '.join(seq_tables)}) must have one dim (a TorchRec "
+                    f"EmbeddingCollection), got {sorted(dims)}"
+                )
+            self.ec = EmbeddingCollection(tables=cfgs, device=dev)
+        dims = {t.name: t.dim for t in schema.tables}
+        cols_of = {f.name: dims[f.table] for f in schema.sparse_features}
         self.group_names: list[str] = []
         self.group_widths: list[int] = []
         for g in schema.groups:
@@ -66,21 +85,84 @@ class SparseEmbeddings(nn.Module):
             if not feats:
                 continue
             self.group_names.append(g)
-            self.group_widths.append(sum(f.dim for f in feats))
-            for f in feats:
-                start, dim = offsets[f.name]
-                cols.extend(range(start, start + dim))
-        self.width = len(cols)
+            self.group_widths.append(sum(cols_of[f.name] for f in feats))
+        self.width = sum(self.group_widths)
         # Features in group order. The EBC's output is addressed by key, never by position: a
         # sharded EBC (DistributedModelParallel) returns its keys in a sharding-dependent order.
         self.ordered_keys = [
             f.name for g in self.group_names for f in schema.features_in_group(g) if f.is_sparse
         ]
+        keys = schema.sparse_keys
+        ec_keys = [k for k in keys if schema.feature(k).table in seq_tables]
+        bag_keys = [k for k in keys if k not in ec_keys]
+        self.bag_keys, self.ec_keys = bag_keys, ec_keys
+        self.pooling = {k: schema.feature(k).pooling for k in ec_keys}
+        order = bag_keys + ec_keys
+        self.permute = None if order == keys else [keys.index(k) for k in order]
+        self.sequences = [
+            (f.name, f.max_length, [s.name for s in schema.side_sequences(f.name)])
+            for f in schema.sequence_features
+        ]
+        self.target_keys = sorted({f.target for f in schema.sequence_features if f.target})
 
-    def forward(self, sparse: KeyedJaggedTensor) -> Tensor:
-        """``KJT -> [B, E]`` (group order)."""
-        kt = self.ebc(sparse)
-        return KeyedTensor.regroup([kt], [self.ordered_keys])[0]
+    def forward(
+        self,
+        sparse: KeyedJaggedTensor,
+        sequences: KeyedJaggedTensor | None = None,
+        seq_of: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
+        """``KJT -> ([B, E] in group order, {sequence: (seq, lengths)}, {target: [B, d]})``."""
+        if self.ec is None:
+            kt = self.ebc(sparse)
+            return KeyedTensor.regroup([kt], [self.ordered_keys])[0], {}, {}
+        B = sparse.stride()
+        if self.permute is not None:
+            sparse = sparse.permute(self.permute)
+        parts: dict[str, Tensor] = {}
+        if self.bag_keys:
+            bag_in, cand = sparse.split([len(self.bag_keys), len(self.ec_keys)])
+            parts.update(self.ebc(bag_in).to_dict())
+        else:
+            cand = sparse
+        if seq_of is None:
+            ec_in, first = KeyedJaggedTensor.concat([cand, sequences]), 0
+        else:
+            ec_in, first = _stacked(cand, sequences), B
+        out = self.ec(ec_in)
+        for k in self.ec_keys:
+            jt = out[k]
+            parts[k] = pooled(jt.values(), jt.lengths()[:B], self.pooling[k])
+        e = torch.cat([parts[k] for k in self.ordered_keys], dim=1)
+        seqs = {}
+        for name, max_length, sides in self.sequences:
+            jt = out[name]
+            vals = jt.values()
+            for side in sides:
+                vals = vals + out[side].values()
+            lengths = jt.lengths()[first:]
+            seqs[name] = (padded(vals, lengths, max_length), lengths)
+        return e, seqs, {k: parts[k] for k in self.target_keys}
+
+
+def _stacked(cand: KeyedJaggedTensor, seqs: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """One KJT of B + S rows: the candidates' features in rows ``[0, B)`` and the histories in
+    rows ``[B, B + S)`` (empty elsewhere), so that one ``EmbeddingCollection`` call looks up
+    both with S != B (serving: one history per request)."""
+    B, S = cand.stride(), seqs.stride()
+    lc = cand.lengths().view(-1, B)
+    ls = seqs.lengths().view(-1, S)
+    lengths = torch.cat(
+        [
+            torch.cat([lc, lc.new_zeros(lc.shape[0], S)], 1).flatten(),
+            torch.cat([ls.new_zeros(ls.shape[0], B), ls], 1).flatten(),
+        ]
+    )
+    return KeyedJaggedTensor(
+        keys=cand.keys() + seqs.keys(),
+        values=torch.cat([cand.values(), seqs.values()]),
+        lengths=lengths,
+        stride=B + S,
+    )
 
 
 class Tokenizer(nn.Module):
@@ -113,6 +195,7 @@ class Tokenizer(nn.Module):
         global_token: bool = False,
         device: torch.device | str | None = None,
         embedding_init_scale: float = 0.0,
+        sequence: SequenceConfig | None = None,
     ):
         super().__init__()
         self.mode, self.dim = mode, dim
@@ -121,7 +204,28 @@ class Tokenizer(nn.Module):
         self.dense_proj = mlp(self.num_dense, dim, dim) if dense_token and self.num_dense else None
         E = self.embeddings.width
         self.global_proj = mlp(E, dim, dim) if global_token else None
-        extras = int(self.dense_proj is not None) + int(self.global_proj is not None)
+        sequence = sequence or SequenceConfig()
+        self.encoders = nn.ModuleDict(
+            {
+                f.name: build_encoder(
+                    sequence.encoder_of(f.name), f, f.dim, dim, sequence, schema.source
+                )
+                for f in schema.sequence_features
+            }
+        )
+        self.targets = {f.name: f.target for f in schema.sequence_features}
+        unknown = set(sequence.encoders) - set(self.encoders)
+        if unknown:
+            raise ValueError(
+                f"model.sequence.encoders: {sorted(unknown)[0]!r} is not a main sequence "
+                f"feature of schema {schema.name!r} ({', '.join(self.encoders) or 'none'})"
+            )
+        self.num_seq_tokens = sum(e.num_tokens for e in self.encoders.values())
+        extras = (
+            int(self.dense_proj is not None)
+            + int(self.global_proj is not None)
+            + self.num_seq_tokens
+        )
         if mode == "groups":
             widths = self.embeddings.group_widths
             make = (
@@ -135,7 +239,8 @@ class Tokenizer(nn.Module):
             n_slices = num_tokens - extras
             if n_slices < 1:
                 raise ValueError(
-                    f"model.num_tokens: {num_tokens} leaves no slice tokens after {extras} dense/global"
+                    f"model.num_tokens: {num_tokens} leaves no slice tokens after {extras} "
+                    "dense/global/sequence tokens"
                 )
             self.num_slices = n_slices
             self.slice_width = math.ceil(E / n_slices)
@@ -147,9 +252,16 @@ class Tokenizer(nn.Module):
         else:
             raise ValueError(f"model.tokenizer: expected 'groups' or 'slices', got {mode!r}")
 
-    def forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> Tensor:
-        """``dense [B, Nd]``, ``sparse`` KJT -> tokens ``[B, T, D]``."""
-        e = self.embeddings(sparse)  # [B, E]
+    def forward(
+        self,
+        dense: Tensor,
+        sparse: KeyedJaggedTensor,
+        sequences: KeyedJaggedTensor | None = None,
+        seq_of: Tensor | None = None,
+    ) -> Tensor:
+        """``dense [B, Nd]``, ``sparse`` KJT (and the ``Batch``'s ``sequences``, ``seq_of``)
+        -> tokens ``[B, T, D]``."""
+        e, seqs, targets = self.embeddings(sparse, sequences, seq_of)  # e: [B, E]
         tokens: list[Tensor] = []
         if self.global_proj is not None:
             tokens.append(self.global_proj(e).unsqueeze(1))
@@ -164,6 +276,10 @@ class Tokenizer(nn.Module):
             s = e.view(B, self.num_slices, self.slice_width).transpose(0, 1)  # [S, B, s]
             x = torch.baddbmm(self.slice_bias.unsqueeze(1), s, self.slice_weight)  # [S, B, D]
             tokens.append(x.transpose(0, 1))
+        for name, enc in self.encoders.items():
+            seq, lengths = seqs[name]
+            target = targets[self.targets[name]] if self.targets[name] else None
+            tokens.append(enc(seq, lengths, target, seq_of))
         if self.dense_proj is not None:
             tokens.append(self.dense_proj(dense).unsqueeze(1))
         return torch.cat(tokens, dim=1)

@@ -92,6 +92,8 @@ class RankingTrain(torch.nn.Module):
                 owner.register_forward_hook(self._keep_pooled)
 
     def _keep_pooled(self, _module, _inputs, output) -> None:
+        if isinstance(output, tuple):  # the tokenizer's (pooled, sequences, targets)
+            output = output[0]
         if self.model.training and isinstance(output, torch.Tensor):
             self._pooled.append(output)
 

@@ -64,6 +64,25 @@ def sharding_plan(model, cfg: ExperimentConfig, world: int, device: torch.device
 
     tables = {c.name for m in embedding_modules(model).values() for c in table_configs(m)}
     forced = {t: k for t in tables if (k := sharding_type(cfg.train.sharding, t)) is not None}
+    unpooled = {
+        c.name
+        for m in embedding_modules(model).values()
+        if not hasattr(m, "embedding_bag_configs")
+        for c in table_configs(m)
+    }
+    dp_unpooled = sorted(t for t in unpooled if forced.get(t) == "data_parallel")
+    if dp_unpooled and device.type == "cpu":
+        # TorchRec's data-parallel EmbeddingCollection lookup returns one row per bag on CPU
+        # (construct_jagged_tensors then fails on the split sizes; tests/test_sequences.py), so
+        # the sequences' tables go where the planner puts them.
+        if dist.get_rank() == 0:
+            print(
+                f"mixrank: warning: train.sharding: data_parallel is not available for the "
+                f"sequence tables on CPU ({', '.join(dp_unpooled)}); the planner places them",
+                flush=True,
+            )
+        for t in dp_unpooled:
+            del forced[t]
     needs_manual = device.type == "cpu" and any(
         v in ("row_wise", "table_row_wise") for v in forced.values()
     )
