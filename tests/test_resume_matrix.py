@@ -1,6 +1,7 @@
 """Exact resume, for every shipped experiment config (issue #25).
 
-Each ``configs/frappe_*.yaml``, ``configs/movielens_*.yaml`` and ``configs/demo.yaml`` (and the
+Each ``configs/frappe_*.yaml``, ``configs/movielens_*.yaml``, ``configs/synth_sequence_*.yaml``
+(behaviour sequences: an EmbeddingCollection sharded beside the bags) and ``configs/demo.yaml`` (and the
 demo with the two dense optimisers no shipped config uses, RMSprop and Adagrad) trains as
 shipped (architecture, optimisers, schedule, sharding, model selection, vocabularies), shortened:
 synthetic data of its schema, 2 epochs of 8 steps on 2 ranks, a checkpoint every 4 steps, one
@@ -38,7 +39,11 @@ from ranking.cli import main as cli
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = [*REPO.glob("configs/frappe_*.yaml"), *REPO.glob("configs/movielens_*.yaml")]
+SHIPPED = [
+    *REPO.glob("configs/frappe_*.yaml"),
+    *REPO.glob("configs/movielens_*.yaml"),
+    *REPO.glob("configs/synth_sequence_*.yaml"),
+]
 CONFIGS = [*sorted(SHIPPED), REPO / "configs/demo.yaml"]
 # the dense optimisers no shipped config uses (their state is created at different times:
 # Adagrad's at construction, RMSprop's momentum lazily)
@@ -77,8 +82,10 @@ def _overrides(data: Path, preset: str) -> list[str]:
 def _preset(config: Path) -> str:
     import yaml
 
-    schema = yaml.safe_load(config.read_text())["schema"]
-    return "movielens" if str(schema).startswith("movielens") else "frappe"
+    schema = str(yaml.safe_load(config.read_text())["schema"])
+    if schema.startswith("synth_sequence"):
+        return "sequence"
+    return "movielens" if schema.startswith("movielens") else "frappe"
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +93,7 @@ def data(tmp_path_factory) -> Path:
     import pyarrow.parquet as pq
 
     root = tmp_path_factory.mktemp("resumedata")
-    for preset in ("frappe", "movielens"):
+    for preset in ("frappe", "movielens", "sequence"):
         out = root / preset / "all"
         args = ["data", "synth", "--preset", preset, "--rows", str(ROWS + 512), "--seed", "3"]
         assert cli([*args, "--out", str(out), "--quiet"]) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-PRESET_CHOICES = ("criteo", "frappe", "movielens")
+PRESET_CHOICES = ("criteo", "frappe", "movielens", "sequence")
 
 
 def register(sub) -> None:

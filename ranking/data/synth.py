@@ -209,7 +209,11 @@ def write_synthetic(
     memory is bounded by one chunk. Prints a progress line (rows/s, ETA) on stderr."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    gen = Generator(preset, seed, signal_seed)
+    gen = (
+        SequenceGenerator(seed, signal_seed)
+        if preset == "sequence"
+        else Generator(preset, seed, signal_seed)
+    )
     files: list[Path] = []
     writer = None
     done, t0 = 0, time.perf_counter()
@@ -237,3 +241,119 @@ def write_synthetic(
     if progress:
         print(file=sys.stderr)
     return files
+
+
+# ------------------------------------------------------------------------- the sequence preset
+SEQ_USERS, SEQ_ITEMS, SEQ_CATEGORIES, SEQ_MAX_LENGTH = 3000, 2000, 20, 30
+SEQ_CLICK_RATE = 0.30
+
+
+class SequenceGenerator:
+    """The ``sequence`` preset: a candidate scored against the user's behaviour history.
+
+    Columns: ``user``, ``item``, ``item_cat`` (categoricals), ``item_hist`` (the user's past
+    items, most recent first, 5 to 30), ``act_hist`` (the action on each: 0 viewed, 1 liked,
+    aligned with ``item_hist``), and the labels ``click`` and ``conversion``.
+
+    Each user has 3 favourite categories; half of the history's items come from them, the rest
+    uniformly from ``SEQ_CATEGORIES`` categories (items are skewed within a category). Half of
+    the candidates are an item of the history (re-engagement), the rest are drawn as the
+    history's items are. The planted signal is a match between the candidate and the history::
+
+        match = max_j [item_hist[j] == item] * (1 if act_hist[j] == 1 else 0.3) * 0.9 ** j
+        click_logit = 4 * match + 0.6 * b_item + 0.4 * b_user + bias_click
+        conversion = click * Bernoulli(sigmoid(2.5 * match + 0.8 * b_item + bias_conv))
+
+    The match needs the pairing of the history's items with their own actions and positions,
+    and a maximum over the history: a mean over the history (``pool``) keeps the mixture of
+    items and the mixture of actions, so attention of the candidate over the history can beat
+    it. A conversion needs a click, so the two tasks are correlated.
+    """
+
+    def __init__(self, seed: int = 0, signal_seed: int = 0):
+        self.seed, self.signal_seed = seed, signal_seed
+        rng = np.random.default_rng([signal_seed, 11])
+        self.cat_of = rng.integers(0, SEQ_CATEGORIES, SEQ_ITEMS)
+        self.items_of = [np.flatnonzero(self.cat_of == c) for c in range(SEQ_CATEGORIES)]
+        self.b_item = rng.normal(size=SEQ_ITEMS)
+        self.b_user = rng.normal(size=SEQ_USERS)
+        self.favourites = np.stack(
+            [rng.choice(SEQ_CATEGORIES, 3, replace=False) for _ in range(SEQ_USERS)]
+        )
+        self.user_cdf = _zipf_cdf(SEQ_USERS, 0.8)
+        self.bias_click, self.bias_conv = 0.0, 0.0
+        _, _, click_part, conv_part = self._draw(np.random.default_rng([signal_seed, 12]), 50000)
+        self.bias_click = _bisect_bias(click_part, SEQ_CLICK_RATE)
+        self.bias_conv = _bisect_bias(conv_part, 0.35)
+
+    def _item_in(self, rng, cats: np.ndarray) -> np.ndarray:
+        """One item per entry of ``cats``: Zipf-like within the category (lower index, more
+        popular)."""
+        out = np.empty(len(cats), dtype=np.int64)
+        for c in np.unique(cats):
+            where = np.flatnonzero(cats == c)
+            pool = self.items_of[c]
+            r = rng.random(len(where)) ** 2  # skewed towards the category's first items
+            out[where] = pool[(r * len(pool)).astype(np.int64)]
+        return out
+
+    def _categories(self, rng, users: np.ndarray, n: int) -> np.ndarray:
+        fav = self.favourites[users, rng.integers(0, 3, n)]
+        return np.where(rng.random(n) < 0.5, fav, rng.integers(0, SEQ_CATEGORIES, n))
+
+    def _draw(self, rng: np.random.Generator, n: int):
+        users = np.searchsorted(self.user_cdf, rng.random(n))
+        lens = rng.integers(5, SEQ_MAX_LENGTH + 1, n)
+        owner = np.repeat(np.arange(n), lens)
+        hist = self._item_in(rng, self._categories(rng, users[owner], int(lens.sum())))
+        acts = (rng.random(len(hist)) < 0.3).astype(np.int64)
+        items = self._item_in(rng, self._categories(rng, users, n))
+        starts = np.cumsum(lens) - lens
+        again = hist[starts + (rng.random(n) * lens).astype(np.int64)]
+        items = np.where(rng.random(n) < 0.5, again, items)
+        pos = np.arange(len(hist)) - np.repeat(starts, lens)
+        w = (hist == items[owner]) * np.where(acts == 1, 1.0, 0.3) * 0.9**pos
+        match = np.zeros(n)
+        np.maximum.at(match, owner, w)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+        cols = {
+            "user": pa.array(users),
+            "item": pa.array(items),
+            "item_cat": pa.array(self.cat_of[items]),
+            "item_hist": pa.ListArray.from_arrays(offsets, pa.array(hist)),
+            "act_hist": pa.ListArray.from_arrays(offsets, pa.array(acts)),
+        }
+        click = 4.0 * match + 0.6 * self.b_item[items] + 0.4 * self.b_user[users]
+        conv = 2.5 * match + 0.8 * self.b_item[items]
+        return cols, match, click, conv
+
+    def chunk(self, index: int, n: int) -> pa.Table:
+        """Chunk ``index`` of ``n`` rows (deterministic in ``seed``, ``index`` and ``n``)."""
+        rng = np.random.default_rng([self.seed, 13, index])
+        cols, _, click, conv = self._draw(rng, n)
+        clicked = rng.random(n) < _sigmoid(click + self.bias_click)
+        converted = clicked & (rng.random(n) < _sigmoid(conv + self.bias_conv))
+        return pa.table(
+            {
+                "click": pa.array(clicked.astype(np.int8)),
+                "conversion": pa.array(converted.astype(np.int8)),
+                **cols,
+            }
+        )
+
+
+def _zipf_cdf(n: int, a: float) -> np.ndarray:
+    cdf = np.cumsum(1.0 / np.arange(1, n + 1) ** a)
+    return cdf / cdf[-1]
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x))
+
+
+def _bisect_bias(logit: np.ndarray, rate: float) -> float:
+    lo, hi = -20.0, 20.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _sigmoid(logit + mid).mean() < rate else (lo, mid)
+    return (lo + hi) / 2
