@@ -71,6 +71,12 @@ def add_arguments(parser) -> None:
         help="paired ratios: after the main phases, c=1 and c=8 load again in this many short "
         "slices, each against in-process references taken right before and after it (0: off)",
     )
+    parser.add_argument(
+        "--sequences",
+        action="store_true",
+        help="instead: the cost of a behaviour sequence (target attention) at 256 candidates, "
+        "histories of 50 and 256 items, against the same model without it",
+    )
     parser.add_argument("--plot", default=None, help="write the ratios against targets (PNG)")
     parser.add_argument(
         "--replot",
@@ -357,6 +363,8 @@ def run(args) -> int:
             raise UserError("--replot: name the PNG to write with --plot")
         return replot(args.replot, args.plot)
 
+    if args.sequences:
+        return sequences(args)
     modes = [m.strip() for m in args.ingress.split(",") if m.strip()]
     if not modes or set(modes) - {"proxy", "direct"}:
         raise UserError(f"--ingress: expected proxy and/or direct, got {args.ingress!r}")
@@ -414,6 +422,127 @@ def run(args) -> int:
     if args.plot:
         plot(records, args.plot)
     return 0
+
+
+SEQ_MODEL = {
+    "arch": "rankmixer",
+    "dim": 64,
+    "num_tokens": 8,
+    "num_layers": 2,
+    "ffn_mult": 2,
+    "sequence": {"encoder": "target_attention"},
+}
+
+
+def _sequence_schemas() -> dict:
+    """``none`` (the preset without its sequences), ``hist50``, ``hist256`` (max_length)."""
+    from ranking.features import FeatureSchema, load_schema
+
+    base = load_schema("synth_sequence").to_dict()
+    out = {"none": {**base, "features": [f for f in base["features"] if f["kind"] != "sequence"]}}
+    for n in (50, 256):
+        feats = [{**f, "max_length": n} if f["kind"] == "sequence" else f for f in base["features"]]
+        out[f"hist{n}"] = {**base, "features": feats}
+    return {k: FeatureSchema.from_dict(v) for k, v in out.items()}
+
+
+def sequences(args) -> int:
+    """``--sequences``: p50 of the replica's whole answer in-process (parse, features, forward;
+    the faster dtype) and end to end over HTTP through Serve at concurrency 1, for the
+    sequence model (``SEQ_MODEL`` on the ``sequence`` preset's schema) with histories of 50 and
+    256 items and for the same model without the sequence, at 256 candidates. The in-process
+    p50s are taken in ``--slices`` alternating rounds (A/B/C under the same drift); ratios are
+    the medians of the per-round ratios to ``none``. Target: at most 1.25x at 256 items."""
+    import torch
+
+    from benchmarks.common import emit, machine_info, table
+    from ranking.export import load_artifact, write_artifact
+    from ranking.model.config import ModelConfig
+    from ranking.model.ranker import build_model
+    from serving.loadtest import synthetic_request
+
+    emit({"bench": "serve-sequences", "machine": machine_info()})
+    rounds = max(args.slices, 3)
+    records = []
+    with tempfile.TemporaryDirectory(prefix="bench-serve-seq-") as tmp:
+        arts, reqs = {}, {}
+        for name, fs in _sequence_schemas().items():
+            torch.manual_seed(0)
+            model = {k: v for k, v in SEQ_MODEL.items() if k != "sequence" or name != "none"}
+            net = build_model(ModelConfig.from_dict(model), fs)
+            config = {"name": f"seq-{name}", "schema": fs.to_dict(), "model": model}
+            path = write_artifact(
+                Path(tmp) / name, net.state_dict(), config=config, schema=fs, dtype="fp32",
+                metrics={}, step=0,
+            )  # fmt: skip
+            arts[name] = (path, load_artifact(path))
+            hist = None if name == "none" else int(name.removeprefix("hist"))
+            reqs[name] = synthetic_request(fs, CANDIDATES, seed=1, history=hist)
+        dtype = {n: in_process(a, reqs[n], args.iters)["dtype"] for n, (_, a) in arts.items()}
+        answer = {n: [] for n in arts}
+        forward = {n: [] for n in arts}
+        for _ in range(rounds):
+            for n, (_, art) in arts.items():
+                got = _again(art, reqs[n], max(5, args.iters // rounds * 2), dtype[n])
+                answer[n].append(got["answer_p50_ms"])
+                forward[n].append(got["forward_p50_ms_" + dtype[n]])
+        for n, (path, _) in arts.items():
+            http = _http_p50(path, dtype[n], reqs[n], args.duration)
+            rec = {
+                "bench": "serve-sequences",
+                "model": n,
+                "candidates": CANDIDATES,
+                "dtype": dtype[n],
+                "forward_p50_ms": statistics.median(forward[n]),
+                "answer_p50_ms": statistics.median(answer[n]),
+                "http_p50_ms": http["p50_ms"],
+                "http_p99_ms": http["p99_ms"],
+                "errors": sum(http["errors"].values()),
+            }
+            if n != "none":
+                rec["answer_ratio"] = statistics.median(
+                    a / b for a, b in zip(answer[n], answer["none"])
+                )
+                rec["forward_ratio"] = statistics.median(
+                    a / b for a, b in zip(forward[n], forward["none"])
+                )
+            records.append(rec)
+        none = next(r for r in records if r["model"] == "none")
+        for rec in records:
+            rec["http_ratio"] = rec["http_p50_ms"] / none["http_p50_ms"]
+            emit(rec)
+    if not args.json_only:
+        cols = [
+            "model", "dtype", "forward_p50_ms", "answer_p50_ms", "http_p50_ms", "http_p99_ms",
+            "forward_ratio", "answer_ratio", "http_ratio", "errors",
+        ]  # fmt: skip
+        table(records, cols)
+    return 0
+
+
+def _http_p50(artifact: Path, dtype: str, request: dict, duration: float) -> dict:
+    """End-to-end ``/v1/rank`` at concurrency 1 over HTTP, one Ranker replica."""
+    from ray import serve
+
+    from serving import config
+    from serving.client import free_port
+    from serving.loadtest import run_load
+
+    http = free_port()
+    cfg = config.load_config(
+        artifact=artifact,
+        http_port=http,
+        grpc_port=free_port(),
+        host="127.0.0.1",
+        deployments={"Ranker": {"num_replicas": 1, "user_config": {"dtype": dtype}}},
+    )
+    config.start(cfg)
+    try:
+        url = f"http://127.0.0.1:{http}"
+        return run_load(url, request, concurrency=1, duration=duration, progress=None)
+    finally:
+        serve.shutdown()
+        config.stop()
 
 
 def plot(records: list[dict], path: str) -> None:

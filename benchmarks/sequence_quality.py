@@ -1,17 +1,22 @@
-"""Behaviour-sequence models on the ``sequence`` preset: valid AUC per task over seeds.
+"""Behaviour-sequence models: AUC per task over seeds (docs/RESULTS.md, "Behaviour sequences").
 
     python -m benchmarks.sequence_quality --out /tmp/seqq [--seeds 0 1 2] [--suite encoders]
 
-Generates the preset (200k train rows, seed 1; 50k valid rows, seed 2) under ``--out/data``
-unless present, then trains each case of the suite with ``mixrank train`` (one process, the
-config's own settings, ``train.seed`` per seed) and prints the mean and standard deviation of
-the final valid AUC per task, as a Markdown table (docs/RESULTS.md, "Behaviour sequences").
+On the ``sequence`` preset, generated (200k train rows, seed 1; 50k valid rows, seed 2) under
+``--out/data`` unless present, each case trains with ``mixrank train`` (one process, the
+config's own settings, ``train.seed`` per seed); on MovieLens-100k (``--suite movielens``, from
+``../shared/data/movielens100k``), the histories are built by ``mixrank data sequences`` over
+train, valid and test together, each case trains with ``--nproc 2`` and its artifact is also
+evaluated on test. Prints the mean and standard deviation of the final AUC per task and split
+as a Markdown table.
 
 Suites:
 - ``encoders``: pool against target attention (configs/synth_sequence_{pool,target_attention}.yaml)
   and query tokens;
 - ``families``: target attention in every mixer family, and DLRM / DCNv2 on pooled histories;
-- ``heads``: separate, MMoE and PLE task heads with target attention.
+- ``heads``: separate, MMoE and PLE task heads with target attention;
+- ``movielens``: configs/movielens_sequence.yaml (target attention) and with pooled histories,
+  against configs/movielens_best.yaml (no histories) and DLRM / DCNv2 on pooled histories.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 
 TA = "configs/synth_sequence_target_attention.yaml"
 POOL = "configs/synth_sequence_pool.yaml"
+ML_SEQ = "configs/movielens_sequence.yaml"
 SUITES = {
     "encoders": [
         ("pool", POOL, []),
@@ -61,7 +67,15 @@ SUITES = {
         ("mmoe", TA, ["model.heads.type=mmoe"]),
         ("ple", TA, ["model.heads.type=ple"]),
     ],
+    "movielens": [
+        ("tokenmixer_large, no histories", "configs/movielens_best.yaml", []),
+        ("tokenmixer_large + pooled histories", ML_SEQ, ["model.sequence.encoder=pool"]),
+        ("tokenmixer_large + target attention", ML_SEQ, []),
+        ("dlrm + pooled histories", "configs/movielens_dlrm.yaml", ["schema=movielens_sequence"]),
+        ("dcnv2 + pooled histories", "configs/movielens_dcnv2.yaml", ["schema=movielens_sequence"]),
+    ],
 }
+MOVIELENS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "movielens100k"
 
 
 def ensure_data(root: Path) -> tuple[Path, Path]:
@@ -76,15 +90,44 @@ def ensure_data(root: Path) -> tuple[Path, Path]:
     return train, valid
 
 
-def run_case(config: str, overrides: list[str], seed: int, run_dir: Path, train, valid) -> dict:
+def movielens_data(root: Path) -> tuple[Path, Path, Path]:
+    if not MOVIELENS.is_dir():
+        raise SystemExit(f"{MOVIELENS}: MovieLens-100k not found (../shared/data)")
+    if not (root / "test.parquet").exists():
+        splits = [str(MOVIELENS / f"{s}.parquet") for s in ("train", "valid", "test")]
+        subprocess.run(
+            [sys.executable, "-m", "ranking.cli", "data", "sequences", *splits, "--out", str(root),
+             "--user", "user_id", "--item", "item_id", "--time", "timestamp", "--label", "label",
+             "--length", "50"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    return root / "train.parquet", root / "valid.parquet", root / "test.parquet"
+
+
+def run_case(
+    config: str, overrides: list[str], seed: int, run_dir: Path, train, valid, test=None
+) -> dict:
+    """``{"<task>": valid AUC}``, and ``{"<task> (test)": AUC}`` with ``test``."""
+    nproc = ["--nproc", "2"] if test is not None else []
     if not (run_dir / "summary.json").exists():
-        cmd = [sys.executable, "-m", "ranking.cli", "train", "--config", config,
+        cmd = [sys.executable, "-m", "ranking.cli", "train", "--config", config, *nproc,
                "--run-dir", str(run_dir), f"data.train={train}", f"data.valid={valid}",
                f"train.seed={seed}", *overrides]  # fmt: skip
         with open(run_dir.with_suffix(".log"), "w") as log:
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
     final = json.loads((run_dir / "summary.json").read_text())["final_eval"]
-    return {task: m["auc"] for task, m in final.items() if isinstance(m, dict)}
+    if "auc" in final:  # one task: the metrics at the top level
+        final = {"valid": final}
+    out = {task: m["auc"] for task, m in final.items() if isinstance(m, dict)}
+    if test is not None:
+        res = subprocess.run(
+            [sys.executable, "-m", "ranking.cli", "eval", "--artifact", str(run_dir / "artifact"),
+             "--data", str(test)],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        got = json.loads(res.stdout.strip().splitlines()[-1])
+        out["test"] = got["auc"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,17 +137,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--suite", choices=sorted(SUITES), nargs="+", default=["encoders"])
     args = p.parse_args(argv)
     out = Path(args.out)
-    train, valid = ensure_data(out / "data")
+    test = None
+    if args.suite == ["movielens"]:
+        train, valid, test = movielens_data(out / "movielens_sequence")
+    elif "movielens" in args.suite:
+        raise SystemExit("--suite movielens runs alone (its own data)")
+    else:
+        train, valid = ensure_data(out / "data")
     cases = [c for s in args.suite for c in SUITES[s]]
     total, done, t0 = len(cases) * len(args.seeds), 0, time.perf_counter()
     rows = []
     for name, config, overrides in cases:
         aucs: dict[str, list[float]] = {}
         for seed in args.seeds:
-            slug = name.split()[0]
+            slug = name.split()[0] if test is None else name.replace(" ", "").replace(",", "_")
             run = out / "runs" / f"{slug}-{Path(config).stem}-s{seed}"
             run.parent.mkdir(parents=True, exist_ok=True)
-            for task, auc in run_case(config, overrides, seed, run, train, valid).items():
+            for task, auc in run_case(config, overrides, seed, run, train, valid, test).items():
                 aucs.setdefault(task, []).append(auc)
             done += 1
             el = time.perf_counter() - t0

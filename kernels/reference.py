@@ -319,6 +319,31 @@ def moe_ffn(
 
 
 # ------------------------------------------------------------------------- target attention
+# Up to this many runs of candidates sharing a sequence (serving: one run per request in the
+# batch), the attention runs one sequence at a time as two matmuls over its valid items, instead
+# of gathering every candidate's keys and values (B x L x H x d copies: at 256 candidates and 256
+# items, 20x the time of the model without the sequence).
+_RUNS_PER_SEQUENCE_LOOP = 64
+
+
+def _attend_runs(q, k, v, lengths, runs, counts, scale) -> Tensor:
+    """``target_attention`` for candidates in runs sharing a sequence (``seq_of`` sorted into
+    runs): per run, ``softmax(scale * q k^T) v`` over the sequence's ``lengths[s]`` items."""
+    outs, start = [], 0
+    lens = lengths.tolist()
+    for s, n in zip(runs, counts):
+        qs = q[start : start + n].float()  # [n, H, d]
+        m = int(lens[s])
+        if m == 0:
+            outs.append(torch.zeros_like(qs))
+        else:
+            ks, vs = k[s, :m].float(), v[s, :m].float()  # [m, H, d]
+            p = torch.softmax(torch.einsum("nhd,mhd->hnm", qs, ks) * scale, dim=-1)
+            outs.append(torch.einsum("hnm,mhd->nhd", p, vs))
+        start += n
+    return torch.cat(outs).to(q.dtype)
+
+
 def target_attention(
     q: Tensor,
     k: Tensor,
@@ -342,9 +367,14 @@ def target_attention(
     zeros for an empty sequence. Math in fp32, output in ``q``'s dtype.
     """
     B, _, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if seq_of is not None and B and not grad:  # inference (serving): one sequence at a time
+        runs, counts = torch.unique_consecutive(seq_of, return_counts=True)
+        if runs.numel() <= _RUNS_PER_SEQUENCE_LOOP:
+            return _attend_runs(q, k, v, lengths, runs.tolist(), counts.tolist(), scale)
     if seq_of is None:
         seq_of = torch.arange(B, device=q.device)
-    scale = d**-0.5 if scale is None else scale
     pos = torch.arange(k.shape[1], device=q.device)
     valid = pos[None, :] < lengths[seq_of].to(pos.dtype)[:, None]  # [B, L]
     pad = ~valid[:, :, None, None]  # padding is never read (nor differentiated), even if NaN

@@ -105,11 +105,16 @@ def schema_dict(schema) -> dict:
 
 def _bundle_vocabs(schema_d: dict, out_dir: Path, h) -> dict:
     """Copy every vocabulary file into ``out_dir/vocab/`` and point the schema at the copies
-    (relative to the manifest); the copies' bytes go into the content hash."""
+    (relative to the manifest); the copies' bytes go into the content hash. Features that
+    share a file (the features of one table) share its copy."""
     d = json.loads(json.dumps(schema_d))
+    copied: dict[str, str] = {}
     for fd in d["features"]:
         src = fd.get("vocab")
         if not src:
+            continue
+        if src in copied:
+            fd["vocab"] = copied[src]
             continue
         dst = out_dir / "vocab" / f"{fd['name']}.txt"
         dst.parent.mkdir(exist_ok=True)
@@ -118,7 +123,7 @@ def _bundle_vocabs(schema_d: dict, out_dir: Path, h) -> dict:
         except OSError as e:
             raise ArtifactError(f"features[{fd['name']}].vocab: cannot copy {src}: {e}") from e
         h.update(dst.read_bytes())
-        fd["vocab"] = f"vocab/{fd['name']}.txt"
+        fd["vocab"] = copied[src] = f"vocab/{fd['name']}.txt"
     return d
 
 

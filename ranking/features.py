@@ -656,9 +656,32 @@ class Batch:
         """``Batch.sequences`` with one row per batch row (``seq_of`` applied), or None."""
         if self.sequences is None or self.seq_of is None:
             return self.sequences
-        from ranking.model.sequence import expand_rows
-
         return expand_rows(self.sequences, self.seq_of)
+
+
+def expand_rows(kjt, seq_of):
+    """A ``KeyedJaggedTensor`` of S rows -> B rows, row b a copy of row ``seq_of[b]``
+    (every key)."""
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    values, lengths = [], []
+    for key in kjt.keys():  # noqa: SIM118 - a KeyedJaggedTensor, not a dict
+        jt = kjt[key]
+        off, ln = jt.offsets(), jt.lengths()
+        n = ln[seq_of]
+        starts = torch.repeat_interleave(off[:-1][seq_of], n)
+        within = torch.arange(int(n.sum()), device=n.device) - torch.repeat_interleave(
+            torch.cumsum(n, 0) - n, n
+        )
+        values.append(jt.values()[starts + within])
+        lengths.append(n)
+    return KeyedJaggedTensor(
+        keys=kjt.keys(),
+        values=torch.cat(values) if values else kjt.values()[:0],
+        lengths=torch.cat(lengths) if lengths else kjt.lengths()[:0],
+        stride=int(seq_of.numel()),
+    )
 
 
 # ---------------------------------------------------------------------------- presets and rows

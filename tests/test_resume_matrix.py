@@ -88,6 +88,22 @@ def _preset(config: Path) -> str:
     return "movielens" if schema.startswith("movielens") else "frappe"
 
 
+def _with_histories(table, root: Path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ranking.data.sequences import build_histories
+
+    table = table.append_column("timestamp", pa.array(np.arange(table.num_rows) // 3))
+    pq.write_table(table, root / "events.parquet")
+    (out,) = build_histories(
+        [str(root / "events.parquet")], root / "hist", user="user_id", item="item_id",
+        time="timestamp", label="label", length=50, progress=False,
+    )  # fmt: skip
+    return pq.read_table(out)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     import pyarrow.parquet as pq
@@ -98,6 +114,8 @@ def data(tmp_path_factory) -> Path:
         args = ["data", "synth", "--preset", preset, "--rows", str(ROWS + 512), "--seed", "3"]
         assert cli([*args, "--out", str(out), "--quiet"]) == 0
         table = pq.read_table(out)
+        if preset == "movielens":  # histories for movielens_sequence.yaml (ordered by row)
+            table = _with_histories(table, root / preset)
         for split, part in (("train", table.slice(0, ROWS)), ("valid", table.slice(ROWS))):
             (root / preset / split).mkdir()
             pq.write_table(part, root / preset / split / "part-0.parquet")

@@ -229,6 +229,25 @@ def test_target_attention_equals_a_per_candidate_loop(seq_of):
         assert torch.allclose(got[b, 0], want, atol=1e-10), b
 
 
+def test_inference_path_one_sequence_at_a_time_equals_the_gathered_one():
+    """Without autograd, candidates in runs sharing a sequence are attended one sequence at a
+    time (``kernels.reference._attend_runs``): the same as gathering each candidate's keys."""
+    import kernels.reference as ref
+
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(4, 7, 2, 5, generator=g), torch.randn(4, 7, 2, 5, generator=g)
+    k[1, 2:] = float("nan")  # padding is never read
+    lengths = torch.tensor([7, 2, 0, 5])
+    seq_of = torch.tensor([0, 0, 1, 1, 1, 2, 3, 0, 3])  # runs, one sequence seen twice
+    q = torch.randn(9, 2, 5, generator=g)
+    with torch.no_grad():
+        fast = ref.target_attention(q, k, v, lengths, seq_of)
+    q.requires_grad_(True)  # autograd: the gathered path
+    slow = ref.target_attention(q, k, v, lengths, seq_of)
+    assert torch.allclose(fast, slow.detach(), atol=1e-6)
+    assert (fast[5] == 0).all()  # the empty sequence
+
+
 def test_query_tokens_equal_a_per_query_loop_and_ignore_the_candidate():
     torch.manual_seed(0)
     seq, lengths = _seqs()

@@ -176,6 +176,8 @@ def _check_features(feats: dict, where: str, columns: dict, max_chars: int, max_
             problem = "invalid_type", f"{spec.kind} feature: expected a list, got {describe(value)}"
         elif len(value) > max_items:
             problem = "value_too_long", f"{len(value)} ids, the limit is {max_items}"
+        elif _ids_ok(value, set(map(type, value)), max_chars):  # the whole list at once
+            problem = None
         else:
             for j, v in enumerate(value):
                 bad = None if v is None else categorical_problem(v, max_chars)
@@ -286,13 +288,19 @@ def _candidate_columns(
     n = len(candidates)
     by_column = {f.column: f for f in schema.features}
     hashed = {by_column[c].name: ids for c, ids in checked.hashed.items()}
-    skip = frozenset(hashed)
+    # sequences come from the context only, once per request (``_request_sequences``)
+    skip = frozenset(hashed) | frozenset(schema.sequence_keys)
     if len(skip) < len(schema.features):
         table = table_from_columns(schema, checked.columns, n, skip)
         cols = columns_from_arrow(schema, table, source="<request>", with_labels=False, skip=skip)
-    else:  # every feature was hashed in the check (all plainly hashed categoricals)
+    else:  # every feature was hashed in the check (plainly hashed categoricals, sequences)
         cols = FeatureColumns(
-            np.empty((n, 0), np.float32), {}, {}, np.zeros((n, len(schema.tasks)), np.float32)
+            np.empty((n, 0), np.float32),
+            {},
+            {},
+            np.zeros((n, len(schema.tasks)), np.float32),
+            frozenset(f.name for f in schema.sparse_features if f.kind != CATEGORICAL),
+            seq_keys=frozenset(schema.sequence_keys),
         )
     ones = np.ones(n, dtype=np.int64)
     for name, ids in hashed.items():

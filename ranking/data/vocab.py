@@ -56,31 +56,37 @@ def _merge(parts: list[pa.Table]) -> pa.Table:
 def build_vocabs(
     schema: FeatureSchema, files: list[str], out: str | Path, min_count: int = 1
 ) -> dict[str, int]:
-    """Write one vocabulary per sparse feature and the updated schema; returns sizes."""
+    """Write one vocabulary per embedding table (``<feature>.txt``, or ``<table>.txt`` for a
+    table several features share, e.g. a history and its candidate item: the values of all of
+    them counted together, so that an id means one row) and the updated schema; returns the
+    size of each feature's vocabulary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sizes: dict[str, int] = {}
-    for f in schema.sparse_features:
-        counts = count_values(files, f.column, is_list=f.kind != CATEGORICAL)
+    files_of: dict[str, str] = {}
+    for table in schema.tables:
+        feats = [schema.feature(n) for n in table.feature_names]
+        counts = _merge(
+            [count_values(files, f.column, is_list=f.kind != CATEGORICAL) for f in feats]
+        )
         counts = counts.filter(pc.greater_equal(counts.column("count"), min_count))
         counts = counts.sort_by([("count", "descending"), ("value", "ascending")])
         values = counts.column("value").to_pylist()
         bad = [v for v in values if "\n" in v or "\r" in v]
         if bad:
             print(
-                f"mixrank: warning: {f.name}: {len(bad)} values with line breaks left out",
+                f"mixrank: warning: {table.name}: {len(bad)} values with line breaks left out",
                 file=sys.stderr,
             )
             values = [v for v in values if v not in set(bad)]
-        (out / f"{f.name}.txt").write_text("".join(v + "\n" for v in values), encoding="utf-8")
-        sizes[f.name] = len(values)
+        name = f"{feats[0].name}.txt" if len(feats) == 1 else f"{table.name}.txt"
+        (out / name).write_text("".join(v + "\n" for v in values), encoding="utf-8")
+        for f in feats:
+            sizes[f.name], files_of[f.name] = len(values), name
     d = schema.to_dict()
-    table_size: dict[str, int] = {}
-    for feat in schema.sparse_features:
-        table_size[feat.table] = max(table_size.get(feat.table, 2), sizes[feat.name] + 2)
     for fd in d["features"]:
         if fd["name"] in sizes:
-            fd["vocab"] = f"{fd['name']}.txt"
-            fd["num_buckets"] = table_size[fd.get("table", fd["name"])]
+            fd["vocab"] = files_of[fd["name"]]
+            fd["num_buckets"] = sizes[fd["name"]] + 2
     (out / "schema.yaml").write_text(yaml.safe_dump(d, sort_keys=False), encoding="utf-8")
     return sizes

@@ -27,32 +27,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import kernels
+from ranking.features import expand_rows  # noqa: F401 - re-exported
 
 from .config import ConfigError, SequenceConfig
-
-
-def expand_rows(kjt: KeyedJaggedTensor, seq_of: Tensor) -> KeyedJaggedTensor:
-    """``kjt`` with S rows -> B rows, row b a copy of row ``seq_of[b]`` (every key)."""
-    values, lengths = [], []
-    for key in kjt.keys():  # noqa: SIM118 - a KeyedJaggedTensor, not a dict
-        jt = kjt[key]
-        off, ln = jt.offsets(), jt.lengths()
-        n = ln[seq_of]
-        starts = torch.repeat_interleave(off[:-1][seq_of], n)
-        within = torch.arange(int(n.sum()), device=n.device) - torch.repeat_interleave(
-            torch.cumsum(n, 0) - n, n
-        )
-        values.append(jt.values()[starts + within])
-        lengths.append(n)
-    return KeyedJaggedTensor(
-        keys=kjt.keys(),
-        values=torch.cat(values) if values else kjt.values()[:0],
-        lengths=torch.cat(lengths) if lengths else kjt.lengths()[:0],
-        stride=int(seq_of.numel()),
-    )
 
 
 def padded(values: Tensor, lengths: Tensor, max_length: int) -> Tensor:
