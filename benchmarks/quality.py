@@ -297,6 +297,7 @@ def _record(spec: dict, args, cached: bool) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     paused_file = run_dir / "paused_s"
     ev = summary["eval"]
+    per_task = {t: m["auc"] for t, m in ev.items() if isinstance(m, dict)}  # several tasks
     ev = ev if "auc" in ev else next(v for v in ev.values() if isinstance(v, dict))
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rates = [r["samples_per_s"] for r in recs if "samples_per_s" in r]
@@ -321,6 +322,8 @@ def _record(spec: dict, args, cached: bool) -> dict:
         "cached": cached,
         **_model_counts(run_dir / "config.yaml"),
     }
+    if per_task:  # the headline columns are the first task's; every task's AUC kept here
+        rec["valid_auc_by_task"] = per_task
     if ds in TEST_SPLIT:
         te = _eval_test(run_dir / "artifact", Path(args.data) / TEST_SPLIT[ds])
         rec["test_auc"], rec["test_logloss"] = te["auc"], te["logloss"]
