@@ -481,17 +481,10 @@ class FeatureSchema:
         """
         from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
-        bounds = {}
-        if init_scale > 0:
-            bounds = {"weight_init_min": -init_scale, "weight_init_max": init_scale}
         return [
             EmbeddingBagConfig(
-                name=t.name,
-                embedding_dim=t.dim,
-                num_embeddings=t.num_buckets,
-                feature_names=list(t.feature_names),
                 pooling=PoolingType.MEAN if t.pooling == "mean" else PoolingType.SUM,
-                **bounds,
+                **_table_kwargs(t, init_scale),
             )
             for t in self.tables
             if t.name not in exclude
@@ -502,20 +495,22 @@ class FeatureSchema:
         named tables, initialised as ``embedding_bag_configs`` does."""
         from torchrec.modules.embedding_configs import EmbeddingConfig
 
-        bounds = {}
-        if init_scale > 0:
-            bounds = {"weight_init_min": -init_scale, "weight_init_max": init_scale}
         return [
-            EmbeddingConfig(
-                name=t.name,
-                embedding_dim=t.dim,
-                num_embeddings=t.num_buckets,
-                feature_names=list(t.feature_names),
-                **bounds,
-            )
-            for t in self.tables
-            if t.name in tables
+            EmbeddingConfig(**_table_kwargs(t, init_scale)) for t in self.tables if t.name in tables
         ]
+
+
+def _table_kwargs(t: TableSpec, init_scale: float) -> dict:
+    """The TorchRec table config's arguments common to pooled and unpooled tables."""
+    kw = {
+        "name": t.name,
+        "embedding_dim": t.dim,
+        "num_embeddings": t.num_buckets,
+        "feature_names": list(t.feature_names),
+    }
+    if init_scale > 0:
+        kw.update(weight_init_min=-init_scale, weight_init_max=init_scale)
+    return kw
 
 
 def _resolve_sequences(features: list[FeatureSpec], raw: list, err) -> list[FeatureSpec]:
