@@ -548,13 +548,6 @@ def _resolve_sequences(features: list[FeatureSpec], raw: list, err) -> list[Feat
                 )
             if f.target:
                 raise err(f"{key}.target", "a side sequence has no target (its main one has)")
-            dim = kw.get("dim", f.dim)
-            if dim != main.dim and main.table == main.name:
-                raise err(
-                    f"{key}.dim",
-                    f"{dim} differs from {main.name!r}'s {main.dim}: side embeddings are added "
-                    "position by position",
-                )
             if "max_length" in _raw_of(raw, f.name) and f.max_length != main.max_length:
                 raise err(f"{key}.max_length", f"must equal {main.name!r}'s {main.max_length}")
             kw["max_length"] = main.max_length
@@ -572,7 +565,7 @@ def _resolve_sequences(features: list[FeatureSpec], raw: list, err) -> list[Feat
             elif cands:
                 kw["target"] = cands[0].name
         out.append(dataclasses.replace(f, **kw) if kw else f)
-    # side sequences' dims against their main one's (resolved) dim
+    # side sequences' dims against their main one's (resolved: it may come from a shared table)
     resolved = {f.name: f for f in out}
     for f in out:
         if f.is_sequence and f.side_of and f.dim != resolved[f.side_of].dim:
