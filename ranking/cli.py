@@ -15,8 +15,9 @@ from ranking.errors import UserError
 
 # One line per command group: the module that registers it.
 COMMAND_MODULES = (
-    "ranking.data.commands",  # mixrank data {synth,convert-criteo,inspect,vocab,sequences}
+    "ranking.data.commands",  # mixrank data {synth,convert-criteo,inspect,vocab,sequences,join-labels}
     "ranking.train.commands",  # mixrank train, export, eval
+    "ranking.consistency",  # mixrank check-consistency
     "benchmarks",  # mixrank bench {data,model,kernels,...}
     "serving.demo",  # mixrank demo (data, train and serve: it sits above both)
     "serving.commands",  # mixrank serve, loadtest

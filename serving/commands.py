@@ -24,6 +24,18 @@ def register(sub) -> None:
     )
     p.add_argument("--replicas", type=int, default=None, help="fixed Ranker replica count")
     p.add_argument(
+        "--log-dir",
+        default=None,
+        help="log answered requests (features as received, scores) as Parquet under DIR "
+        "(or a URI), for `mixrank data join-labels` and `mixrank check-consistency`",
+    )
+    p.add_argument(
+        "--log-sample-rate",
+        type=float,
+        default=None,
+        help="share of requests logged, chosen by request id (default 1.0)",
+    )
+    p.add_argument(
         "--direct-ingress",
         action="store_true",
         help="Ray Serve's throughput-optimized mode: each Ranker replica also answers HTTP and "
@@ -52,14 +64,23 @@ def serve(args) -> int:
         manifest = read_manifest(args.artifact)
     except ArtifactError as e:
         raise UserError(str(e)) from e
-    overrides = {"Ranker": {"num_replicas": args.replicas}} if args.replicas else None
+    overrides: dict = {"Ranker": {"num_replicas": args.replicas}} if args.replicas else {}
+    logging = {}
+    if args.log_dir is not None:
+        logging["log_dir"] = (
+            str(Path(args.log_dir).resolve()) if "://" not in args.log_dir else args.log_dir
+        )
+    if args.log_sample_rate is not None:
+        logging["log_sample_rate"] = args.log_sample_rate
+    if logging:
+        overrides.setdefault("Ranker", {})["user_config"] = logging
     cfg = config.load_config(
         args.config,
         artifact=args.artifact,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         host=args.host,
-        deployments=overrides,
+        deployments=overrides or None,
     )
     try:
         print(f"starting Ray Serve with {args.config} ...", flush=True)
@@ -77,6 +98,9 @@ def serve(args) -> int:
             f"  metrics http://127.0.0.1:{args.metrics_port}/metrics",
             flush=True,
         )
+        log_dir = cfg_log_dir(cfg)
+        if log_dir:
+            print(f"  request log  {log_dir}", flush=True)
         if args.direct_ingress:
             targets = config.ingress_targets()
             for proto, path in (("http", "/v1/rank"), ("grpc", "")):
@@ -90,6 +114,18 @@ def serve(args) -> int:
     finally:
         config.stop()
     return 0
+
+
+def cfg_log_dir(cfg: dict) -> str:
+    """The Ranker's ``user_config.log_dir`` in a Serve config ("" when off)."""
+    from serving.config import APP, RANKER
+
+    for app in cfg.get("applications", []):
+        if app.get("name") == APP:
+            for dep in app.get("deployments", []):
+                if dep.get("name") == RANKER:
+                    return (dep.get("user_config") or {}).get("log_dir", "")
+    return ""
 
 
 def _interrupt(*_) -> None:

@@ -39,6 +39,8 @@ RANKED_REQUESTS = "mixrank_ranked_requests_total"
 RANKED_CANDIDATES = "mixrank_ranked_candidates_total"
 MODEL_INFO = "mixrank_model_info"
 RELOADS = "mixrank_model_reloads_total"
+LOGGED_ROWS = "mixrank_request_log_rows_total"
+LOG_DROPPED = "mixrank_request_log_dropped_total"
 
 GAUGE_REFRESH_S = 0.5  # Ray's eviction: 2 export intervals of at least 1 s each
 
@@ -141,7 +143,16 @@ class RankerMetrics:
         self.reloads = Counter(
             RELOADS, "Model loads, by result (success, failure).", tag_keys=("result",)
         )
+        self.logged_rows = Counter(
+            LOGGED_ROWS, "Candidate rows written to the request log (serving/reqlog.py)."
+        )
+        self.log_dropped = Counter(
+            LOG_DROPPED,
+            "Sampled requests the request log dropped (queue full, write failed, closed).",
+        )
         for c in (
+            self.logged_rows,
+            self.log_dropped,
             self.scored,
             self.batches,
             self.batched_requests,

@@ -71,6 +71,8 @@ class Ranker(Front):
         self._forward_in_thread: bool | str = "auto"
         self._last_error: str | None = None
         self._metrics = RankerMetrics()
+        self._reqlog = None  # serving.reqlog.RequestLog while user_config.log_dir is set
+        self._log_key: tuple | None = None
 
     # ------------------------------------------------------------------ configuration
     async def reconfigure(self, config: dict) -> None:
@@ -95,6 +97,54 @@ class Ranker(Front):
             torch.set_num_threads(s.torch_threads)
         if (s.artifact, s.dtype) != (self._path, self._dtype):
             await self._load(s.artifact, s.dtype)
+        await self._configure_log(s)
+
+    async def _configure_log(self, s: RankerSettings) -> None:
+        """Start, restart or stop the request log for ``s``; what the old one holds is flushed
+        first (every reconfigure flushes: a rollout's last rows of the old model are on disk
+        before it returns)."""
+        from serving.reqlog import RequestLog
+
+        key = (s.log_dir, s.log_sample_rate, s.log_queue_size, s.log_flush_seconds)
+        old = self._reqlog
+        if old is not None:
+            if key == self._log_key:
+                await asyncio.to_thread(old.flush)
+                return
+            self._reqlog = None
+            await asyncio.to_thread(old.close)
+        self._log_key = key
+        if s.log_dir:
+            self._reqlog = RequestLog(
+                s.log_dir,
+                sample_rate=s.log_sample_rate,
+                queue_size=s.log_queue_size,
+                flush_seconds=s.log_flush_seconds,
+                on_written=lambda rows: self._metrics.logged_rows.inc(rows),
+                on_dropped=lambda n: self._metrics.log_dropped.inc(n),
+            )
+            log.info("logging requests to %s (sample rate %s)", s.log_dir, s.log_sample_rate)
+
+    def __del__(self):
+        """Serve calls this on a graceful shutdown: what the request log holds is written."""
+        reqlog = getattr(self, "_reqlog", None)
+        if reqlog is not None:
+            reqlog.close(timeout=20.0)
+
+    def flush_log(self) -> dict:
+        """Write what the request log holds now (``mixrank serve`` and tests call it through a
+        handle); the log's counters."""
+        r = self._reqlog
+        if r is None:
+            return {"enabled": False}
+        ok = r.flush()
+        return {
+            "enabled": True,
+            "flushed": ok,
+            "rows": r.written_rows,
+            "files": r.files,
+            "dropped": r.dropped,
+        }
 
     async def _load(self, path: str, dtype: str) -> None:
         from serving.model import load_validated
@@ -153,6 +203,7 @@ class Ranker(Front):
             return e.status, e.body()
         cols = req.features
         self._metrics.request(req.size)
+        served_at = time.time()
         try:
             probs, used = await self._scored(_Prepared(cols, req.size, art))
         except Exception as e:
@@ -160,7 +211,24 @@ class Ranker(Front):
             return 503, RequestError(
                 503, "model_error", f"scoring failed: {type(e).__name__}"
             ).body()
+        if self._reqlog is not None:
+            self._log(req, used, probs, served_at)
         return 200, rank_response(used, req.request_id, probs, req.top_k)
+
+    def _log(self, req, art, probs, served_at: float) -> None:
+        from ranking.data.servedlog import Served
+
+        self._reqlog.offer(
+            Served(
+                req.request_id,
+                served_at,
+                art.model_version,
+                art.schema,
+                req.context,
+                req.candidates,
+                probs,
+            )
+        )
 
     async def _scored(self, prepared: _Prepared) -> tuple:
         """``(probabilities, artifact used)`` of one prepared request, through a formed batch

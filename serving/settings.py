@@ -83,6 +83,11 @@ class RankerSettings:
     torch_threads: int = 1  # intra-op threads per replica (0: torch's default)
     forward_in_thread: bool | str = "auto"  # auto | true | false (docs/SERVING.md)
     max_body_bytes: int = IngressSettings.max_body_bytes  # when it is the ingress
+    # request logging (serving/reqlog.py): "" = off; a directory or a URI pyarrow opens
+    log_dir: str = ""
+    log_sample_rate: float = 1.0  # share of requests logged, chosen by request id
+    log_queue_size: int = 4096  # requests waiting for the writer; beyond, dropped and counted
+    log_flush_seconds: float = 5.0  # a file at least this often while requests are logged
 
     _KINDS: ClassVar[dict] = {
         "artifact": str,
@@ -96,6 +101,10 @@ class RankerSettings:
         "torch_threads": int,
         "forward_in_thread": object,
         "max_body_bytes": int,
+        "log_dir": str,
+        "log_sample_rate": float,
+        "log_queue_size": int,
+        "log_flush_seconds": float,
     }
 
     @classmethod
@@ -111,7 +120,7 @@ class RankerSettings:
                 f"{s.forward_in_thread!r}"
             )
         for key in ("max_batch_size", "max_candidates", "max_string_length", "max_list_items",
-                    "max_body_bytes"):  # fmt: skip
+                    "max_body_bytes", "log_queue_size"):  # fmt: skip
             if getattr(s, key) < 1:
                 raise ValueError(f"user_config.{key}: must be positive, got {getattr(s, key)}")
         if s.torch_threads < 0:
@@ -119,6 +128,14 @@ class RankerSettings:
         for key in ("batch_wait_timeout_s", "max_batch_wait_s"):
             if getattr(s, key) < 0:
                 raise ValueError(f"user_config.{key}: must be >= 0, got {getattr(s, key)}")
+        if not 0.0 <= s.log_sample_rate <= 1.0:
+            raise ValueError(
+                f"user_config.log_sample_rate: expected a share in [0, 1], got {s.log_sample_rate}"
+            )
+        if s.log_flush_seconds <= 0:
+            raise ValueError(
+                f"user_config.log_flush_seconds: must be > 0, got {s.log_flush_seconds}"
+            )
         if s.max_candidates > s.max_batch_size:
             raise ValueError(
                 f"user_config: max_candidates ({s.max_candidates}) must be <= max_batch_size "

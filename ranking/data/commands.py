@@ -1,4 +1,4 @@
-"""``mixrank data {synth,convert-criteo,inspect,vocab,sequences}``. Heavy imports inside the commands."""
+"""``mixrank data {synth,convert-criteo,inspect,vocab,sequences,join-labels}``. Heavy imports inside the commands."""
 
 from __future__ import annotations
 
@@ -65,6 +65,61 @@ def register(sub) -> None:
     q.add_argument("--length", type=_positive, default=50, help="longest history (default 50)")
     q.add_argument("--quiet", action="store_true", help="no progress lines")
     q.set_defaults(func=cmd_sequences)
+
+    j = dsub.add_parser(
+        "join-labels",
+        help="served requests (the service's request log) joined with later outcome events",
+        description="Join the request log (`mixrank serve --log-dir`) with outcome events into "
+        "training rows, <out>/dt=YYYY-MM-DD/ by the day each request was served (a day "
+        "written again is replaced whole). Events: Parquet with the key columns and label "
+        "columns; several events of one key count once (their maximum).",
+    )
+    j.add_argument("--logs", required=True, help="request-log directory (or URI)")
+    j.add_argument("--labels", required=True, help="outcome events: Parquet file, dir or glob")
+    j.add_argument("--out", required=True, help="output directory (dt=YYYY-MM-DD partitions)")
+    j.add_argument(
+        "--key",
+        default="request_id,candidate",
+        help="join key columns, comma-separated (default request_id,candidate)",
+    )
+    j.add_argument(
+        "--label-columns", default=None, help="label columns (default: every non-key column)"
+    )
+    j.add_argument(
+        "--missing",
+        choices=("zero", "drop"),
+        default="zero",
+        help="a served row without an event: label 0 (default) or left out",
+    )
+    j.add_argument(
+        "--engine",
+        choices=("arrow", "ray"),
+        default="arrow",
+        help="arrow: streamed on this machine; ray: the same join on Ray Data",
+    )
+    j.add_argument("--quiet", action="store_true", help="no progress lines")
+    j.set_defaults(func=cmd_join_labels)
+
+
+def cmd_join_labels(args) -> int:
+    from ranking.data.join import join_labels
+
+    result = join_labels(
+        args.logs,
+        args.labels,
+        args.out,
+        key=[k.strip() for k in args.key.split(",") if k.strip()],
+        label_columns=(
+            [c.strip() for c in args.label_columns.split(",") if c.strip()]
+            if args.label_columns
+            else None
+        ),
+        missing=args.missing,
+        engine=args.engine,
+        quiet=args.quiet,
+    )
+    print(json.dumps(result))
+    return 0
 
 
 def cmd_sequences(args) -> int:
