@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -42,7 +43,43 @@ def register(sub) -> None:
         "gRPC on its own ports (printed), skipping the proxy hop; the proxy stays on "
         "--http-port/--grpc-port (docs/SERVING.md)",
     )
+    p.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=8265,
+        help="Ray dashboard with Serve's REST API, for `mixrank rollout` (0: none)",
+    )
     p.set_defaults(func=serve)
+
+    p = sub.add_parser(
+        "rollout",
+        help="check, gate, shadow, canary and promote a new artifact in a running service",
+        description="Roll a new artifact into a running service through Serve's REST API: "
+        "check it, gate it on offline data, optionally shadow and canary it, then promote it "
+        "(docs/LOOP.md). Exit 3 when the gate or the check refuses it (the service unchanged).",
+    )
+    p.add_argument("--artifact", required=True, help="the new artifact (path seen by the replicas)")
+    _service_args(p)
+    p.add_argument("--gate-data", default=None, help="Parquet rows to evaluate both models on")
+    p.add_argument("--max-auc-drop", type=float, default=0.002, help="gate: allowed AUC drop")
+    p.add_argument("--max-ne-increase", type=float, default=None, help="gate: allowed NE rise")
+    p.add_argument("--shadow-seconds", type=float, default=0.0, help="shadow live traffic")
+    p.add_argument("--canary", type=float, default=0.0, help="share of requests for the canary")
+    p.add_argument("--canary-seconds", type=float, default=30.0)
+    p.add_argument("--canary-key", default=None, help="request_id (default) or a context feature")
+    p.add_argument(
+        "--metrics-url",
+        action="append",
+        default=None,
+        help="Prometheus endpoint(s) of the replicas' nodes, for the shadow and canary "
+        "reports (default http://127.0.0.1:8080/metrics, as `mixrank serve`)",
+    )
+    p.add_argument("--no-promote", action="store_true", help="stop after shadow / canary")
+    p.set_defaults(func=cmd_rollout)
+
+    p = sub.add_parser("rollback", help="serve the model before the last promotion again")
+    _service_args(p)
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("loadtest", help="closed-loop load against a local ranking service")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="service URL (loopback)")
@@ -54,6 +91,49 @@ def register(sub) -> None:
     p.add_argument("--schema", default="frappe", help="schema the requests are made for")
     p.add_argument("--max-requests", type=int, default=1_000_000)
     p.set_defaults(func=loadtest)
+
+
+def _service_args(p) -> None:
+    p.add_argument(
+        "--address",
+        default="http://127.0.0.1:8265",
+        help="the Ray dashboard (Serve's REST API) of the service",
+    )
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the service's HTTP address")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each step")
+
+
+def cmd_rollout(args) -> int:
+    from serving.rollout import RolloutRefused, ServeAdmin, rollout
+
+    try:
+        report = rollout(
+            ServeAdmin(args.address),
+            args.artifact,
+            url=args.url,
+            gate_data=args.gate_data,
+            max_auc_drop=args.max_auc_drop,
+            max_ne_increase=args.max_ne_increase,
+            shadow_seconds=args.shadow_seconds,
+            canary=args.canary,
+            canary_seconds=args.canary_seconds,
+            canary_key=args.canary_key,
+            metrics_urls=args.metrics_url or ["http://127.0.0.1:8080/metrics"],
+            promote=not args.no_promote,
+            timeout=args.timeout,
+        )
+    except RolloutRefused as e:
+        print(f"mixrank: refused: {e}", file=sys.stderr)
+        return 3
+    print(json.dumps(report))
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from serving.rollout import ServeAdmin, rollback
+
+    print(json.dumps(rollback(ServeAdmin(args.address), url=args.url, timeout=args.timeout)))
+    return 0
 
 
 def serve(args) -> int:
@@ -84,7 +164,12 @@ def serve(args) -> int:
     )
     try:
         print(f"starting Ray Serve with {args.config} ...", flush=True)
-        config.start(cfg, metrics_port=args.metrics_port, direct_ingress=args.direct_ingress)
+        config.start(
+            cfg,
+            metrics_port=args.metrics_port,
+            direct_ingress=args.direct_ingress,
+            dashboard_port=args.dashboard_port or None,
+        )
         # Ctrl-C and SIGTERM end the loop below and shut down cleanly. Installed after
         # ray.init, which sets its own handlers; SIGINT explicitly, since a shell starts
         # background jobs with it ignored.
@@ -98,6 +183,8 @@ def serve(args) -> int:
             f"  metrics http://127.0.0.1:{args.metrics_port}/metrics",
             flush=True,
         )
+        if args.dashboard_port:
+            print(f"  Serve REST API  http://127.0.0.1:{args.dashboard_port}", flush=True)
         log_dir = cfg_log_dir(cfg)
         if log_dir:
             print(f"  request log  {log_dir}", flush=True)

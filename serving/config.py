@@ -129,6 +129,7 @@ def start(
     timeout_s: float = 120.0,
     quiet: bool = True,
     direct_ingress: bool = False,
+    dashboard_port: int | None = None,
 ) -> None:
     """Start a local Ray (metrics on ``metrics_port``) and deploy ``cfg``; wait until every
     application is RUNNING (``UserError`` with Serve's message if one fails).
@@ -156,7 +157,9 @@ def start(
         try:
             ray.init(
                 num_cpus=num_cpus or max(os.cpu_count() or 1, 8),
-                include_dashboard=False,
+                include_dashboard=dashboard_port is not None,
+                dashboard_host="127.0.0.1",
+                dashboard_port=dashboard_port or 8265,
                 namespace="serve",
                 log_to_driver=not quiet,
                 _metrics_export_port=metrics_port,
@@ -179,6 +182,24 @@ def start(
     )
     _deploy(schema)
     wait_running(timeout_s)
+    if dashboard_port is not None:
+        wait_rest_api(f"http://127.0.0.1:{dashboard_port}", timeout_s)
+
+
+def wait_rest_api(address: str, timeout_s: float = 120.0) -> None:
+    """Block until Serve's REST API on the dashboard answers (it starts after Ray)."""
+    from serving.rollout import ServeAdmin
+
+    admin = ServeAdmin(address, timeout=5.0)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin.config()
+            return
+        except UserError as e:
+            if time.monotonic() > deadline:
+                raise UserError(f"Serve's REST API not up after {timeout_s:.0f} s: {e}") from e
+            time.sleep(0.5)
 
 
 def _deploy(schema) -> None:

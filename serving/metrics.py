@@ -41,6 +41,12 @@ MODEL_INFO = "mixrank_model_info"
 RELOADS = "mixrank_model_reloads_total"
 LOGGED_ROWS = "mixrank_request_log_rows_total"
 LOG_DROPPED = "mixrank_request_log_dropped_total"
+VERSION_REQUESTS = "mixrank_version_requests_total"
+VERSION_LATENCY = "mixrank_version_latency_seconds"
+SHADOW_REQUESTS = "mixrank_shadow_requests_total"
+SHADOW_SUMS = "mixrank_shadow_score_sums_total"
+SHADOW_LATENCY = "mixrank_shadow_latency_seconds"
+SHADOW_STATS = ("n", "x", "y", "xx", "yy", "xy")  # x: served score, y: shadow score
 
 GAUGE_REFRESH_S = 0.5  # Ray's eviction: 2 export intervals of at least 1 s each
 
@@ -150,6 +156,37 @@ class RankerMetrics:
             LOG_DROPPED,
             "Sampled requests the request log dropped (queue full, write failed, closed).",
         )
+        # rollout: per model version and role (primary, canary), and the shadow's comparison
+        self.version_requests = Counter(
+            VERSION_REQUESTS,
+            "Requests answered, by model version and role (primary, canary).",
+            tag_keys=("model_version", "role"),
+        )
+        self.version_latency = Histogram(
+            VERSION_LATENCY,
+            "Time from a request's features to its scores in the Ranker, by model version and "
+            "role, seconds.",
+            boundaries=_LATENCY_S,
+            tag_keys=("model_version", "role"),
+        )
+        self.shadow_requests = Counter(
+            SHADOW_REQUESTS,
+            "Requests copied to the shadow model, by result (scored, skipped: the shadow was "
+            "busy, failed).",
+            tag_keys=("model_version", "result"),
+        )
+        self.shadow_sums = Counter(
+            SHADOW_SUMS,
+            "Sums over shadow-scored candidates of the served score x and the shadow's y "
+            "(stat: n, x, y, xx, yy, xy): mean shift and correlation over any window.",
+            tag_keys=("model_version", "stat"),
+        )
+        self.shadow_latency = Histogram(
+            SHADOW_LATENCY,
+            "The shadow model's scoring time of one request, seconds.",
+            boundaries=_LATENCY_S,
+            tag_keys=("model_version",),
+        )
         for c in (
             self.logged_rows,
             self.log_dropped,
@@ -179,6 +216,31 @@ class RankerMetrics:
         self.scored.inc(candidates)
         self.batches.inc(1)
         self.batched_requests.inc(requests)
+
+    def answered(self, version: str, role: str, seconds: float) -> None:
+        tags = {"model_version": version, "role": role}
+        self.version_requests.inc(1, tags=tags)
+        self.version_latency.observe(seconds, tags=tags)
+
+    def shadowed(self, version: str, x, y, seconds: float | None, result: str) -> None:
+        """One request copied to the shadow ``version``: served scores ``x``, shadow ``y``."""
+        self.shadow_requests.inc(1, tags={"model_version": version, "result": result})
+        if result != "scored":
+            return
+        self.shadow_latency.observe(seconds, tags={"model_version": version})
+        x = x.astype("float64")
+        y = y.astype("float64")
+        sums = {
+            "n": float(len(x)),
+            "x": float(x.sum()),
+            "y": float(y.sum()),
+            "xx": float((x * x).sum()),
+            "yy": float((y * y).sum()),
+            "xy": float((x * y).sum()),
+        }
+        for stat, v in sums.items():
+            if v > 0:  # a Ray counter refuses 0
+                self.shadow_sums.inc(v, tags={"model_version": version, "stat": stat})
 
     def swapped(self, old: dict[str, str] | None, new: dict[str, str]) -> None:
         """The replica now serves ``new`` (``{"model_version", "dtype"}``) instead of ``old``."""

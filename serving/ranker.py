@@ -72,6 +72,9 @@ class Ranker(Front):
         self._last_error: str | None = None
         self._metrics = RankerMetrics()
         self._reqlog = None  # serving.reqlog.RequestLog while user_config.log_dir is set
+        # rollout: {role: (path, Artifact)} for "shadow" and "canary" (serving/rollout.py)
+        self._side: dict[str, tuple[str, Any]] = {}
+        self._shadow_busy = False
         self._log_key: tuple | None = None
 
     # ------------------------------------------------------------------ configuration
@@ -97,7 +100,32 @@ class Ranker(Front):
             torch.set_num_threads(s.torch_threads)
         if (s.artifact, s.dtype) != (self._path, self._dtype):
             await self._load(s.artifact, s.dtype)
+        await self._load_side("shadow", s.shadow_artifact, s.dtype)
+        await self._load_side("canary", s.canary_artifact, s.dtype)
         await self._configure_log(s)
+
+    async def _load_side(self, role: str, path: str, dtype: str) -> None:
+        """Load (or drop, for "") the shadow or canary model. It must be compatible with the
+        serving model, as a new serving model must; a bad one is refused, logged and counted
+        (``last_reload_error`` in /healthz names it), and the serving model is untouched."""
+        from serving.model import load_validated
+
+        current = self._side.get(role)
+        if not path:
+            self._side.pop(role, None)
+            return
+        if current is not None and current[0] == path and self._art is not None:
+            return
+        try:
+            art = await asyncio.to_thread(load_validated, path, dtype, self._art)
+        except Exception as e:
+            self._side.pop(role, None)
+            self._last_error = f"{role} {path}: {type(e).__name__}: {e}"
+            self._metrics.reloads.inc(1, tags={"result": "failure"})
+            log.error("%s model refused: %s", role, e)
+            return
+        self._side[role] = (path, art)
+        log.info("%s model %s from %s", role, art.model_version, path)
 
     async def _configure_log(self, s: RankerSettings) -> None:
         """Start, restart or stop the request log for ``s``; what the old one holds is flushed
@@ -150,8 +178,11 @@ class Ranker(Front):
         from serving.model import load_validated
 
         old = self._art
+        adopted = next(  # a promoted shadow or canary is already loaded and validated
+            (a for p, a in self._side.values() if p == path and old is not None), None
+        )
         try:
-            art = await asyncio.to_thread(load_validated, path, dtype, old)
+            art = adopted or await asyncio.to_thread(load_validated, path, dtype, old)
         except Exception as e:
             self._last_error = f"{type(e).__name__}: {e}"
             self._metrics.reloads.inc(1, tags={"result": "failure"})
@@ -175,6 +206,7 @@ class Ranker(Front):
             "model_version": self._art.model_version,
             "dtype": self._art.dtype,
             "last_reload_error": self._last_error,
+            **{f"{role}_model_version": a.model_version for role, (_, a) in self._side.items()},
         }
 
     def check_health(self) -> None:
@@ -204,6 +236,15 @@ class Ranker(Front):
         cols = req.features
         self._metrics.request(req.size)
         served_at = time.time()
+        role = "primary"
+        canary = self._side.get("canary")
+        if canary is not None and self._to_canary(req):
+            try:
+                cols = self._encode_for(canary[1], req)
+            except RequestError as e:
+                return e.status, e.body()
+            art, role = canary[1], "canary"
+        t0 = time.perf_counter()
         try:
             probs, used = await self._scored(_Prepared(cols, req.size, art))
         except Exception as e:
@@ -211,9 +252,68 @@ class Ranker(Front):
             return 503, RequestError(
                 503, "model_error", f"scoring failed: {type(e).__name__}"
             ).body()
+        self._metrics.answered(used.model_version, role, time.perf_counter() - t0)
         if self._reqlog is not None:
             self._log(req, used, probs, served_at)
+        if "shadow" in self._side:
+            self._shadow(req, probs)
         return 200, rank_response(used, req.request_id, probs, req.top_k)
+
+    # ------------------------------------------------------------------ rollout
+    def _to_canary(self, req) -> bool:
+        """Whether the canary answers ``req``: a stable hash of ``canary_key`` (the request id
+        or a context feature's value) against ``canary_fraction``."""
+        from serving.reqlog import sampled
+
+        key = self.settings.canary_key
+        value = req.request_id if key == "request_id" else req.context.get(key)
+        return value is not None and sampled(str(value), self.settings.canary_fraction)
+
+    def _encode_for(self, art, req):
+        """``req``'s candidates encoded for ``art``'s schema (its vocabularies may differ from
+        the serving model's)."""
+        from ranking.data.encode import InvalidValue, encode
+
+        try:
+            return encode(
+                art.schema,
+                req.context,
+                req.candidates,
+                max_chars=self._limits.max_string_length,
+                max_items=self._limits.max_list_items,
+            )
+        except InvalidValue as e:
+            raise RequestError(422, e.code, e.message, e.field) from None
+
+    def _shadow(self, req, probs) -> None:
+        """Score a copy of ``req`` with the shadow model in the background (one at a time: a
+        request arriving while the shadow is busy is skipped and counted); nothing of it
+        reaches the client."""
+        art = self._side["shadow"][1]
+        if self._shadow_busy:
+            self._metrics.shadowed(art.model_version, None, None, None, "skipped")
+            return
+        self._shadow_busy = True
+
+        def score():
+            from ranking.data.encode import merged_batch
+
+            t0 = time.perf_counter()
+            cols = self._encode_for(art, req)
+            y = art.predict(merged_batch(art.schema, [cols])).numpy()
+            return y, time.perf_counter() - t0
+
+        async def run():
+            try:
+                y, seconds = await asyncio.to_thread(score)
+                self._metrics.shadowed(art.model_version, probs[:, 0], y[:, 0], seconds, "scored")
+            except Exception as e:
+                log.warning("shadow scoring failed: %s: %s", type(e).__name__, e)
+                self._metrics.shadowed(art.model_version, None, None, None, "failed")
+            finally:
+                self._shadow_busy = False
+
+        self._shadow_task = asyncio.get_running_loop().create_task(run())  # kept: not GC'd
 
     def _log(self, req, art, probs, served_at: float) -> None:
         from ranking.data.servedlog import Served

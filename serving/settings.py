@@ -88,6 +88,12 @@ class RankerSettings:
     log_sample_rate: float = 1.0  # share of requests logged, chosen by request id
     log_queue_size: int = 4096  # requests waiting for the writer; beyond, dropped and counted
     log_flush_seconds: float = 5.0  # a file at least this often while requests are logged
+    # rollout (serving/rollout.py; `mixrank rollout` sets these through Serve's REST API)
+    shadow_artifact: str = ""  # also score a copy of traffic with this model, answer nothing
+    canary_artifact: str = ""  # answer canary_fraction of requests with this model
+    canary_fraction: float = 0.0
+    canary_key: str = "request_id"  # what the stable hash reads: request_id or a context feature
+    previous_artifact: str = ""  # the model before the last promotion (`mixrank rollback`)
 
     _KINDS: ClassVar[dict] = {
         "artifact": str,
@@ -105,6 +111,11 @@ class RankerSettings:
         "log_sample_rate": float,
         "log_queue_size": int,
         "log_flush_seconds": float,
+        "shadow_artifact": str,
+        "canary_artifact": str,
+        "canary_fraction": float,
+        "canary_key": str,
+        "previous_artifact": str,
     }
 
     @classmethod
@@ -132,6 +143,14 @@ class RankerSettings:
             raise ValueError(
                 f"user_config.log_sample_rate: expected a share in [0, 1], got {s.log_sample_rate}"
             )
+        if not 0.0 <= s.canary_fraction <= 1.0:
+            raise ValueError(
+                f"user_config.canary_fraction: expected a share in [0, 1], got {s.canary_fraction}"
+            )
+        if s.canary_fraction > 0 and not s.canary_artifact:
+            raise ValueError("user_config.canary_fraction: set, but no canary_artifact")
+        if not s.canary_key:
+            raise ValueError("user_config.canary_key: must name request_id or a feature")
         if s.log_flush_seconds <= 0:
             raise ValueError(
                 f"user_config.log_flush_seconds: must be > 0, got {s.log_flush_seconds}"
