@@ -18,8 +18,10 @@ is read for skipped units), then only the units still holding buffered rows are 
 
 from __future__ import annotations
 
+import datetime as _dt
 import glob as globlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +58,19 @@ class Unit:
         return self.stop - self.start
 
 
-def resolve_files(path: str | Path | list) -> list[str]:
-    """A file, a directory (``*.parquet`` below it) or a glob -> sorted list of Parquet files."""
+def resolve_files(path: str | Path | list, since: str = "", until: str = "") -> list[str]:
+    """A file, a directory (``*.parquet`` below it) or a glob -> sorted list of Parquet files.
+
+    ``since`` / ``until`` (``YYYY-MM-DD``, inclusive, either may be empty) take only the files
+    of the directory's date partitions in that range (:func:`select_partitions`); without them
+    a partitioned directory is read whole, like any directory."""
+    if since or until:
+        parts = select_partitions(path, since, until)
+        files = sorted(str(f) for p in parts for f in p.rglob("*.parquet") if f.is_file())
+        if not files:
+            names = ", ".join(p.name for p in parts)
+            raise DataError(f"{path}: the selected partitions ({names}) hold no *.parquet files")
+        return files
     if isinstance(path, list | tuple):
         return sorted({f for p in path for f in resolve_files(p)})
     s = str(path)
@@ -75,6 +88,89 @@ def resolve_files(path: str | Path | list) -> list[str]:
     if not p.exists():
         raise DataError(f"{s}: no such file or directory")
     return [str(p)]
+
+
+# Date partitions: ``DIR/dt=YYYY-MM-DD/...`` (Hive style, as Spark and the request logs write
+# them). They are selected by directory name rather than through pyarrow.dataset's partitioning
+# and filters: the reader's units are (file, row group) slices from each file's footer, sharded
+# and shuffled as a function of the sorted file list, so a dataset would only list the files,
+# and by another rule (every file not starting with "_" or ".", where the reader takes
+# *.parquet). By name, partitioned and plain directories keep one listing rule.
+PARTITION_KEY = "dt"
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def parse_date(value: str) -> _dt.date | None:
+    """``YYYY-MM-DD`` -> date; None for anything else (``2024-1-5``, ``2024-02-30``)."""
+    if not isinstance(value, str) or not _DATE.match(value):
+        return None
+    try:
+        return _dt.date.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def date_partitions(directory: str | Path) -> dict[str, Path]:
+    """The ``dt=YYYY-MM-DD`` sub-directories of ``directory``, ``{date: path}`` in date order
+    (empty when it has none, or is not a directory). A ``dt=`` directory whose name is not a
+    date is a ``DataError`` naming it: it could not be ordered against ``since``/``until``."""
+    d = Path(directory)
+    if not d.is_dir():
+        return {}
+    out = {}
+    for p in d.iterdir():
+        key, sep, value = p.name.partition("=")
+        if not sep or key != PARTITION_KEY or not p.is_dir():
+            continue
+        if parse_date(value) is None:
+            raise DataError(f"{p}: not a {PARTITION_KEY}=YYYY-MM-DD partition directory")
+        out[value] = p
+    return dict(sorted(out.items()))
+
+
+def select_partitions(directory: str | Path, since: str = "", until: str = "") -> list[Path]:
+    """The date partitions of ``directory`` with ``since <= dt <= until`` (ISO dates compare as
+    strings; an empty bound is open). ``DataError`` when it has no partitions or none is in the
+    range, naming the directory and the partitions it holds."""
+    if isinstance(directory, list | tuple) or any(c in str(directory) for c in "*?["):
+        raise DataError(f"{directory}: since/until select the dt= partitions of one directory")
+    for name, value in (("since", since), ("until", until)):
+        if value and parse_date(value) is None:
+            raise DataError(f"{name}: expected a date YYYY-MM-DD, got {value!r}")
+    parts = date_partitions(directory)
+    if not parts:
+        raise DataError(
+            f"{directory}: no {PARTITION_KEY}=YYYY-MM-DD partition directories to select from"
+        )
+    chosen = [
+        p for d, p in parts.items() if (not since or d >= since) and (not until or d <= until)
+    ]
+    if not chosen:
+        first, last = next(iter(parts)), next(reversed(parts))
+        raise DataError(
+            f"{directory}: no partition from {since or '(any)'} to {until or '(any)'} (it holds "
+            f"{len(parts)}, {PARTITION_KEY}={first} .. {PARTITION_KEY}={last})"
+        )
+    return chosen
+
+
+def partition_dates(files: list[str], root: str | Path) -> list[str]:
+    """The dates of the ``dt=`` partitions directly under ``root`` that ``files`` lie in (or
+    ``root``'s own date, where it is one partition)."""
+    base = Path(root)
+    key, sep, value = base.name.partition("=")
+    if sep and key == PARTITION_KEY and parse_date(value) is not None:
+        return [value]
+    out = set()
+    for f in files:
+        try:
+            first = Path(f).relative_to(base).parts[0]
+        except (ValueError, IndexError):
+            continue
+        key, sep, value = first.partition("=")
+        if sep and key == PARTITION_KEY and parse_date(value) is not None:
+            out.add(value)
+    return sorted(out)
 
 
 def open_error(path: str, e: Exception, what: str = "not a readable Parquet file") -> DataError:

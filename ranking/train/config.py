@@ -49,6 +49,11 @@ class DataConfig:
 
     train: str = ""
     valid: str = ""
+    # When `train` is a directory of dt=YYYY-MM-DD partitions (Hive style): the first and last
+    # day read (inclusive; either may be left out). `valid` is read whole: point it at the
+    # held-out day(s), e.g. <dir>/dt=2024-05-08.
+    since: str = ""
+    until: str = ""
     batch_size: int = 1024
     eval_batch_size: int = 8192
     shuffle: bool = True
@@ -118,6 +123,10 @@ class TrainConfig:
     # task name -> weight of its mean BCE in the loss (missing tasks: 1); the loss is
     # sum_t w_t BCE_t / n_tasks, so all-1 weights give the mean BCE
     task_weights: dict[str, float] = field(default_factory=dict)
+    # Start from a parent model instead of a fresh init: an exported artifact directory, or a
+    # training checkpoint (its optimiser state too when the model matches); ``mixrank train
+    # --warm-start PATH`` sets it. See ranking/train/warm_start.py.
+    warm_start: str = ""
 
 
 @dataclass
@@ -182,6 +191,43 @@ def _check_path(path: str, key: str, source: str) -> None:
         raise ConfigError(f"{source}: {key}: no file or directory matches {path!r}")
 
 
+def _dates_as_text(raw: dict) -> None:
+    """YAML reads an unquoted ``2024-05-01`` as a date: keep ``data.since``/``until`` as the
+    text the user wrote (also in the run's config.yaml)."""
+    import datetime as dt
+
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for k in ("since", "until"):
+            if isinstance(data.get(k), dt.date):
+                data[k] = data[k].isoformat()
+
+
+def _check_dates(data: DataConfig, source: str) -> None:
+    from ranking.data.reader import parse_date
+
+    for k in ("since", "until"):
+        value = getattr(data, k)
+        if value and parse_date(value) is None:
+            raise ConfigError(f"{source}: data.{k}: expected a date YYYY-MM-DD, got {value!r}")
+    if data.since and data.until and data.since > data.until:
+        raise ConfigError(f"{source}: data.since: {data.since} is after data.until: {data.until}")
+
+
+def _check_partitions(data: DataConfig, source: str) -> None:
+    """``data.since``/``until`` must select some ``dt=`` partition of ``data.train``."""
+    from ranking.data.errors import DataError
+    from ranking.data.reader import select_partitions
+
+    if not (data.since or data.until):
+        return
+    key = "data.since" if data.since else "data.until"
+    try:
+        select_partitions(data.train, data.since, data.until)
+    except DataError as e:
+        raise ConfigError(f"{source}: {key}: {e}") from None
+
+
 def load_experiment(
     path_or_dict: str | Path | dict,
     overrides: list[str] | None = None,
@@ -224,6 +270,7 @@ def load_experiment(
     model = ModelConfig.from_dict(raw.get("model") or {}, source=source)
     inference = InferenceConfig.from_dict(raw.get("inference"), source)
 
+    _dates_as_text(raw)
     data = section_from_dict(DataConfig, raw.get("data"), "data", source)
     train = section_from_dict(TrainConfig, raw.get("train"), "train", source)
     _choice(train.dense_optimizer, DENSE_OPTIMIZERS, "train.dense_optimizer", source)
@@ -275,11 +322,13 @@ def load_experiment(
             raise ConfigError(f"{source}: train.task_weights.{task}: expected a weight >= 0")
     if train.epochs < 1 and train.max_steps < 1:
         raise ConfigError(f"{source}: train.epochs: must be positive (or set train.max_steps)")
+    _check_dates(data, source)
     if require_data:
         if not data.train:
             raise ConfigError(f"{source}: data.train: required, a Parquet file, directory or glob")
         _check_path(data.train, "data.train", source)
         _check_path(data.valid, "data.valid", source)
+        _check_partitions(data, source)
     if train.embedding_weight_decay and not _all_data_parallel(train.sharding, tables):
         import torch
 
