@@ -6,7 +6,15 @@
      run's paths (data files, schema file): 16 hex>",
      "name": ..., "arch": ..., "config": {<resolved experiment config>},
      "schema": {<FeatureSchema.to_dict()>}, "metrics": {<validation metrics at export>},
-     "dtype": "fp32"|"bf16", "step": N, "created": "<UTC ISO time>", "weights": "weights.pt"}
+     "dtype": "fp32"|"bf16", "step": N, "created": "<UTC ISO time>", "weights": "weights.pt",
+     "parent_model_version": "<the warm start's model_version>" | null (trained from scratch),
+     "parent": {"path", "kind": "artifact"|"checkpoint", "step", "model_version"} | null,
+     "data": {"train", "since", "until", "partitions": ["YYYY-MM-DD", ...], "files", "rows",
+              "rows_read", "valid"} | null (a checkpoint written before lineage was recorded)}
+
+The lineage (``parent_model_version``, ``parent``, ``data``) is recorded, not hashed, like
+``created``: ``model_version`` stays the hash of what the model is (weights, config, schema),
+and the warm-start path, like the data paths, is left out of the hashed config.
 
 ``weights.pt`` is a plain ``state_dict`` of the unsharded model, loaded with
 ``torch.load(weights_only=True)``: loading an artifact never executes code from it. An artifact
@@ -174,6 +182,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
         dtype=dtype,
         metrics=marker.get("metrics") or {},
         step=int(marker.get("step", 0)),
+        lineage=marker.get("lineage"),
     )
 
 
@@ -207,7 +216,15 @@ def check_lowering(model, schema, dtype: str, config: dict, source: str, rows: i
 
 
 def write_artifact(
-    out, weights: dict, *, config: dict, schema, dtype: str, metrics: dict, step: int
+    out,
+    weights: dict,
+    *,
+    config: dict,
+    schema,
+    dtype: str,
+    metrics: dict,
+    step: int,
+    lineage: dict | None = None,
 ) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -231,10 +248,14 @@ def write_artifact(
                 h.update(chunk)
         hashed = {**body, "config": _without_paths(config)}
         h.update(json.dumps(hashed, sort_keys=True, default=str).encode())
+        lineage = lineage or {}
         manifest = {
             **body,
             "model_version": h.hexdigest()[:16],
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "parent_model_version": lineage.get("parent_model_version"),
+            "parent": lineage.get("parent"),
+            "data": lineage.get("data"),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         _publish(tmp, out)
@@ -246,13 +267,16 @@ def write_artifact(
 
 def _without_paths(config: dict) -> dict:
     """The config as ``model_version`` hashes it: without the places a run read from (the data
-    paths, and the schema's file, whose resolved content the manifest's ``schema`` holds and the
-    hash covers). The same model trained in another run directory or from a copy of the data
-    gets the same version."""
+    paths, the warm start's path, and the schema's file, whose resolved content the manifest's
+    ``schema`` holds and the hash covers). The same model trained in another run directory or
+    from a copy of the data gets the same version."""
     out = {k: v for k, v in config.items() if k != "schema"}
     data = config.get("data")
     if isinstance(data, dict):
         out["data"] = {k: v for k, v in data.items() if k not in ("train", "valid")}
+    train = config.get("train")
+    if isinstance(train, dict) and "warm_start" in train:
+        out["train"] = {k: v for k, v in train.items() if k != "warm_start"}
     return out
 
 

@@ -30,6 +30,13 @@ def register(sub) -> None:
         "--rdzv-endpoint", default=None, help="host:port of the c10d rendezvous (multi-node)"
     )
     p.add_argument("--rdzv-id", default=None, help="rendezvous id (default: the run name)")
+    p.add_argument(
+        "--warm-start",
+        default=None,
+        metavar="PATH",
+        help="start from this exported artifact or training checkpoint instead of a fresh init "
+        "(sets train.warm_start; a resumed run continues from its own checkpoint instead)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=0.01")
     p.set_defaults(func=train)
 
@@ -52,11 +59,19 @@ def _resolve_paths(raw: dict) -> dict:
     for k in ("train", "valid"):
         if data.get(k) and not os.path.isabs(data[k]):
             data[k] = os.path.abspath(data[k])
+    train = raw.get("train") or {}
+    if train.get("warm_start") and not os.path.isabs(train["warm_start"]):
+        train["warm_start"] = os.path.abspath(train["warm_start"])
     return raw
 
 
-def prepare_run(config: str, overrides: list[str], run_dir: str | None) -> Path:
-    """Validate the config (before any process starts) and write ``<run>/config.yaml``."""
+def prepare_run(
+    config: str, overrides: list[str], run_dir: str | None, warm_start: str | None = None
+) -> Path:
+    """Validate the config (before any process starts) and write ``<run>/config.yaml``.
+
+    ``warm_start`` (``--warm-start``) overrides ``train.warm_start``; a new run checks that the
+    parent fits (``ranking.train.warm_start.check_compatible``) before anything starts."""
     import yaml
 
     from ranking.errors import UserError
@@ -64,6 +79,9 @@ def prepare_run(config: str, overrides: list[str], run_dir: str | None) -> Path:
 
     try:
         exp = load_experiment(config, overrides)
+        if warm_start:  # set here, not as an override: a path is not parsed as YAML
+            exp.train.warm_start = os.path.abspath(warm_start)
+            exp.raw.setdefault("train", {})["warm_start"] = exp.train.warm_start
         check_model_shapes(exp)
         check_data(exp)
     except ConfigError as e:
@@ -88,6 +106,8 @@ def prepare_run(config: str, overrides: list[str], run_dir: str | None) -> Path:
             )
         print(f"[mixrank] resuming run {run}", file=sys.stderr, flush=True)
         return run
+    if exp.train.warm_start:
+        check_warm_start(exp, raw, "--warm-start" if warm_start else "train.warm_start")
     run.mkdir(parents=True, exist_ok=True)
     # Atomic: on a shared volume every node of a multi-node job writes the same file, and
     # another may be reading it to check that it is resuming the same config.
@@ -114,9 +134,10 @@ def build_run_vocab(exp, run: Path) -> Path:
         return out / "schema.yaml"
     run.mkdir(parents=True, exist_ok=True)
     tmp = run / f".vocab.{os.getpid()}"
+    d = exp.data
     try:
         build_vocabs(
-            exp.schema, resolve_files(exp.data.train), tmp, min_count=exp.data.vocab_min_count
+            exp.schema, resolve_files(d.train, d.since, d.until), tmp, min_count=d.vocab_min_count
         )
     except DataError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -126,6 +147,21 @@ def build_run_vocab(exp, run: Path) -> Path:
     except OSError:  # another node of the same run renamed its copy first
         shutil.rmtree(tmp, ignore_errors=True)
     return out / "schema.yaml"
+
+
+def check_warm_start(exp, raw: dict, key: str) -> None:
+    """The parent of ``train.warm_start`` fits this run (feature set, dims, hashed buckets,
+    architecture, tasks): a ``UserError`` naming the feature otherwise, before spawning. ``raw``
+    is the run's resolved config (its schema the run's vocabularies under
+    ``data.vocab_from_train``)."""
+    import dataclasses
+
+    from ranking.features import load_schema
+    from ranking.train.warm_start import check_compatible, open_parent
+
+    if exp.data.vocab_from_train:
+        exp = dataclasses.replace(exp, schema=load_schema(raw["schema"]))
+    check_compatible(open_parent(exp.train.warm_start, key), exp, key)
 
 
 def _diff_keys(a, b, prefix: str = "") -> list[str]:
@@ -154,7 +190,7 @@ def check_data(exp) -> None:
     the column statistics, some rows. A ``UserError`` naming the key, file and column; a file
     with no rows is skipped with a warning (Spark writes one for an empty partition)."""
     from ranking.data.errors import DataError
-    from ranking.data.reader import ParquetBatches
+    from ranking.data.reader import ParquetBatches, resolve_files
     from ranking.errors import UserError
 
     for key in ("train", "valid"):
@@ -162,6 +198,8 @@ def check_data(exp) -> None:
         if not path:
             continue
         try:
+            if key == "train" and (exp.data.since or exp.data.until):
+                path = resolve_files(path, exp.data.since, exp.data.until)
             reader = ParquetBatches(exp.schema, path, exp.data.batch_size, rank=0, world_size=1)
         except DataError as e:
             raise UserError(f"data.{key}: {e}") from None
@@ -198,7 +236,7 @@ def train(args) -> int:
     from ranking.errors import UserError
     from ranking.train.worker import ERRORS_DIR
 
-    run = prepare_run(args.config, args.overrides, args.run_dir)
+    run = prepare_run(args.config, args.overrides, args.run_dir, args.warm_start)
     cmd = torchrun_command(run, args)
     print(f"[mixrank] run directory: {run}", file=sys.stderr, flush=True)
     errors = run / ERRORS_DIR

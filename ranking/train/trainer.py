@@ -24,6 +24,7 @@ from ranking.data.errors import DataError
 from ranking.errors import UserError
 from ranking.export import schema_dict
 from ranking.train import checkpoint as ckpt
+from ranking.train import warm_start as ws
 from ranking.train.badrows import BadRows, counts_text, merge_counts
 from ranking.train.config import ExperimentConfig, load_experiment
 from ranking.train.distributed import all_ranks, init_distributed
@@ -88,6 +89,12 @@ class Trainer:
         # model selection on valid (train.select_best): the best evaluation so far, its step and
         # epoch, and evaluations since it; saved in every checkpoint's marker for resuming
         self.selection: dict = {"best": None, "step": None, "epoch": None, "since": 0}
+        # where the model came from (train.warm_start; a resumed run keeps its checkpoint's) and
+        # the training rows this rank has stepped on (all epochs, resumed parts included): both
+        # go into every checkpoint's marker, then the artifact's manifest
+        self.lineage = ws.describe_lineage(None)
+        self.rows_read = 0
+        self.resumed_from: Path | None = None
         self._build()
 
     # ----------------------------------------------------------- model and optimisers
@@ -111,6 +118,7 @@ class Trainer:
         plan = sharding_plan(model, cfg, self.world, self.device, sharders)
         self.plan = plan
         emb_paths = list(embedding_modules(model))
+        self._table_keys = ws.table_keys(model)  # the unsharded names: DMP replaces the modules
         self.model = DistributedModelParallel(
             model, device=self.device, plan=plan, sharders=sharders
         )
@@ -138,8 +146,11 @@ class Trainer:
     def _list(self, key: str) -> list[str]:
         from ranking.data.reader import resolve_files
 
+        d = self.cfg.data
         try:
-            return resolve_files(getattr(self.cfg.data, key))
+            if key == "train":
+                return resolve_files(d.train, d.since, d.until)
+            return resolve_files(getattr(d, key))
         except DataError as e:
             raise DataError(f"data.{key}: {e}") from None
 
@@ -218,6 +229,7 @@ class Trainer:
                 "metrics": metrics or {},
                 "config": self.cfg.raw,
                 "schema": schema_dict(self.cfg.schema),
+                "lineage": self._lineage(),
             },
             local=local,
         )
@@ -231,6 +243,7 @@ class Trainer:
         optimisers' state, the learning rate, RNG, data position, the last evaluation, the
         model-selection state and whether the run had stopped early."""
         path = ckpt.latest(self.run_dir / "checkpoints")
+        self.resumed_from = path
         if path is None:
             return Position()
         marker = ckpt.read_marker(path)
@@ -243,6 +256,10 @@ class Trainer:
                 f"and start a new run"
             )
         self.selection = marker.get("selection") or self.selection
+        lineage = dict(marker.get("lineage") or {})  # the warm start, not applied again
+        data = lineage.pop("data", None) or {}
+        self.lineage = {**self.lineage, **lineage}
+        self.rows_read = int(data.get("rows_read", 0)) if self.rank == 0 else 0  # summed at save
         init_dense_state(self.dense_opt, self.dense_params, ckpt.saved_keys(path))
         state = self.state()
         ckpt.load(state, path)  # strict: a key on either side only is an error naming it
@@ -264,6 +281,78 @@ class Trainer:
             last_eval=marker.get("metrics") or {},
             stopped_early=bool(marker.get("stopped_early", False)),
         )
+
+    def warm_start(self, path: str) -> None:
+        """Start this fresh run from the parent model at ``path`` (``train.warm_start``, see
+        ``ranking.train.warm_start``): its weights into the sharded model, and its optimiser
+        state where it is a checkpoint whose tables and optimisers match this run's. Step,
+        schedule, data position and RNG stay fresh. Never called on a resumed run: its own
+        checkpoint wins, and its marker keeps the lineage."""
+        parent = ws.open_parent(path)
+        differs = ws.check_compatible(parent, self.cfg)
+        if differs:
+            self.log.info(f"warm start: model config differs (same shapes): {'; '.join(differs)}")
+        maps = ws.row_maps(parent, self.cfg.schema, self._table_keys)
+        restored = False
+        if parent.kind == "checkpoint":
+            if not maps:  # every table row for row: the optimiser state can follow
+                restored = self._load_with_optimizer(parent.checkpoint)
+            box = [ws.checkpoint_model_version(parent.checkpoint) if self.rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            parent.model_version = box[0]
+        if not restored:
+            state = self.model.state_dict()
+            ws.copy_into(state, ws.parent_weights(parent), maps)
+            self.model.load_state_dict(state)
+        self.lineage = ws.describe_lineage(parent)
+        self.log.info(ws.summary(parent, maps, self._table_keys, restored))
+
+    def _load_with_optimizer(self, path: Path) -> bool:
+        """A parent checkpoint's model and optimiser state, loaded as a resume loads them (DCP
+        reshards); this run's optimiser settings and fresh schedule stay in force. False, with
+        nothing loaded, where the optimiser state does not match (another optimiser type, a
+        table placed data-parallel in one run and fused in the other)."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        settings = [
+            {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
+        ]
+        init_dense_state(self.dense_opt, self.dense_params, ckpt.saved_keys(path))
+        state = self.state()
+        try:
+            ckpt.load(state, path)
+        except (ckpt.CheckpointError, CheckpointException) as e:
+            self.dense_opt.state.clear()  # what init_dense_state created: a fresh optimiser
+            self.log.info(f"warm start: optimiser state not restored, it does not match ({e})")
+            return False
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optim"])
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)
+        for group, lr in zip(self.dense_opt.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        return True
+
+    def _lineage(self) -> dict:
+        """What the manifest records of this run's origin: the parent (if warm-started) and
+        the data it saw. Collective (sums the rows every rank trained on)."""
+        from ranking.data.reader import partition_dates
+
+        n = torch.tensor([self.rows_read], dtype=torch.int64, device=self.device)
+        dist.all_reduce(n)
+        d = self.cfg.data
+        files = self.files.get("train", [])
+        data = {
+            "train": d.train,
+            "since": d.since or None,
+            "until": d.until or None,
+            "partitions": partition_dates(files, d.train),
+            "files": len(files),
+            "rows": self._rows(files),
+            "rows_read": int(n.item()),
+            "valid": d.valid or None,
+        }
+        return {**self.lineage, "data": data}
 
     def _file_rows(self) -> dict[str, list]:
         """``{key: [[file, rows], ...]}`` of the data sets this run reads (saved in every
@@ -358,6 +447,8 @@ class Trainer:
         steps_per_epoch = epoch_steps[0]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.dense_opt, lr_lambda(cfg, total))
         pos = self.try_resume()
+        if self.resumed_from is None and t.warm_start:
+            self.warm_start(t.warm_start)
         step, epoch, skip, last_eval = pos.step, pos.epoch, pos.batch_in_epoch, pos.last_eval
         self.model.train()
         self.log.info(
@@ -383,6 +474,7 @@ class Trainer:
                 if self._any_rank_done(batch is not None):
                     break
                 self.bad.add(batch, self.rank)
+                self.rows_read += batch.size
                 self._set_progress(step / max(1, total))
                 batch = batch.to(self.device)
                 loss, (bce, _out) = self.train_model(batch)
@@ -514,6 +606,7 @@ class Trainer:
                     "metrics": m,
                     "config": self.cfg.raw,
                     "schema": schema_dict(self.cfg.schema),
+                    "lineage": self._lineage(),
                 },
             )
         else:
