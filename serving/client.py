@@ -1,6 +1,15 @@
 """Minimal clients for the ranking service (HTTP with ``http.client``, gRPC with the stub).
 
 Used by the demo, the tests, the load generator and the benchmark; loopback or any host.
+
+Both clients send a ranking request a second time, at once, when the first answer says the
+service lost it rather than refused it: over HTTP a 503 or a 5xx without the service's JSON
+error body, over gRPC ``UNAVAILABLE`` or an ``INTERNAL`` / ``UNKNOWN`` status whose details are
+not JSON. That is what Ray Serve's proxy answers when the replica holding a request dies
+(HTTP 500 ``Internal Server Error`` as text/plain; gRPC ``INTERNAL`` "The actor died
+unexpectedly ..."), and by then Serve routes new requests to the other replicas. Ranking is a
+pure function of the request, so sending it twice is safe. ``retries`` counts the second sends
+(docs/SERVING.md, "Faults").
 """
 
 from __future__ import annotations
@@ -54,12 +63,44 @@ def _bindable(host: str, port: int) -> bool:
     return True
 
 
+def _json(data) -> Any:
+    """``data`` decoded as JSON, or None where it is not JSON."""
+    try:
+        return json.loads(data)
+    except (TypeError, ValueError):  # UnicodeDecodeError is a ValueError
+        return None
+
+
+def _is_error_body(obj) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get("error"), dict) and "code" in obj["error"]
+
+
+def lost_http(status: int, body) -> bool:
+    """Whether an HTTP answer says the service lost the request (retry it), rather than
+    answered or refused it: a 503, or a 5xx without the service's JSON error body."""
+    return status == 503 or (status >= 500 and not _is_error_body(body))
+
+
+def lost_grpc(code, details) -> bool:
+    """The same for a gRPC status: ``UNAVAILABLE``, or ``INTERNAL`` / ``UNKNOWN`` whose details
+    are not the service's JSON error body."""
+    import grpc
+
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    return code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and not _is_error_body(
+        _json(details)
+    )
+
+
 class HTTPClient:
-    """A keep-alive HTTP/1.1 connection to the service (not thread-safe: one per thread)."""
+    """A keep-alive HTTP/1.1 connection to the service (not thread-safe: one per thread).
+    ``retries``: ranking requests sent a second time (see the module docstring)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8000, timeout: float = 30.0):
         self.host, self.port, self.timeout = host, port, timeout
         self._conn: http.client.HTTPConnection | None = None
+        self.retries = 0
 
     def request(
         self, method: str, path: str, body: bytes | None = None, headers: dict | None = None
@@ -79,8 +120,23 @@ class HTTPClient:
         raise AssertionError("unreachable")
 
     def rank_raw(self, body: bytes) -> tuple[int, dict]:
-        status, data = self.request("POST", "/v1/rank", body, {"Content-Type": "application/json"})
-        return status, json.loads(data)
+        """POST /v1/rank with ``body``, sent once more if the service lost it; ``(status,
+        decoded JSON)``. An answer that is still not JSON comes back as an error body with
+        code ``non_json_answer`` (made here, not by the service)."""
+        headers = {"Content-Type": "application/json"}
+        status, data = self.request("POST", "/v1/rank", body, headers)
+        obj = _json(data)
+        if lost_http(status, obj):
+            self.retries += 1
+            status, data = self.request("POST", "/v1/rank", body, headers)
+            obj = _json(data)
+        if obj is None:
+            obj = RequestError(
+                status,
+                "non_json_answer",
+                f"HTTP {status} with a body that is not JSON: {data[:200]!r}",
+            ).body()
+        return status, obj
 
     def rank(self, request: dict[str, Any]) -> dict:
         """POST /v1/rank; returns the answer or raises ``RequestError`` with the error body."""
@@ -162,26 +218,32 @@ class GRPCClient:
         from serving.proto import ranking_pb2_grpc
 
         self.timeout = timeout
+        self.retries = 0
         # Serve's gRPC proxy needs the application's name when several are deployed.
         self.metadata = (("application", application),)
         self._channel = grpc.insecure_channel(f"{host}:{port}")
         self._stub = ranking_pb2_grpc.RankingServiceStub(self._channel)
 
     def rank(self, request: dict[str, Any]) -> dict:
-        """Rank; a refused request raises ``RequestError`` decoded from the gRPC details."""
+        """Rank, sending the request once more if the service lost it; a refused request
+        raises ``RequestError`` decoded from the gRPC details, any other failure gRPC's
+        ``RpcError``."""
         import grpc
 
-        try:
-            resp = self._stub.Rank(
-                to_proto_request(request), timeout=self.timeout, metadata=self.metadata
-            )
-        except grpc.RpcError as e:
+        msg = to_proto_request(request)
+        for attempt in (0, 1):
             try:
-                body = json.loads(e.details())
-            except (TypeError, ValueError):
-                raise e from None
-            raise RequestError.from_body(int(body.get("status", 422)), body) from None
-        return from_proto_response(resp)
+                resp = self._stub.Rank(msg, timeout=self.timeout, metadata=self.metadata)
+            except grpc.RpcError as e:
+                if attempt == 0 and lost_grpc(e.code(), e.details()):
+                    self.retries += 1
+                    continue
+                body = _json(e.details())
+                if not _is_error_body(body):
+                    raise e from None
+                raise RequestError.from_body(int(body.get("status", 422)), body) from None
+            return from_proto_response(resp)
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self._channel.close()

@@ -10,7 +10,7 @@ import logging
 import time
 
 from serving import jsonio
-from serving.errors import GRPC_CODES, RequestError
+from serving.errors import GRPC_CODES, RETRY_AFTER_S, RequestError, unavailable
 from serving.settings import IngressSettings
 
 log = logging.getLogger("ray.serve")
@@ -45,13 +45,16 @@ class Front:
             status, body = await self._http(request, route)
         except Exception as e:  # a dead or overloaded replica: never a stack trace out
             log.warning("request failed: %s: %s", type(e).__name__, e)
-            status, body = error_response(
-                RequestError(503, "unavailable", "the ranking service is unavailable, retry")
-            )
+            status, body = error_response(unavailable())
         route_tag = route if route in HTTP_ROUTES else "other"
         error = body["error"]["code"] if status >= 400 else None
         self._front_metrics.observe(route_tag, status, time.perf_counter() - t0, error)
-        return Response(jsonio.dumps(body), status_code=status, media_type="application/json")
+        return Response(
+            jsonio.dumps(body),
+            status_code=status,
+            media_type="application/json",
+            headers={"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None,
+        )
 
     async def _http(self, request, route: str) -> tuple[int, dict]:
         if route == "/healthz":
@@ -89,17 +92,23 @@ class Front:
 
     async def Rank(self, request, grpc_context=None):
         """gRPC ``mixrank.v1.RankingService/Rank``; errors set the gRPC status and put the JSON
-        error body, plus the HTTP-equivalent ``status``, in the details."""
+        error body, plus the HTTP-equivalent ``status``, in the details.
+
+        ``request``: the serialized ``RankRequest`` as it came over the wire
+        (``serving.grpc_service`` registers the method without a deserializer, so that
+        malformed bytes get 400 ``invalid_proto`` here), or a decoded message (a server
+        registered with the generated ``ranking_pb2_grpc`` function)."""
         from serving.proto import ranking_pb2
 
         t0 = time.perf_counter()
         try:
-            status, body = await self._rank(request, "proto")
+            if isinstance(request, bytes) and len(request) > self._max_body:
+                status, body = error_response(self._too_large(len(request)))
+            else:
+                status, body = await self._rank(request, "proto")
         except Exception as e:
             log.warning("request failed: %s: %s", type(e).__name__, e)
-            status, body = error_response(
-                RequestError(503, "unavailable", "the ranking service is unavailable, retry")
-            )
+            status, body = error_response(unavailable())
         error = body["error"]["code"] if status >= 400 else None
         self._front_metrics.observe(GRPC_ROUTE, status, time.perf_counter() - t0, error)
         if status != 200:

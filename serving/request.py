@@ -102,7 +102,11 @@ def proto_dict(body) -> dict:
     try:
         msg.ParseFromString(body)
     except (DecodeError, RecursionError) as e:
-        raise RequestError(400, "invalid_proto", f"cannot decode RankRequest: {e}") from None
+        raise RequestError(
+            400,
+            "invalid_proto",
+            f"request body is not a serialized mixrank.v1.RankRequest ({len(body)} bytes): {e}",
+        ) from None
     return proto_to_dict(msg)
 
 
