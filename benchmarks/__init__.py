@@ -19,6 +19,7 @@ BENCHMARKS = {
     "train": ("benchmarks.bench_train", "training samples/s with 1 and 2 processes, step/forward"),
     "quality": ("benchmarks.quality", "AUC/logloss of every arch on Frappe and MovieLens, scaling"),
     "serve": ("benchmarks.bench_serve", "Ray Serve /v1/rank latency and throughput vs forward"),
+    "loop": ("benchmarks.bench_loop", "request-logging cost (A/B) and rollout/rollback under load"),
 }
 
 

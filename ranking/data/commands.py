@@ -27,6 +27,14 @@ def register(sub) -> None:
     s.add_argument(
         "--chunk-rows", type=_positive, default=262144, help="rows per chunk / row group"
     )
+    s.add_argument("--day", type=int, default=0, help="the day of a drifting signal (with --drift)")
+    s.add_argument(
+        "--drift",
+        type=float,
+        default=0.0,
+        help="radians the hidden signal turns per day (e.g. 0.15: day d's logit correlates "
+        "about cos(0.15 d) with day 0's)",
+    )
     s.add_argument("--quiet", action="store_true", help="no progress line")
     s.set_defaults(func=cmd_synth)
 
@@ -160,6 +168,8 @@ def cmd_synth(args) -> int:
         chunk_rows=args.chunk_rows,
         signal_seed=args.signal_seed,
         progress=not args.quiet,
+        day=args.day,
+        drift=args.drift,
     )
     print(json.dumps({"preset": args.preset, "rows": args.rows, "files": [str(f) for f in files]}))
     return 0

@@ -9,6 +9,13 @@ with ``a`` and ``c`` scaled so that the pairwise part dominates (std ~2 vs ~0.7)
 by bisection for a ~30% positive rate; the label is drawn from ``sigmoid(logit)``. A logistic
 regression on one-hot features sees only the first-order part, so a model with interactions
 beats it. Ids are Zipf-distributed (exponent ``ZIPF``). Rows are generated and written in chunks.
+
+Drift (the continuous-training loop's days): with ``drift > 0``, day ``d``'s hidden vectors and
+biases are ``cos(drift * d) * x + sin(drift * d) * x'``, with ``x'`` an independent draw of the
+same shape, so the signal moves a little each day (the correlation between day 0's and day
+``d``'s logits falls as ``cos(drift * d)`` for the pairwise and first-order parts) while the
+value names and their frequencies stay. ``click_probability`` gives the planted probability of
+any rows with the preset's columns (e.g. logged requests), for simulating their outcomes.
 """
 
 from __future__ import annotations
@@ -106,12 +113,17 @@ class Generator:
     signal with different ``seed``s.
     """
 
-    def __init__(self, preset: str, seed: int = 0, signal_seed: int = 0):
+    def __init__(
+        self, preset: str, seed: int = 0, signal_seed: int = 0, day: int = 0, drift: float = 0.0
+    ):
         self.preset = preset
         self.seed = seed
         self.signal_seed = signal_seed
+        self.day, self.drift = day, drift
         self.fields = preset_fields(preset)
         rng = np.random.default_rng([signal_seed, 1])
+        alt = np.random.default_rng([signal_seed, 7])  # where the signal drifts to
+        angle = drift * day
         self.hidden = {}
         for f in self.fields:
             if f.kind == "dense":
@@ -123,6 +135,11 @@ class Generator:
                 )
             vec = rng.normal(size=(f.card, RANK)) / np.sqrt(RANK)
             bias = rng.normal(size=f.card)
+            if angle:
+                vec2 = alt.normal(size=(f.card, RANK)) / np.sqrt(RANK)
+                bias2 = alt.normal(size=f.card)
+                vec = np.cos(angle) * vec + np.sin(angle) * vec2
+                bias = np.cos(angle) * bias + np.sin(angle) * bias2
             cdf = np.cumsum(1.0 / np.arange(1, f.card + 1) ** ZIPF)
             perm = rng.permutation(f.card)  # which value is the most frequent
             self.hidden[f.column] = (vec, bias, cdf / cdf[-1], perm)
@@ -186,6 +203,40 @@ class Generator:
         pair = 0.5 * ((vec_sum * vec_sum).sum(1) - sq_sum)
         return cols, (pair, first, dense)
 
+    def click_probability(self, table: pa.Table) -> np.ndarray:
+        """The planted probability of each row of ``table`` (the preset's columns, values as
+        strings or integers as written; a null or unknown value adds nothing)."""
+        n = table.num_rows
+        vec_sum, sq_sum = np.zeros((n, RANK)), np.zeros(n)
+        first, dense = np.zeros(n), np.zeros(n)
+        for f in self.fields:
+            if f.column not in table.column_names:
+                continue
+            col = table[f.column]
+            h = self.hidden[f.column]
+            if f.kind == "dense":
+                mu, sigma, w = h
+                x = col.to_numpy(zero_copy_only=False).astype(float)
+                z = (np.log1p(np.maximum(np.nan_to_num(x, nan=0.0), 0)) - mu) / sigma
+                dense += np.where(np.isnan(x), 0.0, w * z)
+                continue
+            vec, bias = h[0], h[1]
+            index = {v: i for i, v in enumerate(f.names.to_pylist())}
+            if f.kind == "id_list":
+                u, b = np.zeros((n, RANK)), np.zeros(n)
+                for r, lst in enumerate(col.to_pylist()):
+                    if lst:
+                        uu, bb = _hidden_of(lst, index, vec, bias)
+                        u[r], b[r] = uu.mean(0), bb.mean()
+            else:
+                u, b = _hidden_of(col.to_pylist(), index, vec, bias)
+            vec_sum += u
+            sq_sum += (u * u).sum(1)
+            first += b
+        pair = 0.5 * ((vec_sum * vec_sum).sum(1) - sq_sum)
+        logit = self.scale[0] * pair + self.scale[1] * first + self.scale[2] * dense + self.bias
+        return 1 / (1 + np.exp(-logit))
+
     def chunk(self, index: int, n: int) -> pa.Table:
         """Chunk ``index`` of ``n`` rows (deterministic in ``seed``, ``index`` and ``n``)."""
         rng = np.random.default_rng([self.seed, 3, index])
@@ -204,6 +255,8 @@ def write_synthetic(
     signal_seed: int = 0,
     chunks_per_file: int = 8,
     progress: bool = True,
+    day: int = 0,
+    drift: float = 0.0,
 ) -> list[Path]:
     """Write ``rows`` synthetic rows as ``out/part-NNNNN.parquet`` (one row group per chunk);
     memory is bounded by one chunk. Prints a progress line (rows/s, ETA) on stderr."""
@@ -212,7 +265,7 @@ def write_synthetic(
     gen = (
         SequenceGenerator(seed, signal_seed)
         if preset == "sequence"
-        else Generator(preset, seed, signal_seed)
+        else Generator(preset, seed, signal_seed, day=day, drift=drift)
     )
     files: list[Path] = []
     writer = None
@@ -340,6 +393,15 @@ class SequenceGenerator:
                 **cols,
             }
         )
+
+
+def _hidden_of(values: list, index: dict, vec: np.ndarray, bias: np.ndarray):
+    """The hidden vectors ``[n, RANK]`` and biases ``[n]`` of ``values`` (zeros for a null or
+    unknown value)."""
+    ix = np.array([index.get(str(v), -1) if v is not None else -1 for v in values], np.int64)
+    ok = ix >= 0
+    safe = np.maximum(ix, 0)
+    return np.where(ok[:, None], vec[safe], 0.0), np.where(ok, bias[safe], 0.0)
 
 
 def _zipf_cdf(n: int, a: float) -> np.ndarray:
