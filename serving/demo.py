@@ -1,9 +1,14 @@
-"""``mixrank demo``: the main job end to end on embedded default data.
+"""``mixrank demo``: the main job end to end on embedded default data, then one turn of the
+continuous-training loop.
 
 Synthesise a data set with a planted interaction signal (train and valid splits), inspect it,
 stream it through the feature pipeline, train the default model with 2 processes under torchrun
 (TorchRec DistributedModelParallel, gloo), evaluate the exported artifact offline, then serve it
-on an in-process Ray Serve (deploy/serve.yaml) and rank a few requests over HTTP and gRPC.
+on an in-process Ray Serve (deploy/serve.yaml) with request logging and rank a few requests over
+HTTP and gRPC. Then day 2 (the planted signal has drifted a little): live traffic is logged,
+its clicks simulated from the day-2 signal, joined with the log into training rows, a day-2
+model warm-started from day 1 on them, the day-1 logs re-scored offline (train/serve
+consistency), and the day-2 model gated, shadowed and rolled out through Serve's REST API.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
     p.add_argument("--config", default=str(DEMO_CONFIG), help="experiment YAML")
     p.add_argument("--workdir", default=None, help="keep outputs here (default: a temp dir)")
+    p.add_argument(
+        "--no-loop", action="store_true", help="stop after serving day 1 (no day-2 loop)"
+    )
     p.set_defaults(func=run)
 
 
@@ -102,10 +110,10 @@ def _run(args, work: Path) -> int:
         f"artifact {run_dir / 'artifact'}: model_version {manifest['model_version']}, "
         f"arch {manifest['arch']}, step {manifest['step']}"
     )
-    _step(6, "serve the artifact on Ray Serve and rank candidates over HTTP and gRPC")
-    _serve(run_dir / "artifact", data / "valid")
+    _step(6, "serve the artifact on Ray Serve (request log on) and rank over HTTP and gRPC")
+    rc = _serve(args, work, run_dir / "artifact", data / "valid", preset)
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s", flush=True)
-    return 0
+    return rc
 
 
 def _read(preset: str, path: Path, batch_size: int) -> None:
@@ -128,10 +136,26 @@ def _read(preset: str, path: Path, batch_size: int) -> None:
     )
 
 
-def _serve(artifact: Path, valid: Path) -> None:
-    """Start deploy/serve.yaml on a local Ray (free loopback ports), send a few requests built
-    from validation rows (the user's features as context, 20 candidate items), print the
-    ranking and an excerpt of the Prometheus metrics, and shut down."""
+USER_KEYS = ("user", "daytime", "weekday", "isweekend", "homework", "weather", "country", "city")
+DRIFT = 0.15  # radians per day the planted signal turns (ranking/data/synth.py)
+
+
+def _requests(rows: list[dict], n: int, cands: int, tag: str) -> list[dict]:
+    """``n`` requests from data rows: a row's user features as the context, the items (and
+    their cost) of the next ``cands`` rows as candidates."""
+    out = []
+    for i in range(n):
+        base = (i * cands) % max(len(rows) - cands, 1)
+        ctx = {k: rows[base][k] for k in USER_KEYS if k in rows[base]}
+        cs = [{"item": r["item"], "cost": r["cost"]} for r in rows[base : base + cands]]
+        out.append({"request_id": f"{tag}-{i}", "context": ctx, "candidates": cs})
+    return out
+
+
+def _serve(args, work: Path, artifact: Path, valid: Path, preset: str) -> int:
+    """Start deploy/serve.yaml on a local Ray (free loopback ports, request logging, Serve's
+    REST API), send a few requests built from validation rows, print the ranking and an
+    excerpt of the Prometheus metrics; then the day-2 loop (``_loop``); shut down."""
     import urllib.request
 
     import pyarrow.dataset as ds
@@ -139,44 +163,37 @@ def _serve(artifact: Path, valid: Path) -> None:
     from serving import config
     from serving.client import GRPCClient, HTTPClient, free_port
 
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics, dash = free_port(), free_port(), free_port(), free_port()
     rows = ds.dataset(valid, format="parquet").head(60).to_pylist()
-    user_keys = (
-        "user",
-        "daytime",
-        "weekday",
-        "isweekend",
-        "homework",
-        "weather",
-        "country",
-        "city",
-    )
     t0 = time.perf_counter()
+    logs = work / "logs"
     cfg = config.load_config(
         artifact=artifact,
         http_port=http,
         grpc_port=grpc,
         host="127.0.0.1",
-        deployments={"Ranker": {"num_replicas": 1}},
+        deployments={
+            "Ranker": {
+                "num_replicas": 1,
+                "user_config": {"log_dir": str(logs), "log_flush_seconds": 1.0},
+            }
+        },
     )
     try:
-        config.start(cfg, metrics_port=metrics)
+        config.start(cfg, metrics_port=metrics, dashboard_port=None if args.no_loop else dash)
         print(f"Ray Serve up in {time.perf_counter() - t0:.1f} s: http :{http}, grpc :{grpc}")
         client = HTTPClient("127.0.0.1", http)
-        for i in range(3):
-            ctx = {k: rows[i][k] for k in user_keys if k in rows[i]}
-            cands = [{"item": r["item"], "cost": r["cost"]} for r in rows[i * 20 : i * 20 + 20]]
-            req = {"request_id": f"demo-{i}", "context": ctx, "candidates": cands, "top_k": 5}
+        for req in _requests(rows, 2, 20, "demo"):
+            req["top_k"] = 5
             t1 = time.perf_counter()
             ans = client.rank(req)
             ms = (time.perf_counter() - t1) * 1e3
+            cands = req["candidates"]
             print(
-                f"HTTP {ans['request_id']} (user {ctx.get('user')}, {len(cands)} candidates, {ms:.1f} ms):"
+                f"HTTP {ans['request_id']} (user {req['context'].get('user')}, {len(cands)} "
+                f"candidates, {ms:.1f} ms): top 5 items "
+                + ", ".join(f"{cands[j]['item']} ({ans['scores'][j]:.3f})" for j in ans["ranking"])
             )
-            for pos, j in enumerate(ans["ranking"], 1):
-                print(
-                    f"  {pos}. candidate {j:2d}  item {cands[j]['item']!s:>8}  score {ans['scores'][j]:.4f}"
-                )
         g = GRPCClient("127.0.0.1", grpc)
         ans_g = g.rank(req)
         g.close()
@@ -202,6 +219,130 @@ def _serve(artifact: Path, valid: Path) -> None:
                     if kv.split("=")[0] in ("route", "code", "model_version", "dtype")
                 ]
                 print(f"  {name}{{{','.join(keep)}}} {value}")
+        if args.no_loop:
+            return 0
+        return _loop(args, work, artifact, preset, logs, http, dash, metrics)
     finally:
         config.stop()
         print("Ray Serve shut down.")
+
+
+def _traffic(http: int, requests: list[dict], threads: int = 4) -> list[dict]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.client import HTTPClient
+
+    def send(chunk):
+        c = HTTPClient("127.0.0.1", http)
+        try:
+            return [c.rank(r) for r in chunk]
+        finally:
+            c.close()
+
+    chunks = [requests[k::threads] for k in range(threads)]
+    with ThreadPoolExecutor(threads) as ex:
+        return [a for part in ex.map(send, chunks) for a in part]
+
+
+def _loop(args, work, artifact, preset, logs, http, dash, metrics) -> int:
+    """Day 2: traffic logged, clicks simulated from the drifted signal, join, warm start,
+    consistency check, gate + shadow + rollout. One line per step."""
+    import threading
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+    from ray import serve
+
+    from ranking.cli import main as cli
+    from ranking.consistency import check_consistency
+    from ranking.data.join import join_labels
+    from ranking.data.servedlog import read_logs
+    from ranking.data.synth import Generator
+    from serving.rollout import RolloutRefused, ServeAdmin, rollout
+
+    day2 = work / "day2"
+    t0 = time.perf_counter()
+    _step(7, f"day 2: the planted signal drifts ({DRIFT} rad); live traffic, logged")
+    for split, rows, seed in (("rows", 30_000, 11), ("valid", 20_000, 12)):
+        rc = cli(["data", "synth", "--preset", preset, "--rows", str(rows), "--out",
+                  str(day2 / split), "--seed", str(seed), "--day", "2", "--drift", str(DRIFT),
+                  "--quiet"])  # fmt: skip
+        if rc:
+            return rc
+    src = ds.dataset(day2 / "rows", format="parquet").to_table().to_pylist()
+    answers = _traffic(http, _requests(src, 600, 50, "day2"))
+    admin = ServeAdmin(f"http://127.0.0.1:{dash}")
+    serve.get_deployment_handle("Ranker", "mixrank").flush_log.remote().result()  # 1 replica
+    log_rows = read_logs(str(logs)).to_table()
+    print(
+        f"{len(answers)} requests answered, {log_rows.num_rows:,} candidate rows in the request "
+        f"log {logs} ({time.perf_counter() - t0:.1f} s)"
+    )
+
+    _step(8, "simulated clicks on the logged candidates, from the day-2 planted signal")
+    gen = Generator(preset, signal_seed=0, day=2, drift=DRIFT)
+    p = gen.click_probability(log_rows)
+    clicked = np.random.default_rng(0).random(len(p)) < p
+    events = log_rows.filter(pa.array(clicked)).select(["request_id", "candidate"])
+    events = events.append_column("label", pa.array(np.ones(events.num_rows)))
+    pq.write_table(events, work / "clicks.parquet")
+    print(f"{events.num_rows:,} clicks on {len(p):,} impressions ({clicked.mean():.1%})")
+
+    _step(9, "join the request log with the clicks into training rows")
+    res = join_labels(str(logs), str(work / "clicks.parquet"), str(work / "joined"), quiet=True)
+    print(f"{res['rows']:,} rows, {res['labelled']:,} positive, partitions dt={res['days']}")
+
+    _step(10, "day-2 model: warm start from day 1 on the new partition")
+    run2 = work / "run2"
+    rc = cli(
+        [
+            "train", "--config", args.config, "--nproc", str(args.nproc), "--run-dir", str(run2),
+            "--warm-start", str(artifact), f"data.train={work / 'joined'}",
+            f"data.since={res['days'][-1]}", f"data.valid={day2 / 'valid'}",
+            "train.epochs=1", "train.warmup_steps=0", "train.log_every=1000",
+        ]
+    )  # fmt: skip
+    if rc:
+        return rc
+    new = run2 / "artifact"
+
+    _step(11, "train/serve consistency: the day-1 logs re-scored through the training path")
+    rep = check_consistency(str(artifact), str(logs), quiet=True)
+    worst = max(t["max_abs"] for t in rep["tasks"].values())
+    print(f"{rep['rows']:,} rows: max |offline - online| = {worst:.2e} (ok: {rep['ok']})")
+
+    _step(12, "roll the day-2 model out: check, gate on day-2 data, shadow, promote")
+    stop = threading.Event()
+    more = _requests(src, 400, 50, "live")
+
+    def live():
+        k = 0
+        while not stop.is_set():
+            _traffic(http, more[k % 400 : k % 400 + 8], threads=2)
+            k += 8
+
+    bg = threading.Thread(target=live, daemon=True)
+    bg.start()
+    try:
+        report = rollout(
+            admin,
+            str(new),
+            url=f"http://127.0.0.1:{http}",
+            gate_data=str(day2 / "valid"),
+            max_auc_drop=0.005,
+            shadow_seconds=3,
+            metrics_urls=[f"http://127.0.0.1:{metrics}/metrics"],
+        )
+        g = report["gate"]
+        print(
+            f"promoted {report['model_version']}: day-2 AUC {g['new']['auc']:.4f} vs the day-1 "
+            f"model's {g['serving']['auc']:.4f}"
+        )
+    except RolloutRefused as e:
+        print(f"not rolled out: {e}")
+    finally:
+        stop.set()
+        bg.join(30)
+    return 0
