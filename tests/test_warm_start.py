@@ -407,3 +407,44 @@ def test_incompatible_parent_is_refused_naming_the_feature(
     assert str(e.value).startswith(f"--warm-start {art}: "), str(e.value)
     assert message in str(e.value), str(e.value)
     assert not (tmp_path / "run" / "config.yaml").exists()  # refused before the run exists
+
+
+class _Shard:
+    """The parts of a ShardedTensor's local shard that ``copy_into`` reads."""
+
+    def __init__(self, tensor, r0, c0):
+        self.tensor = tensor
+        self.metadata = type("M", (), {"shard_offsets": [r0, c0],
+                                       "shard_sizes": list(tensor.shape)})()  # fmt: skip
+
+
+class _Sharded:
+    def __init__(self, shards):
+        self._shards = shards
+
+    def local_shards(self):
+        return self._shards
+
+
+@pytest.mark.parametrize("cut", ["rows", "columns"])
+def test_shards_of_a_vocabulary_table_get_their_rows(cut):
+    """Row- and column-wise shards (as a rank of a sharded table holds them) receive, at their
+    offsets, the rows that indexing the whole tables gives."""
+    from ranking.train.warm_start import copy_into
+
+    torch.manual_seed(0)
+    parent = torch.randn(9, 4)  # missing, OOV, 7 values
+    fresh = torch.randn(12, 4)  # missing, OOV, 10 values
+    moves = {2: 8, 3: 2, 7: 5, 10: 4, 11: 3}  # child row <- parent row (values in both)
+    child_rows = torch.tensor([0, 1, *moves])
+    parent_rows = torch.tensor([0, 1, *moves.values()])
+    want = fresh.clone()
+    for c, p in {0: 0, 1: 1, **moves}.items():
+        want[c] = parent[p]
+    if cut == "rows":
+        shards = [_Shard(fresh[:5].clone(), 0, 0), _Shard(fresh[5:].clone(), 5, 0)]
+    else:
+        shards = [_Shard(fresh[:, :3].clone(), 0, 0), _Shard(fresh[:, 3:].clone(), 0, 3)]
+    copy_into({"t": _Sharded(shards)}, {"t": parent}, {"t": (child_rows, parent_rows)})
+    got = torch.cat([s.tensor for s in shards], dim=0 if cut == "rows" else 1)
+    assert torch.equal(got, want)
