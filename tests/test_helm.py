@@ -563,3 +563,36 @@ def test_notes_render(tmp_path):
         if v["training"]["enabled"]:
             t = v["training"]
             assert f"world size {t['nodes'] * t['nprocPerNode']}" in text
+
+
+@pytest.mark.parametrize(
+    "log_dir, writable", [("/mnt/mixrank/logs/requests", True), ("s3://bucket/logs", False)]
+)
+def test_request_log_values_reach_the_ranker_and_the_mount(tmp_path, log_dir, writable):
+    """serving.requestLog sets the Ranker's user_config; a directory on the shared volume makes
+    the serving pods mount it read-write (it stays read-only otherwise)."""
+    values = tmp_path / "log.yaml"
+    values.write_text(
+        yaml.safe_dump({"serving": {"requestLog": {"dir": log_dir, "sampleRate": 0.25}}})
+    )
+    args = ["template", RELEASE, str(CHART), "--namespace", "ranking", "-f", str(values)]
+    docs = [d for d in yaml.safe_load_all(_helm(*args).stdout) if d]
+    rs = one(docs, "RayService")
+    uc = _ranker(yaml.safe_load(rs["spec"]["serveConfigV2"]))["user_config"]
+    assert uc["log_dir"] == log_dir and uc["log_sample_rate"] == 0.25
+    mounts = [
+        m
+        for _, tpl in pod_templates(docs)
+        for c in tpl["spec"].get("containers", [])
+        for m in c.get("volumeMounts", [])
+        if m["name"] == "data"
+    ]
+    claims = [
+        v["persistentVolumeClaim"]
+        for _, tpl in pod_templates(docs)
+        for v in tpl["spec"].get("volumes", [])
+        if v["name"] == "data" and "persistentVolumeClaim" in v
+    ]
+    serving = [m for m in mounts if m["mountPath"] == "/mnt/mixrank"]
+    assert serving and all(m["readOnly"] is (not writable) for m in serving[:2])
+    assert claims and claims[0]["readOnly"] is (not writable)

@@ -81,7 +81,7 @@ containers:
       {{- if $root.Values.storage.enabled }}
       - name: data
         mountPath: {{ $root.Values.storage.mountPath }}
-        readOnly: true
+        readOnly: {{ not (include "mixrank.logsOnVolume" $root) }}
       {{- end }}
 volumes:
   {{- include "mixrank.scratchVolumes" (dict "shmSize" $g.shmSize) | nindent 2 }}
@@ -89,7 +89,7 @@ volumes:
   - name: data
     persistentVolumeClaim:
       claimName: {{ include "mixrank.claimName" $root }}
-      readOnly: true
+      readOnly: {{ not (include "mixrank.logsOnVolume" $root) }}
   {{- end }}
 {{- with $g.nodeSelector }}
 nodeSelector:
@@ -103,4 +103,11 @@ tolerations:
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end }}
+
+{{/* "true" when the request log is written to the shared volume: serving mounts it read-write
+(otherwise read-only). Empty otherwise. */}}
+{{- define "mixrank.logsOnVolume" -}}
+{{- $dir := .Values.serving.requestLog.dir | default "" }}
+{{- if and .Values.storage.enabled $dir (hasPrefix .Values.storage.mountPath $dir) }}true{{ end }}
 {{- end }}

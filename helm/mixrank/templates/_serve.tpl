@@ -9,6 +9,8 @@ come from that one file), with these values applied:
       user_config.batch_wait_timeout_s     <- serving.ranker.batchWaitTimeoutS
       user_config.torch_threads            <- serving.ranker.torchThreads
       user_config.forward_in_thread        <- serving.ranker.forwardInThread
+      user_config.log_dir                  <- serving.requestLog.dir
+      user_config.log_sample_rate          <- serving.requestLog.sampleRate
       max_ongoing_requests                 <- serving.ranker.maxOngoingRequests
       num_replicas (drops autoscaling)     <- serving.ranker.replicas
       autoscaling_config (drops replicas)  <- serving.ranker.autoscaling
@@ -47,6 +49,10 @@ A null value keeps the file's setting.
 {{- if not (kindIs "invalid" $r.batchWaitTimeoutS) }}{{ $_ := set $uc "batch_wait_timeout_s" $r.batchWaitTimeoutS }}{{ end }}
 {{- if not (kindIs "invalid" $r.torchThreads) }}{{ $_ := set $uc "torch_threads" (int $r.torchThreads) }}{{ end }}
 {{- if not (kindIs "invalid" $r.forwardInThread) }}{{ $_ := set $uc "forward_in_thread" $r.forwardInThread }}{{ end }}
+{{- with $s.requestLog }}
+{{- if not (kindIs "invalid" .dir) }}{{ $_ := set $uc "log_dir" .dir }}{{ end }}
+{{- if not (kindIs "invalid" .sampleRate) }}{{ $_ := set $uc "log_sample_rate" (float64 .sampleRate) }}{{ end }}
+{{- end }}
 {{- if not (kindIs "invalid" $r.maxOngoingRequests) }}{{ $_ := set $dep "max_ongoing_requests" (int $r.maxOngoingRequests) }}{{ end }}
 {{- if not (kindIs "invalid" $r.replicas) }}
 {{- $_ := set $dep "num_replicas" (int $r.replicas) }}
