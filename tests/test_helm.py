@@ -298,7 +298,7 @@ def test_training_job_is_a_consistent_torchrun_launch(values, tmp_path):
     v = chart_values(values)
     t = v["training"]
     docs = render(values)
-    job = one(docs, "Job")
+    job = one(docs, "Job", f"{RELEASE}-mixrank-train-{t['runName']}")
     spec = job["spec"]
     assert spec["completionMode"] == "Indexed"
     assert spec["parallelism"] == spec["completions"] == t["nodes"]
@@ -596,3 +596,33 @@ def test_request_log_values_reach_the_ranker_and_the_mount(tmp_path, log_dir, wr
     serving = [m for m in mounts if m["mountPath"] == "/mnt/mixrank"]
     assert serving and all(m["readOnly"] is (not writable) for m in serving[:2])
     assert claims and claims[0]["readOnly"] is (not writable)
+
+
+def test_rollout_gate_job_is_a_pre_upgrade_mixrank_rollout(tmp_path):
+    """rolloutGate.enabled renders a pre-upgrade hook Job whose command mixrank's own parser
+    takes: a gate-only rollout of serving.artifactUri against the release's services."""
+    from ranking.cli import build_parser
+
+    values = tmp_path / "gate.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "serving": {"artifactUri": "/mnt/mixrank/runs/v2/artifact"},
+                "rolloutGate": {"enabled": True, "tokenSecret": "ray-token", "maxAucDrop": 0.01},
+            }
+        )
+    )
+    args = ["template", RELEASE, str(CHART), "--namespace", "ranking", "-f", str(values)]
+    docs = [d for d in yaml.safe_load_all(_helm(*args).stdout) if d]
+    job = one(docs, "Job", f"{RELEASE}-mixrank-gate")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-upgrade"
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    parsed = build_parser().parse_args(c["args"])
+    assert parsed.command == "rollout" and parsed.no_promote
+    assert parsed.artifact == "/mnt/mixrank/runs/v2/artifact" and parsed.max_auc_drop == 0.01
+    assert parsed.address == f"http://{RELEASE}-mixrank-head-svc.ranking:8265"
+    assert parsed.url.startswith(f"http://{RELEASE}-mixrank-serve.ranking:")
+    env = {e["name"]: e for e in c["env"]}
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "ray-token"
+    # off by default
+    assert not [d for d in render() if d["kind"] == "Job" and "gate" in d["metadata"]["name"]]
