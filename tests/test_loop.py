@@ -369,3 +369,29 @@ def test_histogram_quantile_interpolates_like_promql():
     assert quantile(after, {}, "h", 0.99) == pytest.approx(0.02 + 0.03 * 9 / 10)
     assert quantile({}, {}, "h", 0.99) is None
     assert math.isfinite(quantile(after, {}, "h", 1.0))
+
+
+# ----------------------------------------------------------------------------- simulated clicks
+def test_click_probability_is_the_docstring_formula():
+    """``Generator.click_probability`` against the module docstring's logit written out with
+    explicit loops over field pairs; day 0 of a drifting signal is the undrifted signal."""
+    from ranking.data.synth import Generator
+
+    g = Generator("frappe", seed=5)
+    t = g.chunk(0, 40)
+    p = g.click_probability(t)
+    rows = t.to_pylist()
+    cats = [f for f in g.fields if f.kind == "categorical"]
+    for r, prob in zip(rows[:10], p[:10]):
+        us, bs = [], []
+        for f in cats:
+            vec, bias = g.hidden[f.column][0], g.hidden[f.column][1]
+            i = f.names.to_pylist().index(str(r[f.column]))
+            us.append(vec[i])
+            bs.append(bias[i])
+        pair = sum(float(us[a] @ us[b]) for a in range(len(us)) for b in range(a + 1, len(us)))
+        logit = g.scale[0] * pair + g.scale[1] * sum(bs) + g.bias
+        assert prob == pytest.approx(1 / (1 + math.exp(-logit)), rel=1e-9)
+    assert np.allclose(Generator("frappe", seed=5, day=0, drift=0.3).click_probability(t), p)
+    moved = Generator("frappe", seed=5, day=3, drift=0.3).click_probability(t)
+    assert not np.allclose(moved, p)
