@@ -22,7 +22,9 @@ import numpy as np
 from ranking.errors import UserError
 
 FP32_TOLERANCE = 1e-5
-BF16_TOLERANCE = 2e-2  # bf16 keeps 8 bits of mantissa: about 0.4% relative per operation
+# bf16 keeps 8 bits of mantissa; served bf16 against the fp32 training path differed by at most
+# 8e-4 on random RankMixers (docs/LOOP.md)
+BF16_TOLERANCE = 5e-3
 
 
 def register(sub) -> None:

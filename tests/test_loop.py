@@ -395,3 +395,23 @@ def test_click_probability_is_the_docstring_formula():
     assert np.allclose(Generator("frappe", seed=5, day=0, drift=0.3).click_probability(t), p)
     moved = Generator("frappe", seed=5, day=3, drift=0.3).click_probability(t)
     assert not np.allclose(moved, p)
+
+
+def test_check_consistency_of_a_bf16_artifact_has_its_own_tolerance(tmp_path):
+    """A bf16 artifact is served in bf16 and re-scored in fp32: its log passes at the bf16
+    tolerance and not at fp32's (the tolerance is what makes it pass)."""
+    from benchmarks.artifacts import make_artifact
+    from ranking.consistency import BF16_TOLERANCE, FP32_TOLERANCE, check_consistency
+    from ranking.export import load_artifact
+
+    path = make_artifact(tmp_path / "bf16", seed=3, dtype="bf16")
+    art = load_artifact(path)
+    assert art.dtype == "bf16"
+    items, _ = _served(art, 6, n_cand=20)
+    _write_log(tmp_path / "logs", items)
+    rep = check_consistency(str(path), str(tmp_path / "logs"), quiet=True)
+    assert rep["tolerance"] == BF16_TOLERANCE and rep["ok"]
+    strict = check_consistency(
+        str(path), str(tmp_path / "logs"), tolerance=FP32_TOLERANCE, quiet=True
+    )
+    assert not strict["ok"] and strict["tasks"]["click"]["max_abs"] > FP32_TOLERANCE
