@@ -11,7 +11,9 @@ Topologies (``applications[].args.ingress`` in ``deploy/serve.yaml``):
   replica), as the framework's own no-op floor: an extra ingress -> ranker hop costs more than
   the default model's forward (docs/SERVING.md).
 - ``separate``: ``RankIngress`` (thin, no model) in front of the ``Ranker``, for scaling HTTP/gRPC
-  termination apart from the model replicas.
+  termination apart from the model replicas. It also sends a request lost by a dead ``Ranker``
+  replica once more, where the default leaves that to the client (Serve's proxy answers it
+  with a non-JSON 500); the extra hop's cost and the trade-off: docs/SERVING.md, "Faults".
 
 Deployment names, replica counts, batching and limits live in ``deploy/serve.yaml``; the values
 here are only defaults for ``serve.run(build({}))`` in tests and notebooks.
