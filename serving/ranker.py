@@ -221,7 +221,8 @@ class Ranker(Front):
 
     async def rank(self, body, fmt: str = "json") -> tuple[int, dict]:
         """Answer one request (``fmt``: "json" or "proto"): ``(HTTP status, body dict)``.
-        ``body``: the request's bytes, or for "proto" the decoded ``RankRequest`` message."""
+        ``body``: the request's bytes (gRPC requests arrive as their wire bytes:
+        ``serving.grpc_service``), or a decoded ``RankRequest`` message, which is accepted too."""
         from serving.model import rank_response
         from serving.request import parse_json, parse_proto
 
