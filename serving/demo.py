@@ -8,7 +8,8 @@ on an in-process Ray Serve (deploy/serve.yaml) with request logging and rank a f
 HTTP and gRPC. Then day 2 (the planted signal has drifted a little): live traffic is logged,
 its clicks simulated from the day-2 signal, joined with the log into training rows, a day-2
 model warm-started from day 1 on them, the day-1 logs re-scored offline (train/serve
-consistency), and the day-2 model gated, shadowed and rolled out through Serve's REST API.
+consistency), the day-2 model gated, shadowed and rolled out through Serve's REST API, and a
+model trained on shuffled labels refused by the gate.
 """
 
 from __future__ import annotations
@@ -345,4 +346,34 @@ def _loop(args, work, artifact, preset, logs, http, dash, metrics) -> int:
     finally:
         stop.set()
         bg.join(30)
+
+    _step(13, "a model trained on shuffled labels is refused by the gate")
+    shuffled = work / "shuffled" / f"dt={res['days'][-1]}"
+    shuffled.mkdir(parents=True)
+    t = ds.dataset(work / "joined" / f"dt={res['days'][-1]}", format="parquet").to_table()
+    perm = np.random.default_rng(1).permutation(t.num_rows)
+    t = t.set_column(t.schema.get_field_index("label"), "label", t["label"].take(pa.array(perm)))
+    pq.write_table(t, shuffled / "part-0.parquet")
+    run3 = work / "run3"
+    rc = cli(
+        [
+            "train", "--config", args.config, "--nproc", str(args.nproc), "--run-dir", str(run3),
+            f"data.train={work / 'shuffled'}", f"data.valid={day2 / 'valid'}",
+            "train.epochs=1", "train.log_every=1000",
+        ]
+    )  # fmt: skip
+    if rc:
+        return rc
+    try:
+        rollout(
+            admin,
+            str(run3 / "artifact"),
+            url=f"http://127.0.0.1:{http}",
+            gate_data=str(day2 / "valid"),
+            max_auc_drop=0.005,
+        )
+        print("the shuffled-label model passed the gate: the gate is broken")
+        return 1
+    except RolloutRefused as e:
+        print(f"refused: {e}")
     return 0
