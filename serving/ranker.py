@@ -72,6 +72,7 @@ class Ranker(Front):
         self._last_error: str | None = None
         self._metrics = RankerMetrics()
         self._reqlog = None  # serving.reqlog.RequestLog while user_config.log_dir is set
+        self._log_error: str | None = None  # why the request log could not start
         # rollout: {role: (path, Artifact)} for "shadow" and "canary" (serving/rollout.py)
         self._side: dict[str, tuple[str, Any]] = {}
         self._shadow_busy = False
@@ -142,15 +143,21 @@ class Ranker(Front):
             self._reqlog = None
             await asyncio.to_thread(old.close)
         self._log_key = key
+        self._log_error = None
         if s.log_dir:
-            self._reqlog = RequestLog(
-                s.log_dir,
-                sample_rate=s.log_sample_rate,
-                queue_size=s.log_queue_size,
-                flush_seconds=s.log_flush_seconds,
-                on_written=lambda rows: self._metrics.logged_rows.inc(rows),
-                on_dropped=lambda n: self._metrics.log_dropped.inc(n),
-            )
+            try:
+                self._reqlog = RequestLog(
+                    s.log_dir,
+                    sample_rate=s.log_sample_rate,
+                    queue_size=s.log_queue_size,
+                    flush_seconds=s.log_flush_seconds,
+                    on_written=lambda rows: self._metrics.logged_rows.inc(rows),
+                    on_dropped=lambda n: self._metrics.log_dropped.inc(n),
+                )
+            except Exception as e:  # an unusable directory: keep answering, say so in /healthz
+                self._log_error = f"user_config.log_dir {s.log_dir}: {type(e).__name__}: {e}"
+                log.error("request log off: %s", self._log_error)
+                return
             log.info("logging requests to %s (sample rate %s)", s.log_dir, s.log_sample_rate)
 
     def __del__(self):
@@ -159,13 +166,13 @@ class Ranker(Front):
         if reqlog is not None:
             reqlog.close(timeout=20.0)
 
-    def flush_log(self) -> dict:
-        """Write what the request log holds now (``mixrank serve`` and tests call it through a
-        handle); the log's counters."""
+    async def flush_log(self) -> dict:
+        """Write what this replica's request log holds now (through a handle, e.g. ``mixrank
+        demo``; a reconfigure flushes every replica); the log's counters."""
         r = self._reqlog
         if r is None:
-            return {"enabled": False}
-        ok = r.flush()
+            return {"enabled": False, "error": self._log_error}
+        ok = await asyncio.to_thread(r.flush)
         return {
             "enabled": True,
             "flushed": ok,
@@ -206,6 +213,7 @@ class Ranker(Front):
             "model_version": self._art.model_version,
             "dtype": self._art.dtype,
             "last_reload_error": self._last_error,
+            **({"request_log_error": self._log_error} if self._log_error else {}),
             **{f"{role}_model_version": a.model_version for role, (_, a) in self._side.items()},
         }
 

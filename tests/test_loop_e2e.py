@@ -133,6 +133,22 @@ def test_http_and_grpc_traffic_is_logged_once_and_rescored_exactly(loop):
     assert rep["tasks"]["click"]["max_abs"] <= 1e-5
 
 
+def test_an_unusable_log_dir_is_reported_and_requests_are_still_answered(loop):
+    from serving.rollout import health
+
+    blocker = loop.tmp / "a-file"
+    blocker.write_text("not a directory")
+    loop.admin.update_ranker({"log_dir": str(blocker / "logs")})
+    try:
+        for _ in range(4):  # both replicas
+            h = health(loop.url)
+            assert "user_config.log_dir" in h.get("request_log_error", ""), h
+        assert loop.http_client().rank(_request(loop.schema, 1, "nolog"))["scores"]
+    finally:
+        loop.admin.update_ranker({"log_dir": str(loop.logs)})
+    assert "request_log_error" not in health(loop.url)
+
+
 class Load:
     """Closed-loop HTTP load in threads; every answer must be a 200 with a JSON body."""
 
