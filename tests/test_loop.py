@@ -315,24 +315,31 @@ def test_check_consistency_passes_and_catches_skew(tmp_path, art0, art_paths):
 
 
 # ----------------------------------------------------------------------------- rollout pieces
-def test_gate_refuses_a_worse_model(tmp_path, art0, art_paths):
-    """Gate data labelled by model a0 itself: a0 is the better model by construction."""
+def gate_rows(art, path, seed: int = 500) -> str:
+    """Labelled rows whose labels are model ``art``'s own ranking (above its median score):
+    ``art`` is the better model on them by construction. Written to ``path``."""
     from ranking.data.convert import batch_from_rows
     from serving.loadtest import synthetic_request
-    from serving.rollout import RolloutRefused, gate
 
     rows = []
     for i in range(40):
-        body = synthetic_request(art0.schema, 25, seed=500 + i)
+        body = synthetic_request(art.schema, 25, seed=seed + i)
         rows += [{**body["context"], **c} for c in body["candidates"]]
-    probs = art0.predict(batch_from_rows(art0.schema, rows)).numpy()[:, 0]
+    probs = art.predict(batch_from_rows(art.schema, rows)).numpy()[:, 0]
     labels = (probs > np.median(probs)).astype(float)
     t = pa.Table.from_pylist([{**r, "label": float(y)} for r, y in zip(rows, labels)])
-    pq.write_table(t, tmp_path / "gate.parquet")
-    rep = gate(str(art_paths[0]), str(art_paths[0]), str(tmp_path / "gate.parquet"), 0.002, None)
+    pq.write_table(t, path)
+    return str(path)
+
+
+def test_gate_refuses_a_worse_model(tmp_path, art0, art_paths):
+    from serving.rollout import RolloutRefused, gate
+
+    data = gate_rows(art0, tmp_path / "gate.parquet")
+    rep = gate(str(art_paths[0]), str(art_paths[0]), data, 0.002, None)
     assert rep["new"]["auc"] == rep["serving"]["auc"] > 0.99
     with pytest.raises(RolloutRefused, match=r"gate refused .*a1.*--max-auc-drop 0.002"):
-        gate(str(art_paths[1]), str(art_paths[0]), str(tmp_path / "gate.parquet"), 0.002, None)
+        gate(str(art_paths[1]), str(art_paths[0]), data, 0.002, None)
 
 
 def _scr(name, value, **labels):

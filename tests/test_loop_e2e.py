@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from serving.client import free_port
@@ -189,21 +188,11 @@ class Load:
 
 
 def _gate_data(loop) -> str:
-    """Rows labelled by the serving model a0 itself: a0 is the better model by construction."""
-    from ranking.data.convert import batch_from_rows
-    from ranking.export import load_artifact
-    from serving.loadtest import synthetic_request
+    from test_loop import gate_rows
 
-    art = load_artifact(loop.a0)
-    rows = []
-    for i in range(40):
-        body = synthetic_request(art.schema, 25, seed=700 + i)
-        rows += [{**body["context"], **c} for c in body["candidates"]]
-    p = art.predict(batch_from_rows(art.schema, rows)).numpy()[:, 0]
-    y = (p > np.median(p)).astype(float)
-    path = loop.tmp / "gate.parquet"
-    pq.write_table(pa.Table.from_pylist([{**r, "label": v} for r, v in zip(rows, y)]), path)
-    return str(path)
+    from ranking.export import load_artifact
+
+    return gate_rows(load_artifact(loop.a0), loop.tmp / "gate.parquet", seed=700)
 
 
 def test_rollouts_under_load(loop, capsys):

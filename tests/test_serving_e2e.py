@@ -15,7 +15,6 @@ import json
 import shutil
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -88,18 +87,9 @@ class Service:
 
     def scrape(self) -> dict:
         """``{(sample name, frozenset(labels minus replica/worker ids)): summed value}``."""
-        from prometheus_client.parser import text_string_to_metric_families
+        from serving.rollout import scrape
 
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=10)
-        out: dict = {}
-        skip = {"WorkerId", "replica", "SessionName", "NodeAddress", "Component", "Version"}
-        for fam in text_string_to_metric_families(text.read().decode()):
-            if "mixrank" not in fam.name:
-                continue
-            for s in fam.samples:
-                key = (s.name, frozenset((k, v) for k, v in s.labels.items() if k not in skip))
-                out[key] = out.get(key, 0.0) + s.value
-        return out
+        return scrape([f"http://127.0.0.1:{self.metrics}/metrics"])
 
     def quiet_scrape(self, timeout: float = 30.0) -> dict:
         """A scrape once earlier traffic has been exported (two scrapes 2.5 s apart agree);
