@@ -14,12 +14,14 @@ import math
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from ranking.data.errors import DataError
 from ranking.errors import UserError
@@ -422,3 +424,63 @@ def test_check_consistency_of_a_bf16_artifact_has_its_own_tolerance(tmp_path):
         str(path), str(tmp_path / "logs"), tolerance=FP32_TOLERANCE, quiet=True
     )
     assert not strict["ok"] and strict["tasks"]["click"]["max_abs"] > FP32_TOLERANCE
+
+
+# ----------------------------------------------------------------------------- every shipped config
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(
+    [*REPO.glob("configs/frappe_*.yaml"), *REPO.glob("configs/movielens_*.yaml"),
+     *REPO.glob("configs/synth_sequence_*.yaml"), REPO / "configs/demo.yaml"]
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_served_and_logged_requests_rescore_exactly_for_every_shipped_config(tmp_path, config):
+    """Train/serve consistency over every shipped config's model, schema and vocabulary mode:
+    requests parsed and scored as the Ranker does (several merged into one formed batch, the
+    serving lowering), logged, then re-scored by ``check-consistency`` through the training
+    path: at most 1e-5 apart. With ``vocab_from_train`` the vocabularies come from the first
+    requests' values, so later requests also send values out of the vocabulary."""
+    from benchmarks.artifacts import make_artifact
+    from ranking.consistency import check_consistency
+    from ranking.data.convert import table_from_rows
+    from ranking.data.encode import merged_batch
+    from ranking.data.servedlog import Served
+    from ranking.data.vocab import build_vocabs
+    from ranking.export import load_artifact
+    from ranking.train.config import load_experiment
+    from serving.loadtest import synthetic_request
+    from serving.request import Limits, parse_json
+
+    exp = load_experiment(config, require_data=False)
+    bodies = [synthetic_request(exp.schema, 12, seed=40 + i) for i in range(4)]
+    schema_ref: str = str(exp.raw["schema"])
+    if not schema_ref.endswith((".yaml", ".yml")):
+        schema_ref = str(tmp_path / "schema.yaml")
+        Path(schema_ref).write_text(yaml.safe_dump(exp.schema.to_dict()))
+    if exp.data.vocab_from_train:
+        rows = [{**b["context"], **c} for b in bodies[:2] for c in b["candidates"]]
+        pq.write_table(table_from_rows(exp.schema, rows), tmp_path / "seen.parquet")
+        build_vocabs(exp.schema, [str(tmp_path / "seen.parquet")], tmp_path / "vocab")
+        schema_ref = str(tmp_path / "vocab" / "schema.yaml")
+    path = make_artifact(tmp_path / "art", schema=schema_ref, model=exp.raw["model"], seed=1)
+    art = load_artifact(path)
+    assert bool(exp.data.vocab_from_train) == any(f.vocab for f in art.schema.features)
+    reqs = [
+        parse_json(json.dumps({**b, "request_id": f"q{i}"}).encode(), art.schema, Limits())
+        for i, b in enumerate(bodies)
+    ]
+    probs = art.predict(merged_batch(art.schema, [r.features for r in reqs])).numpy()
+    items, start = [], 0
+    for r in reqs:
+        p = probs[start : start + r.size]
+        start += r.size
+        items.append(
+            Served(
+                r.request_id, time.time(), art.model_version, art.schema, r.context, r.candidates, p
+            )
+        )
+    _write_log(tmp_path / "logs", items)
+    rep = check_consistency(str(path), str(tmp_path / "logs"), quiet=True)
+    assert rep["rows"] == 48 and rep["ok"], rep
+    assert max(t["max_abs"] for t in rep["tasks"].values()) <= 1e-5
