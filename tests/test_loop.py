@@ -484,3 +484,13 @@ def test_served_and_logged_requests_rescore_exactly_for_every_shipped_config(tmp
     rep = check_consistency(str(path), str(tmp_path / "logs"), quiet=True)
     assert rep["rows"] == 48 and rep["ok"], rep
     assert max(t["max_abs"] for t in rep["tasks"].values()) <= 1e-5
+
+
+def test_a_schema_whose_columns_clash_with_the_log_is_refused_by_name():
+    from ranking.data.servedlog import arrow_schema
+    from ranking.features import FeatureSchema, load_schema
+
+    d = load_schema("frappe").to_dict()
+    d["features"][0]["column"] = "request_id"
+    with pytest.raises(ValueError, match=r"\['request_id'\] clash"):
+        arrow_schema(FeatureSchema.from_dict(d))

@@ -35,15 +35,6 @@ def score_column(task: str) -> str:
     return f"{SCORE_PREFIX}{task}"
 
 
-def log_columns(schema) -> list[str]:
-    """The columns of a log file for ``schema`` (a ``FeatureSchema``), in order."""
-    return (
-        list(META_COLUMNS)
-        + [f.column for f in schema.features]
-        + [score_column(t) for t in schema.task_names]
-    )
-
-
 def check_schema(schema) -> None:
     """A schema whose feature columns clash with the log's own columns cannot be logged."""
     clash = sorted(
@@ -68,7 +59,9 @@ def _arrow_type(kind: str) -> pa.DataType:
 
 
 def arrow_schema(schema) -> pa.Schema:
-    """The Arrow schema of a log file for ``schema``."""
+    """The Arrow schema of a log file for ``schema`` (``ValueError`` if its columns clash with
+    the log's own)."""
+    check_schema(schema)
     fields = [
         pa.field("request_id", pa.string()),
         pa.field("candidate", pa.int32()),
