@@ -88,7 +88,9 @@ class Artifact:
         return self.manifest["model_version"]
 
 
-def _build(config: dict, schema_d: dict, source: str):
+def _build(config: dict, schema_d: dict, source: str, device: str | None = None):
+    """The manifest's model and schema; ``device="meta"`` builds the embedding tables without
+    allocating or initialising them (the loader assigns the artifact's tensors to them)."""
     from ranking.features import FeatureSchema
     from ranking.model.config import ModelConfig, migrate_experiment
     from ranking.model.ranker import build_model
@@ -96,7 +98,7 @@ def _build(config: dict, schema_d: dict, source: str):
     config = migrate_experiment(config)
     schema = FeatureSchema.from_dict(schema_d, source=f"{source}: schema")
     model_cfg = ModelConfig.from_dict(config.get("model") or {}, source=source)
-    return build_model(model_cfg, schema), schema
+    return build_model(model_cfg, schema, device=device), schema
 
 
 def schema_dict(schema) -> dict:
@@ -350,8 +352,17 @@ def read_manifest(path: str | Path) -> dict:
 def load_artifact(path: str | Path, *, dtype: str | None = None) -> Artifact:
     """Load an artifact (manifest validated, weights without executing code), eval mode.
 
-    Weights are held in fp32 (bf16 artifacts are upcast on load, halving the file but not the
-    resident size); with dtype "bf16" the forward runs in bf16 (``Artifact.predict``).
+    The weights file is memory-mapped (``torch.load(mmap=True, weights_only=True)``) and the
+    model is built with its embedding tables on the meta device, then given the file's tensors
+    (``load_state_dict(assign=True)``): the tables are never allocated, initialised or copied,
+    and a process touches only the table pages its lookups read (the mapping is private:
+    writing to a loaded tensor copies that page and never changes the file). Dense layers are
+    built normally (small; their buffers outside the state dict keep their init) and also take
+    the mapped tensors.
+
+    Weights are held in fp32: a bf16 artifact's tensors are upcast on load into ordinary memory
+    (tables included: the model's lookups and projections run in fp32), halving the file but
+    not the resident size; with dtype "bf16" the forward runs in bf16 (``Artifact.predict``).
     """
     from ranking.model.config import migrate_experiment
 
@@ -362,18 +373,35 @@ def load_artifact(path: str | Path, *, dtype: str | None = None) -> Artifact:
     manifest["config"] = migrate_experiment(manifest["config"])
     wf = path / manifest["weights"]
     try:
-        weights = torch.load(wf, map_location="cpu", weights_only=True)
+        weights = torch.load(wf, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # corrupt, truncated, or not a weights-only file
         raise ArtifactError(f"{wf}: cannot load weights: {e}") from e
+    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+        raise ArtifactError(f"{wf}: expected a state_dict (a dict of tensors)")
+    weights = {
+        k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
+        for k, v in weights.items()
+    }
     try:
-        model, schema = _build(manifest["config"], manifest["schema"], str(path / MANIFEST))
+        model, schema = _build(
+            manifest["config"], manifest["schema"], str(path / MANIFEST), device="meta"
+        )
     except ValueError as e:
         raise ArtifactError(f"{path / MANIFEST}: {e}") from e
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(weights, assign=True)
     except RuntimeError as e:
         raise ArtifactError(f"{wf}: weights do not match the manifest's model: {e}") from e
+    _check_materialised(model, wf)
     model.eval()
     return Artifact(
         model=model, schema=schema, manifest=manifest, path=path, dtype=dtype or manifest["dtype"]
     )
+
+
+def _check_materialised(model: torch.nn.Module, source) -> None:
+    """Every parameter and buffer holds data after the assigning load (none left on the meta
+    device: a table the weights did not cover); ``ArtifactError`` naming the first otherwise."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            raise ArtifactError(f"{source}: {name}: not in the weights (left unallocated)")
