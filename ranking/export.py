@@ -6,7 +6,7 @@
      run's paths (data files, schema file): 16 hex>",
      "name": ..., "arch": ..., "config": {<resolved experiment config>},
      "schema": {<FeatureSchema.to_dict()>}, "metrics": {<validation metrics at export>},
-     "dtype": "fp32"|"bf16", "step": N, "created": "<UTC ISO time>", "weights": "weights.pt",
+     "dtype": "fp32"|"bf16", "table_dtype": "fp32"|"int8"|"int4", "step": N, "created": "<UTC ISO time>", "weights": "weights.pt",
      "parent_model_version": "<the warm start's model_version>" | null (trained from scratch),
      "parent": {"path", "kind": "artifact"|"checkpoint", "step", "model_version"} | null,
      "data": {"train", "since", "until", "partitions": ["YYYY-MM-DD", ...], "files", "rows",
@@ -17,7 +17,12 @@ The lineage (``parent_model_version``, ``parent``, ``data``) is recorded, not ha
 and the warm-start path, like the data paths, is left out of the hashed config.
 
 ``weights.pt`` is a plain ``state_dict`` of the unsharded model, loaded with
-``torch.load(weights_only=True)``: loading an artifact never executes code from it. An artifact
+``torch.load(weights_only=True)``: loading an artifact never executes code from it. With
+``table_dtype`` int8 / int4 (``mixrank export --table-dtype``) its embedding tables are FBGEMM's
+fused row-wise rows (uint8: codes plus an fp16 scale and bias per row, ``ranking.quant_tables``),
+served by TorchRec's quantized embedding modules; the other weights are as ``dtype`` says. An
+artifact without ``table_dtype`` (written before it existed) has fp32 tables; ``table_dtype``
+enters ``model_version`` only when it is not fp32, so fp32 artifacts keep their versions. An artifact
 is written into a temporary sibling directory and renamed into place, so a reader never sees a
 half-written one; an existing artifact at the same path is swapped out atomically (Linux
 ``renameat2``), so a reader never finds the path missing either.
@@ -42,6 +47,7 @@ FORMAT_VERSION = 1
 WEIGHTS = "weights.pt"
 MANIFEST = "manifest.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TABLE_DTYPES = ("fp32", "int8", "int4")  # ranking.quant_tables.TABLE_DTYPES
 
 
 class ArtifactError(ValueError):
@@ -137,15 +143,27 @@ def _bundle_vocabs(schema_d: dict, out_dir: Path, h) -> dict:
     return d
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
-    """Turn a complete training checkpoint into a serving artifact at ``out``."""
+def _check_dtypes(dtype: str, table_dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ArtifactError(f"--dtype: expected one of {list(DTYPES)}, got {dtype!r}")
+    if table_dtype not in TABLE_DTYPES:
+        raise ArtifactError(
+            f"--table-dtype: expected one of {list(TABLE_DTYPES)}, got {table_dtype!r}"
+        )
+
+
+def export_checkpoint(
+    checkpoint: str | Path, out: str | Path, dtype: str = "fp32", table_dtype: str = "fp32"
+) -> Path:
+    """Turn a complete training checkpoint into a serving artifact at ``out``: dense weights in
+    ``dtype``, embedding tables in ``table_dtype`` (row-wise int8 / int4: ``ranking.quant_tables``).
+    """
     import torch.distributed.checkpoint as dcp
 
     from ranking.train import checkpoint as ckpt
 
     checkpoint = Path(checkpoint)
-    if dtype not in DTYPES:
-        raise ArtifactError(f"--dtype: expected one of {list(DTYPES)}, got {dtype!r}")
+    _check_dtypes(dtype, table_dtype)
     if not (checkpoint / ckpt.MARKER).is_file():
         raise ArtifactError(f"{checkpoint}: not a complete checkpoint (no {ckpt.MARKER} marker)")
     marker = ckpt.read_marker(checkpoint)
@@ -167,24 +185,96 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     model.load_state_dict(state["model"])
+    return _export_model(
+        model,
+        schema,
+        out,
+        config=config,
+        dtype=dtype,
+        table_dtype=table_dtype,
+        metrics=marker.get("metrics") or {},
+        step=int(marker.get("step", 0)),
+        lineage=marker.get("lineage"),
+        source=str(checkpoint),
+    )
+
+
+def export_artifact(
+    src: str | Path, out: str | Path, dtype: str | None = None, table_dtype: str = "fp32"
+) -> Path:
+    """Re-export the artifact ``src`` to ``out`` with dense weights in ``dtype`` (default: the
+    source's) and tables in ``table_dtype``: quantizes an fp32-table artifact's tables. A
+    quantized artifact's tables are kept as they are (same ``table_dtype``) or refused (another
+    one: their fp32 values are gone; re-export from the fp32 artifact or the checkpoint). The
+    source's metrics, step and lineage are kept; ``exported_from`` records the source."""
+    src = Path(src)
+    art = load_artifact(src, dtype="fp32")
+    dtype = dtype or art.manifest["dtype"]
+    _check_dtypes(dtype, table_dtype)
+    src_tables = art.manifest.get("table_dtype", "fp32")
+    if src_tables != "fp32" and src_tables != table_dtype:
+        raise ArtifactError(
+            f"{src / MANIFEST}: table_dtype: the source's tables are {src_tables} and cannot "
+            f"become {table_dtype} (their fp32 values are gone): re-export from the fp32 "
+            f"artifact or from the training checkpoint"
+        )
+    m = art.manifest
+    lineage = {k: m.get(k) for k in ("parent_model_version", "parent", "data")}
+    extra = {"exported_from": {"artifact": str(src.resolve()), "model_version": m["model_version"]}}
+    return _export_model(
+        art.model,
+        art.schema,
+        out,
+        config=m["config"],
+        dtype=dtype,
+        table_dtype=table_dtype,
+        metrics=m.get("metrics") or {},
+        step=int(m.get("step", 0)),
+        lineage=lineage,
+        source=str(src),
+        extra=extra,
+    )
+
+
+def _export_model(
+    model,
+    schema,
+    out,
+    *,
+    config: dict,
+    dtype: str,
+    table_dtype: str,
+    metrics: dict,
+    step: int,
+    lineage: dict | None,
+    source: str,
+    extra: dict | None = None,
+) -> Path:
+    """Write ``model`` (fp32 weights; tables fp32 or already quantized) as an artifact with
+    dense weights rounded to ``dtype`` and tables quantized to ``table_dtype``, after the
+    lowering check on exactly what the artifact will serve."""
+    from ranking.quant_tables import quantize_tables, table_state_dict
+
+    model = quantize_tables(model, table_dtype)  # in place; fp32 and quantized tables: as is
     weights = {
-        k: v.detach().to(DTYPES[dtype]) if v.is_floating_point() else v.detach()
-        for k, v in model.state_dict().items()
+        k: v.to(DTYPES[dtype]) if v.is_floating_point() else v
+        for k, v in table_state_dict(model).items()
     }
     if dtype != "fp32":  # what the artifact will hold and serve: the weights rounded to dtype
-        model.load_state_dict(
-            {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
-        )
-    check_lowering(model.eval(), schema, dtype, config, str(checkpoint))
+        rounded = {k: v.float() for k, v in weights.items() if v.is_floating_point()}
+        model.load_state_dict(rounded, strict=False)
+    check_lowering(model.eval(), schema, dtype, config, source)
     return write_artifact(
         out,
         weights,
         config=config,
         schema=schema,
         dtype=dtype,
-        metrics=marker.get("metrics") or {},
-        step=int(marker.get("step", 0)),
-        lineage=marker.get("lineage"),
+        table_dtype=table_dtype,
+        metrics=metrics,
+        step=step,
+        lineage=lineage,
+        extra=extra,
     )
 
 
@@ -227,7 +317,11 @@ def write_artifact(
     metrics: dict,
     step: int,
     lineage: dict | None = None,
+    table_dtype: str = "fp32",
+    extra: dict | None = None,
 ) -> Path:
+    """Write the artifact ``out`` (atomically). ``extra``: more manifest keys, recorded and
+    not hashed (like the lineage)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -248,6 +342,8 @@ def write_artifact(
         with open(tmp / WEIGHTS, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
+        if table_dtype != "fp32":  # fp32 tables: the version an artifact had before the key
+            body["table_dtype"] = table_dtype
         hashed = {**body, "config": _without_paths(config)}
         h.update(json.dumps(hashed, sort_keys=True, default=str).encode())
         lineage = lineage or {}
@@ -258,6 +354,8 @@ def write_artifact(
             "parent_model_version": lineage.get("parent_model_version"),
             "parent": lineage.get("parent"),
             "data": lineage.get("data"),
+            "table_dtype": table_dtype,
+            **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         _publish(tmp, out)
@@ -346,6 +444,12 @@ def read_manifest(path: str | Path) -> dict:
         )
     if manifest["dtype"] not in DTYPES:
         raise ArtifactError(f"{mf}: dtype: expected one of {list(DTYPES)}")
+    manifest.setdefault("table_dtype", "fp32")  # written before quantized tables existed
+    if manifest["table_dtype"] not in TABLE_DTYPES:
+        raise ArtifactError(
+            f"{mf}: table_dtype: expected one of {list(TABLE_DTYPES)}, got "
+            f"{manifest['table_dtype']!r}"
+        )
     return manifest
 
 
@@ -363,8 +467,11 @@ def load_artifact(path: str | Path, *, dtype: str | None = None) -> Artifact:
     Weights are held in fp32: a bf16 artifact's tensors are upcast on load into ordinary memory
     (tables included: the model's lookups and projections run in fp32), halving the file but
     not the resident size; with dtype "bf16" the forward runs in bf16 (``Artifact.predict``).
+    Quantized tables (``table_dtype`` int8 / int4) become TorchRec's quantized embedding
+    modules, their rows copied into FBGEMM's buffer (resident, not mapped).
     """
     from ranking.model.config import migrate_experiment
+    from ranking.quant_tables import TableDtypeError, load_quantized_tables
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -388,10 +495,23 @@ def load_artifact(path: str | Path, *, dtype: str | None = None) -> Artifact:
         )
     except ValueError as e:
         raise ArtifactError(f"{path / MANIFEST}: {e}") from e
+    table_dtype = manifest["table_dtype"]
     try:
-        model.load_state_dict(weights, assign=True)
+        rest = load_quantized_tables(model, weights, table_dtype, source=str(wf))
+        res = model.load_state_dict(rest, assign=True, strict=False)
+    except TableDtypeError as e:
+        raise ArtifactError(f"{e} ({path / MANIFEST}: table_dtype {table_dtype})") from e
     except RuntimeError as e:
-        raise ArtifactError(f"{wf}: weights do not match the manifest's model: {e}") from e
+        raise ArtifactError(
+            f"{wf}: weights do not match the manifest's model (table_dtype {table_dtype}): {e}"
+        ) from e
+    filled = set(weights) - set(rest)  # the quantized tables' keys, loaded above
+    missing = [k for k in res.missing_keys if k not in filled]
+    if missing or res.unexpected_keys:
+        raise ArtifactError(
+            f"{wf}: weights do not match the manifest's model (table_dtype {table_dtype}): "
+            f"missing keys {missing}, unexpected keys {res.unexpected_keys}"
+        )
     _check_materialised(model, wf)
     model.eval()
     return Artifact(

@@ -40,10 +40,26 @@ def register(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=0.01")
     p.set_defaults(func=train)
 
-    p = sub.add_parser("export", help="write a serving artifact from a training checkpoint")
-    p.add_argument("--checkpoint", required=True, help="a checkpoints/step-N directory")
+    p = sub.add_parser(
+        "export", help="write a serving artifact from a training checkpoint or another artifact"
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a checkpoints/step-N directory")
+    src.add_argument("--artifact", help="re-export this artifact (e.g. with int8 tables)")
     p.add_argument("--out", required=True, help="artifact directory to write")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["fp32", "bf16"],
+        help="dense weights (default: fp32 from a checkpoint, the source's from an artifact)",
+    )
+    p.add_argument(
+        "--table-dtype",
+        default="fp32",
+        choices=["fp32", "int8", "int4"],
+        help="embedding tables: fp32, or row-wise int8 / int4 (FBGEMM's fused rows with an "
+        "fp16 scale and bias per row, served by TorchRec's quantized embedding modules)",
+    )
     p.set_defaults(func=export)
 
     p = sub.add_parser("eval", help="AUC/logloss/NE of an artifact on a Parquet data set")
@@ -297,16 +313,22 @@ def reported_errors(errors: Path) -> list[dict]:
 
 def export(args) -> int:
     from ranking.errors import UserError
-    from ranking.export import ArtifactError, export_checkpoint, read_manifest
+    from ranking.export import ArtifactError, export_artifact, export_checkpoint, read_manifest
 
     try:
-        out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype)
+        if args.artifact:
+            out = export_artifact(
+                args.artifact, args.out, dtype=args.dtype, table_dtype=args.table_dtype
+            )
+        else:
+            out = export_checkpoint(
+                args.checkpoint, args.out, dtype=args.dtype or "fp32", table_dtype=args.table_dtype
+            )
     except (ArtifactError, FileNotFoundError) as e:
         raise UserError(str(e)) from e
     m = read_manifest(out)
-    print(
-        json.dumps({"artifact": str(out), "model_version": m["model_version"], "dtype": m["dtype"]})
-    )
+    keys = ("model_version", "dtype", "table_dtype")
+    print(json.dumps({"artifact": str(out), **{k: m[k] for k in keys}}))
     return 0
 
 
