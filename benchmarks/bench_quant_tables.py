@@ -10,9 +10,12 @@ in this process). Then, per table dtype, in one process:
   and the ratio to fp32;
 - p50 forward latency of ``Artifact.predict`` (what the Ranker runs) on 256-row batches of the
   evaluation split, paired: every repetition runs each dtype once on the same batch, in a
-  shuffled order, so drift on the machine hits all of them alike;
+  shuffled order, so drift on the machine hits all of them alike; and the same for the
+  embedding lookups alone (the tables' module);
 - AUC / logloss on the evaluation split (MovieLens: ``test``; Frappe has no test split here, its
-  ``valid`` is used) and the change against fp32, and the largest |probability| difference.
+  ``valid`` is used) and the change against fp32, and the largest |probability| difference;
+- the int8 artifact served by the real Ray Serve application: one request of 256 real rows over
+  HTTP and over gRPC, its scores against the in-process ones and the fp32 artifact's.
 
 Run it under the shared lock (it trains and it times)::
 
@@ -107,19 +110,21 @@ def bytes_by_dim(work: Path, dims: list[int], table_dtypes: list[str]) -> list[d
     return out
 
 
-def serve_check(art, fp32, candidates: int, seed: int) -> dict:
+def serve_check(art, fp32, data: Path, candidates: int) -> dict:
     """Serve ``art`` with the real application (deploy/serve.yaml, one replica) and send one
-    request of ``candidates`` candidates over HTTP and over gRPC: the largest |score| difference
-    from the same rows' in-process ``art.predict``, and from the fp32 artifact's."""
+    request of ``candidates`` real rows of ``data`` (their feature columns, as candidates) over
+    HTTP and over gRPC: the largest |score| difference from the same rows' in-process
+    ``art.predict``, and from the fp32 artifact's."""
     import numpy as np
+    import pyarrow.parquet as pq
 
     from ranking.data.convert import batch_from_rows
     from serving import config
     from serving.client import GRPCClient, HTTPClient, free_port
-    from serving.loadtest import synthetic_request
 
-    req = synthetic_request(art.schema, candidates, seed=seed)
-    rows = [{**req["context"], **c} for c in req["candidates"]]
+    cols = list(dict.fromkeys(f.column for f in art.schema.features))
+    rows = pq.read_table(data, columns=cols).slice(0, candidates).to_pylist()
+    req = {"request_id": "quant-tables", "context": {}, "candidates": rows}
     batch = batch_from_rows(art.schema, rows)
     want, base = art.predict(batch)[:, 0].numpy(), fp32.predict(batch)[:, 0].numpy()
     http, grpc = free_port(), free_port()
@@ -188,20 +193,33 @@ def evaluate(art, data: Path):
     return m, torch.cat(probs)
 
 
-def paired_p50(arts: dict, batches: list, reps: int, seed: int) -> dict[str, float]:
-    """p50 milliseconds of ``art.predict(batch)`` per dtype: each repetition runs every dtype
-    once on the same batch, in a shuffled order (after 10 untimed warm-up rounds)."""
+def lookup(art):
+    """The model's embedding lookups alone, as a function of a batch (the tables' module:
+    the mixers' ``tokenizer.embeddings``, the baselines' DLRM ``sparse_arch``)."""
+    m = art.model
+    if hasattr(m, "tokenizer"):
+        emb = m.tokenizer.embeddings
+        return lambda b: emb(b.sparse, b.sequences, b.seq_of)
+    return lambda b: m.model.sparse_arch(b.sparse)
+
+
+def paired_p50(fns: dict, batches: list, reps: int, seed: int) -> dict[str, float]:
+    """p50 milliseconds of ``fn(batch)`` per dtype: each repetition runs every dtype once on
+    the same batch, in a shuffled order (after 10 untimed warm-up rounds)."""
+    import torch
+
     rng = random.Random(seed)
-    times: dict[str, list[float]] = {k: [] for k in arts}
-    names = list(arts)
-    for i in range(reps + 10):
-        batch = batches[i % len(batches)]
-        rng.shuffle(names)
-        for k in names:
-            t0 = time.perf_counter()
-            arts[k].predict(batch)
-            if i >= 10:
-                times[k].append(time.perf_counter() - t0)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    with torch.no_grad():
+        for i in range(reps + 10):
+            batch = batches[i % len(batches)]
+            rng.shuffle(names)
+            for k in names:
+                t0 = time.perf_counter()
+                fns[k](batch)
+                if i >= 10:
+                    times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
@@ -236,7 +254,8 @@ def run(args) -> int:
             arts["fp32"].schema, data, args.candidates, rank=0, world_size=1, shuffle=False
         )
         batches = [b for _, b in zip(range(8), reader) if b.labels.shape[0] == args.candidates]
-        p50 = paired_p50(arts, batches, args.reps, args.seed)
+        p50 = paired_p50({k: a.predict for k, a in arts.items()}, batches, args.reps, args.seed)
+        lk = paired_p50({k: lookup(a) for k, a in arts.items()}, batches, args.reps, args.seed)
         base_bytes = table_bytes(arts["fp32"])
         base, base_probs = evaluate(arts["fp32"], data)
         for td, art in arts.items():
@@ -253,6 +272,8 @@ def run(args) -> int:
                 "fp32_over_bytes": round(base_bytes / nbytes, 3),
                 "p50_ms": round(p50[td], 3),
                 "p50_over_fp32": round(p50[td] / p50["fp32"], 3),
+                "lookup_p50_ms": round(lk[td], 3),
+                "lookup_over_fp32": round(lk[td] / lk["fp32"], 3),
                 "auc": round(m["auc"], 6),
                 "auc_change": round(m["auc"] - base["auc"], 6),
                 "logloss": round(m["logloss"], 6),
@@ -266,7 +287,7 @@ def run(args) -> int:
             records.append(rec)
         if "int8" in arts and not args.no_serve_check:
             rec = {"bench": "quant_tables_serve", "config": config, "table_dtype": "int8"}
-            rec.update(serve_check(arts["int8"], arts["fp32"], args.candidates, args.seed))
+            rec.update(serve_check(arts["int8"], arts["fp32"], data, args.candidates))
             emit(rec)
         print(f"[quant] {n}/{len(chosen)} experiments done", file=sys.stderr, flush=True)
     sweep = bytes_by_dim(work, args.dims, args.table_dtypes) if args.dims else []
@@ -274,7 +295,7 @@ def run(args) -> int:
         table(sweep, ["schema", "dim", "table_dtype", "table_bytes", "fp32_over_bytes"])
         print()
         cols = ["config", "table_dtype", "table_bytes", "fp32_over_bytes", "p50_ms",
-                "p50_over_fp32", "auc", "auc_change", "max_prob_diff"]  # fmt: skip
+                "p50_over_fp32", "lookup_p50_ms", "lookup_over_fp32", "auc", "auc_change", "max_prob_diff"]  # fmt: skip
         table(records, cols)
     return 0
 
