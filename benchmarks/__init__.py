@@ -20,6 +20,7 @@ BENCHMARKS = {
     "quality": ("benchmarks.quality", "AUC/logloss of every arch on Frappe and MovieLens, scaling"),
     "serve": ("benchmarks.bench_serve", "Ray Serve /v1/rank latency and throughput vs forward"),
     "loop": ("benchmarks.bench_loop", "request-logging cost (A/B) and rollout/rollback under load"),
+    "scale": ("benchmarks.bench_scale", "10^7-10^8-row tables: samples/s, RSS vs plan, DCP, serve"),
 }
 
 

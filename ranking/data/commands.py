@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-PRESET_CHOICES = ("criteo", "frappe", "movielens", "sequence")
+PRESET_CHOICES = ("criteo", "criteo_large", "frappe", "movielens", "sequence")
 
 
 def register(sub) -> None:
@@ -34,6 +34,12 @@ def register(sub) -> None:
         default=0.0,
         help="radians the hidden signal turns per day (e.g. 0.15: day d's logit correlates "
         "about cos(0.15 d) with day 0's)",
+    )
+    s.add_argument(
+        "--id-range",
+        type=_positive,
+        default=0,
+        help="criteo_large: the number of distinct ids of its big field C3 (default 10^8)",
     )
     s.add_argument("--quiet", action="store_true", help="no progress line")
     s.set_defaults(func=cmd_synth)
@@ -170,6 +176,7 @@ def cmd_synth(args) -> int:
         progress=not args.quiet,
         day=args.day,
         drift=args.drift,
+        id_range=args.id_range,
     )
     print(json.dumps({"preset": args.preset, "rows": args.rows, "files": [str(f) for f in files]}))
     return 0

@@ -102,7 +102,11 @@ def preset_fields(preset: str) -> list[Field]:
         dense = [Field(f"I{i}", "dense") for i in range(1, 14)]
         cats = [Field(f"C{i}", "categorical", c, None) for i, c in enumerate(CRITEO_CARD, 1)]
         return dense + cats
-    raise ValueError(f"unknown preset {preset!r} (expected criteo, frappe or movielens)")
+    if preset == "criteo_large":
+        return large_fields()
+    raise ValueError(
+        f"unknown preset {preset!r} (expected criteo, criteo_large, frappe or movielens)"
+    )
 
 
 class Generator:
@@ -257,16 +261,21 @@ def write_synthetic(
     progress: bool = True,
     day: int = 0,
     drift: float = 0.0,
+    id_range: int = 0,
 ) -> list[Path]:
     """Write ``rows`` synthetic rows as ``out/part-NNNNN.parquet`` (one row group per chunk);
-    memory is bounded by one chunk. Prints a progress line (rows/s, ETA) on stderr."""
+    memory is bounded by one chunk. Prints a progress line (rows/s, ETA) on stderr.
+    ``id_range``: the ``criteo_large`` preset's id range of its big field (0: ``LARGE_ID_RANGE``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    gen = (
-        SequenceGenerator(seed, signal_seed)
-        if preset == "sequence"
-        else Generator(preset, seed, signal_seed, day=day, drift=drift)
-    )
+    if preset == "sequence":
+        gen = SequenceGenerator(seed, signal_seed)
+    elif preset == "criteo_large":
+        if drift:
+            raise ValueError("--drift: not supported by the criteo_large preset")
+        gen = LargeGenerator(seed, signal_seed, id_range=id_range)
+    else:
+        gen = Generator(preset, seed, signal_seed, day=day, drift=drift)
     files: list[Path] = []
     writer = None
     done, t0 = 0, time.perf_counter()
@@ -419,3 +428,162 @@ def _bisect_bias(logit: np.ndarray, rate: float) -> float:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if _sigmoid(logit + mid).mean() < rate else (lo, mid)
     return (lo + hi) / 2
+
+
+# ------------------------------------------------------------------- the criteo_large preset
+LARGE_ID_RANGE = 10**8
+LARGE_FIELD = "C3"  # the big field: Zipf ids over the whole id range
+LARGE_MATERIALIZE = 1 << 20  # fields up to this many values keep their hidden values in arrays
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def large_fields(id_range: int = LARGE_ID_RANGE) -> list[Field]:
+    """The ``criteo_large`` columns: Criteo's 13 counts and 26 categoricals, integer ids
+    (``C3`` over ``id_range`` values; the other fields at Criteo-like cardinalities, capped at
+    ``id_range``), written as int64."""
+    dense = [Field(f"I{i}", "dense") for i in range(1, 14)]
+    cats = []
+    for i, c in enumerate(CRITEO_CARD, 1):
+        card = id_range if f"C{i}" == LARGE_FIELD else min(c, id_range)
+        cats.append(Field(f"C{i}", "categorical", card, None, as_int=True))
+    return dense + cats
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function of ``x`` (uint64, wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return z ^ (z >> np.uint64(31))
+
+
+def hashed_hidden(ids: np.ndarray, salt: int) -> tuple[np.ndarray, np.ndarray]:
+    """The hidden vectors ``[n, RANK]`` and biases ``[n]`` of integer ``ids`` of one field,
+    derived from a hash of (``salt``, id): three SplitMix64 draws give six uniforms, Box-Muller
+    turns them into six standard normals, of which RANK make the vector (scaled by
+    ``1/sqrt(RANK)``) and one the bias. Nothing per value is stored."""
+    key = splitmix64(ids.astype(np.uint64) ^ np.uint64(salt))
+    normals = []
+    for j in range(3):
+        with np.errstate(over="ignore"):
+            h = splitmix64(key + np.uint64(j + 1) * np.uint64(0xD1B54A32D192ED03))
+        u1 = ((h >> np.uint64(40)).astype(np.float64) + 0.5) / float(1 << 24)
+        u2 = ((h & np.uint64(0xFFFFFF)).astype(np.float64) + 0.5) / float(1 << 24)
+        r = np.sqrt(-2.0 * np.log(u1))
+        normals += [r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)]
+    vec = np.stack(normals[:RANK], 1) / np.sqrt(RANK)
+    return vec, normals[RANK]
+
+
+def zipf_ids(rng: np.random.Generator, n: int, card: int, mult: int, shift: int) -> np.ndarray:
+    """``n`` ids in ``[0, card)``: a Zipf-like rank (continuous power law of exponent ``ZIPF``
+    over ``[1, card + 1)``, by its inverse CDF, floored) mapped to an id by the bijection
+    ``(mult * (rank - 1) + shift) mod card`` (``mult`` coprime to ``card``), so the most
+    frequent ids are scattered over the range. No per-value table."""
+    e = 1.0 - ZIPF
+    top = (card + 1.0) ** e
+    x = (1.0 - rng.random(n) * (1.0 - top)) ** (1.0 / e)
+    rank = np.minimum(np.floor(x).astype(np.int64), card) - 1
+    return (rank * mult + shift) % card
+
+
+def _packed(vec: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    return np.column_stack([vec, bias, (vec * vec).sum(1)])
+
+
+class LargeGenerator(Generator):
+    """The ``criteo_large`` preset: Criteo-shaped rows whose big field ``C3`` draws Zipf ids
+    over ``id_range`` values (up to 10^8 and beyond) in bounded memory.
+
+    The planted signal is ``Generator``'s (pairwise interactions of rank-``RANK`` hidden vectors,
+    first-order biases, the dense counts), but each value's hidden vector and bias come from a
+    hash of the field and the id (``hashed_hidden``) instead of a table of ``card`` rows; fields
+    of at most ``LARGE_MATERIALIZE`` values keep the same hashed values in arrays (faster).
+    Ids are written as int64."""
+
+    def __init__(self, seed: int = 0, signal_seed: int = 0, id_range: int = 0):
+        self.preset = "criteo_large"
+        self.seed, self.signal_seed = seed, signal_seed
+        self.day, self.drift = 0, 0.0
+        self.id_range = int(id_range or LARGE_ID_RANGE)
+        if self.id_range < 2:
+            raise ValueError(f"id_range: expected at least 2, got {self.id_range}")
+        self.fields = large_fields(self.id_range)
+        rng = np.random.default_rng([signal_seed, 21])
+        self.hidden = {}
+        for f in self.fields:
+            if f.kind == "dense":
+                self.hidden[f.column] = (rng.uniform(0.5, 3.0), rng.uniform(0.5, 1.5), rng.normal())
+                continue
+            salt = int(rng.integers(0, 2**63))
+            mult = int(rng.integers(1, 2**31)) | 1
+            while np.gcd(mult, f.card) != 1:
+                mult += 2
+            shift = int(rng.integers(0, f.card))
+            table = None
+            if f.card <= LARGE_MATERIALIZE:
+                table = _packed(*hashed_hidden(np.arange(f.card), salt))
+            self.hidden[f.column] = (salt, mult, shift, table)
+        self.scale = (1.0, 1.0, 1.0)
+        self.bias = 0.0
+        self._calibrate()
+
+    def _hidden(self, column: str, ids: np.ndarray) -> np.ndarray:
+        """``[n, RANK + 2]``: each id's hidden vector, bias and squared vector norm."""
+        salt, _, _, table = self.hidden[column]
+        if table is not None:
+            return table[ids]
+        return _packed(*hashed_hidden(ids, salt))
+
+    def _draw(self, rng: np.random.Generator, n: int):
+        cols: dict[str, pa.Array] = {}
+        vec_sum = np.zeros((n, RANK))
+        sq_sum = np.zeros(n)
+        first = np.zeros(n)
+        dense = np.zeros(n)
+        for f in self.fields:
+            h = self.hidden[f.column]
+            if f.kind == "dense":
+                mu, sigma, w = h
+                x = np.floor(np.exp(rng.normal(mu, sigma, n))) - 1
+                z = (np.log1p(np.maximum(x, 0)) - mu) / sigma
+                dense += w * z
+                cols[f.column] = pa.array(x.astype(np.int64), mask=rng.random(n) < 0.2)
+                continue
+            _, mult, shift, _ = h
+            ids = zipf_ids(rng, n, f.card, mult, shift)
+            g = self._hidden(f.column, ids)
+            cols[f.column] = pa.array(ids)
+            vec_sum += g[:, :RANK]
+            first += g[:, RANK]
+            sq_sum += g[:, RANK + 1]
+        pair = 0.5 * ((vec_sum * vec_sum).sum(1) - sq_sum)
+        return cols, (pair, first, dense)
+
+    def click_probability(self, table: pa.Table) -> np.ndarray:
+        """The planted probability of each row of ``table`` (a null or out-of-range id adds
+        nothing)."""
+        n = table.num_rows
+        vec_sum, sq_sum = np.zeros((n, RANK)), np.zeros(n)
+        first, dense = np.zeros(n), np.zeros(n)
+        for f in self.fields:
+            if f.column not in table.column_names:
+                continue
+            col = table[f.column]
+            if f.kind == "dense":
+                mu, sigma, w = self.hidden[f.column]
+                x = col.to_numpy(zero_copy_only=False).astype(float)
+                z = (np.log1p(np.maximum(np.nan_to_num(x, nan=0.0), 0)) - mu) / sigma
+                dense += np.where(np.isnan(x), 0.0, w * z)
+                continue
+            x = col.to_numpy(zero_copy_only=False).astype(float)
+            ok = ~np.isnan(x) & (x >= 0) & (x < f.card)
+            g = self._hidden(f.column, np.where(ok, x, 0).astype(np.int64))
+            g = np.where(ok[:, None], g, 0.0)
+            vec_sum += g[:, :RANK]
+            first += g[:, RANK]
+            sq_sum += g[:, RANK + 1]
+        pair = 0.5 * ((vec_sum * vec_sum).sum(1) - sq_sum)
+        logit = self.scale[0] * pair + self.scale[1] * first + self.scale[2] * dense + self.bias
+        return 1 / (1 + np.exp(-logit))
