@@ -33,6 +33,17 @@ Example::
       - {name: item_hist, kind: sequence, table: item, max_length: 50}
       - {name: action_hist, kind: sequence, side_of: item_hist, num_buckets: 8, dim: 16}
 
+Managed-collision tables (open id spaces): a categorical or id_list feature may take
+``collision: {kind: managed, policy: lfu, ...}`` (``CollisionSpec``). Its values are then hashed
+into a large id space (``id_space``, default 2**40: practically no two values share an id), and
+TorchRec's managed-collision module (MCH, ``torchrec.modules.mc_modules``) maps each id to one
+of the table's ``num_buckets`` rows, admitting new ids and evicting old ones by the ``policy``
+during training; an id it does not hold reads the table's reserved last row. ``collision:
+{kind: hash}`` (the default) is plain hashing into ``num_buckets``::
+
+      - {name: item, kind: categorical, num_buckets: 4096, dim: 16, group: item,
+         collision: {kind: managed, policy: lfu, eviction_interval: 16}}
+
 Every sparse feature names its embedding ``table`` (default: its own name; several features may
 share one table if they agree on ``num_buckets`` and ``dim``), its embedding ``dim`` and its token
 ``group``, which the model's tokenizer uses to cut the embeddings into tokens.
@@ -57,6 +68,15 @@ TRANSFORMS = ("none", "log1p", "signed_log1p")
 POOLINGS = ("sum", "mean")
 
 
+COLLISION_KINDS = ("hash", "managed")
+# MCH eviction policies of torchrec.modules.mc_modules (TorchRec 1.8). A TTL policy exists only
+# for the HashZch module (torchrec.modules.hash_mc_evictions), whose FBGEMM op
+# zero_collision_hash runs on the CPU read-only (no insertion: "Expected readonly to be true"),
+# so it cannot train here; not offered (docs/TRAINING.md).
+COLLISION_POLICIES = ("lfu", "distance_lfu", "lru")
+DEFAULT_ID_SPACE = 2**40
+
+
 class SchemaError(ValueError):
     """A schema YAML (or dict) is invalid. The message names the file and the key."""
 
@@ -70,12 +90,95 @@ class TaskSpec:
 
 
 @dataclass(frozen=True)
+class CollisionSpec:
+    """How a sparse feature's ids become table rows when ``kind`` is ``managed``.
+
+    Attributes:
+        rows: the table's rows (the YAML's ``num_buckets``); the last one is reserved for ids
+            the mapping does not hold.
+        policy: the eviction policy: ``lfu`` (counts), ``distance_lfu`` (counts decayed by the
+            steps since the last access), ``lru`` (last access, decayed).
+        eviction_interval: training steps between two admission/eviction rounds (new ids read
+            the reserved row until the next round admits them).
+        id_space: values are hashed into ``[0, id_space)`` (0: missing) before the mapping.
+        decay_exponent: the decay of ``lru`` and ``distance_lfu``.
+    """
+
+    rows: int
+    policy: str = "lfu"
+    eviction_interval: int = 16
+    id_space: int = DEFAULT_ID_SPACE
+    decay_exponent: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": "managed", "policy": self.policy}
+        d["eviction_interval"] = self.eviction_interval
+        if self.id_space != DEFAULT_ID_SPACE:
+            d["id_space"] = self.id_space
+        if self.decay_exponent != 1.0:
+            d["decay_exponent"] = self.decay_exponent
+        return d
+
+
+_COLLISION_KEYS = {"kind", "policy", "eviction_interval", "id_space", "decay_exponent"}
+
+
+def _parse_collision(raw: Any, key: str, rows: int, err) -> CollisionSpec | None:
+    """``collision:`` of a feature -> ``CollisionSpec`` (managed) or None (plain hashing)."""
+    key = f"{key}.collision"
+    if not isinstance(raw, dict):
+        raise err(key, f"expected a mapping {{kind: managed, policy: ...}}, got {raw!r}")
+    bad = set(raw) - _COLLISION_KEYS
+    if bad:
+        raise err(
+            f"{key}.{sorted(bad)[0]}", f"unknown key (expected one of {sorted(_COLLISION_KEYS)})"
+        )
+    kind = raw.get("kind", "hash")
+    if kind not in COLLISION_KINDS:
+        raise err(f"{key}.kind", f"expected one of {list(COLLISION_KINDS)}, got {kind!r}")
+    if kind == "hash":
+        if set(raw) - {"kind"}:
+            raise err(f"{key}.{sorted(set(raw) - {'kind'})[0]}", "only for kind: managed")
+        return None
+    policy = raw.get("policy", "lfu")
+    if policy not in COLLISION_POLICIES:
+        hint = (
+            " (TTL eviction is only in TorchRec's HashZch module, whose FBGEMM op cannot "
+            "insert ids on the CPU; not offered)"
+            if policy == "ttl"
+            else ""
+        )
+        raise err(
+            f"{key}.policy", f"expected one of {list(COLLISION_POLICIES)}, got {policy!r}{hint}"
+        )
+    interval = raw.get("eviction_interval", 16)
+    if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+        raise err(f"{key}.eviction_interval", f"expected a positive integer, got {interval!r}")
+    id_space = raw.get("id_space", DEFAULT_ID_SPACE)
+    if not isinstance(id_space, int) or isinstance(id_space, bool) or not rows < id_space <= 2**62:
+        raise err(
+            f"{key}.id_space",
+            f"expected an integer above num_buckets ({rows}) and at most 2**62, got {id_space!r}",
+        )
+    decay = raw.get("decay_exponent", 1.0)
+    if not isinstance(decay, int | float) or isinstance(decay, bool) or decay <= 0:
+        raise err(f"{key}.decay_exponent", f"expected a positive number, got {decay!r}")
+    if rows < 2:
+        raise err(f"{key}", "a managed table needs num_buckets >= 2 (its last row is reserved)")
+    return CollisionSpec(rows, policy, interval, id_space, float(decay))
+
+
+@dataclass(frozen=True)
 class FeatureSpec:
     """One input feature.
 
     Sparse features (``categorical``, ``id_list``) use ``num_buckets``, ``dim``, ``table``,
     ``pooling`` and optionally ``vocab``; dense features use ``transform``, ``fill``, ``clip``.
     ``column`` is the source column in the data (default: ``name``).
+
+    With a managed ``collision`` (``CollisionSpec``), ``num_buckets`` is the range the data
+    pipeline hashes values into, ``collision.id_space``, and the table's rows are
+    ``collision.rows`` (the YAML's ``num_buckets``; ``table_rows``).
     """
 
     name: str
@@ -93,6 +196,12 @@ class FeatureSpec:
     max_length: int = 0
     target: str = ""
     side_of: str = ""
+    collision: CollisionSpec | None = None
+
+    @property
+    def table_rows(self) -> int:
+        """Rows of this feature's embedding table (``num_buckets`` unless managed)."""
+        return self.collision.rows if self.collision is not None else self.num_buckets
 
     @property
     def is_sparse(self) -> bool:
@@ -113,6 +222,7 @@ class TableSpec:
     dim: int
     pooling: str
     feature_names: tuple[str, ...]
+    collision: CollisionSpec | None = None
 
 
 _TOP_KEYS = {"name", "hash_seed", "tasks", "groups", "features", "max_list_length"}
@@ -280,7 +390,7 @@ class FeatureSchema:
         if not isinstance(kw["column"], str):
             raise err(f"{key}.column", "expected a string")
         if kind == DENSE:
-            for k in ("num_buckets", "dim", "table", "pooling", "vocab"):
+            for k in ("num_buckets", "dim", "table", "pooling", "vocab", "collision"):
                 if k in raw:
                     raise err(f"{key}.{k}", "only for categorical and id_list features")
             transform = raw.get("transform", "none")
@@ -336,6 +446,23 @@ class FeatureSchema:
             if vocab is not None and not isinstance(vocab, str):
                 raise err(f"{key}.vocab", "expected a path string")
             kw["vocab"] = vocab
+            if "collision" in raw:
+                if kind == SEQUENCE:
+                    raise err(
+                        f"{key}.collision",
+                        "not for sequence features (managed tables are pooled, "
+                        "EmbeddingBagCollection only)",
+                    )
+                coll = _parse_collision(raw["collision"], key, kw["num_buckets"], err)
+                if coll is not None:
+                    if vocab is not None:
+                        raise err(
+                            f"{key}.collision",
+                            "a vocabulary already gives every value its own row; managed "
+                            "collision is for hashed (open) id spaces",
+                        )
+                    kw["collision"] = coll
+                    kw["num_buckets"] = coll.id_space  # what the data pipeline hashes into
         return FeatureSpec(**kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -366,8 +493,12 @@ class FeatureSchema:
                 if k == "max_length":
                     d[k] = v
                     continue
+                if k == "num_buckets":
+                    v = f.table_rows
                 if k in ("num_buckets", "dim") or v != getattr(defaults, k):
                     d[k] = list(v) if isinstance(v, tuple) else v
+            if f.collision is not None:
+                d["collision"] = f.collision.to_dict()
             feats.append(d)
         return {
             "name": self.name,
@@ -443,7 +574,7 @@ class FeatureSchema:
             # its id_list or sequence features
             pooled = [f for f in feats if f.kind != CATEGORICAL] or feats
             for f in feats[1:]:
-                for k in ("num_buckets", "dim", "pooling", "vocab"):
+                for k in ("num_buckets", "dim", "pooling", "vocab", "collision"):
                     ref = pooled[0] if k == "pooling" else first
                     if k == "pooling" and f.kind == CATEGORICAL:
                         continue
@@ -455,13 +586,24 @@ class FeatureSchema:
             out.append(
                 TableSpec(
                     tname,
-                    first.num_buckets,
+                    first.table_rows,
                     first.dim,
                     pooled[0].pooling,
                     tuple(f.name for f in feats),
+                    first.collision,
                 )
             )
+            if first.collision is not None and tname in self.sequence_tables:
+                raise SchemaError(
+                    f"{self.source}: features[{first.name}].collision: table {tname!r} is read "
+                    "by a sequence; managed collision is for pooled tables only"
+                )
         return tuple(out)
+
+    @property
+    def managed_tables(self) -> tuple[TableSpec, ...]:
+        """Tables with a managed ``collision`` (TorchRec MCH), in ``tables`` order."""
+        return tuple(t for t in self.tables if t.collision is not None)
 
     def features_in_group(self, group: str) -> tuple[FeatureSpec, ...]:
         return tuple(f for f in self.features if f.group == group)

@@ -39,6 +39,13 @@ class BaselineRanker(nn.Module):
 
 
 def build_baseline(config: ModelConfig, schema: FeatureSchema, device=None) -> BaselineRanker:
+    if schema.managed_tables:
+        t = schema.managed_tables[0]
+        raise ConfigError(
+            f"{config.source}: model.arch: {config.arch} (TorchRec DLRM) takes a plain "
+            f"EmbeddingBagCollection; table {t.name!r} of schema {schema.name!r} has managed "
+            "collision, built for the token-mixer families (rankmixer, tokenmixer_large, unimixer)"
+        )
     dims = {t.dim for t in schema.tables}
     if len(dims) != 1:
         raise ConfigError(

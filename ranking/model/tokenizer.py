@@ -13,8 +13,9 @@ adds its encoder's tokens (``ranking/model/sequence.py``: 1 for ``pool`` and
 ``target_attention``, k for ``query_tokens``). Token order:
 ``[global?, sparse tokens..., sequence tokens..., dense?]``.
 
-The EmbeddingBagCollection is the attribute ``embeddings.ebc`` (and the sequences' tables an
-EmbeddingCollection, ``embeddings.ec``), so TorchRec's DistributedModelParallel can shard them;
+The EmbeddingBagCollection is the attribute ``embeddings.ebc`` (the sequences' tables an
+EmbeddingCollection, ``embeddings.ec``, and the managed-collision tables TorchRec's
+ManagedCollisionEmbeddingBagCollection, ``embeddings.mc_ebc``), so TorchRec's DistributedModelParallel can shard them;
 the tokenizer knows nothing about sharding.
 """
 
@@ -30,6 +31,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from ranking.features import FeatureSchema
 
 from .config import SequenceConfig
+from .managed_collision import build_mc_ebc
 from .sequence import build_encoder, padded, pooled
 
 
@@ -45,7 +47,9 @@ class SparseEmbeddings(nn.Module):
     Tables no sequence reads live in an ``EmbeddingBagCollection`` (``ebc``); tables a sequence
     reads (``schema.sequence_tables``, e.g. the item table that the history and the candidate
     share) in an ``EmbeddingCollection`` (``ec``), whose candidate features are pooled here.
-    Both are plain TorchRec modules that DistributedModelParallel shards.
+    Tables with a managed ``collision`` live in TorchRec's
+    ``ManagedCollisionEmbeddingBagCollection`` (``mc_ebc``; ``ranking.model.managed_collision``).
+    All are plain TorchRec modules that DistributedModelParallel shards.
 
     Input: ``sparse`` KJT keyed by ``schema.sparse_keys`` (B rows); ``sequences`` KJT keyed by
     ``schema.sequence_keys`` (S rows) and ``seq_of [B]`` (None: S = B). Output: ``[B, E]`` with
@@ -63,8 +67,15 @@ class SparseEmbeddings(nn.Module):
         super().__init__()
         dev = None if device is None else torch.device(device)
         seq_tables = schema.sequence_tables
-        bag_cfgs = schema.embedding_bag_configs(init_scale, exclude=seq_tables)
+        managed = schema.managed_tables
+        mc_names = tuple(t.name for t in managed)
+        bag_cfgs = schema.embedding_bag_configs(init_scale, exclude=seq_tables + mc_names)
         self.ebc = EmbeddingBagCollection(tables=bag_cfgs, device=dev) if bag_cfgs else None
+        self.mc_ebc = None
+        if managed:
+            plain = tuple(t.name for t in schema.tables if t.collision is None)
+            mc_cfgs = schema.embedding_bag_configs(init_scale, exclude=plain)
+            self.mc_ebc = build_mc_ebc(managed, mc_cfgs, dev)
         self.ec = None
         if seq_tables:
             cfgs = schema.embedding_configs(seq_tables, init_scale)
@@ -94,10 +105,11 @@ class SparseEmbeddings(nn.Module):
         ]
         keys = schema.sparse_keys
         ec_keys = [k for k in keys if schema.feature(k).table in seq_tables]
-        bag_keys = [k for k in keys if k not in ec_keys]
-        self.bag_keys, self.ec_keys = bag_keys, ec_keys
+        mc_keys = [k for k in keys if schema.feature(k).collision is not None]
+        bag_keys = [k for k in keys if k not in ec_keys and k not in mc_keys]
+        self.bag_keys, self.ec_keys, self.mc_keys = bag_keys, ec_keys, mc_keys
         self.pooling = {k: schema.feature(k).pooling for k in ec_keys}
-        order = bag_keys + ec_keys
+        order = bag_keys + mc_keys + ec_keys
         self.permute = None if order == keys else [keys.index(k) for k in order]
         self.sequences = [
             (f.name, f.max_length, [s.name for s in schema.side_sequences(f.name)])
@@ -112,18 +124,24 @@ class SparseEmbeddings(nn.Module):
         seq_of: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
         """``KJT -> ([B, E] in group order, {sequence: (seq, lengths)}, {target: [B, d]})``."""
-        if self.ec is None:
+        if self.ec is None and self.mc_ebc is None:
             kt = self.ebc(sparse)
             return KeyedTensor.regroup([kt], [self.ordered_keys])[0], {}, {}
         B = sparse.stride()
         if self.permute is not None:
             sparse = sparse.permute(self.permute)
-        parts: dict[str, Tensor] = {}
+        sizes = [len(self.bag_keys), len(self.mc_keys), len(self.ec_keys)]
+        bag_in, mc_in, cand = sparse.split(sizes)
+        kts = []
         if self.bag_keys:
-            bag_in, cand = sparse.split([len(self.bag_keys), len(self.ec_keys)])
-            parts.update(self.ebc(bag_in).to_dict())
-        else:
-            cand = sparse
+            kts.append(self.ebc(bag_in))
+        if self.mc_keys:
+            kts.append(self.mc_ebc(mc_in)[0])  # (embeddings, remapped ids: not asked for)
+        if self.ec is None:
+            return KeyedTensor.regroup(kts, [self.ordered_keys])[0], {}, {}
+        parts: dict[str, Tensor] = {}
+        for kt in kts:
+            parts.update(kt.to_dict())
         if seq_of is None:
             ec_in, first = KeyedJaggedTensor.concat([cand, sequences]), 0
         else:

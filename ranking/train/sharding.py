@@ -10,19 +10,50 @@ from ranking.train.config import ExperimentConfig, sharding_type
 
 
 def embedding_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Fully qualified names of the model's TorchRec embedding collections."""
+    """Fully qualified names of the model's TorchRec embedding collections: the
+    EmbeddingBagCollections, EmbeddingCollections and ManagedCollisionEmbeddingBagCollections
+    (the latter as one module: its inner EmbeddingBagCollection is sharded with it)."""
     from torchrec import EmbeddingBagCollection, EmbeddingCollection
+    from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 
-    return {
-        n: m
-        for n, m in model.named_modules()
-        if isinstance(m, EmbeddingBagCollection | EmbeddingCollection)
-    }
+    kinds = EmbeddingBagCollection | EmbeddingCollection | ManagedCollisionEmbeddingBagCollection
+    out: dict[str, torch.nn.Module] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, kinds) and not any(n.startswith(f"{p}.") for p in out):
+            out[n] = m
+    return out
+
+
+def is_managed(module) -> bool:
+    """A ManagedCollisionEmbeddingBagCollection (tables behind TorchRec's MCH modules)."""
+    from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
+
+    return isinstance(module, ManagedCollisionEmbeddingBagCollection)
 
 
 def table_configs(module) -> list:
+    if is_managed(module):
+        module = module._embedding_module
     get = getattr(module, "embedding_bag_configs", None) or module.embedding_configs
     return list(get())
+
+
+def add_managed_collision_sharder(model, sharders: list, fused: dict) -> bool:
+    """Append TorchRec's ``ManagedCollisionEmbeddingBagCollectionSharder`` (with the same fused
+    embedding-optimiser parameters) to ``sharders`` when ``model`` has managed-collision tables
+    and none is there yet; on the CPU, also install the eviction reset FBGEMM's CPU build lacks
+    (``ranking.model.managed_collision.install_cpu_eviction_reset``). True when ``model`` has
+    such tables."""
+    from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
+
+    if not any(is_managed(m) for m in embedding_modules(model).values()):
+        return False
+    from ranking.model.managed_collision import install_cpu_eviction_reset
+
+    install_cpu_eviction_reset()
+    if not any(isinstance(s, ManagedCollisionEmbeddingBagCollectionSharder) for s in sharders):
+        sharders.append(ManagedCollisionEmbeddingBagCollectionSharder(fused_params=fused))
+    return True
 
 
 def fused_params(cfg: ExperimentConfig) -> dict:
@@ -49,6 +80,10 @@ def sharding_plan(model, cfg: ExperimentConfig, world: int, device: torch.device
     ``train.sharding`` forces a sharding type per table. Row-wise variants are not offered by
     TorchRec's planner on CPU; when one is forced there, the plan is constructed directly with
     ``construct_module_sharding_plan`` (tables not forced go table-wise, round robin).
+
+    Managed-collision tables (``ManagedCollisionEmbeddingBagCollection``) are always row-wise,
+    the one sharding TorchRec's MC sharder offers, and planned directly too; their sharder is
+    appended to ``sharders`` here (the list the caller then gives DistributedModelParallel).
     """
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
     from torchrec.distributed.planner.types import ParameterConstraints
@@ -62,7 +97,21 @@ def sharding_plan(model, cfg: ExperimentConfig, world: int, device: torch.device
     )
     from torchrec.distributed.types import ShardingPlan
 
-    tables = {c.name for m in embedding_modules(model).values() for c in table_configs(m)}
+    mods = embedding_modules(model)
+    if add_managed_collision_sharder(model, sharders, fused_params(cfg)):
+        managed = {p for p, m in mods.items() if is_managed(m)}
+        bad = [
+            (t.name, k)
+            for p in managed
+            for t in table_configs(mods[p])
+            if (k := sharding_type(cfg.train.sharding, t.name)) not in (None, "row_wise")
+        ]
+        if bad:
+            raise ValueError(
+                f"train.sharding: table {bad[0][0]!r} has managed collision, which TorchRec "
+                f"shards row-wise only, got {bad[0][1]!r}"
+            )
+    tables = {c.name for m in mods.values() for c in table_configs(m)}
     forced = {t: k for t in tables if (k := sharding_type(cfg.train.sharding, t)) is not None}
     unpooled = {
         c.name
@@ -83,8 +132,8 @@ def sharding_plan(model, cfg: ExperimentConfig, world: int, device: torch.device
             )
         for t in dp_unpooled:
             del forced[t]
-    needs_manual = device.type == "cpu" and any(
-        v in ("row_wise", "table_row_wise") for v in forced.values()
+    needs_manual = any(is_managed(m) for m in mods.values()) or (
+        device.type == "cpu" and any(v in ("row_wise", "table_row_wise") for v in forced.values())
     )
     if not needs_manual:
         topology = Topology(world_size=world, compute_device=device.type)
@@ -100,7 +149,7 @@ def sharding_plan(model, cfg: ExperimentConfig, world: int, device: torch.device
     for path, module in embedding_modules(model).items():
         per_param = {}
         for cfg_t in table_configs(module):
-            kind = forced.get(cfg_t.name, "table_wise")
+            kind = "row_wise" if is_managed(module) else forced.get(cfg_t.name, "table_wise")
             if kind == "row_wise":
                 per_param[cfg_t.name] = row_wise(compute_kernel=fused)
             elif kind == "table_row_wise":
@@ -132,7 +181,10 @@ def embedding_parents(model: torch.nn.Module, embedding_paths) -> list[torch.nn.
     out = []
     for path in embedding_paths:
         parent = path.rpartition(".")[0]
-        out.append(model.get_submodule(parent) if parent else model)
+        owner = model.get_submodule(parent) if parent else model
+        if path.endswith(".mc_ebc") and any(o is owner for o in out):
+            continue  # the tokenizer's SparseEmbeddings, already hooked for its ebc
+        out.append(owner)
     return out
 
 

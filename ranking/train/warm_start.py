@@ -20,6 +20,17 @@ What starts fresh, for an artifact and a checkpoint alike: the step counter, the
 schedule (warm-up included), the data position, the RNG, model selection. A warm start is a new
 run on new data, not the continuation of the parent's (resume a run directory for that).
 
+Managed-collision tables (``collision: {kind: managed}``) keep the parent's id mapping: every id
+the parent's MCH module holds keeps its embedding row, its counts / last-access steps, and the
+module's step counter carries on. Row-wise shard ``r`` of ``W`` holds the ids of the ``r``-th of
+``W`` equal blocks of the id space (TorchRec's row-wise input distribution) in its rows
+``[r0, r0 + n - 1)`` (its last row is the reserved one for ids it does not hold), so the mapping
+is laid out again for the child's shards (``relayout_managed``): an id keeps its parent row
+where that row lies in its child shard, otherwise moves (with its embedding row) to a free row
+of the shard; a shard given more ids than rows keeps its most used ones. With the parent's
+layout (a checkpoint saved by as many ranks) the layout is the identity and the optimiser state
+follows too.
+
 An incompatible parent (another feature set, a table's dim, a hashed table's num_buckets or hash
 seed, another architecture or parameter shape, other tasks) is a ``UserError`` naming the
 feature or key, raised before training starts (``mixrank train`` checks before spawning).
@@ -161,6 +172,18 @@ def _features(parent: FeatureSchema, child: FeatureSchema, fail) -> None:
                 f"feature {name!r}: {mode[p.vocab is None]} in the parent, "
                 f"{mode[c.vocab is None]} here (data.vocab_from_train must match the parent's)"
             )
+        if (p.collision is None) != (c.collision is None):
+            mode = {True: "plainly hashed", False: "a managed-collision table"}
+            fail(
+                f"feature {name!r}: {mode[p.collision is None]} in the parent, "
+                f"{mode[c.collision is None]} here (collision.kind must match the parent's)"
+            )
+        if c.collision is not None:
+            for attr in ("rows", "policy", "id_space"):
+                a, b = getattr(p.collision, attr), getattr(c.collision, attr)
+                if a != b:
+                    label = "num_buckets" if attr == "rows" else f"collision.{attr}"
+                    fail(f"feature {name!r}: {label} {a!r} in the parent, {b!r} here")
         if c.vocab is None and p.num_buckets != c.num_buckets:
             fail(
                 f"feature {name!r}: num_buckets {p.num_buckets} in the parent, {c.num_buckets} "
@@ -227,8 +250,12 @@ def table_keys(model: torch.nn.Module) -> dict[str, str]:
 
     keys = set(model.state_dict())
     out = {}
+    from ranking.train.sharding import is_managed
+
     for path, module in embedding_modules(model).items():
         sub = "embedding_bags" if hasattr(module, "embedding_bag_configs") else "embeddings"
+        if is_managed(module):
+            path, sub = f"{path}._embedding_module", "embedding_bags"
         for t in table_configs(module):
             key = f"{path}.{sub}.{t.name}.weight" if path else f"{sub}.{t.name}.weight"
             if key not in keys:
@@ -286,8 +313,14 @@ def row_maps(parent: Parent, schema: FeatureSchema, tables: dict[str, str]) -> d
     by_name = {t.name: t for t in schema.tables}
     parent_tables = {t.name: t for t in parent.schema.tables}
     out = {}
+    same_layout = parent.kind == "checkpoint" and _parent_world(parent) == _world()
     for key, name in tables.items():
         t = by_name[name]
+        if t.collision is not None:
+            if not same_layout:  # laid out again in copy_into (relayout_managed)
+                prefix = key.removesuffix(f"._embedding_module.embedding_bags.{name}.weight")
+                out[key] = Managed(name, prefix, t.collision.id_space)
+            continue
         f = schema.feature(t.feature_names[0])
         if f.vocab is None:
             continue
@@ -308,6 +341,110 @@ def row_maps(parent: Parent, schema: FeatureSchema, tables: dict[str, str]) -> d
         parent_rows = np.array([0, 1] + [p for _, p in pairs], dtype=np.int64)
         out[key] = (torch.from_numpy(child_rows), torch.from_numpy(parent_rows))
     return out
+
+
+@dataclass(frozen=True)
+class Managed:
+    """``row_maps``' entry for a managed-collision table whose mapping ``copy_into`` lays out
+    again for the child's shards (``relayout_managed``)."""
+
+    table: str
+    prefix: str  # the ManagedCollisionEmbeddingBagCollection's state-dict prefix
+    id_space: int
+
+
+_MC_PREFIX = "._managed_collision_collection._managed_collision_modules."
+_EMPTY_ID = torch.iinfo(torch.int64).max
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _parent_world(parent: Parent) -> int | None:
+    from ranking.train import checkpoint as ckpt
+
+    return ckpt.read_marker(parent.checkpoint).get("world_size")
+
+
+def _segments(dst) -> list[tuple[int, int]]:
+    """``[(first row, rows)]`` of each row-wise shard of a child's state entry (one: unsharded)."""
+    if hasattr(dst, "metadata") and hasattr(dst, "local_shards"):
+        shards = sorted(dst.metadata().shards_metadata, key=lambda m: m.shard_offsets[0])
+        return [(m.shard_offsets[0], m.shard_sizes[0]) for m in shards]
+    return [(0, int(dst.shape[0]))]
+
+
+@torch.no_grad()
+def relayout_managed(
+    weights: dict[str, torch.Tensor], m: Managed, segments: list[tuple[int, int]]
+) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The parent's MCH mapping of ``table`` (state keys under ``prefix``) laid out for the
+    child's row-wise ``segments``: ``({buffer key: full tensor}, (child_rows, parent_rows))``,
+    the rows' embeddings to copy. Shard ``r`` of ``W`` takes the ids of block ``r`` of the id
+    space (``ceil(id_space / W)`` ids each, as TorchRec's row-wise input distribution routes
+    them) into its rows but the last (reserved for ids it does not hold: the parent's reserved
+    row, its last, is copied there). An id keeps its parent row when that row is a free, usable
+    row of its shard, else takes the shard's lowest free row; beyond ``n - 1`` ids, a shard keeps
+    those with the largest counts (else the most recent accesses)."""
+    base, table = f"{m.prefix}{_MC_PREFIX}{m.table}.", m.table
+    ids = weights[f"{base}_mch_sorted_raw_ids"]
+    rows = weights[f"{base}_mch_remapped_ids_mapping"]
+    meta = {
+        k[len(base) :]: v
+        for k, v in weights.items()
+        if k.startswith(f"{base}_mch_")
+        and k[len(base) :] not in ("_mch_sorted_raw_ids", "_mch_remapped_ids_mapping")
+    }
+    total = sum(n for _, n in segments)
+    if total != ids.numel():
+        raise UserError(
+            f"train.warm_start: table {table!r}: {ids.numel()} rows in the parent's mapping, "
+            f"{total} here"
+        )
+    block = -(-m.id_space // len(segments))
+    held = ids != _EMPTY_ID
+    rank = "_mch_counts" if "_mch_counts" in meta else "_mch_last_access_iter"
+    score = meta[rank] if rank in meta else torch.zeros_like(ids)
+    new_ids = torch.full_like(ids, _EMPTY_ID)
+    new_rows = torch.empty_like(rows)
+    new_meta = {k: torch.zeros_like(v) for k, v in meta.items()}
+    child_rows, parent_rows = [], []
+    last = total - 1  # the parent's reserved row (unsharded: the fallback of every unknown id)
+    for r, (r0, n) in enumerate(segments):
+        mine = held & (ids >= r * block) & (ids < (r + 1) * block)
+        idx = mine.nonzero().flatten()
+        if idx.numel() > n - 1:  # more ids than usable rows: the most used stay
+            idx = idx[torch.argsort(score[idx], descending=True, stable=True)[: n - 1]]
+        pr = rows[idx]
+        usable = (pr >= r0) & (pr < r0 + n - 1)
+        keep = usable.clone()  # a row held twice (never, from one mapping): the first keeps it
+        seen: set[int] = set()
+        for j, row in enumerate(pr.tolist()):
+            if keep[j] and row in seen:
+                keep[j] = False
+            seen.add(row)
+        taken = set(pr[keep].tolist())
+        free = [x for x in range(r0, r0 + n - 1) if x not in taken]
+        cr = pr.clone()
+        moved = (~keep).nonzero().flatten().tolist()
+        for j, x in zip(moved, free):
+            cr[j] = x
+        unused = sorted(set(range(r0, r0 + n)) - set(cr.tolist()))
+        order = torch.argsort(ids[idx])
+        k = idx.numel()
+        new_ids[r0 : r0 + k] = ids[idx][order]
+        new_rows[r0 : r0 + k] = cr[order]
+        new_rows[r0 + k : r0 + n] = torch.tensor(unused, dtype=rows.dtype)
+        for name, v in meta.items():
+            new_meta[name][r0 : r0 + k] = v[idx][order]
+        child_rows += [*cr.tolist(), r0 + n - 1]
+        parent_rows += [*pr.tolist(), last]
+    out = {f"{base}_mch_sorted_raw_ids": new_ids, f"{base}_mch_remapped_ids_mapping": new_rows}
+    out.update({f"{base}{k}": v for k, v in new_meta.items()})
+    return out, (torch.tensor(child_rows), torch.tensor(parent_rows))
 
 
 def _artifact_weights(parent: Parent) -> dict[str, torch.Tensor]:
@@ -346,11 +483,24 @@ def copy_into(state: dict, weights: dict[str, torch.Tensor], maps: dict) -> None
     missing = sorted(set(state) - set(weights))
     if missing:
         raise UserError(f"train.warm_start: the parent has no {missing[0]!r}")
+    maps = dict(maps)
+    weights = dict(weights)
+    for key, m in list(maps.items()):
+        if isinstance(m, Managed):  # the id mapping laid out for this run's row-wise shards
+            ref = state[f"{m.prefix}{_MC_PREFIX}{m.table}._mch_sorted_raw_ids"]
+            buffers, maps[key] = relayout_managed(weights, m, _segments(ref))
+            weights.update(buffers)
     for key, dst in state.items():
+        if key.endswith("._output_segments_tensor"):
+            continue  # the child's own row-wise layout (TorchRec checks it on load)
         src = weights[key]
         rows = maps.get(key)
         if hasattr(dst, "local_shards"):  # ShardedTensor: row-, column-, table-wise shards
             for shard in dst.local_shards():
+                if len(shard.metadata.shard_offsets) == 1:  # a row-wise MCH buffer
+                    (r0,), (n,) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                    shard.tensor.copy_(src[r0 : r0 + n])
+                    continue
                 r0, c0 = shard.metadata.shard_offsets
                 n, w = shard.metadata.shard_sizes
                 _copy_rows(shard.tensor, src[:, c0 : c0 + w], rows, r0, n)
@@ -401,8 +551,11 @@ def describe_lineage(parent: Parent | None) -> dict:
 def summary(parent: Parent, maps: dict, tables: dict[str, str], restored_optimizer: bool) -> str:
     """One log line: what came from the parent."""
     kept = []
-    for key, (child, _) in maps.items():
-        kept.append(f"{tables[key]} {len(child) - 2} values")
+    for key, m in maps.items():
+        if isinstance(m, Managed):
+            kept.append(f"{m.table} id mapping (managed collision, laid out for this run's shards)")
+        else:
+            kept.append(f"{tables[key]} {len(m[0]) - 2} values")
     rows = f"; vocabulary rows copied: {', '.join(kept)}" if kept else ""
     optim = " and optimiser state" if restored_optimizer else ""
     return (
