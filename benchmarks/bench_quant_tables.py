@@ -65,6 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="embedding widths of the table-bytes sweep (untrained Frappe tables)",
     )  # fmt: skip
     parser.add_argument(
+        "--mmap-rows", type=int, default=0,
+        help="also time loading a Frappe DLRM with an item table of this many rows, memory-mapped "
+        "against copied (RSS, load time; fresh processes)",
+    )  # fmt: skip
+    parser.add_argument(
         "--no-serve-check",
         action="store_true",
         help="skip serving the int8 artifact through Ray Serve (HTTP and gRPC)",
@@ -107,6 +112,72 @@ def bytes_by_dim(work: Path, dims: list[int], table_dtypes: list[str]) -> list[d
                    "table_bytes": nbytes, "fp32_over_bytes": round(base / nbytes, 3)}  # fmt: skip
             emit(rec)
             out.append(rec)
+    return out
+
+
+_LOAD = """
+import json, sys, time, torch
+from pathlib import Path
+def rss(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+from ranking.export import Artifact, _build, load_artifact, read_manifest
+from ranking.model.synthetic import random_batch
+path, how = sys.argv[1], sys.argv[2]
+torch.set_num_threads(1)
+before, t0 = rss("VmRSS"), time.perf_counter()
+if how == "mmap":
+    art = load_artifact(path)
+else:  # the loader before #23: build (tables allocated and initialised), read, copy in
+    m = read_manifest(path)
+    model, schema = _build(m["config"], m["schema"], path)
+    model.load_state_dict(torch.load(path + "/weights.pt", weights_only=True))
+    art = Artifact(model=model.eval(), schema=schema, manifest=m, path=Path(path))
+load_s = time.perf_counter() - t0
+art.predict(random_batch(art.schema, 256, seed=0))
+print(json.dumps({"load_s": load_s, "rss_before_mb": before, "rss_after_mb": rss("VmRSS"),
+                  "peak_rss_mb": rss("VmHWM"), "first_answer_s": time.perf_counter() - t0}))
+"""
+
+
+def mmap_check(work: Path, rows: int) -> list[dict]:
+    """A Frappe DLRM whose ``item`` table has ``rows`` rows (fp32, 16 wide), loaded in a fresh
+    process by the memory-mapped loader and by the copying loader it replaced, then one forward
+    of 256 random rows: load time, RSS after the forward and peak RSS."""
+    import json
+
+    import torch
+
+    from ranking.export import write_artifact
+    from ranking.features import FeatureSchema, load_schema
+    from ranking.model.config import ModelConfig
+    from ranking.model.ranker import build_model
+
+    sd = load_schema("frappe").to_dict()
+    for f in sd["features"]:
+        if f["name"] == "item":
+            f["num_buckets"] = rows
+    schema = FeatureSchema.from_dict(sd)
+    cfg = {"name": f"frappe_dlrm_item{rows}", "schema": "frappe", "model": {"arch": "dlrm"}}
+    path = work / f"mmap-item{rows}"
+    if not (path / "manifest.json").is_file():
+        torch.manual_seed(0)
+        model = build_model(ModelConfig.from_dict(cfg["model"]), schema)
+        weights = {k: v.detach() for k, v in model.state_dict().items()}
+        write_artifact(path, weights, config=cfg, schema=schema, dtype="fp32", metrics={}, step=0)
+        del model, weights
+    out = []
+    for how in ("copy", "mmap", "copy", "mmap"):
+        proc = subprocess.run(
+            [sys.executable, "-c", _LOAD, str(path), how],
+            cwd=REPO, check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        rec = {"bench": "quant_tables_mmap", "loader": how, "table_rows": rows,
+               "weights_mb": round((path / "weights.pt").stat().st_size / 2**20, 1),
+               **json.loads(proc.stdout.strip().splitlines()[-1])}  # fmt: skip
+        emit(rec)
+        out.append(rec)
     return out
 
 
@@ -291,8 +362,12 @@ def run(args) -> int:
             emit(rec)
         print(f"[quant] {n}/{len(chosen)} experiments done", file=sys.stderr, flush=True)
     sweep = bytes_by_dim(work, args.dims, args.table_dtypes) if args.dims else []
+    loads = mmap_check(work, args.mmap_rows) if args.mmap_rows else []
     if not args.json_only:
         table(sweep, ["schema", "dim", "table_dtype", "table_bytes", "fp32_over_bytes"])
+        print()
+        table(loads, ["loader", "table_rows", "weights_mb", "load_s", "first_answer_s",
+                      "rss_after_mb", "peak_rss_mb"])  # fmt: skip
         print()
         cols = ["config", "table_dtype", "table_bytes", "fp32_over_bytes", "p50_ms",
                 "p50_over_fp32", "lookup_p50_ms", "lookup_over_fp32", "auc", "auc_change", "max_prob_diff"]  # fmt: skip
