@@ -57,6 +57,12 @@ def add_arguments(p) -> None:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--serve", action="store_true", help="also load and serve each artifact")
     p.add_argument("--kill-resume", action="store_true", help="kill + resume the largest run")
+    p.add_argument(
+        "--export-separately",
+        action="store_true",
+        help="stop each run once its final checkpoint is written and export it with `mixrank "
+        "export` in a fresh process (the trainer's own export runs beside the training state)",
+    )
     p.add_argument("--plot", default=None, help="PNG path (default docs/scale.png, not --quick)")
     p.add_argument("--results", default=None, help="append the JSON lines to this file")
     p.add_argument("--keep", action="store_true", help="keep the runs (default: delete)")
@@ -184,21 +190,17 @@ def train_run(
         with PeakRss(proc.pid) as rss, CheckpointWatch(run_dir / "checkpoints") as cw:
             while proc.poll() is None:
                 if kill_after_checkpoint and kill_after_checkpoint in cw.done and not killed:
-                    for p in [*_descendants(proc.pid), proc.pid]:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(p, signal.SIGKILL)
+                    _kill_tree(proc.pid)
                     killed = True
                 time.sleep(0.1)
     out["wall_s"] = time.perf_counter() - t0
     out["peak_rss_mib"] = rss.peak_mib
     out["checkpoint_save_s"] = cw.seconds()
-    if not killed and proc.returncode != 0:
-        tail = (run_dir.parent / f"{run_dir.name}.log").read_text()[-3000:]
-        raise RuntimeError(f"mixrank train failed ({proc.returncode}):\n{tail}")
     out["killed"] = killed
     out.update(_rates(run_dir))
-    if not killed:
-        out.update(_after_training(run_dir, proc.returncode, cfg, steps))
+    final = f"step-{steps:08d}"
+    if not killed or kill_after_checkpoint == final:
+        out.update(_after_training(run_dir, -9 if killed else proc.returncode, cfg, steps))
     return out
 
 
@@ -216,7 +218,7 @@ def _after_training(run_dir: Path, rc: int, cfg, steps: int) -> dict:
     evals = [r["eval"] for r in evals if "eval" in r]
     out["auc"] = evals[-1]["auc"] if evals else None
     if rc != 0:  # the final checkpoint is complete: export it on its own
-        out["export_in_trainer"] = "failed (see the run's log)"
+        out["export_in_trainer"] = "killed before it" if rc == -9 else "failed (see the log)"
         out.update(export_measure(final, run_dir / "artifact"))
     out["artifact_bytes"] = _du(run_dir / "artifact")
     out["rows_trained"], out["rows_seen_by_trainer"] = _rows_trained(run_dir)
@@ -240,7 +242,13 @@ def export_measure(checkpoint: Path, artifact: Path) -> dict:
     return {"export_s": time.perf_counter() - t0, "export_peak_rss_mib": rss.peak_mib}
 
 
-def resume_run(run_dir: Path, nproc: int, steps: int) -> dict:
+def _kill_tree(pid: int) -> None:
+    for p in [*_descendants(pid), pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+def resume_run(run_dir: Path, nproc: int, steps: int, kill_after_final: bool = False) -> dict:
     """Resume a killed run (``mixrank train --run-dir``): time to its first logged step, wall."""
     from ranking.train.memory import PeakRss
 
@@ -251,10 +259,13 @@ def resume_run(run_dir: Path, nproc: int, steps: int) -> dict:
     first = None
     with open(run_dir.parent / f"{run_dir.name}-resume.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        final = run_dir / "checkpoints" / f"step-{steps:08d}"
         with PeakRss(proc.pid) as rss:
             while proc.poll() is None:
                 if first is None and len(_steps(run_dir)) > len(before):
                     first = time.perf_counter() - t0
+                if kill_after_final and (final / "rank-0.pt").exists() and final.is_dir():
+                    _kill_tree(proc.pid)
                 time.sleep(0.1)
     if proc.returncode != 0 and not (run_dir / "checkpoints" / f"step-{steps:08d}").is_dir():
         tail = (run_dir.parent / f"{run_dir.name}-resume.log").read_text()[-3000:]
@@ -284,7 +295,8 @@ def _steps(run_dir: Path) -> list[int]:
 
 
 def _rates(run_dir: Path) -> dict:
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    f = run_dir / "metrics.jsonl"
+    recs = [json.loads(x) for x in f.read_text().splitlines() if x] if f.exists() else []
     rates = [r["samples_per_s"] for r in recs if "samples_per_s" in r]
     # the first log line's rate includes the first steps' warm-up
     rate = statistics.median(rates[1:] if len(rates) > 1 else rates) if rates else None
@@ -433,7 +445,9 @@ def run(args) -> int:
     for i, n in enumerate(table_rows):
         last = i == len(table_rows) - 1
         run_dir = work / f"run-table-{n}"
-        rec = train_run(run_dir, train, valid, n, steps, batch, args.nproc, args.sharding)
+        stop_at = f"step-{steps:08d}" if args.export_separately else None
+        rec = train_run(run_dir, train, valid, n, steps, batch, args.nproc, args.sharding,
+                        kill_after_checkpoint=stop_at)  # fmt: skip
         if args.serve or quick:
             rec["serve"] = serve_measure(
                 run_dir / "artifact", cands, 20 if quick else 200, id_range
@@ -443,7 +457,13 @@ def run(args) -> int:
             k = train_run(run_dir, train, valid, n, steps, batch, args.nproc, args.sharding,
                           extra=(f"train.checkpoint_every={max(1, steps // 2)}",),
                           kill_after_checkpoint=f"step-{max(1, steps // 2):08d}")  # fmt: skip
-            emit({"case": "kill_resume", **k, **resume_run(run_dir, args.nproc, steps)})
+            emit(
+                {
+                    "case": "kill_resume",
+                    **k,
+                    **resume_run(run_dir, args.nproc, steps, args.export_separately),
+                }
+            )
         _cleanup(run_dir, args.keep)
     print(f"bench scale: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     _table(results)
@@ -501,34 +521,38 @@ def plot_results(results: list[dict], path: str) -> None:
     tr = sorted(
         [r for r in results if r["case"] in ("table_rows", "big")], key=lambda r: r["table_rows"]
     )
+    shardings = sorted({r["sharding"] for r in tr})
     a = ax[0, 0]
     if dr:
         a.plot([r["data_rows"] for r in dr], [r["samples_per_s"] for r in dr], "o-",
-               label="vs data rows")  # fmt: skip
-    if tr:
-        a.plot([r["table_rows"] for r in tr], [r["samples_per_s"] for r in tr], "s-",
-               label="vs C3 table rows")  # fmt: skip
+               label="vs data rows (C3 table 10^6)")  # fmt: skip
+    for sh in shardings:
+        t = [r for r in tr if r["sharding"] == sh]
+        a.plot([r["table_rows"] for r in t], [r["samples_per_s"] for r in t], "s-",
+               label=f"vs C3 table rows, {sh}")  # fmt: skip
     a.set_xscale("log")
     a.set_ylim(bottom=0)
-    a.set(title="train samples/s (2 ranks)", xlabel="rows")
-    a.legend()
+    a.set(title="train samples/s (2 ranks, DLRM)", xlabel="rows")
+    a.legend(fontsize=7)
     a = ax[0, 1]
-    for rank in ("0", "1"):
-        xs = [r["table_rows"] for r in tr]
-        a.plot(xs, [_get(r["peak_rss_mib"], rank) / 1024 for r in tr], "o-",
-               label=f"rank {rank} peak RSS")  # fmt: skip
-        a.plot(xs, [_get(r["estimate_mib"], rank) / 1024 for r in tr], "x--",
-               label=f"rank {rank} plan estimate")  # fmt: skip
+    for sh in shardings:
+        t = [r for r in tr if r["sharding"] == sh]
+        xs = [r["table_rows"] for r in t]
+        for rank in ("0", "1"):
+            a.plot(xs, [_get(r["peak_rss_mib"], rank) / 1024 for r in t], "o-",
+                   label=f"{sh} rank {rank} peak RSS")  # fmt: skip
+            a.plot(xs, [_get(r["estimate_mib"], rank) / 1024 for r in t], "x--",
+                   label=f"{sh} rank {rank} plan estimate")  # fmt: skip
     a.set_xscale("log")
     a.set(title="memory per rank (GiB)", xlabel="C3 table rows")
-    a.legend(fontsize=7)
+    a.legend(fontsize=6)
     a = ax[1, 0]
-    ck = [r for r in tr if r.get("checkpoint_save_s")]
-    xs = [r["table_bytes"] / 2**30 for r in ck]
-    a.plot(xs, [sum(r["checkpoint_save_s"].values()) for r in ck], "o-", label="DCP save (2 ranks)")
-    a.plot(xs, [r.get("checkpoint_load_s") for r in ck], "s-", label="DCP load (1 process)")
+    ck = [r for r in tr if r.get("checkpoint_save_s") and r.get("checkpoint_bytes")]
+    xs = [r["checkpoint_bytes"] / 2**30 for r in ck]
+    a.plot(xs, [max(r["checkpoint_save_s"].values()) for r in ck], "o", label="DCP save (2 ranks)")
+    a.plot(xs, [r.get("checkpoint_load_s") for r in ck], "s", label="DCP load (1 process)")
     a.set_xscale("log")
-    a.set(title="checkpoint time (s)", xlabel="C3 table GiB (fp32)")
+    a.set(title="checkpoint time (s)", xlabel="checkpoint GiB on disk (tables + optimiser)")
     a.legend()
     a = ax[1, 1]
     for r in tr:
@@ -536,10 +560,11 @@ def plot_results(results: list[dict], path: str) -> None:
         if not lat:
             continue
         ns = sorted(int(k) for k in lat)
-        lbl = f"{r['table_rows']:.0e} rows"
+        lbl = f"{r['table_rows']:.0e} rows, {r['sharding']}"
         a.plot(ns, [lat[_k(lat, n)][0] for n in ns], "o-", label=f"p50 {lbl}")
         a.plot(ns, [lat[_k(lat, n)][1] for n in ns], "x--", label=f"p99 {lbl}")
     a.set_xscale("log", base=2)
+    a.set_yscale("log")
     a.set(title="forward of the loaded artifact (ms, 1 thread)", xlabel="candidates per request")
     a.legend(fontsize=7)
     fig.tight_layout()
