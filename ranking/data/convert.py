@@ -102,6 +102,13 @@ class FeatureColumns:
             self.dense[idx], ids, lengths, self.labels[idx], self.jagged, bad, None, self.seq_keys
         )
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the arrays."""
+        arrays = [self.dense, self.labels, *self.ids.values(), *self.lengths.values()]
+        arrays += [a for a in (self.bad, self.seq_of) if a is not None]
+        return int(sum(a.nbytes for a in arrays))
+
     def drop_bad(self) -> tuple[FeatureColumns, dict[str, int]]:
         """The good rows, and how many rows were dropped per cause."""
         if self.bad is None or not self.bad.any():

@@ -233,6 +233,48 @@ def _footer_nulls(meta, column: str) -> int:
     return total
 
 
+class EncodedCache:
+    """Units already read and converted, kept across epochs up to ``max_bytes`` (the trainer
+    holds one per run and hands it to each epoch's reader): from the second epoch on, a cached
+    unit skips the Parquet read, the hashing or vocabulary lookup and the checks. What a unit
+    converts to does not depend on the epoch, so the batches, their order and the bad-row
+    counts are the same with or without it (and so is resuming). Units are added while they
+    fit; the rest are read again each epoch.
+
+    Example::
+
+        cache = EncodedCache(1 << 30)
+        for epoch in range(3):
+            reader = ParquetBatches(schema, files, 1024, cache=cache)
+            reader.set_epoch(epoch)
+            for batch in reader: ...
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._units: dict[tuple, tuple[FeatureColumns, dict[str, str]]] = {}
+
+    def get(self, key: tuple):
+        hit = self._units.get(key)
+        if hit is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return hit
+
+    def put(self, key: tuple, cols: FeatureColumns, examples: dict[str, str]) -> None:
+        size = cols.nbytes
+        if key in self._units or self.bytes + size > self.max_bytes:
+            return
+        self._units[key] = (cols, dict(examples))
+        self.bytes += size
+
+    def __len__(self) -> int:
+        return len(self._units)
+
+
 class ParquetBatches(IterableDataset):
     """An ``IterableDataset`` of ``Batch`` over Parquet files, sharded by rank and worker.
 
@@ -256,6 +298,7 @@ class ParquetBatches(IterableDataset):
             of each cause this reader met).
         max_list_items: an id list longer than this is a bad row (None: no limit; lists are
             truncated to ``schema.max_list_length`` either way).
+        cache: an ``EncodedCache`` shared by the readers of several epochs (None: none).
     """
 
     def __init__(
@@ -274,6 +317,7 @@ class ParquetBatches(IterableDataset):
         with_labels: bool = True,
         on_bad_rows: str = "fail",
         max_list_items: int | None = None,
+        cache: EncodedCache | None = None,
     ):
         if batch_size < 1 or unit_rows < 1:
             raise ValueError("batch_size and unit_rows must be positive")
@@ -281,6 +325,7 @@ class ParquetBatches(IterableDataset):
             raise ValueError(f"on_bad_rows: expected one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
         self.on_bad_rows = on_bad_rows
         self.max_list_items = max_list_items
+        self.encoded = cache
         self.bad_examples: dict[str, str] = {}
         self.schema = schema
         self.files = resolve_files(path)
@@ -425,6 +470,13 @@ class ParquetBatches(IterableDataset):
         come one after another)."""
         import pyarrow.parquet as pq
 
+        ukey = (unit.path, unit.row_group, unit.start, unit.rows, self.with_labels)
+        hit = self.encoded.get(ukey) if self.encoded is not None else None
+        if hit is not None:
+            cols, examples = hit
+            for cause, msg in examples.items():
+                self.bad_examples.setdefault(cause, msg)
+            return cols
         key = (unit.path, unit.row_group)
         if self._cache is None or self._cache[0] != key:
             self._cache = None
@@ -450,6 +502,8 @@ class ParquetBatches(IterableDataset):
         )
         for cause, msg in checks.examples.items():
             self.bad_examples.setdefault(cause, msg)
+        if self.encoded is not None:
+            self.encoded.put(ukey, cols, checks.examples)
         return cols
 
     def _columns(self) -> list[str]:
@@ -460,6 +514,7 @@ class ParquetBatches(IterableDataset):
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_cache", None)
+        state["encoded"] = None  # a loader worker starts without the training process's cache
         return state
 
 

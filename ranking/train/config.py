@@ -73,6 +73,11 @@ class DataConfig:
     # The longest id list a row may hold (the serving limit `max_list_items` has the same
     # default); lists are truncated to the schema's max_list_length either way.
     max_list_items: int = 1024
+    # Per rank: keep the train and valid rows read and converted (ids, lengths, dense values,
+    # labels) in memory up to this many MiB, so that later epochs and evaluations skip the
+    # Parquet read and the hashing (the batches are the same either way). 0: off. Only with
+    # num_workers 0 (loader workers are processes of their own).
+    cache_mb: int = 1024
 
 
 @dataclass
@@ -311,6 +316,8 @@ def load_experiment(
     for k in ("batch_size", "eval_batch_size", "vocab_min_count", "max_list_items"):
         if getattr(data, k) < 1:
             raise ConfigError(f"{source}: data.{k}: must be positive")
+    if data.cache_mb < 0:
+        raise ConfigError(f"{source}: data.cache_mb: must be >= 0 (0 turns the cache off)")
     if not isinstance(train.task_weights, dict):
         raise ConfigError(f"{source}: train.task_weights: expected a mapping task -> weight")
     for task, w in train.task_weights.items():
