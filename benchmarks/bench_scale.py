@@ -348,7 +348,7 @@ def dcp_load_seconds(cfg, checkpoint: Path) -> float:
 
 # ------------------------------------------------------------------------------ serving
 SERVE_SCRIPT = r"""
-import json, resource, sys, time
+import json, sys, time
 t0 = time.perf_counter()
 import numpy as np, torch
 from ranking.export import load_artifact
@@ -383,7 +383,7 @@ for n in cands:
     lat[n] = (ts[len(ts) // 2] * 1e3, ts[min(len(ts) - 1, int(0.99 * len(ts)))] * 1e3)
 out["latency_ms"] = lat
 out["rss_after_mib"] = rss()
-out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+out["peak_rss_mib"] = [int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0]
 print(json.dumps(out))
 """
 
