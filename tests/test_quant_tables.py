@@ -146,6 +146,13 @@ def test_cli_reexport_int4_and_the_refusals(tmp_path, capsys):
     assert printed["table_dtype"] == "int4" and printed["dtype"] == "bf16"  # the source's dtype
     art = load_artifact(out)
     assert art.manifest["table_dtype"] == "int4"
+    # a quantized artifact is a serving format: no warm start from it (its source is fine)
+    from ranking.errors import UserError
+    from ranking.train.warm_start import open_parent
+
+    assert open_parent(src).kind == "artifact"
+    with pytest.raises(UserError, match="its tables are int4"):
+        open_parent(out)
     # int4 tables cannot become int8: their fp32 values are gone
     with pytest.raises(ArtifactError, match="table_dtype: the source's tables are int4"):
         export_artifact(out, tmp_path / "again", table_dtype="int8")

@@ -94,6 +94,13 @@ def open_parent(path: str | Path, key: str = "train.warm_start") -> Parent:
             schema = FeatureSchema.from_dict(m["schema"], source=str(p / MANIFEST))
         except (ArtifactError, ValueError) as e:
             raise UserError(f"{where}: {e}") from None
+        table_dtype = m.get("table_dtype", "fp32")
+        if table_dtype != "fp32":
+            raise UserError(
+                f"{where}: its tables are {table_dtype} (table_dtype in {p / MANIFEST}), a "
+                f"serving format: warm-start from the fp32 artifact or the training checkpoint "
+                f"it was exported from"
+            )
         return Parent(
             path=p,
             kind="artifact",
