@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -263,3 +265,31 @@ def test_ranking_train_objective_against_the_formula(model_cfg):
     model.eval()
     loss_eval, (bce_eval, _) = wrapped(batch)
     torch.testing.assert_close(loss_eval, bce_eval + aux)
+
+
+def test_embedding_l2_counts_once_with_pooled_and_sequence_tables():
+    """A tokenizer owning both pooled and sequence collections is hooked once: the penalty is
+    ``embedding_l2`` x the pooled embeddings' squared norm, not twice that (it was counted once
+    per collection of the owner)."""
+    from ranking.model.ranker import build_model
+    from ranking.model.synthetic import random_batch
+    from ranking.train.config import load_experiment
+    from ranking.train.loss import RankingTrain, embedding_l2_term
+    from ranking.train.sharding import embedding_modules, embedding_parents
+
+    repo = Path(__file__).resolve().parents[1]
+    exp = load_experiment(repo / "configs" / "synth_sequence_pool.yaml", require_data=False)
+    torch.manual_seed(0)
+    model = build_model(exp.model, exp.schema)
+    paths = list(embedding_modules(model))
+    owners = embedding_parents(model, paths)
+    assert len(paths) > len(owners) == len({id(o) for o in owners})
+    seen = []
+    owners[0].register_forward_hook(
+        lambda m, i, o: seen.append(o[0] if isinstance(o, tuple) else o)
+    )
+    l2 = 0.5
+    wrapped = RankingTrain(model, l2, owners)
+    loss, (bce, out) = wrapped(random_batch(exp.schema, 16, seed=2))
+    aux = out.aux_loss.float() if out.aux_loss is not None else 0.0
+    torch.testing.assert_close(loss, bce + aux + l2 * embedding_l2_term(seen), rtol=1e-5, atol=1e-6)

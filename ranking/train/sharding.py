@@ -182,8 +182,11 @@ def embedding_parents(model: torch.nn.Module, embedding_paths) -> list[torch.nn.
     for path in embedding_paths:
         parent = path.rpartition(".")[0]
         owner = model.get_submodule(parent) if parent else model
-        if path.endswith(".mc_ebc") and any(o is owner for o in out):
-            continue  # the tokenizer's SparseEmbeddings, already hooked for its ebc
+        if any(o is owner for o in out):
+            # one owner of several collections (the tokenizer's SparseEmbeddings holds the
+            # pooled, the managed-collision and the sequence tables): hooked once, or its
+            # penalty would count once per collection
+            continue
         out.append(owner)
     return out
 
