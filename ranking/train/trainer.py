@@ -145,7 +145,11 @@ class Trainer:
 
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # identical dense init on every rank
-        model = build_model(cfg.model, cfg.schema)
+        # tables on the meta device: DMP's sharded modules allocate and initialise their own
+        # shards (from each table's init_fn; on CPU they never copied the built values), so a
+        # table built whole on every rank was only memory: 6 GiB a rank for 10^8 x 16 rows,
+        # resident through training (docs/BENCHMARKS.md, "Tables of 10^7 and 10^8 rows")
+        model = build_model(cfg.model, cfg.schema, device="meta")
         fp = fused_params(cfg)
         sharders = [
             EmbeddingBagCollectionSharder(fused_params=fp),
