@@ -21,6 +21,7 @@ BENCHMARKS = {
     "serve": ("benchmarks.bench_serve", "Ray Serve /v1/rank latency and throughput vs forward"),
     "loop": ("benchmarks.bench_loop", "request-logging cost (A/B) and rollout/rollback under load"),
     "scale": ("benchmarks.bench_scale", "10^7-10^8-row tables: samples/s, RSS vs plan, DCP, serve"),
+    "quant": ("benchmarks.bench_quant_tables", "int8/int4 tables: bytes, p50, AUC change vs fp32"),
 }
 
 

@@ -19,7 +19,7 @@ in this process). Then, per table dtype, in one process:
 
 Run it under the shared lock (it trains and it times)::
 
-    flock /tmp/mixrank-heavy.lock python -m benchmarks.bench_quant_tables
+    mixrank bench quant
     python -m benchmarks.bench_quant_tables --epochs 1 --reps 50   # a quick check
 
 Prints JSON lines (one per experiment and table dtype), then a table.

@@ -19,7 +19,7 @@ from day ``d - 1``'s artifact (day 0 from scratch), then measured on the exporte
 
 Output: one JSON line per (method, day), then a table. Run it under the heavy-job lock::
 
-    flock /tmp/mixrank-heavy.lock .venv/bin/python -m benchmarks.mc_stream --days 4
+    python -m benchmarks.mc_stream --days 4
 """
 
 from __future__ import annotations
