@@ -43,6 +43,7 @@ SHIPPED = [
     *REPO.glob("configs/frappe_*.yaml"),
     *REPO.glob("configs/movielens_*.yaml"),
     *REPO.glob("configs/synth_sequence_*.yaml"),
+    REPO / "configs/mc_stream.yaml",  # managed-collision tables: their id mapping resumes too
 ]
 CONFIGS = [*sorted(SHIPPED), REPO / "configs/demo.yaml"]
 # the dense optimisers no shipped config uses (their state is created at different times:
@@ -83,6 +84,8 @@ def _preset(config: Path) -> str:
     import yaml
 
     schema = str(yaml.safe_load(config.read_text())["schema"])
+    if schema == "mc_stream":
+        return "mc_stream"
     if schema.startswith("synth_sequence"):
         return "sequence"
     return "movielens" if schema.startswith("movielens") else "frappe"
@@ -109,15 +112,20 @@ def data(tmp_path_factory) -> Path:
     import pyarrow.parquet as pq
 
     root = tmp_path_factory.mktemp("resumedata")
-    for preset in ("frappe", "movielens", "sequence"):
+    for preset in ("frappe", "movielens", "sequence", "mc_stream"):
         out = root / preset / "all"
-        args = ["data", "synth", "--preset", preset, "--rows", str(ROWS + 512), "--seed", "3"]
-        assert cli([*args, "--out", str(out), "--quiet"]) == 0
-        table = pq.read_table(out)
+        if preset == "mc_stream":  # more item ids than table rows: the mapping evicts
+            from ranking.data.synth_stream import Stream
+
+            table = Stream(rows_per_day=ROWS + 512, catalogue=4000, new_per_day=1000).day(1)
+        else:
+            args = ["data", "synth", "--preset", preset, "--rows", str(ROWS + 512), "--seed", "3"]
+            assert cli([*args, "--out", str(out), "--quiet"]) == 0
+            table = pq.read_table(out)
         if preset == "movielens":  # histories for movielens_sequence.yaml (ordered by row)
             table = _with_histories(table, root / preset)
         for split, part in (("train", table.slice(0, ROWS)), ("valid", table.slice(ROWS))):
-            (root / preset / split).mkdir()
+            (root / preset / split).mkdir(parents=True)
             pq.write_table(part, root / preset / split / "part-0.parquet")
     return root
 

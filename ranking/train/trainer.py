@@ -26,6 +26,7 @@ from ranking.data.reader import EncodedCache
 from ranking.errors import UserError
 from ranking.export import schema_dict
 from ranking.train import checkpoint as ckpt
+from ranking.train import mc_state
 from ranking.train import warm_start as ws
 from ranking.train.badrows import BadRows, counts_text, merge_counts
 from ranking.train.config import ExperimentConfig, load_experiment
@@ -264,6 +265,7 @@ class Trainer:
             "rng": ckpt.rng_state(),
             "scheduler": self.scheduler.state_dict(),
             "bad_rows": self.bad.state_dict(),
+            "mc": mc_state.capture(self.model),  # managed-collision history (mc_state)
         }
         path = ckpt.save(
             self.state(),
@@ -316,6 +318,11 @@ class Trainer:
         ckpt.set_rng_state(local["rng"])
         self.scheduler.load_state_dict(local["scheduler"])
         self.bad.load_state_dict(local.get("bad_rows", {}))
+        if not mc_state.restore(self.model, local.get("mc"), path):
+            self.log.info(
+                f"warning: {path}: saved without the managed-collision history (an older "
+                f"checkpoint); resuming approximately: the next evictions see a shorter history"
+            )
         # LambdaLR writes a group's lr only in step(): until the first step after resuming the
         # groups would keep the lr of step 0 (the warm-up's smallest).
         for group, lr in zip(self.dense_opt.param_groups, self.scheduler.get_last_lr()):
