@@ -128,6 +128,7 @@ def _in_process(config: str, data: Path, repeats: int) -> dict:
 PLAIN_OVERRIDES = [
     "data.batch_size=1024", "train.select_best=false", "train.early_stopping_patience=0",
     "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=50", "data.valid=",
+    "train.embedding_l2=0",  # the plain loop's objective: BCE (+ the model's auxiliary loss)
 ]  # fmt: skip
 
 
@@ -171,12 +172,15 @@ def vs_plain(args, work: Path) -> list[dict]:
     for config in [c for c in args.plain_configs.split(",") if c]:
         raw = yaml.safe_load(Path(config).read_text())
         train = raw.get("data", {}).get("train") or ""
-        train_path = (Path(config).parent / train).resolve()
+        train_path = Path(train).resolve()  # relative to where mixrank runs, as in training
         extra = []
-        if not train or not train_path.exists():  # no ../shared: synthetic rows in the config's schema
-            data = work / f"data-{raw['schema']}"
+        if (
+            not train or not train_path.exists()
+        ):  # no ../shared: synthetic rows in the config's schema
+            preset = "movielens" if str(raw["schema"]).startswith("movielens") else "frappe"
+            data = work / f"data-{preset}"
             if not data.exists():
-                _synth(raw["schema"], args.rows, data)
+                _synth(preset, args.rows, data)
             extra = [f"data.train={data / 'train'}", "data.vocab_from_train=false"]
         # the plain loop reads a run's resolved config (its vocabularies): a one-step run
         setup = work / f"setup-{Path(config).stem}"

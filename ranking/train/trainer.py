@@ -238,6 +238,8 @@ class Trainer:
 
     def _any_rank_done(self, have: bool) -> bool:
         """True when some rank has no batch left: every rank must run the same number of steps."""
+        if self.world == 1:
+            return not have  # no collective a step for a world of one
         return all_ranks(not have, "max", self.device) == 1
 
     # ----------------------------------------------------------- state
