@@ -177,12 +177,8 @@ class Generator:
         for f in self.fields:
             h = self.hidden[f.column]
             if f.kind == "dense":
-                mu, sigma, w = h
-                x = np.floor(np.exp(rng.normal(mu, sigma, n))) - 1
-                z = (np.log1p(np.maximum(x, 0)) - mu) / sigma
-                dense += w * z
-                arr = pa.array(x.astype(np.int64), mask=rng.random(n) < 0.2)
-                cols[f.column] = arr
+                cols[f.column], contribution = _dense_column(rng, n, h)
+                dense += contribution
                 continue
             vec, bias, cdf, perm = h
             if f.kind == "id_list":
@@ -413,6 +409,14 @@ def _hidden_of(values: list, index: dict, vec: np.ndarray, bias: np.ndarray):
     return np.where(ok[:, None], vec[safe], 0.0), np.where(ok, bias[safe], 0.0)
 
 
+def _dense_column(rng: np.random.Generator, n: int, hidden) -> tuple[pa.Array, np.ndarray]:
+    """A count column (log-normal, 20% nulls) and its term of the planted logit."""
+    mu, sigma, w = hidden
+    x = np.floor(np.exp(rng.normal(mu, sigma, n))) - 1
+    z = (np.log1p(np.maximum(x, 0)) - mu) / sigma
+    return pa.array(x.astype(np.int64), mask=rng.random(n) < 0.2), w * z
+
+
 def _zipf_cdf(n: int, a: float) -> np.ndarray:
     cdf = np.cumsum(1.0 / np.arange(1, n + 1) ** a)
     return cdf / cdf[-1]
@@ -545,11 +549,8 @@ class LargeGenerator(Generator):
         for f in self.fields:
             h = self.hidden[f.column]
             if f.kind == "dense":
-                mu, sigma, w = h
-                x = np.floor(np.exp(rng.normal(mu, sigma, n))) - 1
-                z = (np.log1p(np.maximum(x, 0)) - mu) / sigma
-                dense += w * z
-                cols[f.column] = pa.array(x.astype(np.int64), mask=rng.random(n) < 0.2)
+                cols[f.column], contribution = _dense_column(rng, n, h)
+                dense += contribution
                 continue
             _, mult, shift, _ = h
             ids = zipf_ids(rng, n, f.card, mult, shift)
