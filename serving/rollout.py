@@ -177,7 +177,7 @@ def health(url: str, timeout: float = 10.0) -> dict:
 
 
 def wait_version(
-    url: str, version: str, replicas: int, key: str = "model_version", timeout: float = 60.0
+    url: str, version: str | None, replicas: int, key: str = "model_version", timeout: float = 60.0
 ) -> dict:
     """Poll ``/healthz`` until ``3 x replicas`` answers in a row report ``version`` under
     ``key`` (replicas are picked at random by Serve); a reload error names the failure."""
@@ -400,9 +400,13 @@ def rollout(
         wait_version(url, version, replicas, key="shadow_model_version")
         _say(f"shadow: {version} scores a copy of live traffic for {shadow_seconds:g} s")
         time.sleep(shadow_seconds)
-        time.sleep(2.5)  # Ray exports metrics every second: the last ones reach the endpoint
-        after = scrape(metrics_urls) if metrics_urls else {}
+        # The shadow is removed before its counters are read: a request still in flight would
+        # otherwise be counted in one series (requests) and not yet in another (sums).
         admin.update_ranker({"shadow_artifact": ""}, timeout)
+        wait_version(url, None, replicas, key="shadow_model_version")
+        if metrics_urls:
+            time.sleep(2.5)  # Ray exports metrics every second: the last ones reach the endpoint
+        after = scrape(metrics_urls) if metrics_urls else {}
         if metrics_urls:
             sh = shadow_report(after, before, version)
             report["shadow"] = sh
