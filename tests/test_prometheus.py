@@ -383,10 +383,12 @@ def test_every_dashboard_query_reads_what_was_sent(live):
         TOO_MANY, rel=0.2
     )
 
-    # quantiles: inside the bucket that holds the quantile of the window's observations, found
-    # from the buckets' exact increases (what histogram_quantile interpolates within)
-    def bucket_of(metric: str, quantile: float, match: dict) -> tuple[float, float]:
-        counts = delta(f"sum by (le, route) ({metric}_bucket{{{ns}}})")
+    # quantiles: inside the bucket that holds the quantile of the buckets' rates over the
+    # window (what histogram_quantile interpolates within: rate() extrapolates each bucket
+    # series by its own first and last samples, which can move a quantile that sits on a
+    # bucket edge into the next bucket), and that bucket is the one holding the quantile of
+    # the buckets' exact increases, or its neighbour
+    def bucket_of(counts: dict, quantile: float, match: dict) -> tuple[int, float, float]:
         cum = sorted(
             (float(dict(k)["le"]), v)
             for k, v in counts.items()
@@ -394,11 +396,14 @@ def test_every_dashboard_query_reads_what_was_sent(live):
         )
         rank = quantile * cum[-1][1]
         lo = 0.0
-        for le, c in cum:
+        for i, (le, c) in enumerate(cum):
             if c >= rank:
-                return lo, le
+                return i, lo, le
             lo = le
         raise AssertionError(cum)
+
+    def rates(expr: str) -> dict:
+        return {tuple(sorted(m.items())): v for m, v in prom.query(expr, at)}
 
     for title, metric, route_legend in (
         ("Latency (end to end, ingress)", "ray_mixrank_request_latency_seconds", True),
@@ -410,8 +415,15 @@ def test_every_dashboard_query_reads_what_was_sent(live):
                 if math.isnan(v):  # a route without answers in the window
                     continue
                 match = {"route": metric_labels["route"]} if route_legend else {}
-                lo, hi = bucket_of(metric, quantile, match)
+                by_le = f"sum by (le, route) ({metric}_bucket{{{ns}}})"
+                i, lo, hi = bucket_of(
+                    rates(f"sum by (le, route) (rate({metric}_bucket{{{ns}}}[{window}s]))"),
+                    quantile,
+                    match,
+                )
                 assert lo <= v <= hi, (title, legend, metric_labels, v, lo, hi)
+                i_exact, _, _ = bucket_of(delta(by_le), quantile, match)
+                assert abs(i - i_exact) <= 1, (title, legend, metric_labels, i, i_exact)
 
     # the model version: both replicas, with the dtype
     versions = by(
