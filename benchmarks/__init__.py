@@ -22,6 +22,10 @@ BENCHMARKS = {
     "loop": ("benchmarks.bench_loop", "request-logging cost (A/B) and rollout/rollback under load"),
     "scale": ("benchmarks.bench_scale", "10^7-10^8-row tables: samples/s, RSS vs plan, DCP, serve"),
     "quant": ("benchmarks.bench_quant_tables", "int8/int4 tables: bytes, p50, AUC change vs fp32"),
+    "int8": (
+        "benchmarks.bench_int8",
+        "int8 dense inference: AUC change and p50 vs fp32 on real data",
+    ),
 }
 
 

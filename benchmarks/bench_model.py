@@ -18,6 +18,12 @@ mode with no grad:
   calls whose matmuls agree are split by regime and each regime gets its own median ratio
   (printed as ``frac_by_regime``: ``frac @ matmul GFLOP/s``, slowest regime first).
 
+- ``int8``: ``optimize_for_inference(dtype="int8")`` (per-token GEMMs in int8, ``kernels.cpu.int8``);
+  its ``frac_of_peak`` is over the int8 GEMM peak (``Int8Peak``: oneDNN's u8s8 kernel at 2048^3,
+  every route's rate in ``int8_routes_gop_s``), and ``int8_vs_bf16`` / ``int8_vs_fp32`` are its
+  dense-part speed-ups over the other dtypes of the same config in the same run. bf16 is skipped,
+  with the reason, on a CPU without native bf16 (``--force-bf16`` times it anyway).
+
 - ``ab_fused`` (``--ab-fused-seconds``; RankMixer and TokenMixer-Large in bf16): the dense part
   of one micro-batch with the fused ``kernels.cpu`` ops and with the eager block, alternately,
   between two
@@ -57,7 +63,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=4096, help="rows per forward (default 4096)")
     parser.add_argument("--iters", type=int, default=5, help="timed forwards per measurement")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["fp32", "bf16", "int8"],
+        choices=["fp32", "bf16", "int8"],
+        help="int8: optimize_for_inference(dtype='int8'), its ratio to the int8 GEMM peak and "
+        "its speed-up over bf16 and fp32 in the same run; bf16 is skipped (with the reason) "
+        "on a CPU without native bf16, where it runs hundreds of times slower than fp32",
+    )
     parser.add_argument(
         "--bf16",
         default="weights",
@@ -88,6 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--plot", default=None, help="with --ab-fused-seconds: a PNG of the calls")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--force-bf16", action="store_true", help="time bf16 even on a CPU without native bf16"
+    )
     parser.add_argument(
         "--regime-seconds",
         type=float,
@@ -133,6 +150,41 @@ class MatmulPeak:
         """Seconds of one matmul."""
         t = time.perf_counter()
         self.a @ self.b
+        return time.perf_counter() - t
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.n**3
+
+
+class Int8Peak:
+    """The int8 GEMM peak, timed on demand like ``MatmulPeak``: oneDNN's u8s8 kernel at n^3
+    (what int8 inference runs, activation quantization excluded). ``routes`` holds every
+    route's GOP/s measured once at construction (``kernels.cpu.int8.int8_gemm_rate``: oneDNN,
+    ``torch._int_mm``, torch.ao's dynamic linear); where ``torch._int_mm`` is faster than
+    oneDNN (not on the CPUs seen so far) it becomes the timed route."""
+
+    def __init__(self, n: int = 2048):
+        import torch
+
+        from kernels.cpu import int8
+
+        self.routes = int8.int8_gemm_rate(n)
+        self.n = n
+        g = torch.Generator().manual_seed(0)
+        if self.routes.get("torch_int_mm", 0) > self.routes.get("onednn_u8s8", 0):
+            a = torch.randint(-63, 64, (n, n), dtype=torch.int8, generator=g)
+            b = torch.randint(-63, 64, (n, n), dtype=torch.int8, generator=g)
+            self.fn = lambda: torch._int_mm(a, b)
+        else:
+            w = int8.Int8Weight(torch.randn(n, n, generator=g))
+            q, _ = int8.quantize_rows(torch.randn(n, n, generator=g))
+            self.fn = lambda: w.product(q)
+        self.fn()
+
+    def __call__(self) -> float:
+        t = time.perf_counter()
+        self.fn()
         return time.perf_counter() - t
 
     @property
@@ -327,7 +379,23 @@ def bench_config(name: str, args) -> list[dict]:
     is_mixer = isinstance(model, Ranker)
     records = []
     peaks = {"bf16": MatmulPeak(torch.bfloat16), "fp32": MatmulPeak(torch.float32)}
+    if "int8" in args.dtypes:
+        peaks["int8"] = Int8Peak()
+    bf16_rate = peaks["bf16"].flops / min(peaks["bf16"]() for _ in range(3))
+    fp32_rate = peaks["fp32"].flops / min(peaks["fp32"]() for _ in range(3))
     for dt in args.dtypes:
+        if dt == "bf16" and bf16_rate < fp32_rate / 4 and not getattr(args, "force_bf16", False):
+            records.append(
+                {
+                    "config": path.stem,
+                    "arch": cfg.arch,
+                    "dtype": dt,
+                    "skipped": f"no native bf16 on this CPU: a {peaks['bf16'].n}^3 bf16 matmul "
+                    f"ran at {bf16_rate / 1e9:.1f} GFLOP/s against {fp32_rate / 1e9:.0f} in "
+                    "fp32 (--force-bf16 times it anyway)",
+                }
+            )
+            continue
         autocast = dt == "bf16" and args.bf16 == "autocast"
         # the served model: optimize_for_inference in this dtype with the preset's options;
         # --bf16 autocast instead runs the fp32 lowering under autocast
@@ -376,6 +444,11 @@ def bench_config(name: str, args) -> list[dict]:
             "frac_of_peak": ratio * per_sample * args.batch,
         }
         rec["frac_of_bf16_peak"] = rec["dense_gflop_s"] / rec["peak_bf16_gflop_s"]
+        if dt == "int8":
+            from kernels.cpu import int8
+
+            rec["int8_routes_gop_s"] = peak.routes
+            rec["int8_weight_bits"] = int8.weight_bits()
         step = opts.micro_batch if 0 < opts.micro_batch < args.batch else args.batch
         if is_mixer and args.regime_seconds > 0:
             one = tokens[:step]
@@ -415,9 +488,19 @@ def run(args) -> int:
         print(f"# machine: {info}", file=sys.stderr)
     records = []
     for name in args.configs:
-        for rec in bench_config(name, args):
+        recs = bench_config(name, args)
+        by_dtype = {r["dtype"]: r for r in recs if "skipped" not in r}
+        q = by_dtype.get("int8")
+        for other in ("bf16", "fp32"):  # int8's speed-up, dense part, measured in this run
+            if q is not None and other in by_dtype:
+                q[f"int8_vs_{other}"] = q["dense_samples_s"] / by_dtype[other]["dense_samples_s"]
+        for rec in recs:
             rec["bf16_mode"] = args.bf16
             emit({k: v for k, v in rec.items() if k != "ab_fused_calls"})
+            if "skipped" in rec:
+                if not getattr(args, "json_only", False):
+                    print(f"# {rec['config']} {rec['dtype']}: skipped: {rec['skipped']}")
+                continue
             records.append(rec)
     if getattr(args, "plot", None):
         plot_ab(records, args.plot)
@@ -446,6 +529,7 @@ def run(args) -> int:
                 "frac_of_peak",
                 "frac_by_regime",
             ]
+            + (["int8_vs_bf16", "int8_vs_fp32"] if "int8" in args.dtypes else [])
             + (["ab_fused_by_regime"] if getattr(args, "ab_fused_seconds", 0) else []),
         )
     return 0

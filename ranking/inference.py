@@ -3,7 +3,8 @@
 ``optimize_for_inference(model, *, dtype="bf16", device="cpu")`` returns a model with the same
 ``forward(batch) -> RankerOutput`` in which the mixer blocks are swapped for their fast
 implementations (``ranking.lowered``): token-major layout on the CPU, compiled epilogues, the
-``kernels.cpu`` AMX ops where the CPU has AMX, weights in ``dtype``. It is the one place that
+``kernels.cpu`` AMX ops where the CPU has AMX, weights in ``dtype`` (``int8``: the per-token
+GEMMs as int8 GEMMs, ``kernels.cpu.int8``, the rest fp32). It is the one place that
 picks an implementation (in the spirit of Liger-Kernel's ``apply_liger_kernel_to_*``): the
 model's own code stays the papers' math. Serving, ``mixrank eval``, export and ``mixrank bench
 model`` call it (through ``ranking.export.Artifact``); training never does.
@@ -41,10 +42,13 @@ from ranking.lowered import (
     AmxRankMixer,
     AmxTokenMixerLarge,
     CompiledOrEager,
+    Int8RankMixer,
+    Int8TokenMixerLarge,
     TokenMajorRankMixer,
     TokenMajorStack,
     TokenMajorTokenMixerLarge,
     has_token_major,
+    int8_linears,
 )
 from ranking.model.blocks import (
     RankMixerBlock,
@@ -58,7 +62,9 @@ from ranking.model.ranker import Ranker, pool_tokens
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The inference dtypes and the float dtype each computes in outside its GEMMs: int8 runs the
+# mixer blocks' GEMMs (and a baseline's linear layers) in int8, everything else in fp32.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
 
 
 @dataclass
@@ -145,10 +151,12 @@ def lower_stack(
     device: torch.device,
     compile_epilogues: bool = False,
     cpu_fused_block: bool = False,
+    int8: bool = False,
 ) -> nn.Module:
     """The fastest implementation of a mixer stack for ``device``: token-major blocks on the
-    CPU (dense RankMixer / TokenMixer-Large), else a frozen copy in ``dtype`` (UniMixer, MoE
-    stages, and the GPU, where the blocks' own forward runs the Triton kernels)."""
+    CPU (dense RankMixer / TokenMixer-Large; with ``int8`` their GEMMs in int8), else a frozen
+    copy in ``dtype`` (UniMixer, MoE stages, and the GPU, where the blocks' own forward runs the
+    Triton kernels)."""
     token_major = (
         device.type == "cpu"
         and kernels.backend(device) == "torch"
@@ -156,10 +164,25 @@ def lower_stack(
         and all(has_token_major(b) for b in stack.blocks)
     )
     if not token_major:
+        if int8:
+            _warn_once(
+                f"int8 {type(stack).__name__}",
+                "int8: no int8 lowering for %s (int8 covers the dense RankMixer and "
+                "TokenMixer-Large blocks on the CPU); its blocks run in fp32",
+                type(stack).__name__,
+            )
         return _frozen_copy(stack, dtype, device)
-    blocks = [
-        _fast_block(b, dtype, device, compile_epilogues, cpu_fused_block) for b in stack.blocks
-    ]
+    if int8:
+        blocks = [
+            (Int8RankMixer if isinstance(b, RankMixerBlock) else Int8TokenMixerLarge)(
+                b, compile_epilogues
+            )
+            for b in stack.blocks
+        ]
+    else:
+        blocks = [
+            _fast_block(b, dtype, device, compile_epilogues, cpu_fused_block) for b in stack.blocks
+        ]
     return TokenMajorStack(blocks, getattr(stack, "every", 0))
 
 
@@ -227,6 +250,30 @@ class AutocastModel(nn.Module):
             return self.model(batch)
 
 
+class Int8Model(nn.Module):
+    """A model without a lowering of its own (the DLRM / DCNv2 baselines) with every
+    ``nn.Linear`` outside its embedding tables an int8 GEMM (``ranking.lowered.Int8Linear``):
+    a copy that shares the tables, in eval mode, without autograd. DCNv2's low-rank cross
+    layers are parameters, not ``nn.Linear``: they stay fp32."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        shared = {
+            id(m): m
+            for m in model.modules()
+            if type(m).__module__.startswith(("torchrec.modules.embedding", "torchrec.quant"))
+        }
+        self.model = copy.deepcopy(model.eval(), memo=shared)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.swapped = int8_linears(self.model)
+        self.training = False  # not self.eval(): that would reach the shared tables
+
+    @torch.no_grad()
+    def forward(self, batch: Batch) -> RankerOutput:
+        return self.model(batch)
+
+
 def optimize_for_inference(
     model: nn.Module,
     *,
@@ -237,7 +284,9 @@ def optimize_for_inference(
     compile_epilogues: bool = False,
     cpu_fused_block: bool = False,
 ) -> nn.Module:
-    """``model`` lowered for inference on ``device`` in ``dtype`` (``fp32`` | ``bf16``).
+    """``model`` lowered for inference on ``device`` in ``dtype`` (``fp32`` | ``bf16`` |
+    ``int8``: the mixer blocks' per-token GEMMs, or a baseline's linear layers, as int8 GEMMs
+    with per-channel weight and per-row activation scales, the rest fp32; CPU only).
 
     The result has the same ``forward(batch) -> RankerOutput`` and gives the same logits within
     ``dtype``'s rounding (tests/test_inference.py, every architecture). It runs without
@@ -251,6 +300,11 @@ def optimize_for_inference(
             f"optimize_for_inference: dtype: expected one of {list(DTYPES)}, got {dtype!r}"
         )
     dev = torch.device(device)
+    int8 = dtype == "int8"
+    if int8 and dev.type != "cpu":
+        raise ValueError(
+            f"optimize_for_inference: dtype int8 runs on the CPU, not on {dev} (fp32 or bf16 there)"
+        )
     on = {p.device.type for p in model.parameters()}
     if on and on != {dev.type}:
         raise ValueError(
@@ -259,7 +313,7 @@ def optimize_for_inference(
         )
     dt = DTYPES[dtype]
     if not isinstance(model, Ranker):
-        return AutocastModel(model.eval(), dt, dev)
-    stack = lower_stack(model.blocks, dt, dev, compile_epilogues, cpu_fused_block)
+        return Int8Model(model) if int8 else AutocastModel(model.eval(), dt, dev)
+    stack = lower_stack(model.blocks, dt, dev, compile_epilogues, cpu_fused_block, int8)
     heads = _frozen_copy(model.heads, dt, dev)
     return InferenceRanker(model, stack, heads, dt, micro_batch, compile)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels import cpu as cpu_kernels
+from kernels.cpu import int8
 from ranking.model.blocks import RankMixerBlock, StackOutput, TokenMixerLargeBlock
 from ranking.model.ffn import DenseStage, PerTokenFFN, PerTokenSwiGLU
 
@@ -304,6 +305,90 @@ class AmxTokenMixerLarge(nn.Module):
         r = revert_tm(cpu_kernels.swiglu_stage(hm, hm, self.prepared[0]), self.num_tokens)
         base = x if self.second_residual == "input" else r
         return cpu_kernels.swiglu_stage(r, base, self.prepared[1])
+
+
+# ----------------------------------------------------------------------------- int8 blocks
+
+
+def _int8_per_token(w: Tensor, b: Tensor | None = None) -> list[int8.Int8Weight]:
+    """Per-token weights ``w [T, K, N]`` (biases ``b [T, N]``) as packed int8 GEMMs."""
+    return [int8.Int8Weight(w[t], None if b is None else b[t]) for t in range(w.shape[0])]
+
+
+class Int8RankMixer(nn.Module):
+    """``RankMixerBlock`` (dense PFFN) on token-major fp32 ``x [T, B, D]`` with both per-token
+    GEMMs in int8 (``kernels.cpu.int8``: int8 weights per output channel, activations per row);
+    token mixing, the norms, GELU, the biases and the residual stay fp32."""
+
+    def __init__(self, block: RankMixerBlock, compile_epilogues: bool = False):
+        super().__init__()
+        ffn = dense_ffn(block.ffn, PerTokenFFN)
+        dev = torch.device("cpu")
+        self.num_tokens = block.num_tokens
+        self.norm1 = Norm(block.norm1, torch.float32, dev, compile_epilogues)
+        self.norm2 = Norm(block.norm2, torch.float32, dev, compile_epilogues)
+        self.w1 = _int8_per_token(ffn.w1, ffn.b1)
+        self.w2 = _int8_per_token(ffn.w2, ffn.b2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.norm1(mix_tm(x, self.num_tokens).add_(x))
+        h = torch.ops.aten.gelu_(int8.int8_bmm(s, self.w1))
+        return self.norm2(int8.int8_bmm(h, self.w2).add_(s))
+
+
+class Int8TokenMixerLarge(nn.Module):
+    """``TokenMixerLargeBlock`` (dense pSwiGLU) on token-major fp32 ``x [T, B, D]`` with the
+    four per-head GEMMs (gate/up and down of both stages) in int8; mixing, RMSNorm, Swish and the
+    residuals stay fp32."""
+
+    def __init__(self, block: TokenMixerLargeBlock, compile_epilogues: bool = False):
+        super().__init__()
+        dev = torch.device("cpu")
+        self.num_tokens, self.num_heads = block.num_tokens, block.num_heads
+        self.second_residual = block.second_residual
+        self.norm1 = Norm(block.norm1, torch.float32, dev, compile_epilogues)
+        self.norm2 = Norm(block.norm2, torch.float32, dev, compile_epilogues)
+        self.hidden = (block.f1.ffn.hidden, block.f2.ffn.hidden)
+        self.gate_up = [_int8_per_token(f.ffn.w_gate_up) for f in (block.f1, block.f2)]
+        self.down = [_int8_per_token(f.ffn.w_down) for f in (block.f1, block.f2)]
+
+    def _act(self, i: int, z: Tensor) -> Tensor:
+        gate, up = int8.int8_bmm(z, self.gate_up[i]).split(self.hidden[i], dim=-1)
+        return torch.nn.functional.silu(gate).mul_(up)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hm = mix_tm(x, self.num_heads)  # [H, B, W]
+        h = int8.int8_bmm(self._act(0, self.norm1(hm)), self.down[0]).add_(hm)
+        r = revert_tm(h, self.num_tokens)
+        base = x if self.second_residual == "input" else r
+        return int8.int8_bmm(self._act(1, self.norm2(r)), self.down[1]).add_(base)
+
+
+class Int8Linear(nn.Module):
+    """An ``nn.Linear`` as an int8 GEMM (``kernels.cpu.int8.int8_linear``) for inference: the
+    dense layers of models without a lowering of their own (the DLRM / DCNv2 baselines)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = int8.Int8Weight(linear.weight.t(), linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        y = int8.int8_linear(x.reshape(-1, self.in_features), self.weight)
+        return y.view(*lead, self.out_features)
+
+
+def int8_linears(module: nn.Module) -> int:
+    """Swap every ``nn.Linear`` under ``module`` for an ``Int8Linear`` (in place); the count."""
+    n = 0
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear:
+            setattr(module, name, Int8Linear(child))
+            n += 1
+        else:
+            n += int8_linears(child)
+    return n
 
 
 class TokenMajorStack(nn.Module):

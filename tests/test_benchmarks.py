@@ -45,6 +45,7 @@ def test_bench_model_tiny(repo_root):
         "--dtypes",
         "fp32",
         "bf16",
+        "int8",
         "--regime-seconds",
         "0.2",
         "--json-only",
@@ -53,9 +54,15 @@ def test_bench_model_tiny(repo_root):
     assert {(r["config"], r["dtype"]) for r in recs} == {
         (c, d)
         for c in ("rankmixer_small", "tokenmixer_large_small", "dlrm_small")
-        for d in ("fp32", "bf16")
+        for d in ("fp32", "bf16", "int8")
     }
+    skipped = [r for r in recs if "skipped" in r]  # bf16 on a CPU without native bf16 only
+    assert all(r["dtype"] == "bf16" and "no native bf16" in r["skipped"] for r in skipped)
+    recs = [r for r in recs if "skipped" not in r]
     for r in recs:
+        if r["dtype"] == "int8":  # over the int8 GEMM peak; its speed-ups in the same run
+            assert r["int8_routes_gop_s"]["peak"] > 0 and r["int8_vs_fp32"] > 0
+            assert r["int8_weight_bits"] in (7, 8)
         cfg, schema = load_experiment(repo_root / "configs" / "models" / f"{r['config']}.yaml")
         assert r["flops_per_sample"] == pytest.approx(forward_flops(cfg, schema))
         assert r["samples_s"] > 0 and r["dense_gflop_s"] > 0 and r["frac_of_peak"] > 0

@@ -50,8 +50,9 @@ def register(sub) -> None:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=["fp32", "bf16"],
-        help="dense weights (default: fp32 from a checkpoint, the source's from an artifact)",
+        choices=["fp32", "bf16", "int8"],
+        help="dense weights (default: fp32 from a checkpoint, the source's from an artifact); "
+        "int8: the mixer blocks' GEMMs (a baseline's linear layers) served in int8 on the CPU",
     )
     p.add_argument(
         "--table-dtype",
@@ -66,7 +67,9 @@ def register(sub) -> None:
     p.add_argument("--artifact", required=True)
     p.add_argument("--data", required=True, help="Parquet file, directory or glob")
     p.add_argument("--batch-size", type=int, default=8192)
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: manifest's")
+    p.add_argument(
+        "--dtype", default=None, choices=["fp32", "bf16", "int8"], help="default: manifest's"
+    )
     p.set_defaults(func=evaluate)
 
 

@@ -1,0 +1,160 @@
+"""Int8 dense inference on real data: the AUC change of an int8 artifact, and its p50 beside fp32.
+
+For each experiment (Frappe and MovieLens, RankMixer and TokenMixer-Large, and Frappe DLRM) the
+real training job runs briefly on ../shared/data (``mixrank train``; a run directory that
+already holds its artifact is reused) and its fp32 artifact is re-exported with
+``mixrank export --artifact R/artifact --out ... --dtype int8`` (in this process: the export's
+lowering check runs). Then, in one process:
+
+- AUC / logloss of the fp32 and the int8 artifact on the evaluation split (MovieLens: ``test``;
+  Frappe: ``valid``), the change, and the largest |probability| difference;
+- p50 of ``Artifact.predict`` (what the Ranker runs) on 256-row batches of that split, paired:
+  each repetition runs every dtype once on the same batch in a shuffled order; bf16 is included
+  only on a CPU with native bf16 (elsewhere it runs hundreds of times slower than fp32);
+- with ``--serve`` (default: the first experiment) the int8 artifact served by the real Ray
+  Serve application, one request of 256 real rows over HTTP and gRPC, its scores against the
+  in-process int8 ones and the fp32 artifact's.
+
+The speed of int8 on the larger presets (against fp32, bf16 and the int8 GEMM peak) is
+``mixrank bench model --dtypes fp32 bf16 int8``. Run it under the shared lock::
+
+    mixrank bench int8
+    python -m benchmarks.bench_int8 --configs frappe_rankmixer --epochs 1   # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.bench_quant_tables import DATA, _train, evaluate, paired_p50, serve_check
+from benchmarks.common import emit, machine_info, table
+
+# (config, epochs of the brief training run, evaluation split)
+EXPERIMENTS = (
+    ("frappe_rankmixer", 4, "frappe/valid.parquet"),
+    ("frappe_tokenmixer_large", 3, "frappe/valid.parquet"),
+    ("movielens_rankmixer", 3, "movielens100k/test.parquet"),
+    ("movielens_tokenmixer_large", 3, "movielens100k/test.parquet"),
+    ("frappe_dlrm", 3, "frappe/valid.parquet"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work-dir", default="/tmp/mixrank-bench-int8", help="runs, artifacts")
+    parser.add_argument(
+        "--configs", nargs="*", default=None, help="a subset of " + ", ".join(e[0] for e in EXPERIMENTS)
+    )  # fmt: skip
+    parser.add_argument("--epochs", type=int, default=None, help="override every run's epochs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--candidates", type=int, default=256, help="rows per timed forward")
+    parser.add_argument("--reps", type=int, default=200, help="timed forwards per dtype")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument(
+        "--serve",
+        nargs="*",
+        default=None,
+        help="serve these experiments' int8 artifacts through Ray Serve (default: the first; "
+        "none: --serve with no names)",
+    )
+
+
+def native_bf16() -> bool:
+    """Whether a bf16 matmul here runs at least a quarter of the fp32 rate (AMX / AVX512-BF16);
+    without it bf16 is emulated, hundreds of times slower."""
+    import torch
+
+    a32 = torch.randn(256, 256)
+    a16 = a32.bfloat16()
+    rates = {}
+    for name, a in (("fp32", a32), ("bf16", a16)):
+        a @ a
+        t0 = time.perf_counter()
+        a @ a
+        rates[name] = 1 / max(time.perf_counter() - t0, 1e-9)
+    return rates["bf16"] >= rates["fp32"] / 4
+
+
+def run(args) -> int:
+    import torch
+
+    from ranking.data.reader import ParquetBatches
+    from ranking.export import export_artifact, load_artifact
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (DATA / "frappe").is_dir():
+        print(f"bench int8: needs the real data under {DATA}", file=sys.stderr)
+        return 2
+    from kernels.cpu import int8
+
+    info = {**machine_info(), "int8_weight_bits": int8.weight_bits()}
+    print(f"# machine: {info}", file=sys.stderr)
+    bf16 = native_bf16()
+    if not bf16:
+        print("# bf16: not timed (no native bf16 on this CPU)", file=sys.stderr)
+    work = Path(args.work_dir)
+    chosen = [e for e in EXPERIMENTS if not args.configs or e[0] in args.configs]
+    serve = [chosen[0][0]] if args.serve is None and chosen else (args.serve or [])
+    records = []
+    for config, epochs, split in chosen:
+        fp32_dir = _train(config, args.epochs or epochs, args.seed, work / config)
+        int8_dir = work / config / "artifact-int8"
+        t0 = time.perf_counter()
+        export_artifact(fp32_dir, int8_dir, dtype="int8")
+        t_export = time.perf_counter() - t0
+        arts = {"fp32": load_artifact(fp32_dir), "int8": load_artifact(int8_dir)}
+        if bf16:
+            arts["bf16"] = load_artifact(fp32_dir, dtype="bf16")
+        data = DATA / split
+        metrics, probs = {}, {}
+        for dt, art in arts.items():
+            metrics[dt], probs[dt] = evaluate(art, data)
+        batches = list(
+            ParquetBatches(
+                arts["fp32"].schema, data, args.candidates, rank=0, world_size=1, shuffle=False
+            )
+        )[:50]
+        p50 = paired_p50({dt: a.predict for dt, a in arts.items()}, batches, args.reps, args.seed)
+        served = (
+            serve_check(arts["int8"], arts["fp32"], data, args.candidates)
+            if config in serve
+            else {}
+        )
+        for dt in arts:
+            rec = {
+                "config": config,
+                "dtype": dt,
+                "rows": metrics[dt].get("rows"),
+                "auc": metrics[dt]["auc"],
+                "logloss": metrics[dt]["logloss"],
+                "auc_change": metrics[dt]["auc"] - metrics["fp32"]["auc"],
+                "logloss_change": metrics[dt]["logloss"] - metrics["fp32"]["logloss"],
+                "max_prob_diff": float((probs[dt] - probs["fp32"]).abs().max()),
+                "p50_ms": p50[dt],
+                "p50_vs_fp32": p50["fp32"] / p50[dt],
+            }
+            if dt == "int8":
+                rec["export_s"] = t_export
+                rec.update(served)
+            emit(rec)
+            records.append(rec)
+    table(
+        records,
+        ["config", "dtype", "auc", "auc_change", "logloss_change", "max_prob_diff", "p50_ms",
+         "p50_vs_fp32"],
+    )  # fmt: skip
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    parser.add_argument("--json-only", action="store_true")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

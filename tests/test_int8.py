@@ -1,0 +1,257 @@
+"""Int8 CPU inference (``kernels.cpu.int8``, ``optimize_for_inference(dtype="int8")``): the
+GEMM against the exact integer product, scores independent of the batch, the int8 blocks
+against their equations computed with the reference twin, every architecture against fp32,
+and the artifact path (``mixrank export --dtype int8``, ``mixrank eval --dtype int8``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_inference import SMALL, TOKEN_MAJOR, _model
+
+from kernels.cpu import int8
+from ranking.export import LOWERING_TOLERANCE
+from ranking.inference import InferenceRanker, Int8Model, optimize_for_inference
+from ranking.lowered import (
+    Int8Linear,
+    Int8RankMixer,
+    Int8TokenMixerLarge,
+    TokenMajorStack,
+    mix_tm,
+    revert_tm,
+)
+from ranking.model.synthetic import random_batch
+
+HOST_BITS = int8.weight_bits()
+
+
+def _ref_linear(x, w, b=None):
+    """The reference twin on weights quantized the documented way (max |column| / Q)."""
+    qmax = 2 ** (HOST_BITS - 1) - 1
+    s = w.abs().amax(0) / qmax
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round(w / s).to(torch.int8)
+    return int8.int8_linear_reference(x, q, s, b)
+
+
+# ----------------------------------------------------------------------------- the GEMM
+
+
+@pytest.mark.parametrize("emulated", [False, True])
+@pytest.mark.parametrize("shape", [(1, 8, 3), (37, 64, 48), (256, 300, 130)])
+def test_int8_linear_is_the_exact_integer_product(shape, emulated, monkeypatch):
+    """oneDNN's kernel (and the fp32 emulation where oneDNN is missing) gives the exactly
+    summed integer product of the documented quantization, and stays within int8's error of
+    the fp32 product; a row of zeros and a column of zeros give zeros."""
+    if emulated:
+        monkeypatch.setitem(int8._state, "onednn", False)
+    elif not int8.has_onednn():
+        pytest.skip("this torch build has no oneDNN quantized linear")
+    M, K, N = shape
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, K, generator=g) * 3
+    w = torch.randn(K, N, generator=g)
+    b = torch.randn(N, generator=g)
+    x[0] = 0
+    w[:, -1] = 0
+    W = int8.Int8Weight(w, b)
+    assert (W.packed is None) == emulated
+    got = int8.int8_linear(x, W)
+    want = _ref_linear(x, w, b)
+    torch.testing.assert_close(got, want, atol=2e-5 * float(want.abs().max()), rtol=1e-5)
+    assert torch.equal(got[0], b)  # zero row: only the bias
+    assert torch.equal(got[:, -1], b[-1].expand(M))  # zero column: only its bias
+    exact = x.double() @ w.double() + b.double()
+    rel = float((got.double() - exact).norm() / exact.norm())
+    assert rel < 0.03, rel  # 8-bit rows, 7-8 bit columns: about 1-2% on Gaussian data
+    # the weight round trip: |w - w_q s| <= s / 2 per column
+    assert bool(((W.dequantized() - w).abs() <= W.scale / 2 + 1e-7).all())
+
+
+def test_weight_bits_follow_the_cpu_and_the_override(monkeypatch):
+    """7-bit weights where the CPU lacks VNNI / AMX-INT8 (AVX2's saturating u8 x s8 pairs),
+    8-bit with them; ``MIXRANK_INT8_WEIGHT_BITS`` overrides, a bad value names the variable."""
+    flags = int8._cpu_flags()
+    assert (8 if flags & {"avx512_vnni", "avx_vnni", "amx_int8"} else 7) == HOST_BITS
+    assert int(int8.Int8Weight(torch.randn(40, 8)).q.abs().max()) == 2 ** (HOST_BITS - 1) - 1
+    monkeypatch.setenv("MIXRANK_INT8_WEIGHT_BITS", "8")
+    assert int8.weight_bits() == 8
+    monkeypatch.setenv("MIXRANK_INT8_WEIGHT_BITS", "6")
+    with pytest.raises(ValueError, match="MIXRANK_INT8_WEIGHT_BITS"):
+        int8.weight_bits()
+
+
+def test_scores_do_not_depend_on_the_rest_of_the_batch():
+    """Per-row activation scales: a row's output is the same alone, in a batch and in another
+    micro-batch split, for the GEMM and for a whole int8 model (unlike a per-tensor scale)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 32, generator=g)
+    x[5] *= 100  # an outlier row would change a per-tensor scale for everyone
+    W = int8.Int8Weight(torch.randn(32, 16, generator=g))
+    full = int8.int8_linear(x, W)
+    for i in (0, 5, 63):
+        assert torch.equal(int8.int8_linear(x[i : i + 1], W)[0], full[i])
+    model, schema = _model("rankmixer")
+    batch = random_batch(schema, 40, seed=2)
+    a = optimize_for_inference(model, dtype="int8")(batch).logits
+    b = optimize_for_inference(model, dtype="int8", micro_batch=7)(batch).logits
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_int8_bmm_is_int8_linear_per_token():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 20, 24, generator=g)
+    ws = [int8.Int8Weight(torch.randn(24, 10, generator=g), torch.randn(10)) for _ in range(3)]
+    out = int8.int8_bmm(x, ws)
+    for t in range(3):
+        assert torch.equal(out[t], int8.int8_linear(x[t], ws[t]))
+
+
+# ----------------------------------------------------------------------------- the blocks
+
+
+def _ref_bmm(x, w, b=None):
+    return torch.stack(
+        [_ref_linear(x[t], w[t], None if b is None else b[t]) for t in range(x.shape[0])]
+    )
+
+
+def _norm(n, x):
+    if isinstance(n, torch.nn.RMSNorm):
+        return F.rms_norm(x, (x.shape[-1],), n.weight, n.eps or 1e-6)
+    return F.layer_norm(x, (x.shape[-1],), n.weight, n.bias, n.eps)
+
+
+def test_int8_rankmixer_block_follows_its_equations():
+    """``Norm2(W2_t GELU(W1_t S_t + b1_t) + b2_t + S_t)``, ``S = Norm1(Mix(X) + X)`` with both
+    GEMMs the reference twin's int8 products."""
+    model, _ = _model("rankmixer")
+    block = model.blocks.blocks[0]
+    ffn = block.ffn.ffn
+    x = torch.randn(block.num_tokens, 30, ffn.w1.shape[1])
+    with torch.no_grad():
+        s = _norm(block.norm1, mix_tm(x, block.num_tokens) + x)
+        h = F.gelu(_ref_bmm(s, ffn.w1, ffn.b1))
+        want = _norm(block.norm2, _ref_bmm(h, ffn.w2, ffn.b2) + s)
+        got = Int8RankMixer(block)(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_tokenmixer_large_block_follows_its_equations():
+    model, _ = _model("tokenmixer_large_reverted")
+    block = model.blocks.blocks[0]
+    x = torch.randn(block.num_tokens, 30, block.norm2.weight.shape[0])
+
+    def stage(f, z):
+        gate, up = _ref_bmm(z, f.w_gate_up).split(f.hidden, dim=-1)
+        return _ref_bmm(F.silu(gate) * up, f.w_down)
+
+    with torch.no_grad():
+        hm = mix_tm(x, block.num_heads)
+        r = revert_tm(hm + stage(block.f1.ffn, _norm(block.norm1, hm)), block.num_tokens)
+        base = x if block.second_residual == "input" else r
+        want = base + stage(block.f2.ffn, _norm(block.norm2, r))
+        got = Int8TokenMixerLarge(block)(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- whole models
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_int8_model_is_close_to_fp32_for_every_architecture(name):
+    """Every architecture lowers to int8: the dense RankMixer / TokenMixer-Large blocks become
+    int8 blocks, the baselines' linear layers int8 GEMMs, the rest (UniMixer, MoE stages) stays
+    fp32; logits stay within int8's error of the eager model's, tables are shared, the eager
+    model is left as it was."""
+    model, schema = _model(name)
+    with torch.no_grad():  # make the dense stack matter (small down-projection inits)
+        for n, p in model.named_parameters():
+            if "w_down" in n or n.endswith("w2"):
+                p.mul_(5)
+    batch = random_batch(schema, 60, seed=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model(batch).logits
+    fast = optimize_for_inference(model, dtype="int8")
+    got = fast(batch).logits
+    assert got.dtype == torch.float32 and not got.requires_grad
+    err = (got - ref).abs()
+    atol, rtol = LOWERING_TOLERANCE["int8"]  # what export's lowering check allows
+    assert bool((err <= atol + rtol * ref.abs()).all()), (name, float(err.max()))
+    err = float(err.max())
+    if isinstance(fast, InferenceRanker):
+        assert fast.tokenizer is model.tokenizer
+        types = {type(b) for b in getattr(fast.blocks, "blocks", [])}
+        if name in TOKEN_MAJOR:
+            assert isinstance(fast.blocks, TokenMajorStack)
+            assert types <= {Int8RankMixer, Int8TokenMixerLarge} and err > 0
+    else:
+        assert isinstance(fast, Int8Model) and fast.swapped >= 2
+        assert any(isinstance(m, Int8Linear) for m in fast.modules())
+        ebc = model.model.sparse_arch.embedding_bag_collection
+        assert fast.model.model.sparse_arch.embedding_bag_collection is ebc
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_int8_is_refused_off_the_cpu():
+    model, _ = _model("rankmixer")
+    with pytest.raises(ValueError, match="int8 runs on the CPU"):
+        optimize_for_inference(model, dtype="int8", device="meta")
+
+
+# ----------------------------------------------------------------------------- the artifact
+
+
+def _fp32_artifact_and_data(tmp_path):
+    """A RankMixer artifact on the synthetic Frappe schema (perturbed weights) and rows."""
+    from ranking.data.synth import write_synthetic
+    from ranking.export import _build, write_artifact
+    from ranking.features import load_schema
+
+    schema = load_schema("frappe")
+    model_cfg = {"arch": "rankmixer", "dim": 16, "num_tokens": 4, "num_layers": 1}
+    config = {"name": "int8", "schema": "frappe", "model": model_cfg}
+    torch.manual_seed(0)
+    model, _ = _build(config, schema.to_dict(), "test")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    art = write_artifact(
+        tmp_path / "fp32", weights, config=config, schema=schema, dtype="fp32",
+        metrics={"auc": 0.5}, step=1,
+    )  # fmt: skip
+    write_synthetic("frappe", 3000, tmp_path / "data", seed=1, progress=False)
+    return art, tmp_path / "data"
+
+
+def test_export_and_eval_int8_artifact(tmp_path, capsys):
+    """``mixrank export --artifact A --out B --dtype int8`` writes an int8 artifact (manifest
+    ``dtype`` int8, the lowering check passed) whose predictions are the int8 lowering's;
+    ``mixrank eval --dtype int8`` scores the fp32 artifact in int8, close to its fp32 AUC."""
+    from ranking.cli import main
+    from ranking.export import load_artifact, read_manifest
+
+    src, data = _fp32_artifact_and_data(tmp_path)
+    out = tmp_path / "int8"
+    assert main(["export", "--artifact", str(src), "--out", str(out), "--dtype", "int8"]) == 0
+    assert read_manifest(out)["dtype"] == "int8"
+    a8 = load_artifact(out)
+    assert a8.dtype == "int8"
+    fp = load_artifact(src)
+    batch = random_batch(a8.schema, 50, seed=5)
+    want = torch.sigmoid(optimize_for_inference(fp.model, dtype="int8")(batch).logits)
+    torch.testing.assert_close(a8.predict(batch), want, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(fp.predict(batch), a8.predict(batch))
+    capsys.readouterr()
+    assert main(["eval", "--artifact", str(src), "--data", str(data), "--dtype", "int8"]) == 0
+    m8 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", "--artifact", str(src), "--data", str(data)]) == 0
+    m32 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert m8["rows"] == m32["rows"] > 0
+    assert abs(m8["auc"] - m32["auc"]) < 0.005, (m8, m32)
