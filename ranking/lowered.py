@@ -310,6 +310,13 @@ class AmxTokenMixerLarge(nn.Module):
 # ----------------------------------------------------------------------------- int8 blocks
 
 
+def _quantizer(compiled_epilogues: bool):
+    """The activations' per-row int8 quantization: ``kernels.cpu.int8.quantize_rows``, or with
+    ``compile_epilogues`` the compiled function (one pass over the activations instead of
+    about seven eager ones; the same bytes, tests/test_int8.py)."""
+    return compiled("int8_quantize", int8.quantize_rows) if compiled_epilogues else None
+
+
 def _int8_per_token(w: Tensor, b: Tensor | None = None) -> list[int8.Int8Weight]:
     """Per-token weights ``w [T, K, N]`` (biases ``b [T, N]``) as packed int8 GEMMs."""
     return [int8.Int8Weight(w[t], None if b is None else b[t]) for t in range(w.shape[0])]
@@ -329,11 +336,13 @@ class Int8RankMixer(nn.Module):
         self.norm2 = Norm(block.norm2, torch.float32, dev, compile_epilogues)
         self.w1 = _int8_per_token(ffn.w1, ffn.b1)
         self.w2 = _int8_per_token(ffn.w2, ffn.b2)
+        self.compiled = compile_epilogues
 
     def forward(self, x: Tensor) -> Tensor:
+        quantize = _quantizer(self.compiled)
         s = self.norm1(mix_tm(x, self.num_tokens).add_(x))
-        h = torch.ops.aten.gelu_(int8.int8_bmm(s, self.w1))
-        return self.norm2(int8.int8_bmm(h, self.w2).add_(s))
+        h = torch.ops.aten.gelu_(int8.int8_bmm(s, self.w1, quantize=quantize))
+        return self.norm2(int8.int8_bmm(h, self.w2, quantize=quantize).add_(s))
 
 
 class Int8TokenMixerLarge(nn.Module):
@@ -351,17 +360,24 @@ class Int8TokenMixerLarge(nn.Module):
         self.hidden = (block.f1.ffn.hidden, block.f2.ffn.hidden)
         self.gate_up = [_int8_per_token(f.ffn.w_gate_up) for f in (block.f1, block.f2)]
         self.down = [_int8_per_token(f.ffn.w_down) for f in (block.f1, block.f2)]
+        self.compiled = compile_epilogues
 
-    def _act(self, i: int, z: Tensor) -> Tensor:
-        gate, up = int8.int8_bmm(z, self.gate_up[i]).split(self.hidden[i], dim=-1)
-        return torch.nn.functional.silu(gate).mul_(up)
+    def _stage(self, i: int, z: Tensor, residual: Tensor) -> Tensor:
+        """``residual + W_down Swish(gate) * up`` of stage ``i`` on normed ``z``."""
+        quantize = _quantizer(self.compiled)
+        gate_up = int8.int8_bmm(z, self.gate_up[i], quantize=quantize)
+        if self.compiled:
+            act = compiled("swiglu", swiglu_epilogue)(gate_up, self.hidden[i])
+        else:
+            gate, up = gate_up.split(self.hidden[i], dim=-1)
+            act = torch.nn.functional.silu(gate).mul_(up)
+        return int8.int8_bmm(act, self.down[i], quantize=quantize).add_(residual)
 
     def forward(self, x: Tensor) -> Tensor:
         hm = mix_tm(x, self.num_heads)  # [H, B, W]
-        h = int8.int8_bmm(self._act(0, self.norm1(hm)), self.down[0]).add_(hm)
-        r = revert_tm(h, self.num_tokens)
+        r = revert_tm(self._stage(0, self.norm1(hm), hm), self.num_tokens)
         base = x if self.second_residual == "input" else r
-        return int8.int8_bmm(self._act(1, self.norm2(r)), self.down[1]).add_(base)
+        return self._stage(1, self.norm2(r), base)
 
 
 class Int8Linear(nn.Module):

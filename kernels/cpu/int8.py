@@ -159,12 +159,15 @@ def _rescale(y: Tensor, s: Tensor, bias: Tensor | None, out: Tensor | None) -> T
     return torch.addcmul(bias, y, s, out=out) if out is not None else torch.addcmul(bias, y, s)
 
 
-def int8_bmm(x: Tensor, weights: list[Int8Weight], out: Tensor | None = None) -> Tensor:
+def int8_bmm(
+    x: Tensor, weights: list[Int8Weight], out: Tensor | None = None, quantize=None
+) -> Tensor:
     """Per-token int8 GEMMs on token-major ``x [T, B, K]``: ``out[t] = int8_linear(x[t],
     weights[t])`` as fp32 ``[T, B, N]``. The activations of all tokens are quantized in one
-    pass; each token's product is scaled straight into its slice of ``out``."""
+    call (``quantize``: ``quantize_rows`` or a compiled twin of it, which must give the same
+    bytes); each token's product is scaled straight into its slice of ``out``."""
     T, B, _ = x.shape
-    q, s = quantize_rows(x.float())
+    q, s = (quantize or quantize_rows)(x.float())
     if out is None:
         out = x.new_empty((T, B, weights[0].n), dtype=torch.float32)
     for t, w in enumerate(weights):
