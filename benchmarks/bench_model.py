@@ -21,7 +21,9 @@ mode with no grad:
 - ``int8``: ``optimize_for_inference(dtype="int8")`` (per-token GEMMs in int8, ``kernels.cpu.int8``);
   its ``frac_of_peak`` is over the int8 GEMM peak (``Int8Peak``: oneDNN's u8s8 kernel at 2048^3,
   every route's rate in ``int8_routes_gop_s``), and ``int8_vs_bf16`` / ``int8_vs_fp32`` are its
-  dense-part speed-ups over the other dtypes of the same config in the same run. bf16 is skipped,
+  dense-part speed-ups over the other dtypes of the same config in the same run;
+  ``int8_vs_fp32_paired`` (``_bf16_paired``) the median ratio over ``--int8-ab-reps`` pairs of
+  one micro-batch run back to back (the number to read on a host whose speed drifts). bf16 is skipped,
   with the reason, on a CPU without native bf16 (``--force-bf16`` times it anyway).
 
 - ``ab_fused`` (``--ab-fused-seconds``; RankMixer and TokenMixer-Large in bf16): the dense part
@@ -102,6 +104,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--plot", default=None, help="with --ab-fused-seconds: a PNG of the calls")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--int8-ab-reps",
+        type=int,
+        default=20,
+        help="with int8: pairs of one micro-batch of the dense part, int8 against fp32 (and "
+        "bf16), back to back; their median ratio is int8_vs_fp32_paired (0 = off)",
+    )
     parser.add_argument(
         "--force-bf16", action="store_true", help="time bf16 even on a CPU without native bf16"
     )
@@ -378,6 +387,7 @@ def bench_config(name: str, args) -> list[dict]:
     flops = forward_flops(cfg, schema)
     is_mixer = isinstance(model, Ranker)
     records = []
+    ab_calls = {}  # dtype -> one micro-batch of the dense part (the whole forward: baselines)
     peaks = {"bf16": MatmulPeak(torch.bfloat16), "fp32": MatmulPeak(torch.float32)}
     if "int8" in args.dtypes:
         peaks["int8"] = Int8Peak()
@@ -475,7 +485,41 @@ def bench_config(name: str, args) -> list[dict]:
 
             rec["ab_fused"], rec["ab_fused_calls"] = ab_fused(call, flops * step, peak, ab_seconds)
         records.append(rec)
+        if is_mixer:
+            one_chunk = tokens[: opts.micro_batch if 0 < opts.micro_batch < args.batch else None]
+            ab_calls[dt] = lambda m=m, one=one_chunk: m.dense_part(one)
+        else:
+            ab_calls[dt] = forward
+    q = next((r for r in records if r["dtype"] == "int8" and "skipped" not in r), None)
+    reps = getattr(args, "int8_ab_reps", 0)
+    if q is not None and reps > 0:
+        for other in ("fp32", "bf16"):
+            if other in ab_calls:
+                q[f"int8_vs_{other}_paired"] = ab_speedup(
+                    ab_calls[other], ab_calls["int8"], reps, args.warmup
+                )
     return records
+
+
+def ab_speedup(base, new, reps: int, warmup: int) -> float:
+    """``base`` and ``new`` called back to back ``reps`` times (the order alternating): the
+    median over pairs of ``t_base / t_new`` (the host's speed drifts within seconds, so the
+    two are compared call by call, not run after run)."""
+    import torch
+
+    with torch.no_grad():
+        for _ in range(max(warmup, 1)):
+            base()
+            new()
+        ratios = []
+        for i in range(reps):
+            t = {}
+            for name, fn in (("b", base), ("n", new)) if i % 2 == 0 else (("n", new), ("b", base)):
+                t0 = time.perf_counter()
+                fn()
+                t[name] = time.perf_counter() - t0
+            ratios.append(t["b"] / t["n"])
+    return statistics.median(ratios)
 
 
 def run(args) -> int:
@@ -529,7 +573,11 @@ def run(args) -> int:
                 "frac_of_peak",
                 "frac_by_regime",
             ]
-            + (["int8_vs_bf16", "int8_vs_fp32"] if "int8" in args.dtypes else [])
+            + (
+                ["int8_vs_bf16", "int8_vs_fp32", "int8_vs_bf16_paired", "int8_vs_fp32_paired"]
+                if "int8" in args.dtypes
+                else []
+            )
             + (["ab_fused_by_regime"] if getattr(args, "ab_fused_seconds", 0) else []),
         )
     return 0

@@ -48,6 +48,8 @@ def test_bench_model_tiny(repo_root):
         "int8",
         "--regime-seconds",
         "0.2",
+        "--int8-ab-reps",
+        "3",
         "--json-only",
     )
     recs = _records(out)
@@ -62,6 +64,7 @@ def test_bench_model_tiny(repo_root):
     for r in recs:
         if r["dtype"] == "int8":  # over the int8 GEMM peak; its speed-ups in the same run
             assert r["int8_routes_gop_s"]["peak"] > 0 and r["int8_vs_fp32"] > 0
+            assert r["int8_vs_fp32_paired"] > 0
             assert r["int8_weight_bits"] in (7, 8)
         cfg, schema = load_experiment(repo_root / "configs" / "models" / f"{r['config']}.yaml")
         assert r["flops_per_sample"] == pytest.approx(forward_flops(cfg, schema))

@@ -261,6 +261,9 @@ def test_reload_validation_refuses_incompatible_and_corrupt_artifacts(tmp_path):
 
     base = load_validated(make_artifact(tmp_path / "a"), "auto", None)
     assert load_validated(make_artifact(tmp_path / "b", seed=1), "bf16", base).dtype == "bf16"
+    i8 = load_validated(make_artifact(tmp_path / "i8", seed=1), "int8", base)  # CPU int8 GEMMs
+    assert i8.dtype == "int8" and type(i8.lowered()).__name__ == "InferenceRanker"
+    assert type(i8.lowered().blocks.blocks[0]).__name__.startswith("Int8")
     other = make_artifact(tmp_path / "c", schema="movielens")
     with pytest.raises(ArtifactError, match="not compatible"):
         load_validated(other, None, base)
