@@ -14,6 +14,8 @@ Dispatch (``kernels.dispatch``): Triton for CUDA tensors, the reference for CPU 
     grouped_ffn(x_perm [M, D], offsets [G+1], w_up, w_down, *, w_gate, b_up, b_down, activation)
     moe_unpermute(y_perm [M, D], routing, weights [N, k]) -> [N, D]
     moe_ffn(x [N, D], weights [N, k], ids [N, k], w_up, w_down, ...) -> [N, D]
+    grouped_linear_fp8(x_perm [M, K], offsets [G+1], w8 [G, K, N] e4m3, w_scale [G, N],
+        *, bias=None) -> [M, N]   (serving; weights from reference.fp8_quantize_weight)
     target_attention(q [B, H, d], k [S, L, H, d], v [S, L, H, d], lengths [S], seq_of [B])
         -> [B, H, d]
     backend(device=None) -> "triton" | "torch"
@@ -26,6 +28,7 @@ from __future__ import annotations
 from .dispatch import (
     backend,
     grouped_ffn,
+    grouped_linear_fp8,
     mix_norm,
     moe_ffn,
     moe_gather,
@@ -43,6 +46,7 @@ __all__ = [
     "MoERouting",
     "backend",
     "grouped_ffn",
+    "grouped_linear_fp8",
     "mix_norm",
     "moe_ffn",
     "moe_gather",

@@ -33,6 +33,7 @@ _TRITON_SOURCES = {
     "relu_gate": ("moe_gate", "relu_gate"),
     "moe_permute": ("moe_permute", "moe_permute"),
     "moe_gather": ("moe_permute", "moe_gather"),
+    "grouped_linear_fp8": ("grouped_ffn", "grouped_linear_fp8"),
     "grouped_ffn": ("grouped_ffn", "grouped_ffn"),
     "moe_unpermute": ("moe_unpermute", "moe_unpermute"),
     "target_attention": ("target_attention", "target_attention"),
@@ -154,6 +155,18 @@ def moe_permute(ids: Tensor, num_experts: int) -> MoERouting:
 def moe_gather(x: Tensor, routing: MoERouting) -> Tensor:
     """``x [N, D] -> x_perm [M, D]``, ``x_perm[p] = x[routing.row_index[p]]``."""
     return _impl("moe_gather", x)(x, routing)
+
+
+def grouped_linear_fp8(
+    x_perm: Tensor,
+    offsets: Tensor,
+    w8: Tensor,
+    w_scale: Tensor,
+    *,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """Grouped linear on FP8 (e4m3) operands for serving: ``[M, K] -> [M, N]``. See reference."""
+    return _impl("grouped_linear_fp8", x_perm)(x_perm, offsets, w8, w_scale, bias=bias)
 
 
 def grouped_ffn(

@@ -287,6 +287,71 @@ def grouped_ffn(
     return torch.cat(outs)
 
 
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def fp8_quantize(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
+    """Symmetric e4m3 quantization with one scale per slice along ``dim`` reduced:
+    ``s = max |x| / 448`` over ``dim`` (1 where all zero), ``x8 = (x / s)`` in float8_e4m3fn
+    (round to nearest). Returns ``(x8, s)`` with ``s`` fp32, ``dim`` kept as size 1."""
+    xf = x.float()
+    s = xf.abs().amax(dim=dim, keepdim=True) / FP8_MAX
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return (xf / s).to(torch.float8_e4m3fn), s
+
+
+def fp8_quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-output-column e4m3 weights: ``w [G, K, N] -> (w8 [G, K, N], scale [G, N])``."""
+    w8, s = fp8_quantize(w, dim=-2)
+    return w8, s.squeeze(-2)
+
+
+def _check_fp8(x_perm, offsets, w8, w_scale, bias) -> None:
+    if w8.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"grouped_linear_fp8: w8 must be float8_e4m3fn, got {w8.dtype}")
+    if w8.dim() != 3 or x_perm.dim() != 2 or x_perm.shape[1] != w8.shape[1]:
+        raise ValueError(
+            f"grouped_linear_fp8: x_perm [M, K] and w8 [G, K, N] expected, got "
+            f"{tuple(x_perm.shape)} and {tuple(w8.shape)}"
+        )
+    G, _, N = w8.shape
+    if tuple(w_scale.shape) != (G, N) or (bias is not None and tuple(bias.shape) != (G, N)):
+        raise ValueError(
+            f"grouped_linear_fp8: w_scale (and bias) must be [G, N] = [{G}, {N}], got "
+            f"{tuple(w_scale.shape)}" + ("" if bias is None else f" and {tuple(bias.shape)}")
+        )
+    if offsets.shape != (G + 1,):
+        raise ValueError(f"grouped_linear_fp8: offsets must be [G+1] = [{G + 1}]")
+
+
+def grouped_linear_fp8(
+    x_perm: Tensor,
+    offsets: Tensor,
+    w8: Tensor,
+    w_scale: Tensor,
+    *,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """Grouped linear with FP8 (e4m3) operands, for serving: ``x_perm [M, K] -> [M, N]``.
+
+    Group g owns rows ``offsets[g]:offsets[g+1]``; its weight is ``w8[g] * w_scale[g]``
+    (``fp8_quantize_weight``). Each row of ``x_perm`` is quantized to e4m3 with its own scale
+    (``fp8_quantize``); ``y = s_x * s_w[g] * (x8 @ w8[g]) + bias[g]`` with the products of the
+    e4m3 values (exact in fp32) summed in fp32, in ``x_perm``'s dtype. A per-group loop: one
+    host sync for the offsets."""
+    _check_fp8(x_perm, offsets, w8, w_scale, bias)
+    x8, sx = fp8_quantize(x_perm)
+    bounds = offsets.tolist()
+    out = x_perm.new_empty((x_perm.shape[0], w8.shape[2]), dtype=torch.float32)
+    for g in range(w8.shape[0]):
+        a, b = bounds[g], bounds[g + 1]
+        if a == b:
+            continue
+        y = (x8[a:b].float() @ w8[g].float()) * sx[a:b] * w_scale[g].float()
+        out[a:b] = y if bias is None else y + bias[g].float()
+    return out.to(x_perm.dtype)
+
+
 def moe_ffn(
     x: Tensor,
     weights: Tensor,

@@ -411,6 +411,59 @@ def test_grouped_ffn_many_small_groups(triton_ops):
     assert_close(y, ref.grouped_ffn(x, offsets, **params), 1e-4, "y")
 
 
+# --------------------------------------------------------------------------- FP8 serving GEMM
+
+
+def test_fp8_reference_is_the_scaled_e4m3_product():
+    """The reference twin against its formula in float64: per-row e4m3 activations, per-column
+    e4m3 weights (``fp8_quantize_weight``), scales and bias after the sum; and within e4m3's
+    error (3 mantissa bits: a few % on Gaussian data) of the fp32 product."""
+    g = torch.Generator().manual_seed(11)
+    counts = [5, 0, 9, 3]
+    G, K, N = len(counts), 24, 20
+    offsets = torch.zeros(G + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(counts).cumsum(0)
+    x = torch.randn(int(offsets[-1]), K, generator=g, device="cpu").to(DEVICE) * 3
+    x[2] = 0  # a zero row: scale 1, output = bias
+    w = torch.randn(G, K, N, generator=g, device="cpu").to(DEVICE)
+    bias = torch.randn(G, N, generator=g, device="cpu").to(DEVICE)
+    w8, sw = ref.fp8_quantize_weight(w)
+    assert w8.dtype == torch.float8_e4m3fn and sw.shape == (G, N)
+    assert float(w8.float().abs().max()) == ref.FP8_MAX  # each column's largest maps to 448
+    y = ref.grouped_linear_fp8(x, offsets, w8, sw, bias=bias)
+    sx = x.abs().amax(1, keepdim=True).double() / 448
+    sx = torch.where(sx > 0, sx, torch.ones_like(sx))
+    x8 = (x.double() / sx).float().to(torch.float8_e4m3fn).double()
+    bounds = offsets.tolist()
+    for gi in range(G):
+        a, b = bounds[gi], bounds[gi + 1]
+        want = (x8[a:b] @ w8[gi].double()) * sx[a:b] * sw[gi].double() + bias[gi].double()
+        assert_close(y[a:b], want, 1e-6, f"group {gi}")
+        exact = x[a:b].double() @ w[gi].double() + bias[gi].double()
+        assert_close(y[a:b], exact, 0.1, f"group {gi} vs fp32")
+    assert torch.equal(y[2], bias[0])
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        ref.grouped_linear_fp8(x, offsets, w, sw)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("bias", [False, True])
+def test_grouped_linear_fp8(triton_ops, bias):
+    """The Triton FP8 grouped GEMM (row and column scales and the bias in its epilogue) equals
+    the reference on the same e4m3 values, with empty groups and many small ones."""
+    g = torch.Generator().manual_seed(12)
+    counts = [3, 0, 17, 1, 0, 6, 2]
+    G, K, N = len(counts), 40, 24
+    offsets = torch.zeros(G + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(counts).cumsum(0)
+    x = torch.randn(int(offsets[-1]), K, generator=g, device="cpu").to(DEVICE)
+    w8, sw = ref.fp8_quantize_weight(torch.randn(G, K, N, generator=g, device="cpu").to(DEVICE))
+    b = torch.randn(G, N, generator=g, device="cpu").to(DEVICE) if bias else None
+    with torch.no_grad():
+        y = triton_ops.grouped_linear_fp8(x, offsets, w8, sw, bias=b)
+    assert_close(y, ref.grouped_linear_fp8(x, offsets, w8, sw, bias=b), 1e-5, "y")
+
+
 # --------------------------------------------------------------------------- composed MoE
 
 

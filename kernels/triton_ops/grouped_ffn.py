@@ -157,7 +157,18 @@ def _up_kernel(
 # pair) and asked for 288 KiB of shared memory (227 KiB there).
 @kernel(
     configs=_GEMM_CONFIGS,
-    key=["Kd", "N", "HAS_A2", "HAS_BIAS", "EPI", "LOG_G", "PRECISION", "DOT_F32", "BLOCK_M"],
+    key=[
+        "Kd",
+        "N",
+        "HAS_A2",
+        "HAS_BIAS",
+        "EPI",
+        "LOG_G",
+        "PRECISION",
+        "DOT_F32",
+        "HAS_SCALES",
+        "BLOCK_M",
+    ],
     interpret_meta=_INTERPRET_META,
 )
 def _gemm_kernel(
@@ -173,6 +184,8 @@ def _gemm_kernel(
     HOUT,  # [M, N] out recomputed activation (EPI >= 1) or dummy
     OFFS,
     TILE_OFFS,
+    SA,  # [M] per-row scale of A1 (HAS_SCALES: FP8 operands) or dummy
+    SB,  # [G, N] per-column scale of B1[g] or dummy
     G,
     Kd,
     N,
@@ -185,6 +198,7 @@ def _gemm_kernel(
     LOG_G: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,  # upcast dot operands (the interpreter cannot dot bf16)
+    HAS_SCALES: tl.constexpr,  # acc * SA[row] * SB[g, col] before the bias (FP8 serving)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -228,6 +242,10 @@ def _gemm_kernel(
                 a2 = a2.to(tl.float32)
                 b2 = b2.to(tl.float32)
             acc = tl.dot(a2, b2, acc, input_precision=PRECISION)
+    if HAS_SCALES:
+        sa = tl.load(SA + rows, mask=rmask, other=0.0)
+        sb = tl.load(SB + g.to(tl.int64) * N + cols, mask=cmask, other=0.0)
+        acc = acc * sa[:, None] * sb[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + g.to(tl.int64) * N + cols, mask=cmask, other=0.0).to(tl.float32)[
             None, :
@@ -358,13 +376,16 @@ def _gemm(
     epi: int = 0,
     pre_a: Tensor | None = None,
     pre_u: Tensor | None = None,
+    scales: tuple[Tensor, Tensor] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Grouped ``a1 @ b1[g] (+ a2 @ b2[g]) (+ bias[g])``; see ``_gemm_kernel``'s EPI modes.
+    ``scales = (s_a [M], s_b [G, N])`` multiply the accumulator (FP8 operands).
 
     Returns (C, DU, HOUT) with DU (swiglu) and HOUT (both activations) only for epi >= 1.
     """
     M, Kd = a1.shape
-    dt = a1.dtype
+    dt = out_dtype or a1.dtype
     c = torch.empty(M, N, device=a1.device, dtype=dt)
     du = torch.empty_like(c) if epi == 1 else None
     hout = torch.empty_like(c) if epi >= 1 else None
@@ -387,6 +408,8 @@ def _gemm(
         hout if hout is not None else c,
         plan.offsets,
         plan.tile_offsets,
+        scales[0] if scales is not None else c,
+        scales[1] if scales is not None else c,
         plan.G,
         Kd,
         N,
@@ -395,8 +418,9 @@ def _gemm(
         HAS_BIAS=bias is not None,
         EPI=epi,
         LOG_G=plan.LOG_G,
-        PRECISION=dot_precision(dt),
+        PRECISION=dot_precision(a1.dtype),
         DOT_F32=interpreting(),
+        HAS_SCALES=scales is not None,
         BLOCK_M=plan.BLOCK_M,
     )
     return c, du, hout
@@ -534,3 +558,34 @@ def grouped_ffn(
 ) -> Tensor:
     """Triton ``grouped_ffn`` (same contract as ``reference.grouped_ffn``): ``[M, D] -> [M, D]``."""
     return GroupedFFNFunction.apply(x_perm, offsets, w_up, w_gate, b_up, w_down, b_down, activation)
+
+
+def grouped_linear_fp8(
+    x_perm: Tensor,
+    offsets: Tensor,
+    w8: Tensor,
+    w_scale: Tensor,
+    *,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """``kernels.reference.grouped_linear_fp8`` in Triton: rows quantized to e4m3 per row
+    (in torch), then one grouped GEMM on the FP8 operands with the row and column scales and the
+    bias in its epilogue (fp32 accumulation; no host sync). Inference only (no autograd)."""
+    from ..reference import _check_fp8, fp8_quantize
+
+    _check_fp8(x_perm, offsets, w8, w_scale, bias)
+    M = x_perm.shape[0]
+    G, _, N = w8.shape
+    x8, sx = fp8_quantize(x_perm)
+    plan = _Plan(offsets.to(torch.int64), M, G)
+    c, _, _ = _gemm(
+        plan,
+        x8.contiguous(),
+        w8,
+        (w8.stride(0), w8.stride(1), w8.stride(2)),
+        N,
+        bias=None if bias is None else bias.float().contiguous(),
+        scales=(sx.reshape(-1).contiguous(), w_scale.float().contiguous()),
+        out_dtype=torch.float32,
+    )
+    return c.to(x_perm.dtype)
