@@ -282,8 +282,8 @@ def _export_model(
 
 
 # How far the lowered model's logits may be from the eager model's (torch.allclose terms): fp32
-# differs only by float rounding; bf16 by the tolerance the bf16 tests use; int8 (7-8 bit
-# activations per row, 8-bit weights per channel) by twice that.
+# differs only by float rounding; bf16 by the tolerance the bf16 tests use; int8 (8-bit
+# activations per row, 7- or 8-bit weights per channel) by twice that.
 LOWERING_TOLERANCE = {"fp32": (1e-4, 1e-4), "bf16": (0.1, 0.05), "int8": (0.2, 0.1)}
 
 

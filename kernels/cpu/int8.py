@@ -123,12 +123,6 @@ class Int8Weight:
         )
         self._qf: Tensor | None = None  # the emulation's fp32 copy of q (made on first use)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held for serving: the int8 values, the scales and the bias."""
-        b = 0 if self.bias is None else self.bias.numel() * 4
-        return self.q.numel() + self.scale.numel() * 4 + b
-
     def dequantized(self) -> Tensor:
         """``w_q * s`` as fp32 ``[K, N]``: the weight this GEMM multiplies by."""
         return self.q.float() * self.scale
