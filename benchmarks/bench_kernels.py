@@ -113,6 +113,13 @@ def _ops(torch, kernels, ref, case, dtype):
         N * k * 8 * 3,
         0,
     )
+    yield (  # top-k routing: M = N*k is known, no host sync
+        "moe_permute(all_routed)",
+        lambda: kernels.moe_permute(gids, G, True),
+        lambda: ref.moe_permute(gids, G, True),
+        N * k * 8 * 3,
+        0,
+    )
     routing = ref.moe_permute(gids, G)
     M = routing.M
     x2 = x.reshape(N, D)
@@ -140,7 +147,7 @@ def _ops(torch, kernels, ref, case, dtype):
     )
     yield (
         "moe_ffn(swiglu)",
-        lambda: kernels.moe_ffn(x2, wts, gids, wu, wd, w_gate=wg),
+        lambda: kernels.moe_ffn(x2, wts, gids, wu, wd, w_gate=wg, all_routed=True),
         lambda: ref.moe_ffn(x2, wts, gids, wu, wd, w_gate=wg),
         ffn_bytes + 2 * N * D * es,
         ffn_flops,
@@ -181,7 +188,7 @@ def _ops(torch, kernels, ref, case, dtype):
     yield (
         "moe_ffn+bwd",
         *bwd(
-            lambda m: m.moe_ffn(x2l, wtl, gids, wul, wdl, w_gate=wgl),
+            lambda m: m.moe_ffn(x2l, wtl, gids, wul, wdl, w_gate=wgl, all_routed=True),
             torch.randn(N, D, device=dev, dtype=dtype),
             [x2l, wtl, wul, wgl, wdl],
         ),

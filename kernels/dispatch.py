@@ -147,9 +147,10 @@ def relu_gate(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return _impl("relu_gate", logits)(logits)
 
 
-def moe_permute(ids: Tensor, num_experts: int) -> MoERouting:
-    """Stable counting sort of (row, choice) pairs by expert: ``ids [N, k] -> MoERouting``."""
-    return _impl("moe_permute", ids)(ids, num_experts)
+def moe_permute(ids: Tensor, num_experts: int, all_routed: bool = False) -> MoERouting:
+    """Stable counting sort of (row, choice) pairs by expert: ``ids [N, k] -> MoERouting``.
+    ``all_routed``: no id is -1 (top-k routing), so M = N*k needs no host sync."""
+    return _impl("moe_permute", ids)(ids, num_experts, all_routed)
 
 
 def moe_gather(x: Tensor, routing: MoERouting) -> Tensor:
@@ -222,13 +223,15 @@ def moe_ffn(
     b_up: Tensor | None = None,
     b_down: Tensor | None = None,
     activation: str = "swiglu",
+    all_routed: bool = False,
 ) -> Tensor:
     """Routed expert FFN ``x [N, D] -> [N, D]``: permute -> gather -> grouped_ffn -> unpermute.
 
     ``out[n] = sum_j weights[n, j] * FFN_{ids[n, j]}(x[n])``; ids are global expert ids in
-    ``[0, G)`` with ``G = w_up.shape[0]``, or -1. Each stage goes through the dispatch.
+    ``[0, G)`` with ``G = w_up.shape[0]``, or -1 (``all_routed``: never -1, as with top-k
+    routing; the routing then needs no host sync). Each stage goes through the dispatch.
     """
-    routing = moe_permute(ids, w_up.shape[0])
+    routing = moe_permute(ids, w_up.shape[0], all_routed)
     y_perm = grouped_ffn(
         moe_gather(x, routing),
         routing.offsets,

@@ -170,11 +170,12 @@ def relu_gate(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 # --------------------------------------------------------------------------- routing
 
 
-def moe_permute(ids: Tensor, num_experts: int) -> MoERouting:
+def moe_permute(ids: Tensor, num_experts: int, all_routed: bool = False) -> MoERouting:
     """Stable counting sort of (row, choice) pairs by expert: ``ids [N, k] -> MoERouting``.
 
     ids are global expert ids in ``[0, num_experts)``, or -1 for "no expert". One host sync
-    (for M and the range check).
+    (for M and the range check). ``all_routed``: the caller promises no -1 (top-k routing), so
+    M = N*k is known without a sync; the Triton op then checks on the device, this one here.
     """
     if ids.dim() != 2:
         raise ValueError(f"moe_permute: ids must be [N, k], got {tuple(ids.shape)}")
@@ -184,6 +185,8 @@ def moe_permute(ids: Tensor, num_experts: int) -> MoERouting:
     bad = int(((flat < -1) | (flat >= num_experts)).sum())
     if bad:
         raise ValueError(f"moe_permute: {bad} ids outside [-1, {num_experts})")
+    if all_routed and not bool(valid.all()):
+        raise ValueError("moe_permute(all_routed=True): some ids are -1")
     key = torch.where(valid, flat, torch.full_like(flat, num_experts))
     order = torch.sort(key, stable=True).indices
     counts = torch.bincount(flat[valid], minlength=num_experts)
@@ -363,13 +366,14 @@ def moe_ffn(
     b_up: Tensor | None = None,
     b_down: Tensor | None = None,
     activation: str = "swiglu",
+    all_routed: bool = False,
 ) -> Tensor:
     """Routed expert FFN: ``x [N, D]``, ``weights, ids [N, k]`` -> ``out [N, D]``.
 
     ``out[n] = sum_j weights[n, j] * FFN_{ids[n, j]}(x[n])`` (pairs with ``ids == -1`` skipped),
     computed as moe_permute -> gather -> grouped_ffn -> moe_unpermute.
     """
-    routing = moe_permute(ids, w_up.shape[0])
+    routing = moe_permute(ids, w_up.shape[0], all_routed)
     y_perm = grouped_ffn(
         moe_gather(x, routing),
         routing.offsets,

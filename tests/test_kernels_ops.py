@@ -288,6 +288,7 @@ ROUTING_CASES = {
     "dropped pairs": dict(N=50, k=2, G=6, seed=3, drop=0.3),
     "all dropped": dict(N=8, k=2, G=3, seed=4, drop=1.0),
     "several blocks": dict(N=700, k=2, G=33, seed=5, drop=0.1),
+    "256 experts, many blocks": dict(N=1500, k=2, G=256, seed=6),
 }
 
 
@@ -316,6 +317,27 @@ def test_moe_permute(triton_ops, case):
 def test_moe_permute_rejects_bad_ids(triton_ops):
     with pytest.raises(ValueError, match="outside"):
         triton_ops.moe_permute(torch.tensor([[0, 5], [1, -2]]), 3)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", ["basic", "several blocks", "256 experts, many blocks"])
+def test_moe_permute_all_routed(triton_ops, case):
+    """Top-k routing (no -1): ``all_routed`` gives the same routing with M = N*k known on the
+    host (no sync); a broken promise is caught (for Triton by ``torch._assert_async``: at once
+    on the CPU, as a device-side assert at the next sync on CUDA)."""
+    c = {k: v for k, v in ROUTING_CASES[case].items() if k != "drop"}
+    ids = _ids(**c)
+    rr = ref.moe_permute(ids, c["G"])
+    for r in (triton_ops.moe_permute(ids, c["G"], True), ref.moe_permute(ids, c["G"], True)):
+        assert r.M == ids.numel() == rr.M
+        for name in ("row_index", "slot_of", "offsets"):
+            assert torch.equal(getattr(r, name), getattr(rr, name)), name
+    ids[3, 0] = -1
+    with pytest.raises(ValueError, match="-1"):
+        ref.moe_permute(ids, c["G"], True)
+    if DEVICE == "cpu":  # on CUDA a device-side assert would end the process's CUDA context
+        with pytest.raises(RuntimeError, match="all_routed"):
+            triton_ops.moe_permute(ids, c["G"], True)
 
 
 @needs_interpreter

@@ -191,6 +191,7 @@ class SparsePerTokenMoE(nn.Module):
             b_up=b_up,
             b_down=b_down,
             activation="gelu" if self.kind == "rankmixer" else "swiglu",
+            all_routed=self.kind == "tokenmixer_large",  # top-k: every pair has an expert
         ).view(B, T, W)
         if self.shared is not None:
             y = y + self.shared(x)
