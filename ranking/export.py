@@ -6,7 +6,7 @@
      run's paths (data files, schema file): 16 hex>",
      "name": ..., "arch": ..., "config": {<resolved experiment config>},
      "schema": {<FeatureSchema.to_dict()>}, "metrics": {<validation metrics at export>},
-     "dtype": "fp32"|"bf16"|"int8", "table_dtype": "fp32"|"int8"|"int4", "step": N, "created": "<UTC ISO time>", "weights": "weights.pt",
+     "dtype": "fp32"|"bf16"|"int8"|"fp8", "table_dtype": "fp32"|"int8"|"int4", "step": N, "created": "<UTC ISO time>", "weights": "weights.pt",
      "parent_model_version": "<the warm start's model_version>" | null (trained from scratch),
      "parent": {"path", "kind": "artifact"|"checkpoint", "step", "model_version"} | null,
      "data": {"train", "since", "until", "partitions": ["YYYY-MM-DD", ...], "files", "rows",
@@ -46,10 +46,15 @@ import yaml
 FORMAT_VERSION = 1
 WEIGHTS = "weights.pt"
 MANIFEST = "manifest.json"
-# the dense weights' storage dtype for each serving dtype: an int8 artifact holds fp32 weights
-# and serves the mixer blocks' GEMMs (a baseline's linear layers) quantized at load
-# (``optimize_for_inference(dtype="int8")``: per output channel, deterministic)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
+# the dense weights' storage dtype for each serving dtype: an int8 / fp8 artifact holds fp32
+# weights and serves the mixer blocks' GEMMs (a baseline's linear layers) quantized at load
+# (``optimize_for_inference(dtype="int8" | "fp8")``: per output channel, deterministic)
+DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "int8": torch.float32,
+    "fp8": torch.float32,
+}
 TABLE_DTYPES = ("fp32", "int8", "int4")  # ranking.quant_tables.TABLE_DTYPES
 
 
@@ -283,8 +288,14 @@ def _export_model(
 
 # How far the lowered model's logits may be from the eager model's (torch.allclose terms): fp32
 # differs only by float rounding; bf16 by the tolerance the bf16 tests use; int8 (8-bit
-# activations per row, 7- or 8-bit weights per channel) by twice that.
-LOWERING_TOLERANCE = {"fp32": (1e-4, 1e-4), "bf16": (0.1, 0.05), "int8": (0.2, 0.1)}
+# activations per row, 7- or 8-bit weights per channel) by twice that; fp8 (e4m3: 3 mantissa
+# bits, rows and columns scaled) by three times.
+LOWERING_TOLERANCE = {
+    "fp32": (1e-4, 1e-4),
+    "bf16": (0.1, 0.05),
+    "int8": (0.2, 0.1),
+    "fp8": (0.3, 0.15),
+}
 
 
 def check_lowering(model, schema, dtype: str, config: dict, source: str, rows: int = 64) -> float:

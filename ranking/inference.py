@@ -42,13 +42,17 @@ from ranking.lowered import (
     AmxRankMixer,
     AmxTokenMixerLarge,
     CompiledOrEager,
+    Fp8Linear,
+    Fp8RankMixer,
+    Fp8TokenMixerLarge,
+    Int8Linear,
     Int8RankMixer,
     Int8TokenMixerLarge,
     TokenMajorRankMixer,
     TokenMajorStack,
     TokenMajorTokenMixerLarge,
     has_token_major,
-    int8_linears,
+    swap_linears,
 )
 from ranking.model.blocks import (
     RankMixerBlock,
@@ -64,7 +68,15 @@ log = logging.getLogger(__name__)
 
 # The inference dtypes and the float dtype each computes in outside its GEMMs: int8 runs the
 # mixer blocks' GEMMs (and a baseline's linear layers) in int8, everything else in fp32.
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
+# fp8 runs the per-token GEMMs (and a baseline's linear layers) on e4m3 operands and the rest in
+# bf16 on a GPU; on the CPU it is an emulation (the same quantization, fp32 around it) for
+# accuracy checks, not for speed.
+DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "int8": torch.float32,
+    "fp8": torch.bfloat16,
+}
 
 
 @dataclass
@@ -152,27 +164,36 @@ def lower_stack(
     compile_epilogues: bool = False,
     cpu_fused_block: bool = False,
     int8: bool = False,
+    fp8: bool = False,
 ) -> nn.Module:
     """The fastest implementation of a mixer stack for ``device``: token-major blocks on the
-    CPU (dense RankMixer / TokenMixer-Large; with ``int8`` their GEMMs in int8), else a frozen
-    copy in ``dtype`` (UniMixer, MoE stages, and the GPU, where the blocks' own forward runs the
-    Triton kernels)."""
-    token_major = (
-        device.type == "cpu"
-        and kernels.backend(device) == "torch"
-        and type(stack) in (RankMixerStack, TokenMixerLargeStack)
-        and all(has_token_major(b) for b in stack.blocks)
+    CPU (dense RankMixer / TokenMixer-Large; with ``int8`` their GEMMs in int8), with ``fp8``
+    token-major blocks whose GEMMs run on e4m3 operands (any device), else a frozen copy in
+    ``dtype`` (UniMixer, MoE stages, and the GPU, where the blocks' own forward runs the Triton
+    kernels)."""
+    dense = type(stack) in (RankMixerStack, TokenMixerLargeStack) and all(
+        has_token_major(b) for b in stack.blocks
     )
+    token_major = dense and (fp8 or (device.type == "cpu" and kernels.backend(device) == "torch"))
     if not token_major:
-        if int8:
+        if int8 or fp8:
             _warn_once(
-                f"int8 {type(stack).__name__}",
-                "int8: no int8 lowering for %s (int8 covers the dense RankMixer and "
-                "TokenMixer-Large blocks on the CPU); its blocks run in fp32",
+                f"{'int8' if int8 else 'fp8'} {type(stack).__name__}",
+                "%s: no %s lowering for %s (it covers the dense RankMixer and TokenMixer-Large "
+                "blocks); its blocks run in %s",
+                *(("int8", "int8") if int8 else ("fp8", "fp8")),
                 type(stack).__name__,
+                str(dtype).removeprefix("torch."),
             )
         return _frozen_copy(stack, dtype, device)
-    if int8:
+    if fp8:
+        blocks = [
+            Fp8RankMixer(b, dtype, device)
+            if isinstance(b, RankMixerBlock)
+            else Fp8TokenMixerLarge(b, dtype, device)
+            for b in stack.blocks
+        ]
+    elif int8:
         blocks = [
             (Int8RankMixer if isinstance(b, RankMixerBlock) else Int8TokenMixerLarge)(
                 b, compile_epilogues
@@ -250,13 +271,14 @@ class AutocastModel(nn.Module):
             return self.model(batch)
 
 
-class Int8Model(nn.Module):
+class QuantizedModel(nn.Module):
     """A model without a lowering of its own (the DLRM / DCNv2 baselines) with every
-    ``nn.Linear`` outside its embedding tables an int8 GEMM (``ranking.lowered.Int8Linear``):
-    a copy that shares the tables, in eval mode, without autograd. DCNv2's low-rank cross
-    layers are parameters, not ``nn.Linear``: they stay fp32."""
+    ``nn.Linear`` outside its embedding tables a quantized GEMM (``make``:
+    ``ranking.lowered.Int8Linear`` or ``Fp8Linear``): a copy that shares the tables, in eval
+    mode, without autograd. DCNv2's low-rank cross layers are parameters, not ``nn.Linear``:
+    they stay fp32."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, make=Int8Linear):
         super().__init__()
         shared = {
             id(m): m
@@ -266,7 +288,7 @@ class Int8Model(nn.Module):
         self.model = copy.deepcopy(model.eval(), memo=shared)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.swapped = int8_linears(self.model)
+        self.swapped = swap_linears(self.model, make)
         self.training = False  # not self.eval(): that would reach the shared tables
 
     @torch.no_grad()
@@ -286,7 +308,9 @@ def optimize_for_inference(
 ) -> nn.Module:
     """``model`` lowered for inference on ``device`` in ``dtype`` (``fp32`` | ``bf16`` |
     ``int8``: the mixer blocks' per-token GEMMs, or a baseline's linear layers, as int8 GEMMs
-    with per-channel weight and per-row activation scales, the rest fp32; CPU only).
+    with per-channel weight and per-row activation scales, the rest fp32; CPU only | ``fp8``:
+    the same GEMMs on e4m3 operands with per-column weight and per-row activation scales
+    (``kernels.grouped_linear_fp8``), the rest bf16; for a GPU, emulated on the CPU).
 
     The result has the same ``forward(batch) -> RankerOutput`` and gives the same logits within
     ``dtype``'s rounding (tests/test_inference.py, every architecture). It runs without
@@ -300,10 +324,17 @@ def optimize_for_inference(
             f"optimize_for_inference: dtype: expected one of {list(DTYPES)}, got {dtype!r}"
         )
     dev = torch.device(device)
-    int8 = dtype == "int8"
+    int8, fp8 = dtype == "int8", dtype == "fp8"
     if int8 and dev.type != "cpu":
         raise ValueError(
-            f"optimize_for_inference: dtype int8 runs on the CPU, not on {dev} (fp32 or bf16 there)"
+            f"optimize_for_inference: dtype int8 runs on the CPU, not on {dev} (fp8, bf16 or "
+            f"fp32 there)"
+        )
+    if fp8 and dev.type == "cpu":
+        _warn_once(
+            "fp8 cpu",
+            "fp8 on the CPU: an emulation of the GPU's e4m3 GEMMs (same quantization, fp32 "
+            "around it), for accuracy checks; it is slower than fp32",
         )
     on = {p.device.type for p in model.parameters()}
     if on and on != {dev.type}:
@@ -311,9 +342,11 @@ def optimize_for_inference(
             f"optimize_for_inference: the model's parameters are on {sorted(on)}, device={dev}: "
             f"move the model first (model.to(device))"
         )
-    dt = DTYPES[dtype]
+    dt = torch.float32 if fp8 and dev.type == "cpu" else DTYPES[dtype]
     if not isinstance(model, Ranker):
-        return Int8Model(model) if int8 else AutocastModel(model.eval(), dt, dev)
-    stack = lower_stack(model.blocks, dt, dev, compile_epilogues, cpu_fused_block, int8)
+        if int8 or fp8:
+            return QuantizedModel(model, Int8Linear if int8 else Fp8Linear)
+        return AutocastModel(model.eval(), dt, dev)
+    stack = lower_stack(model.blocks, dt, dev, compile_epilogues, cpu_fused_block, int8, fp8)
     heads = _frozen_copy(model.heads, dt, dev)
     return InferenceRanker(model, stack, heads, dt, micro_batch, compile)

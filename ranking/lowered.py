@@ -32,8 +32,10 @@ import logging
 import torch
 from torch import Tensor, nn
 
+import kernels
 from kernels import cpu as cpu_kernels
 from kernels.cpu import int8
+from kernels.reference import fp8_quantize_weight
 from ranking.model.blocks import RankMixerBlock, StackOutput, TokenMixerLargeBlock
 from ranking.model.ffn import DenseStage, PerTokenFFN, PerTokenSwiGLU
 
@@ -395,15 +397,108 @@ class Int8Linear(nn.Module):
         return y.view(*lead, self.out_features)
 
 
-def int8_linears(module: nn.Module) -> int:
-    """Swap every ``nn.Linear`` under ``module`` for an ``Int8Linear`` (in place); the count."""
+# ----------------------------------------------------------------------------- fp8 blocks
+
+
+class Fp8Weights(nn.Module):
+    """Per-token (or, with ``G = 1``, plain) weights ``w [G, K, N]`` (biases ``b [G, N]``) in
+    e4m3 with one fp32 scale per output column (``kernels.reference.fp8_quantize_weight``), for
+    ``kernels.grouped_linear_fp8``: the Triton grouped GEMM on CUDA, its reference twin (the
+    same quantization, products summed in fp32) on the CPU."""
+
+    def __init__(self, w: Tensor, b: Tensor | None, device: torch.device):
+        super().__init__()
+        w8, scale = fp8_quantize_weight(w.detach().to(device=device, dtype=torch.float32))
+        self.register_buffer("w8", w8.contiguous())
+        self.register_buffer("scale", scale.contiguous())
+        self.register_buffer("bias", None if b is None else _own(b, torch.float32, device))
+        self.groups, self.k, self.n = w.shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [G, B, K] -> [G, B, N]`` (token-major: group g is token g's B rows), in x's
+        dtype; rows quantized to e4m3 with one scale each inside the op."""
+        G, B, K = x.shape
+        offsets = torch.arange(0, (G + 1) * B, B, device=x.device)
+        y = kernels.grouped_linear_fp8(
+            x.reshape(G * B, K), offsets, self.w8, self.scale, bias=self.bias
+        )
+        return y.view(G, B, self.n)
+
+
+class Fp8RankMixer(nn.Module):
+    """``RankMixerBlock`` (dense PFFN) on token-major ``x [T, B, D]`` with both per-token GEMMs
+    in FP8 (e4m3 weights per output column, activations per row); token mixing, the norms,
+    GELU and the residual run in ``dtype``."""
+
+    def __init__(self, block: RankMixerBlock, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        ffn = dense_ffn(block.ffn, PerTokenFFN)
+        self.num_tokens = block.num_tokens
+        self.norm1 = Norm(block.norm1, dtype, device)
+        self.norm2 = Norm(block.norm2, dtype, device)
+        self.w1 = Fp8Weights(ffn.w1, ffn.b1, device)
+        self.w2 = Fp8Weights(ffn.w2, ffn.b2, device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.norm1(mix_tm(x, self.num_tokens).add_(x))
+        h = torch.nn.functional.gelu(self.w1(s))
+        return self.norm2(self.w2(h).add_(s))
+
+
+class Fp8TokenMixerLarge(nn.Module):
+    """``TokenMixerLargeBlock`` (dense pSwiGLU) on token-major ``x [T, B, D]`` with the four
+    per-head GEMMs in FP8; mixing, RMSNorm, Swish and the residuals run in ``dtype``."""
+
+    def __init__(self, block: TokenMixerLargeBlock, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.num_tokens, self.num_heads = block.num_tokens, block.num_heads
+        self.second_residual = block.second_residual
+        self.norm1 = Norm(block.norm1, dtype, device)
+        self.norm2 = Norm(block.norm2, dtype, device)
+        self.hidden = (block.f1.ffn.hidden, block.f2.ffn.hidden)
+        self.gate_up = nn.ModuleList(
+            Fp8Weights(f.ffn.w_gate_up, None, device) for f in (block.f1, block.f2)
+        )
+        self.down = nn.ModuleList(
+            Fp8Weights(f.ffn.w_down, None, device) for f in (block.f1, block.f2)
+        )
+
+    def _stage(self, i: int, z: Tensor, residual: Tensor) -> Tensor:
+        gate, up = self.gate_up[i](z).split(self.hidden[i], dim=-1)
+        return self.down[i](torch.nn.functional.silu(gate).mul_(up)).add_(residual)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hm = mix_tm(x, self.num_heads)  # [H, B, W]
+        r = revert_tm(self._stage(0, self.norm1(hm), hm), self.num_tokens)
+        base = x if self.second_residual == "input" else r
+        return self._stage(1, self.norm2(r), base)
+
+
+class Fp8Linear(nn.Module):
+    """An ``nn.Linear`` as an FP8 GEMM (one group of ``kernels.grouped_linear_fp8``): the dense
+    layers of models without a lowering of their own (the DLRM / DCNv2 baselines)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        b = None if linear.bias is None else linear.bias.unsqueeze(0)
+        self.weight = Fp8Weights(linear.weight.t().unsqueeze(0), b, linear.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        y = self.weight(x.reshape(1, -1, self.in_features))
+        return y.view(*lead, self.out_features)
+
+
+def swap_linears(module: nn.Module, make) -> int:
+    """Swap every ``nn.Linear`` under ``module`` for ``make(linear)`` (in place); the count."""
     n = 0
     for name, child in list(module.named_children()):
         if type(child) is nn.Linear:
-            setattr(module, name, Int8Linear(child))
+            setattr(module, name, make(child))
             n += 1
         else:
-            n += int8_linears(child)
+            n += swap_linears(child, make)
     return n
 
 

@@ -28,7 +28,8 @@ def _signature(schema: FeatureSchema) -> tuple:
 def load_validated(path: str | Path, dtype: str | None, previous: Artifact | None) -> Artifact:
     """Load ``path`` and validate it (``ArtifactError`` naming the file/key on failure).
 
-    ``dtype``: None or "auto" keeps the artifact's own dtype; "fp32" / "bf16" / "int8" forces one.
+    ``dtype``: None or "auto" keeps the artifact's own dtype; "fp32" / "bf16" / "int8" / "fp8"
+    forces one.
     """
     if dtype in (None, "auto"):
         dtype = None

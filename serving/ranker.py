@@ -45,7 +45,7 @@ THREAD_AFTER_S = 0.1  # forward_in_thread: auto
 class Ranker(Front):
     """Scores requests with the artifact named by ``user_config["artifact"]``.
 
-    ``user_config`` keys: ``artifact`` (path, required), ``dtype`` (auto | fp32 | bf16 | int8),
+    ``user_config`` keys: ``artifact`` (path, required), ``dtype`` (auto | fp32 | bf16 | int8 | fp8),
     ``max_batch_size`` (candidates per formed batch), ``batch_wait_timeout_s``,
     ``max_candidates``, ``max_string_length``, ``max_list_items``, ``torch_threads``,
     ``forward_in_thread`` and ``max_body_bytes`` (when it is the application's ingress).

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-DTYPES = ("auto", "fp32", "bf16", "int8")
+DTYPES = ("auto", "fp32", "bf16", "int8", "fp8")
 
 
 def _check(cls, config: Any) -> dict:
@@ -73,7 +73,7 @@ class RankerSettings:
     """
 
     artifact: str = ""  # the artifact directory (required)
-    dtype: str = "auto"  # auto: the artifact's dtype; fp32 | bf16 | int8 to force
+    dtype: str = "auto"  # auto: the artifact's dtype; fp32 | bf16 | int8 | fp8 to force
     max_batch_size: int = 4096  # candidates per formed batch (batch_size_fn)
     batch_wait_timeout_s: float = 0.004  # only while other requests are in flight
     max_batch_wait_s: float = 0.1  # while a batch is scored, the next waits up to its time

@@ -14,7 +14,7 @@ from test_inference import SMALL, TOKEN_MAJOR, _model
 
 from kernels.cpu import int8
 from ranking.export import LOWERING_TOLERANCE
-from ranking.inference import InferenceRanker, Int8Model, optimize_for_inference
+from ranking.inference import InferenceRanker, QuantizedModel, optimize_for_inference
 from ranking.lowered import (
     Int8Linear,
     Int8RankMixer,
@@ -190,7 +190,7 @@ def test_int8_model_is_close_to_fp32_for_every_architecture(name):
             assert isinstance(fast.blocks, TokenMajorStack)
             assert types <= {Int8RankMixer, Int8TokenMixerLarge} and err > 0
     else:
-        assert isinstance(fast, Int8Model) and fast.swapped >= 2
+        assert isinstance(fast, QuantizedModel) and fast.swapped >= 2
         assert any(isinstance(m, Int8Linear) for m in fast.modules())
         ebc = model.model.sparse_arch.embedding_bag_collection
         assert fast.model.model.sparse_arch.embedding_bag_collection is ebc

@@ -50,9 +50,10 @@ def register(sub) -> None:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=["fp32", "bf16", "int8"],
+        choices=["fp32", "bf16", "int8", "fp8"],
         help="dense weights (default: fp32 from a checkpoint, the source's from an artifact); "
-        "int8: the mixer blocks' GEMMs (a baseline's linear layers) served in int8 on the CPU",
+        "int8: the mixer blocks' GEMMs (a baseline's linear layers) served in int8 on the CPU; "
+        "fp8: the same GEMMs on e4m3 operands, for a GPU (emulated on the CPU)",
     )
     p.add_argument(
         "--table-dtype",
@@ -68,7 +69,7 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help="Parquet file, directory or glob")
     p.add_argument("--batch-size", type=int, default=8192)
     p.add_argument(
-        "--dtype", default=None, choices=["fp32", "bf16", "int8"], help="default: manifest's"
+        "--dtype", default=None, choices=["fp32", "bf16", "int8", "fp8"], help="default: manifest's"
     )
     p.set_defaults(func=evaluate)
 

@@ -1,0 +1,179 @@
+"""FP8 dense inference (``optimize_for_inference(dtype="fp8")``): the per-token GEMMs on e4m3
+operands through ``kernels.grouped_linear_fp8`` (Triton on a GPU; on the CPU its reference
+twin, an emulation with the same quantization). The fp8 blocks against their equations with an
+independent float64 quantized product, every architecture against fp32, and the artifact path
+(``mixrank export --dtype fp8``, ``mixrank eval --dtype fp8``). The Triton op itself is tested
+in tests/test_kernels_ops.py (``-k fp8``), under the interpreter here and compiled on a GPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_inference import SMALL, TOKEN_MAJOR, _model
+from test_int8 import _fp32_artifact_and_data, _norm
+
+from ranking.export import LOWERING_TOLERANCE
+from ranking.inference import InferenceRanker, QuantizedModel, optimize_for_inference
+from ranking.lowered import (
+    Fp8Linear,
+    Fp8RankMixer,
+    Fp8TokenMixerLarge,
+    TokenMajorStack,
+    mix_tm,
+    revert_tm,
+)
+from ranking.model.synthetic import random_batch
+
+E4M3_MAX = 448.0
+
+
+def _e4m3(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Round to e4m3 with one scale per slice along ``dim`` (max |x| -> 448), dequantized in
+    float64: written from the format's definition, not from kernels.reference."""
+    x = x.double()
+    s = x.abs().amax(dim=dim, keepdim=True) / E4M3_MAX
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return (x / s).to(torch.float8_e4m3fn).double() * s
+
+
+def _ref_bmm(x, w, b=None):
+    """Per-token ``x [T, B, K] @ w [T, K, N] (+ b [T, N])`` on e4m3 rows and columns, float64."""
+    y = torch.bmm(_e4m3(x, -1), _e4m3(w, -2))
+    if b is not None:
+        y = y + b.double().unsqueeze(1)
+    return y.float()
+
+
+def test_e4m3_rounding_is_within_its_half_ulp():
+    """The quantization the emulation uses: 3 mantissa bits, so |error| <= 2^-4 |x| for normal
+    values, and the slice maximum is exact."""
+    x = torch.randn(64, 100, dtype=torch.float64) * 10
+    q = _e4m3(x, -1)
+    s = x.abs().amax(-1, keepdim=True) / E4M3_MAX
+    normal = (x.abs() / s) >= 2**-6
+    assert bool(((q - x).abs() <= 2**-4 * x.abs() + 1e-12)[normal].all())
+    torch.testing.assert_close(q.abs().amax(-1), x.abs().amax(-1), rtol=0, atol=1e-12)
+
+
+def test_fp8_rankmixer_block_follows_its_equations():
+    """``Norm2(W2_t GELU(W1_t S_t + b1_t) + b2_t + S_t)``, ``S = Norm1(Mix(X) + X)`` with both
+    GEMMs on e4m3 operands (rows and columns scaled on their own)."""
+    model, _ = _model("rankmixer")
+    block = model.blocks.blocks[0]
+    ffn = block.ffn.ffn
+    x = torch.randn(block.num_tokens, 30, ffn.w1.shape[1])
+    with torch.no_grad():
+        s = _norm(block.norm1, mix_tm(x, block.num_tokens) + x)
+        h = F.gelu(_ref_bmm(s, ffn.w1, ffn.b1))
+        want = _norm(block.norm2, _ref_bmm(h, ffn.w2, ffn.b2) + s)
+        got = Fp8RankMixer(block, torch.float32, torch.device("cpu"))(x)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_fp8_tokenmixer_large_block_follows_its_equations():
+    model, _ = _model("tokenmixer_large_reverted")
+    block = model.blocks.blocks[0]
+    x = torch.randn(block.num_tokens, 30, block.norm2.weight.shape[0])
+
+    def stage(f, z):
+        gate, up = _ref_bmm(z, f.w_gate_up).split(f.hidden, dim=-1)
+        return _ref_bmm(F.silu(gate) * up, f.w_down)
+
+    with torch.no_grad():
+        hm = mix_tm(x, block.num_heads)
+        r = revert_tm(hm + stage(block.f1.ffn, _norm(block.norm1, hm)), block.num_tokens)
+        base = x if block.second_residual == "input" else r
+        want = base + stage(block.f2.ffn, _norm(block.norm2, r))
+        got = Fp8TokenMixerLarge(block, torch.float32, torch.device("cpu"))(x)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_fp8_scores_do_not_depend_on_the_rest_of_the_batch():
+    """Per-row activation scales: a row's output is the same alone and beside a row a hundred
+    times larger, for the GEMM and for a whole fp8 model split into other micro-batches."""
+    lin = torch.nn.Linear(32, 16)
+    x = torch.randn(64, 32)
+    x[5] *= 100
+    f = Fp8Linear(lin)
+    with torch.no_grad():
+        full = f(x)
+        for i in (0, 5, 63):
+            assert torch.equal(f(x[i : i + 1])[0], full[i])
+    model, schema = _model("rankmixer")
+    batch = random_batch(schema, 40, seed=2)
+    a = optimize_for_inference(model, dtype="fp8")(batch).logits
+    b = optimize_for_inference(model, dtype="fp8", micro_batch=7)(batch).logits
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_fp8_model_is_close_to_fp32_for_every_architecture(name):
+    """Every architecture lowers to fp8: dense RankMixer / TokenMixer-Large blocks become fp8
+    blocks, the baselines' linear layers fp8 GEMMs, the rest (UniMixer, MoE stages) stays in
+    the float dtype; logits within export's fp8 tolerance of the eager model's, tables shared,
+    the eager model untouched."""
+    model, schema = _model(name)
+    with torch.no_grad():  # make the dense stack matter (small down-projection inits)
+        for n, p in model.named_parameters():
+            if "w_down" in n or n.endswith("w2"):
+                p.mul_(5)
+    batch = random_batch(schema, 60, seed=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model(batch).logits
+    fast = optimize_for_inference(model, dtype="fp8")
+    got = fast(batch).logits
+    assert got.dtype == torch.float32 and not got.requires_grad
+    err = (got - ref).abs()
+    atol, rtol = LOWERING_TOLERANCE["fp8"]
+    assert bool((err <= atol + rtol * ref.abs()).all()), (name, float(err.max()))
+    if isinstance(fast, InferenceRanker):
+        assert fast.tokenizer is model.tokenizer
+        if name in TOKEN_MAJOR:
+            assert isinstance(fast.blocks, TokenMajorStack)
+            types = {type(b) for b in fast.blocks.blocks}
+            assert types <= {Fp8RankMixer, Fp8TokenMixerLarge} and float(err.max()) > 0
+    else:
+        assert isinstance(fast, QuantizedModel) and fast.swapped >= 2
+        assert any(isinstance(m, Fp8Linear) for m in fast.modules())
+        ebc = model.model.sparse_arch.embedding_bag_collection
+        assert fast.model.model.sparse_arch.embedding_bag_collection is ebc
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_fp8_linear_is_the_e4m3_product():
+    lin = torch.nn.Linear(37, 11)
+    x = torch.randn(5, 3, 37) * 4
+    got = Fp8Linear(lin)(x)
+    want = (_e4m3(x.reshape(15, 37), -1) @ _e4m3(lin.weight.t(), -2)).float() + lin.bias
+    torch.testing.assert_close(got, want.view(5, 3, 11).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_export_and_eval_fp8_artifact(tmp_path, capsys):
+    """``mixrank export --dtype fp8`` writes an fp8 artifact (the lowering check passed; on the
+    CPU the emulation) whose predictions are the fp8 lowering's; ``mixrank eval --dtype fp8``
+    keeps the AUC of fp32."""
+    from ranking.cli import main
+    from ranking.export import load_artifact, read_manifest
+
+    src, data = _fp32_artifact_and_data(tmp_path)
+    out = tmp_path / "fp8"
+    assert main(["export", "--artifact", str(src), "--out", str(out), "--dtype", "fp8"]) == 0
+    assert read_manifest(out)["dtype"] == "fp8"
+    a8 = load_artifact(out)
+    fp = load_artifact(src)
+    batch = random_batch(a8.schema, 50, seed=5)
+    want = torch.sigmoid(optimize_for_inference(fp.model, dtype="fp8")(batch).logits)
+    torch.testing.assert_close(a8.predict(batch), want, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(fp.predict(batch), a8.predict(batch))
+    capsys.readouterr()
+    assert main(["eval", "--artifact", str(src), "--data", str(data), "--dtype", "fp8"]) == 0
+    m8 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", "--artifact", str(src), "--data", str(data)]) == 0
+    m32 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert m8["rows"] == m32["rows"] > 0
+    assert abs(m8["auc"] - m32["auc"]) < 0.005, (m8, m32)
