@@ -1,4 +1,5 @@
-"""Int8 dense inference on real data: the AUC change of an int8 artifact, and its p50 beside fp32.
+"""Int8 (and FP8) dense inference on real data: the AUC change of an int8 / fp8 artifact, and
+int8's p50 beside fp32.
 
 For each experiment (Frappe and MovieLens, RankMixer and TokenMixer-Large, and Frappe DLRM) the
 real training job runs briefly on ../shared/data (``mixrank train``; a run directory that
@@ -11,6 +12,10 @@ lowering check runs). Then, in one process:
 - p50 of ``Artifact.predict`` (what the Ranker runs) on 256-row batches of that split, paired:
   each repetition runs every dtype once on the same batch in a shuffled order; bf16 is included
   only on a CPU with native bf16 (elsewhere it runs hundreds of times slower than fp32);
+- ``fp8`` (in ``--dtypes``, default on): the fp8 artifact's AUC / logloss change through the
+  CPU emulation of the GPU's e4m3 GEMMs (the same quantization, ``kernels.grouped_linear_fp8``'s
+  reference twin): FP8's accuracy, measurable without a GPU; its speed is a GPU figure
+  (``benchmarks/gpu_check.sh``), so it is not timed here;
 - with ``--serve`` (default: the first experiment) the int8 artifact served by the real Ray
   Serve application, one request of 256 real rows over HTTP and gRPC, its scores against the
   in-process int8 ones and the fp32 artifact's.
@@ -52,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", type=int, default=256, help="rows per timed forward")
     parser.add_argument("--reps", type=int, default=200, help="timed forwards per dtype")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["int8", "fp8"],
+        choices=["int8", "fp8"],
+        help="quantized dtypes to export and score against fp32 (fp8: accuracy only)",
+    )
     parser.add_argument(
         "--serve",
         nargs="*",
@@ -101,11 +113,12 @@ def run(args) -> int:
     records = []
     for config, epochs, split in chosen:
         fp32_dir = _train(config, args.epochs or epochs, args.seed, work / config)
-        int8_dir = work / config / "artifact-int8"
-        t0 = time.perf_counter()
-        export_artifact(fp32_dir, int8_dir, dtype="int8")
-        t_export = time.perf_counter() - t0
-        arts = {"fp32": load_artifact(fp32_dir), "int8": load_artifact(int8_dir)}
+        arts, t_export = {"fp32": load_artifact(fp32_dir)}, {}
+        for q in args.dtypes:
+            t0 = time.perf_counter()
+            export_artifact(fp32_dir, work / config / f"artifact-{q}", dtype=q)
+            t_export[q] = time.perf_counter() - t0
+            arts[q] = load_artifact(work / config / f"artifact-{q}")
         if bf16:
             arts["bf16"] = load_artifact(fp32_dir, dtype="bf16")
         data = DATA / split
@@ -117,10 +130,11 @@ def run(args) -> int:
                 arts["fp32"].schema, data, args.candidates, rank=0, world_size=1, shuffle=False
             )
         )[:50]
-        p50 = paired_p50({dt: a.predict for dt, a in arts.items()}, batches, args.reps, args.seed)
+        timed = {dt: a.predict for dt, a in arts.items() if dt != "fp8"}  # fp8: emulated here
+        p50 = paired_p50(timed, batches, args.reps, args.seed)
         served = (
             serve_check(arts["int8"], arts["fp32"], data, args.candidates)
-            if config in serve
+            if config in serve and "int8" in arts
             else {}
         )
         for dt in arts:
@@ -133,11 +147,12 @@ def run(args) -> int:
                 "auc_change": metrics[dt]["auc"] - metrics["fp32"]["auc"],
                 "logloss_change": metrics[dt]["logloss"] - metrics["fp32"]["logloss"],
                 "max_prob_diff": float((probs[dt] - probs["fp32"]).abs().max()),
-                "p50_ms": p50[dt],
-                "p50_vs_fp32": p50["fp32"] / p50[dt],
+                "p50_ms": p50.get(dt),
+                "p50_vs_fp32": p50["fp32"] / p50[dt] if dt in p50 else None,
             }
+            if dt in t_export:
+                rec["export_s"] = t_export[dt]
             if dt == "int8":
-                rec["export_s"] = t_export
                 rec.update(served)
             emit(rec)
             records.append(rec)

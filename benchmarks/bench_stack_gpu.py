@@ -14,6 +14,12 @@ run (8192^3), and the relative error ``||triton - torch|| / ||torch||`` of the o
 the input gradient. The stack alone: the tokenizer (TorchRec EBC, not installed on the GPU
 machine) and the task heads are left out.
 
+Then, for the dense configs, the serving lowerings of the stack (``inference_rows``):
+``ranking.inference.lower_stack`` in bf16 (the blocks' Triton forward) and in fp8 (token-major
+blocks whose per-token GEMMs are ``kernels.grouped_linear_fp8``: e4m3 operands, per-row and
+per-column scales, bf16 around them), timed side by side on the same tokens, with fp8's
+speed-up over bf16 and its relative error against the fp32 forward of the same weights.
+
 CPU: says it needs a GPU and exits 0. Run: ``python -m benchmarks.bench_stack_gpu``.
 """
 
@@ -47,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--no-train", action="store_true", help="forward only")
+    parser.add_argument(
+        "--no-inference", action="store_true", help="skip the bf16 / fp8 serving lowerings"
+    )
 
 
 def _config(name: str):
@@ -136,6 +145,63 @@ def bench_config(name: str, args, peak: float) -> list[dict]:
     return records
 
 
+def inference_rows(name: str, stack, x, timer, flops: float, peak: float) -> list[dict]:
+    """bf16 and fp8 serving lowerings of ``stack`` (fp32 weights, eval) on tokens ``x [B, T, D]``
+    (fp32, on the stack's device): ``timer(fn) -> ms``. Records with ms, TFLOP/s, the fraction
+    of ``peak``, ``fp8_vs_bf16`` and each one's relative error against the fp32 stack.
+    Dense RankMixer / TokenMixer-Large stacks only (fp8 keeps other stacks in bf16)."""
+    import torch
+
+    from ranking.inference import lower_stack
+
+    dev = x.device
+    bf16 = torch.bfloat16 if dev.type == "cuda" else torch.float32  # the CPU: a logic check
+    with torch.no_grad():
+        ref = stack.eval()(x).x.double()
+        lowered = {
+            "bf16": lower_stack(stack, bf16, dev),
+            "fp8": lower_stack(stack, bf16, dev, fp8=True),
+        }
+        xb = x.to(bf16)
+        records = []
+        for dt, low in lowered.items():
+            ms = timer(lambda low=low: low(xb))
+            y = low(xb).x.double()
+            records.append(
+                {
+                    "config": name,
+                    "batch": x.shape[0],
+                    "lowering": dt,
+                    "blocks": sorted({type(b).__name__ for b in getattr(low, "blocks", [])}),
+                    "ms": ms,
+                    "samples_per_s": x.shape[0] / (ms * 1e-3),
+                    "TFLOPs": flops / (ms * 1e-3) / 1e12,
+                    "frac_of_peak": flops / (ms * 1e-3) / peak,
+                    "err_vs_fp32": float((y - ref).norm() / ref.norm().clamp_min(1e-30)),
+                }
+            )
+    records[1]["fp8_vs_bf16"] = records[0]["ms"] / records[1]["ms"]
+    return records
+
+
+def bench_inference(name: str, args, peak: float) -> list[dict]:
+    import torch
+    from triton.testing import do_bench
+
+    from ranking.model.blocks import build_stack
+    from ranking.model.flops import stack_flops
+
+    cfg, schema = _config(name)
+    torch.manual_seed(0)
+    stack = build_stack(cfg, cfg.num_tokens).to("cuda")
+    x = torch.randn(args.batch, cfg.num_tokens, cfg.dim, device="cuda")
+    os.environ["MIXRANK_KERNELS"] = "triton"
+    records = inference_rows(name, stack, x, do_bench, stack_flops(cfg, schema) * args.batch, peak)
+    for r in records:
+        emit({"bench": "stack_inference", **r})
+    return records
+
+
 def run(args) -> int:
     import torch
 
@@ -170,6 +236,20 @@ def run(args) -> int:
     ]
     if not getattr(args, "json_only", False):
         table(records, cols)
+    inference = []
+    for name in args.configs if not args.no_inference else []:
+        if "+" in name or name.startswith("unimixer"):
+            continue  # fp8 lowers the dense RankMixer / TokenMixer-Large blocks
+        try:
+            inference += bench_inference(name, args, peak)
+            torch.cuda.empty_cache()
+        except Exception as e:
+            emit({"config": name, "lowering": "fp8", "error": f"{type(e).__name__}: {e}"})
+    if inference and not getattr(args, "json_only", False):
+        table(
+            inference,
+            ["config", "lowering", "ms", "TFLOPs", "frac_of_peak", "fp8_vs_bf16", "err_vs_fp32"],
+        )
     return 0
 
 

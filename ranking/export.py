@@ -69,6 +69,7 @@ class Artifact:
     manifest: dict
     path: Path
     dtype: str = "fp32"  # the dtype the forward runs in (see ``predict``)
+    device: str = "cpu"  # where the model and the forward run (``load_artifact(device=)``)
     _fast: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -87,15 +88,18 @@ class Artifact:
 
         if self._fast is None or self._fast[0] != self.dtype:  # (made for dtype, model)
             fast = optimize_for_inference(
-                self.model, dtype=self.dtype, device="cpu", **self.inference.options()
+                self.model, dtype=self.dtype, device=self.device, **self.inference.options()
             )
             self._fast = (self.dtype, fast)
         return self._fast[1]
 
     @torch.no_grad()
     def predict(self, batch) -> torch.Tensor:
-        """``[B, n_tasks]`` probabilities for a ``Batch``, from the lowered model."""
-        return torch.sigmoid(self.lowered()(batch).logits.float())
+        """``[B, n_tasks]`` probabilities for a ``Batch`` (on the CPU; moved to the artifact's
+        device for the forward), from the lowered model; on the CPU."""
+        if self.device != "cpu":
+            batch = batch.to(self.device, non_blocking=True)
+        return torch.sigmoid(self.lowered()(batch).logits.float()).cpu()
 
     @property
     def model_version(self) -> str:
@@ -468,8 +472,35 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def load_artifact(path: str | Path, *, dtype: str | None = None) -> Artifact:
+def resolve_device(device: str | None, key: str = "device") -> str:
+    """``"auto"`` / None -> ``"cuda"`` where torch sees a GPU (a Ray replica sees one only when
+    given ``num_gpus``), else ``"cpu"``; ``"cpu"``, ``"cuda"`` and ``"cuda:N"`` are checked
+    (``ValueError`` naming ``key``: a GPU asked for and none visible)."""
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{key}: expected auto, cpu, cuda or cuda:N, got {device!r}") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{key}: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= n:
+            raise ValueError(
+                f"{key}: {device!r}, but torch sees {n} CUDA device(s) here (a Ray Serve "
+                f"replica sees a GPU only with ray_actor_options.num_gpus)"
+            )
+    return str(dev)
+
+
+def load_artifact(
+    path: str | Path, *, dtype: str | None = None, device: str = "cpu"
+) -> Artifact:
     """Load an artifact (manifest validated, weights without executing code), eval mode.
+
+    ``device``: where the model runs (``resolve_device``: auto | cpu | cuda | cuda:N); on a GPU
+    the weights are copied there (no mapping) and ``Artifact.predict`` moves each batch over.
 
     The weights file is memory-mapped (``torch.load(mmap=True, weights_only=True)``) and the
     model is built with its embedding tables on the meta device, then given the file's tensors
@@ -528,9 +559,22 @@ def load_artifact(path: str | Path, *, dtype: str | None = None) -> Artifact:
             f"missing keys {missing}, unexpected keys {res.unexpected_keys}"
         )
     _check_materialised(model, wf)
+    device = resolve_device(device)
+    if device != "cpu":
+        if table_dtype != "fp32":
+            raise ArtifactError(
+                f"{path / MANIFEST}: table_dtype {table_dtype}: quantized tables are served on "
+                f"the CPU (FBGEMM's CPU kernels); device {device} needs fp32 tables"
+            )
+        model.to(device)
     model.eval()
     return Artifact(
-        model=model, schema=schema, manifest=manifest, path=path, dtype=dtype or manifest["dtype"]
+        model=model,
+        schema=schema,
+        manifest=manifest,
+        path=path,
+        dtype=dtype or manifest["dtype"],
+        device=device,
     )
 
 

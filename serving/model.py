@@ -25,7 +25,9 @@ def _signature(schema: FeatureSchema) -> tuple:
     )
 
 
-def load_validated(path: str | Path, dtype: str | None, previous: Artifact | None) -> Artifact:
+def load_validated(
+    path: str | Path, dtype: str | None, previous: Artifact | None, device: str = "cpu"
+) -> Artifact:
     """Load ``path`` and validate it (``ArtifactError`` naming the file/key on failure).
 
     ``dtype``: None or "auto" keeps the artifact's own dtype; "fp32" / "bf16" / "int8" / "fp8"
@@ -33,7 +35,7 @@ def load_validated(path: str | Path, dtype: str | None, previous: Artifact | Non
     """
     if dtype in (None, "auto"):
         dtype = None
-    art = load_artifact(path, dtype=dtype)
+    art = load_artifact(path, dtype=dtype, device=device)
     if previous is not None and _signature(art.schema) != _signature(previous.schema):
         raise ArtifactError(
             f"{path}: schema is not compatible with the serving model "

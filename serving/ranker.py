@@ -46,6 +46,7 @@ class Ranker(Front):
     """Scores requests with the artifact named by ``user_config["artifact"]``.
 
     ``user_config`` keys: ``artifact`` (path, required), ``dtype`` (auto | fp32 | bf16 | int8 | fp8),
+    ``device`` (auto: cuda when the replica was given a GPU, else cpu; cpu | cuda | cuda:N),
     ``max_batch_size`` (candidates per formed batch), ``batch_wait_timeout_s``,
     ``max_candidates``, ``max_string_length``, ``max_list_items``, ``torch_threads``,
     ``forward_in_thread`` and ``max_body_bytes`` (when it is the application's ingress).
@@ -61,6 +62,8 @@ class Ranker(Front):
         self._art = None
         self._path = None
         self._dtype = None
+        self._device = "cpu"  # resolved from user_config.device at reconfigure
+        self._loaded_on = None  # the serving model's device
         self.settings = RankerSettings()  # the defaults until reconfigure
         self._limits = self.settings.limits()
         self._wait_s = self.settings.batch_wait_timeout_s
@@ -99,7 +102,10 @@ class Ranker(Front):
         self._forward_in_thread = s.forward_in_thread
         if s.torch_threads > 0:
             torch.set_num_threads(s.torch_threads)
-        if (s.artifact, s.dtype) != (self._path, self._dtype):
+        from ranking.export import resolve_device
+
+        self._device = resolve_device(s.device, "user_config.device")
+        if (s.artifact, s.dtype, self._device) != (self._path, self._dtype, self._loaded_on):
             await self._load(s.artifact, s.dtype)
         await self._load_side("shadow", s.shadow_artifact, s.dtype)
         await self._load_side("canary", s.canary_artifact, s.dtype)
@@ -115,10 +121,15 @@ class Ranker(Front):
         if not path:
             self._side.pop(role, None)
             return
-        if current is not None and current[0] == path and self._art is not None:
+        if (
+            current is not None
+            and current[0] == path
+            and current[1].device == self._device
+            and self._art is not None
+        ):
             return
         try:
-            art = await asyncio.to_thread(load_validated, path, dtype, self._art)
+            art = await asyncio.to_thread(load_validated, path, dtype, self._art, self._device)
         except Exception as e:
             self._side.pop(role, None)
             self._last_error = f"{role} {path}: {type(e).__name__}: {e}"
@@ -186,10 +197,15 @@ class Ranker(Front):
 
         old = self._art
         adopted = next(  # a promoted shadow or canary is already loaded and validated
-            (a for p, a in self._side.values() if p == path and old is not None), None
+            (
+                a
+                for p, a in self._side.values()
+                if p == path and old is not None and a.device == self._device
+            ),
+            None,
         )
         try:
-            art = adopted or await asyncio.to_thread(load_validated, path, dtype, old)
+            art = adopted or await asyncio.to_thread(load_validated, path, dtype, old, self._device)
         except Exception as e:
             self._last_error = f"{type(e).__name__}: {e}"
             self._metrics.reloads.inc(1, tags={"result": "failure"})
@@ -198,6 +214,7 @@ class Ranker(Front):
                 raise
             return
         self._art, self._path, self._dtype, self._last_error = art, path, dtype, None
+        self._loaded_on = art.device
         self._metrics.swapped(_info(old) if old else None, _info(art))
         log.info("serving model %s from %s (%s)", art.model_version, path, art.dtype)
 
@@ -212,6 +229,7 @@ class Ranker(Front):
             "status": "ok",
             "model_version": self._art.model_version,
             "dtype": self._art.dtype,
+            "device": self._art.device,
             "last_reload_error": self._last_error,
             **({"request_log_error": self._log_error} if self._log_error else {}),
             **{f"{role}_model_version": a.model_version for role, (_, a) in self._side.items()},

@@ -74,6 +74,7 @@ class RankerSettings:
 
     artifact: str = ""  # the artifact directory (required)
     dtype: str = "auto"  # auto: the artifact's dtype; fp32 | bf16 | int8 | fp8 to force
+    device: str = "auto"  # auto: cuda when the replica has a GPU (num_gpus), else cpu
     max_batch_size: int = 4096  # candidates per formed batch (batch_size_fn)
     batch_wait_timeout_s: float = 0.004  # only while other requests are in flight
     max_batch_wait_s: float = 0.1  # while a batch is scored, the next waits up to its time
@@ -98,6 +99,7 @@ class RankerSettings:
     _KINDS: ClassVar[dict] = {
         "artifact": str,
         "dtype": str,
+        "device": str,
         "max_batch_size": int,
         "batch_wait_timeout_s": float,
         "max_batch_wait_s": float,
@@ -125,6 +127,10 @@ class RankerSettings:
             raise ValueError("user_config: 'artifact' (the artifact directory) is required")
         if s.dtype not in DTYPES:
             raise ValueError(f"user_config.dtype: expected one of {DTYPES}, got {s.dtype!r}")
+        if not (s.device in ("auto", "cpu", "cuda") or s.device.startswith("cuda:")):
+            raise ValueError(
+                f"user_config.device: expected auto, cpu, cuda or cuda:N, got {s.device!r}"
+            )
         if not (isinstance(s.forward_in_thread, bool) or s.forward_in_thread == "auto"):
             raise ValueError(
                 f"user_config: forward_in_thread must be true, false or auto, got "

@@ -177,3 +177,30 @@ def test_export_and_eval_fp8_artifact(tmp_path, capsys):
     m32 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert m8["rows"] == m32["rows"] > 0
     assert abs(m8["auc"] - m32["auc"]) < 0.005, (m8, m32)
+
+
+def test_bench_stack_inference_rows_on_the_cpu():
+    """``bench stack``'s serving-lowering rows (run on a GPU by benchmarks/gpu_check.sh) as a
+    logic check on the CPU: the fp32 lowering matches the stack, the fp8 one runs fp8 blocks
+    within e4m3's error, and the side-by-side ratio is reported."""
+    import time
+
+    from benchmarks.bench_stack_gpu import _config, inference_rows
+    from ranking.model.blocks import build_stack
+
+    def timer(fn):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    for name, block in (("rankmixer_small", "Fp8RankMixer"), ("tokenmixer_large_small", None)):
+        cfg, _ = _config(name)
+        torch.manual_seed(0)
+        stack = build_stack(cfg, cfg.num_tokens)
+        x = torch.randn(16, cfg.num_tokens, cfg.dim)
+        bf, f8 = inference_rows(name, stack, x, timer, flops=1e6, peak=1e12)
+        assert (bf["lowering"], f8["lowering"]) == ("bf16", "fp8")
+        assert bf["err_vs_fp32"] < 1e-5  # on the CPU the "bf16" row is the fp32 lowering
+        assert 0 < f8["err_vs_fp32"] < 0.1, f8
+        assert f8["blocks"] == [block or "Fp8TokenMixerLarge"]
+        assert f8["fp8_vs_bf16"] > 0 and f8["frac_of_peak"] > 0

@@ -233,6 +233,7 @@ def test_serve_config_matches_deploy_serve_yaml(values):
         ("batch_wait_timeout_s", "batchWaitTimeoutS"),
         ("torch_threads", "torchThreads"),
         ("forward_in_thread", "forwardInThread"),
+        ("device", "device"),
     ]:
         if r.get(value_key) is not None:
             expect_uc[key] = r[value_key]
@@ -506,6 +507,7 @@ def test_dashboard_and_rules_use_emitted_metric_names():
         ),
         ({"monitoring": {"enabled": "yes"}}, "monitoring.enabled: Invalid type. Expected: boolean"),
         ({"serving": {"ranker": {"forwardInThread": "yes"}}}, "serving.ranker.forwardInThread"),
+        ({"serving": {"ranker": {"device": "gpu"}}}, "serving.ranker.device: Does not match"),
         ({"security": {"runAsUser": 0}}, "security.runAsUser: Must be greater than or equal to 1"),
         (
             {"serving": {"workers": {"resources": {"requests": {"cpu": "1"}, "limits": None}}}},

@@ -165,6 +165,8 @@ def test_http_and_grpc_equal_offline_predictions_from_parquet(svc, tmp_path):
 def test_health(svc):
     status, body = svc.http_client().health()
     assert status == 200 and body["status"] == "ok" and body["model_version"]
+    # device auto (deploy/serve.yaml): a replica without num_gpus sees no GPU and scores on CPU
+    assert body["device"] == "cpu"
 
 
 # ----------------------------------------------------------------------------- bad input

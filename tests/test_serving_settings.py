@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,11 @@ def test_helm_value_schema_types_are_the_fields_types():
     ]:
         assert json_type[RankerSettings._KINDS[field]] in ranker[value_key]["type"], value_key
     assert set(ranker["forwardInThread"]["enum"]) - {None} == {True, False, "auto"}
+    pattern = re.compile(ranker["device"]["pattern"])
+    for device in ("auto", "cpu", "cuda", "cuda:1", "gpu", "cuda:x"):
+        ok = device in ("auto", "cpu", "cuda") or device.startswith("cuda:")
+        ok = ok and (device == "cuda" or ":" not in device or device[5:].isdigit())
+        assert bool(pattern.match(device)) == ok, device
     assert ranker["maxBatchSize"]["minimum"] == 1 and ranker["torchThreads"]["minimum"] == 0
 
 
@@ -60,6 +66,7 @@ def test_helm_value_schema_types_are_the_fields_types():
         ({"max_batch_wait_s": -1}, r"user_config\.max_batch_wait_s: must be >= 0"),
         ({"torch_threads": -2}, r"user_config\.torch_threads: must be >= 0"),
         ({"dtype": "fp16"}, r"user_config\.dtype: expected one of"),
+        ({"device": "gpu"}, r"user_config\.device: expected auto, cpu, cuda or cuda:N"),
         ({"forward_in_thread": "yes"}, r"forward_in_thread must be true, false or auto"),
         ({"forward_in_thread": 1}, r"forward_in_thread must be true, false or auto"),
         ({"max_candidates": 5000}, r"max_candidates \(5000\) must be <= max_batch_size \(4096\)"),
@@ -95,3 +102,19 @@ def test_serve_config_refuses_a_bad_value_naming_file_and_key(tmp_path):
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(UserError, match=r"serve\.yaml: .*\(Ranker\): user_config\.max_batch_size"):
         config.load_config(path)
+
+
+def test_device_resolution_names_the_key():
+    """``auto`` follows what torch sees (a replica without num_gpus sees no GPU); asking for a
+    GPU that is not there is a clear error naming the key, not a CPU fallback."""
+    import torch
+
+    from ranking.export import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match=rf"user_config\.device: 'cuda:{n}', but torch sees {n}"):
+        resolve_device(f"cuda:{n}", "user_config.device")
+    with pytest.raises(ValueError, match=r"device: expected auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")

@@ -8,6 +8,7 @@ come from that one file), with these values applied:
       user_config.max_batch_size           <- serving.ranker.maxBatchSize
       user_config.batch_wait_timeout_s     <- serving.ranker.batchWaitTimeoutS
       user_config.torch_threads            <- serving.ranker.torchThreads
+      user_config.device                   <- serving.ranker.device
       user_config.forward_in_thread        <- serving.ranker.forwardInThread
       user_config.log_dir                  <- serving.requestLog.dir
       user_config.log_sample_rate          <- serving.requestLog.sampleRate
@@ -48,6 +49,7 @@ A null value keeps the file's setting.
 {{- if not (kindIs "invalid" $r.maxBatchSize) }}{{ $_ := set $uc "max_batch_size" (int $r.maxBatchSize) }}{{ end }}
 {{- if not (kindIs "invalid" $r.batchWaitTimeoutS) }}{{ $_ := set $uc "batch_wait_timeout_s" $r.batchWaitTimeoutS }}{{ end }}
 {{- if not (kindIs "invalid" $r.torchThreads) }}{{ $_ := set $uc "torch_threads" (int $r.torchThreads) }}{{ end }}
+{{- if not (kindIs "invalid" $r.device) }}{{ $_ := set $uc "device" $r.device }}{{ end }}
 {{- if not (kindIs "invalid" $r.forwardInThread) }}{{ $_ := set $uc "forward_in_thread" $r.forwardInThread }}{{ end }}
 {{- with $s.requestLog }}
 {{- if not (kindIs "invalid" .dir) }}{{ $_ := set $uc "log_dir" .dir }}{{ end }}
