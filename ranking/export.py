@@ -494,9 +494,7 @@ def resolve_device(device: str | None, key: str = "device") -> str:
     return str(dev)
 
 
-def load_artifact(
-    path: str | Path, *, dtype: str | None = None, device: str = "cpu"
-) -> Artifact:
+def load_artifact(path: str | Path, *, dtype: str | None = None, device: str = "cpu") -> Artifact:
     """Load an artifact (manifest validated, weights without executing code), eval mode.
 
     ``device``: where the model runs (``resolve_device``: auto | cpu | cuda | cuda:N); on a GPU
