@@ -44,6 +44,9 @@ EXPERIMENTS = (
     ("movielens_rankmixer", 3, "movielens100k/test.parquet"),
     ("movielens_tokenmixer_large", 3, "movielens100k/test.parquet"),
     ("frappe_dlrm", 3, "frappe/valid.parquet"),
+    # MoE: int8 keeps the experts in fp32; fp8 runs them on e4m3 operands (Fp8SparseMoE)
+    ("frappe_rankmixer_moe", 3, "frappe/valid.parquet"),
+    ("movielens_tokenmixer_large_moe", 3, "movielens100k/test.parquet"),
 )
 
 

@@ -14,10 +14,10 @@ run (8192^3), and the relative error ``||triton - torch|| / ||torch||`` of the o
 the input gradient. The stack alone: the tokenizer (TorchRec EBC, not installed on the GPU
 machine) and the task heads are left out.
 
-Then, for the dense configs, the serving lowerings of the stack (``inference_rows``):
-``ranking.inference.lower_stack`` in bf16 (the blocks' Triton forward) and in fp8 (token-major
-blocks whose per-token GEMMs are ``kernels.grouped_linear_fp8``: e4m3 operands, per-row and
-per-column scales, bf16 around them), timed side by side on the same tokens, with fp8's
+Then, for the RankMixer / TokenMixer-Large configs, the serving lowerings of the stack
+(``inference_rows``): ``ranking.inference.lower_stack`` in bf16 (the blocks' Triton forward)
+and in fp8 (token-major blocks whose per-token GEMMs, or the MoE experts' grouped GEMMs, are
+``kernels.grouped_linear_fp8``: e4m3 operands, per-row and per-column scales, bf16 around them), timed side by side on the same tokens, with fp8's
 speed-up over bf16 and its relative error against the fp32 forward of the same weights.
 
 CPU: says it needs a GPU and exits 0. Run: ``python -m benchmarks.bench_stack_gpu``.
@@ -149,7 +149,7 @@ def inference_rows(name: str, stack, x, timer, flops: float, peak: float) -> lis
     """bf16 and fp8 serving lowerings of ``stack`` (fp32 weights, eval) on tokens ``x [B, T, D]``
     (fp32, on the stack's device): ``timer(fn) -> ms``. Records with ms, TFLOP/s, the fraction
     of ``peak``, ``fp8_vs_bf16`` and each one's relative error against the fp32 stack.
-    Dense RankMixer / TokenMixer-Large stacks only (fp8 keeps other stacks in bf16)."""
+    RankMixer / TokenMixer-Large stacks, dense or MoE (fp8: the experts' GEMMs)."""
     import torch
 
     from ranking.inference import lower_stack
@@ -238,8 +238,8 @@ def run(args) -> int:
         table(records, cols)
     inference = []
     for name in args.configs if not args.no_inference else []:
-        if "+" in name or name.startswith("unimixer"):
-            continue  # fp8 lowers the dense RankMixer / TokenMixer-Large blocks
+        if name.startswith("unimixer"):
+            continue  # fp8 lowers RankMixer / TokenMixer-Large blocks and MoE experts
         try:
             inference += bench_inference(name, args, peak)
             torch.cuda.empty_cache()

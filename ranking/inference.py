@@ -44,6 +44,7 @@ from ranking.lowered import (
     CompiledOrEager,
     Fp8Linear,
     Fp8RankMixer,
+    Fp8SparseMoE,
     Fp8TokenMixerLarge,
     Int8Linear,
     Int8RankMixer,
@@ -53,6 +54,7 @@ from ranking.lowered import (
     TokenMajorTokenMixerLarge,
     has_token_major,
     swap_linears,
+    swap_modules,
 )
 from ranking.model.blocks import (
     RankMixerBlock,
@@ -61,6 +63,7 @@ from ranking.model.blocks import (
     TokenMixerLargeStack,
 )
 from ranking.model.config import ConfigError, section_from_dict
+from ranking.model.ffn import SparsePerTokenMoE
 from ranking.model.output import RankerOutput
 from ranking.model.ranker import Ranker, pool_tokens
 
@@ -176,16 +179,22 @@ def lower_stack(
     )
     token_major = dense and (fp8 or (device.type == "cpu" and kernels.backend(device) == "torch"))
     if not token_major:
-        if int8 or fp8:
+        n_moe = 0
+        if fp8:  # the MoE stages' experts in fp8 (quantized from the fp32 weights); routers,
+            # shared experts and the rest in dtype
+            stack = copy.deepcopy(stack).to(device)
+            n_moe = swap_modules(stack, SparsePerTokenMoE, lambda m: Fp8SparseMoE(m, dtype, device))
+        frozen = _frozen_copy(stack, dtype, device)
+        if int8 or (fp8 and not n_moe):
             _warn_once(
                 f"{'int8' if int8 else 'fp8'} {type(stack).__name__}",
                 "%s: no %s lowering for %s (it covers the dense RankMixer and TokenMixer-Large "
-                "blocks); its blocks run in %s",
-                *(("int8", "int8") if int8 else ("fp8", "fp8")),
+                "blocks%s); its blocks run in %s",
+                *(("int8", "int8", "") if int8 else ("fp8", "fp8", " and MoE experts")),
                 type(stack).__name__,
                 str(dtype).removeprefix("torch."),
             )
-        return _frozen_copy(stack, dtype, device)
+        return frozen
     if fp8:
         blocks = [
             Fp8RankMixer(b, dtype, device)

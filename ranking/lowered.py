@@ -27,6 +27,7 @@ activations fused around them), where the CPU and the build have it.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -37,7 +38,7 @@ from kernels import cpu as cpu_kernels
 from kernels.cpu import int8
 from kernels.reference import fp8_quantize_weight
 from ranking.model.blocks import RankMixerBlock, StackOutput, TokenMixerLargeBlock
-from ranking.model.ffn import DenseStage, PerTokenFFN, PerTokenSwiGLU
+from ranking.model.ffn import DenseStage, PerTokenFFN, PerTokenSwiGLU, SparsePerTokenMoE
 
 log = logging.getLogger(__name__)
 
@@ -419,10 +420,11 @@ class Fp8Weights(nn.Module):
         dtype; rows quantized to e4m3 with one scale each inside the op."""
         G, B, K = x.shape
         offsets = torch.arange(0, (G + 1) * B, B, device=x.device)
-        y = kernels.grouped_linear_fp8(
-            x.reshape(G * B, K), offsets, self.w8, self.scale, bias=self.bias
-        )
-        return y.view(G, B, self.n)
+        return self.grouped(x.reshape(G * B, K), offsets).view(G, B, self.n)
+
+    def grouped(self, x_perm: Tensor, offsets: Tensor) -> Tensor:
+        """Rows grouped by ``offsets [G+1]`` (expert order): ``[M, K] -> [M, N]``."""
+        return kernels.grouped_linear_fp8(x_perm, offsets, self.w8, self.scale, bias=self.bias)
 
 
 class Fp8RankMixer(nn.Module):
@@ -474,6 +476,48 @@ class Fp8TokenMixerLarge(nn.Module):
         return self._stage(1, self.norm2(r), base)
 
 
+class Fp8SparseMoE(nn.Module):
+    """``SparsePerTokenMoE`` (either published form) with its expert GEMMs in FP8: routing (the
+    inference router, ``kernels`` gate), ``moe_permute`` / gather / unpermute as in the model,
+    and between them the grouped GEMMs on e4m3 operands (``Fp8Weights.grouped``; SwiGLU's gate
+    and up projections as one GEMM). The router and the shared expert run in ``dtype``.
+    ``x [B, T, W] -> (y [B, T, W], aux)``, the module's own interface."""
+
+    def __init__(self, moe: SparsePerTokenMoE, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.kind, self.hidden = moe.kind, moe.w_up.shape[-1]
+        self.G = moe.w_up.shape[0]
+        self.swiglu = moe.w_gate is not None
+        up = torch.cat([moe.w_gate, moe.w_up], dim=-1) if self.swiglu else moe.w_up
+        self.up = Fp8Weights(up, moe.b_up, device)
+        self.down = Fp8Weights(moe.w_down, moe.b_down, device)
+        router = copy.deepcopy(moe).to(device)  # routing and the shared expert, in dtype
+        router.w_up = router.w_down = router.w_gate = router.b_up = router.b_down = None
+        for m in router.modules():
+            for key, p in m._parameters.items():
+                if p is not None:
+                    m._parameters[key] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+        self.router = router.eval()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        B, T, W = x.shape
+        weights, ids, aux = self.router.route(x)
+        top_k = self.kind == "tokenmixer_large"  # every pair has an expert: no host sync
+        routing = kernels.moe_permute(ids, self.G, top_k)
+        xp = kernels.moe_gather(x.reshape(B * T, W), routing)
+        h = self.up.grouped(xp, routing.offsets)
+        if self.swiglu:
+            gate, up = h.split(self.hidden, dim=-1)
+            h = torch.nn.functional.silu(gate).mul_(up)
+        else:
+            h = torch.nn.functional.gelu(h)
+        y_perm = self.down.grouped(h, routing.offsets)
+        y = kernels.moe_unpermute(y_perm, routing, weights.to(y_perm.dtype)).view(B, T, W)
+        if self.router.shared is not None:
+            y = y + self.router.shared(x)
+        return y, aux
+
+
 class Fp8Linear(nn.Module):
     """An ``nn.Linear`` as an FP8 GEMM (one group of ``kernels.grouped_linear_fp8``): the dense
     layers of models without a lowering of their own (the DLRM / DCNv2 baselines)."""
@@ -490,16 +534,22 @@ class Fp8Linear(nn.Module):
         return y.view(*lead, self.out_features)
 
 
-def swap_linears(module: nn.Module, make) -> int:
-    """Swap every ``nn.Linear`` under ``module`` for ``make(linear)`` (in place); the count."""
+def swap_modules(module: nn.Module, cls: type, make) -> int:
+    """Swap every module of exactly type ``cls`` under ``module`` for ``make(it)`` (in place);
+    the count."""
     n = 0
     for name, child in list(module.named_children()):
-        if type(child) is nn.Linear:
+        if type(child) is cls:
             setattr(module, name, make(child))
             n += 1
         else:
-            n += swap_linears(child, make)
+            n += swap_modules(child, cls, make)
     return n
+
+
+def swap_linears(module: nn.Module, make) -> int:
+    """Swap every ``nn.Linear`` under ``module`` for ``make(linear)`` (in place); the count."""
+    return swap_modules(module, nn.Linear, make)
 
 
 class TokenMajorStack(nn.Module):

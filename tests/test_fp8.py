@@ -20,6 +20,7 @@ from ranking.inference import InferenceRanker, QuantizedModel, optimize_for_infe
 from ranking.lowered import (
     Fp8Linear,
     Fp8RankMixer,
+    Fp8SparseMoE,
     Fp8TokenMixerLarge,
     TokenMajorStack,
     mix_tm,
@@ -136,6 +137,9 @@ def test_fp8_model_is_close_to_fp32_for_every_architecture(name):
             assert isinstance(fast.blocks, TokenMajorStack)
             types = {type(b) for b in fast.blocks.blocks}
             assert types <= {Fp8RankMixer, Fp8TokenMixerLarge} and float(err.max()) > 0
+        if name.endswith("_moe"):  # the experts in fp8
+            assert any(isinstance(m, Fp8SparseMoE) for m in fast.blocks.modules())
+            assert float(err.max()) > 0
     else:
         assert isinstance(fast, QuantizedModel) and fast.swapped >= 2
         assert any(isinstance(m, Fp8Linear) for m in fast.modules())
@@ -143,6 +147,47 @@ def test_fp8_model_is_close_to_fp32_for_every_architecture(name):
         assert fast.model.model.sparse_arch.embedding_bag_collection is ebc
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("name", ["rankmixer_moe", "tokenmixer_large_moe"])
+def test_fp8_moe_is_the_routed_sum_of_e4m3_experts(name):
+    """``Fp8SparseMoE`` against a slow loop over (row, chosen expert) pairs: ``sum_j w_nj
+    FFN_e(x_n)`` with every expert GEMM on e4m3 operands (each permuted row scaled on its own,
+    weights per column), plus the shared expert; the same routing and aux as the module."""
+    model, _ = _model(name)
+    moe = next(m for m in model.modules() if type(m).__name__ == "SparsePerTokenMoE")
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    B, T = 9, moe.num_tokens
+    x = torch.randn(B, T, moe.w_up.shape[1])
+    with torch.no_grad():
+        weights, ids, aux = moe.eval().route(x)
+        flat = x.reshape(B * T, -1)
+        want = torch.zeros_like(flat, dtype=torch.float64)
+        for n in range(B * T):
+            for j in range(ids.shape[1]):
+                e = int(ids[n, j])
+                if e < 0:
+                    continue
+                xn = flat[n : n + 1]
+                if moe.w_gate is not None:
+                    w_gu = torch.cat([moe.w_gate[e], moe.w_up[e]], dim=-1)
+                    gate, up = _ref_bmm(xn[None], w_gu[None])[0].split(moe.w_up.shape[-1], -1)
+                    h = F.silu(gate) * up
+                else:
+                    h = F.gelu(_ref_bmm(xn[None], moe.w_up[e][None], moe.b_up[e][None])[0])
+                b_down = None if moe.b_down is None else moe.b_down[e][None]
+                want[n] += (
+                    float(weights[n, j])
+                    * _ref_bmm(h[None], moe.w_down[e][None], b_down)[0][0].double()
+                )
+        want = want.float().view(B, T, -1)
+        if moe.shared is not None:
+            want = want + moe.shared(x)
+        got, got_aux = Fp8SparseMoE(moe, torch.float32, torch.device("cpu"))(x)
+    assert got_aux == aux
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 
 
 def test_fp8_linear_is_the_e4m3_product():
@@ -193,7 +238,12 @@ def test_bench_stack_inference_rows_on_the_cpu():
         fn()
         return (time.perf_counter() - t0) * 1e3
 
-    for name, block in (("rankmixer_small", "Fp8RankMixer"), ("tokenmixer_large_small", None)):
+    cases = (
+        ("rankmixer_small", ["Fp8RankMixer"]),
+        ("tokenmixer_large_small", ["Fp8TokenMixerLarge"]),
+        ("tokenmixer_large_small+moe", ["TokenMixerLargeBlock"]),  # experts: Fp8SparseMoE
+    )
+    for name, blocks in cases:
         cfg, _ = _config(name)
         torch.manual_seed(0)
         stack = build_stack(cfg, cfg.num_tokens)
@@ -202,5 +252,5 @@ def test_bench_stack_inference_rows_on_the_cpu():
         assert (bf["lowering"], f8["lowering"]) == ("bf16", "fp8")
         assert bf["err_vs_fp32"] < 1e-5  # on the CPU the "bf16" row is the fp32 lowering
         assert 0 < f8["err_vs_fp32"] < 0.1, f8
-        assert f8["blocks"] == [block or "Fp8TokenMixerLarge"]
+        assert f8["blocks"] == blocks
         assert f8["fp8_vs_bf16"] > 0 and f8["frac_of_peak"] > 0
