@@ -17,8 +17,10 @@ machine) and the task heads are left out.
 Then, for the RankMixer / TokenMixer-Large configs, the serving lowerings of the stack
 (``inference_rows``): ``ranking.inference.lower_stack`` in bf16 (the blocks' Triton forward)
 and in fp8 (token-major blocks whose per-token GEMMs, or the MoE experts' grouped GEMMs, are
-``kernels.grouped_linear_fp8``: e4m3 operands, per-row and per-column scales, bf16 around them), timed side by side on the same tokens, with fp8's
-speed-up over bf16 and its relative error against the fp32 forward of the same weights.
+``kernels.grouped_linear_fp8``: e4m3 operands, per-row and per-column scales, bf16 around them), each also replayed from a CUDA graph (``+graphs``,
+``ranking.lowered.CudaGraphs``), timed side by side on the same tokens, with fp8's speed-up over
+bf16, the graphs' speed-up over eager launches, and each one's relative error against the fp32
+forward of the same weights.
 
 CPU: says it needs a GPU and exits 0. Run: ``python -m benchmarks.bench_stack_gpu``.
 """
@@ -55,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-train", action="store_true", help="forward only")
     parser.add_argument(
         "--no-inference", action="store_true", help="skip the bf16 / fp8 serving lowerings"
+    )
+    parser.add_argument(
+        "--inference-only", action="store_true", help="only the bf16 / fp8 serving lowerings"
     )
 
 
@@ -153,6 +158,7 @@ def inference_rows(name: str, stack, x, timer, flops: float, peak: float) -> lis
     import torch
 
     from ranking.inference import lower_stack
+    from ranking.lowered import CudaGraphs
 
     dev = x.device
     bf16 = torch.bfloat16 if dev.type == "cuda" else torch.float32  # the CPU: a logic check
@@ -162,11 +168,17 @@ def inference_rows(name: str, stack, x, timer, flops: float, peak: float) -> lis
             "bf16": lower_stack(stack, bf16, dev),
             "fp8": lower_stack(stack, bf16, dev, fp8=True),
         }
+        fns = {dt: (lambda t, low=low: low(t).x) for dt, low in lowered.items()}
+        for dt in list(lowered):  # the same, replayed from a CUDA graph (padded, off the GPU)
+            fns[f"{dt}+graphs"] = CudaGraphs(
+                fns[dt], max_rows=x.shape[0], capture=dev.type == "cuda", what=f"{name} {dt}"
+            )
         xb = x.to(bf16)
         records = []
-        for dt, low in lowered.items():
-            ms = timer(lambda low=low: low(xb))
-            y = low(xb).x.double()
+        for dt, fn in fns.items():
+            ms = timer(lambda fn=fn: fn(xb))
+            y = fn(xb).double()
+            low = lowered[dt.split("+")[0]]
             records.append(
                 {
                     "config": name,
@@ -178,9 +190,14 @@ def inference_rows(name: str, stack, x, timer, flops: float, peak: float) -> lis
                     "TFLOPs": flops / (ms * 1e-3) / 1e12,
                     "frac_of_peak": flops / (ms * 1e-3) / peak,
                     "err_vs_fp32": float((y - ref).norm() / ref.norm().clamp_min(1e-30)),
+                    "graph_failed": getattr(fn, "failed", None),
                 }
             )
-    records[1]["fp8_vs_bf16"] = records[0]["ms"] / records[1]["ms"]
+    by = {r["lowering"]: r for r in records}
+    for dt in ("fp8", "fp8+graphs"):
+        by[dt]["fp8_vs_bf16"] = by["bf16"]["ms"] / by[dt]["ms"]
+    for dt in ("bf16+graphs", "fp8+graphs"):
+        by[dt]["graphs_speedup"] = by[dt.split("+")[0]]["ms"] / by[dt]["ms"]
     return records
 
 
@@ -216,7 +233,7 @@ def run(args) -> int:
     peak = 2 * m**3 / (do_bench(lambda: a @ b) * 1e-3)
     emit({"bench": "stack", **machine_info(), "bf16_matmul_TFLOPs": peak / 1e12})
     records = []
-    for name in args.configs:
+    for name in args.configs if not args.inference_only else []:
         try:
             records += bench_config(name, args, peak)
             torch.cuda.empty_cache()
@@ -248,7 +265,17 @@ def run(args) -> int:
     if inference and not getattr(args, "json_only", False):
         table(
             inference,
-            ["config", "lowering", "ms", "TFLOPs", "frac_of_peak", "fp8_vs_bf16", "err_vs_fp32"],
+            [
+                "config",
+                "lowering",
+                "ms",
+                "TFLOPs",
+                "frac_of_peak",
+                "fp8_vs_bf16",
+                "graphs_speedup",
+                "err_vs_fp32",
+                "graph_failed",
+            ],
         )
     return 0
 

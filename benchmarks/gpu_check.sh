@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (see docs/BENCHMARKS.md, "GPU"): the Triton kernel tests compiled
-# on CUDA, then `bench kernels` and `bench stack`. Uses the machine's own torch + triton (no
+# on CUDA (FP8 and the one-pass moe_permute included), then `bench kernels`, `bench stack` and
+# its serving lowerings (bf16 / fp8, eager / CUDA graphs); about 580 s with the defaults. Uses the machine's own torch + triton (no
 # torchrec there: the tokenizer is left out). Logs go to $OUT (or ./gpu_out).
 set -u
 OUT=${OUT:-gpu_out}
@@ -15,17 +16,21 @@ PY=${PY:-python3}
 
 echo "== kernel tests (compiled, CUDA) =="
 # one config per kernel (no autotuning): these runs check results, and compile time dominates
-MIXRANK_TRITON_AUTOTUNE=0 MIXRANK_TEST_DEVICE=cuda timeout "${TEST_S:-220}" $PY -m pytest -q \
+MIXRANK_TRITON_AUTOTUNE=0 MIXRANK_TEST_DEVICE=cuda timeout "${TEST_S:-200}" $PY -m pytest -q \
   -p no:cacheprovider --durations=5 ${TEST_ARGS:-} tests/test_kernels_ops.py 2>&1 | tee "$OUT/tests.log" | tail -40
 echo "tests rc=${PIPESTATUS[0]}"
 
 echo "== bench kernels =="
-timeout "${KERNELS_S:-150}" $PY -m benchmarks.bench_kernels --json-only ${KERNELS_ARGS:-} 2>&1 | tee "$OUT/kernels.jsonl" | tail -3
+timeout "${KERNELS_S:-140}" $PY -m benchmarks.bench_kernels --json-only ${KERNELS_ARGS:-} 2>&1 | tee "$OUT/kernels.jsonl" | tail -3
 echo "kernels rc=${PIPESTATUS[0]}"
 
 echo "== bench stack =="
-timeout "${STACK_S:-170}" $PY -m benchmarks.bench_stack_gpu ${STACK_ARGS:-} 2>&1 | tee "$OUT/stack.log" | tail -20
+timeout "${STACK_S:-150}" $PY -m benchmarks.bench_stack_gpu --no-inference ${STACK_ARGS:-} 2>&1 | tee "$OUT/stack.log" | tail -20
 echo "stack rc=${PIPESTATUS[0]}"
+
+echo "== bench stack: serving lowerings (bf16 / fp8, eager / CUDA graphs) =="
+timeout "${INFER_S:-90}" $PY -m benchmarks.bench_stack_gpu --inference-only --configs ${INFER_CONFIGS:-rankmixer_100m tokenmixer_large_500m tokenmixer_large_500m+moe rankmixer_1b} 2>&1 | tee "$OUT/inference.log" | tail -20
+echo "inference rc=${PIPESTATUS[0]}"
 
 # the kernels table last, compactly (the reply carries the end of the output)
 $PY - "$OUT/kernels.jsonl" <<'PYEOF'

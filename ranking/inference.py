@@ -17,6 +17,7 @@ an experiment YAML (``InferenceConfig``)::
       compile: false            # torch.compile the whole lowered stack
       compile_epilogues: true   # torch.compile the norms / SwiGLU between the GEMMs
       cpu_fused_block: true     # bf16 on an AMX CPU: each block (stage) as one kernels.cpu op
+      cuda_graphs: true         # on a GPU: the dense part replayed from CUDA graphs
 
 Example::
 
@@ -42,6 +43,7 @@ from ranking.lowered import (
     AmxRankMixer,
     AmxTokenMixerLarge,
     CompiledOrEager,
+    CudaGraphs,
     Fp8Linear,
     Fp8RankMixer,
     Fp8SparseMoE,
@@ -65,7 +67,10 @@ from ranking.model.blocks import (
 from ranking.model.config import ConfigError, section_from_dict
 from ranking.model.ffn import SparsePerTokenMoE
 from ranking.model.output import RankerOutput
-from ranking.model.ranker import Ranker, pool_tokens
+
+# ranking.model.ranker (the tokenizer: TorchRec) is imported where it is used, so that
+# lower_stack and the fast blocks import on a machine with torch and triton only (the GPU
+# benchmark machine: benchmarks/bench_stack_gpu.py)
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +100,17 @@ class InferenceConfig:
     cpu_fused_block: bf16 on the CPU: each RankMixer block, and each TokenMixer-Large pSwiGLU
         stage, as one ``kernels.cpu`` op (AMX GEMMs with fused epilogues) where the CPU and the
         build have it; the token-major block elsewhere (logged once).
+    cuda_graphs: on a GPU, the dense part (stack, pooling, heads) of each chunk replayed from a
+        CUDA graph, one per power-of-two row bucket (``ranking.lowered.CudaGraphs``): one launch
+        instead of one per kernel; the tokenizer (TorchRec lookups) stays eager. The MoE aux
+        loss is then over the padded bucket (logits are exact). Ignored off the GPU.
     """
 
     micro_batch: int = 0
     compile: bool = False
     compile_epilogues: bool = False
     cpu_fused_block: bool = False
+    cuda_graphs: bool = False
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> InferenceConfig:
@@ -227,12 +237,14 @@ class InferenceRanker(nn.Module):
 
     def __init__(
         self,
-        model: Ranker,
+        model: nn.Module,  # a ranking.model.ranker.Ranker
         stack: nn.Module,
         heads: nn.Module,
         dtype: torch.dtype,
         micro_batch: int = 0,
         compile: bool = False,
+        cuda_graphs: bool = False,
+        device: torch.device | None = None,
     ):
         super().__init__()
         self.tokenizer, self.blocks, self.heads = model.tokenizer, stack, heads
@@ -243,11 +255,25 @@ class InferenceRanker(nn.Module):
             else stack
         )
         self.compile = compile
+        self.graphs = None
+        if cuda_graphs:
+            if device is not None and device.type == "cuda":
+                self.graphs = CudaGraphs(self._dense_part, max_rows=micro_batch or 4096)
+            else:
+                _warn_once("cuda_graphs", "inference.cuda_graphs: ignored off the GPU (%s)", device)
         self.training = False  # not self.eval(): that would reach the shared tokenizer
 
     def dense_part(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Stack, pooling and heads on one chunk: ``tokens [b, T, D] -> (logits, aux)``."""
-        out: StackOutput = self._stack(tokens.to(self.dtype))
+        """Stack, pooling and heads on one chunk: ``tokens [b, T, D] -> (logits, aux)``
+        (from a CUDA graph with ``cuda_graphs``)."""
+        if self.graphs is not None:
+            return self.graphs(tokens.to(self.dtype))
+        return self._dense_part(tokens.to(self.dtype))
+
+    def _dense_part(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        out: StackOutput = self._stack(tokens)
+        from ranking.model.ranker import pool_tokens
+
         return self.heads(pool_tokens(out.x, self.pooling)), out.aux
 
     def chunks(self, tokens: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -314,6 +340,7 @@ def optimize_for_inference(
     compile: bool = False,
     compile_epilogues: bool = False,
     cpu_fused_block: bool = False,
+    cuda_graphs: bool = False,
 ) -> nn.Module:
     """``model`` lowered for inference on ``device`` in ``dtype`` (``fp32`` | ``bf16`` |
     ``int8``: the mixer blocks' per-token GEMMs, or a baseline's linear layers, as int8 GEMMs
@@ -352,10 +379,12 @@ def optimize_for_inference(
             f"move the model first (model.to(device))"
         )
     dt = torch.float32 if fp8 and dev.type == "cpu" else DTYPES[dtype]
+    from ranking.model.ranker import Ranker
+
     if not isinstance(model, Ranker):
         if int8 or fp8:
             return QuantizedModel(model, Int8Linear if int8 else Fp8Linear)
         return AutocastModel(model.eval(), dt, dev)
     stack = lower_stack(model.blocks, dt, dev, compile_epilogues, cpu_fused_block, int8, fp8)
     heads = _frozen_copy(model.heads, dt, dev)
-    return InferenceRanker(model, stack, heads, dt, micro_batch, compile)
+    return InferenceRanker(model, stack, heads, dt, micro_batch, compile, cuda_graphs, dev)

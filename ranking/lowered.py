@@ -117,6 +117,84 @@ class CompiledOrEager:
             return out
 
 
+class CudaGraphs:
+    """``fn(x [b, ...])`` replayed from CUDA graphs, one per row bucket (powers of two from 16 up
+    to ``max_rows``): the rows are copied into the bucket's static input, the rest of it zeroed,
+    the graph replayed, and the first ``b`` rows of each output returned (copies). Exact when
+    ``fn`` treats rows independently, as the dense part of every model here does (per-row
+    norms, per-row activation scales). Batches above ``max_rows`` run ``fn`` eagerly.
+
+    A bucket is captured on first use (after two warm-up calls on a side stream, which also
+    run Triton's autotuning), all buckets in one memory pool. If a capture fails (a host sync
+    inside ``fn``: RankMixer's ReLU-routed MoE reads its pair count), ``fn`` runs eagerly from
+    then on, logged once. ``capture=False`` runs ``fn`` on the padded input instead of a graph:
+    the same bucketing and slicing, for checks on a machine without a GPU. Replays are
+    serialised (one lock): the static buffers are shared."""
+
+    def __init__(self, fn, max_rows: int = 4096, capture: bool = True, what: str = "dense part"):
+        import threading
+
+        self.fn, self.max_rows, self.capture, self.what = fn, max_rows, capture, what
+        self.graphs: dict[int, tuple] = {}  # rows -> (graph or None, static input, outputs)
+        self.failed: str | None = None
+        self._lock = threading.Lock()
+        self._pool = None
+
+    def bucket(self, rows: int) -> int | None:
+        if rows > self.max_rows:
+            return None
+        return max(16, 1 << max(rows - 1, 0).bit_length())
+
+    def _record(self, x: Tensor, rows: int) -> tuple:
+        static = x.new_zeros((rows, *x.shape[1:]))
+        if not self.capture:
+            return None, static, None
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.fn(static)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self.fn(static)
+        return graph, static, out
+
+    def __call__(self, x: Tensor):
+        b = x.shape[0]
+        rows = self.bucket(b)
+        if rows is None or self.failed:
+            return self.fn(x)
+        with self._lock:
+            entry = self.graphs.get(rows)
+            if entry is None:
+                try:
+                    entry = self.graphs[rows] = self._record(x, rows)
+                except Exception as e:  # a host sync or another op capture does not allow
+                    self.failed = f"{type(e).__name__}: {str(e).strip()[:300]}"
+                    log.warning("%s: CUDA graph capture failed (%s); running eagerly",
+                                self.what, self.failed)  # fmt: skip
+                    return self.fn(x)
+            graph, static, out = entry
+            static[:b].copy_(x)
+            static[b:].zero_()
+            if graph is None:
+                out = self.fn(static)
+            else:
+                graph.replay()
+            return _rows(out, b, rows)
+
+
+def _rows(out, b: int, rows: int):
+    """The first ``b`` rows (copies) of every ``rows``-row tensor in ``out``; others copied."""
+    if torch.is_tensor(out):
+        return out[:b].clone() if out.dim() and out.shape[0] == rows else out.clone()
+    items = [_rows(o, b, rows) for o in out]
+    return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
+
+
 def norm_epilogue(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, rms: bool) -> Tensor:
     """LayerNorm (``rms=False``) or RMSNorm over the last dim."""
     if rms:

@@ -248,9 +248,34 @@ def test_bench_stack_inference_rows_on_the_cpu():
         torch.manual_seed(0)
         stack = build_stack(cfg, cfg.num_tokens)
         x = torch.randn(16, cfg.num_tokens, cfg.dim)
-        bf, f8 = inference_rows(name, stack, x, timer, flops=1e6, peak=1e12)
-        assert (bf["lowering"], f8["lowering"]) == ("bf16", "fp8")
+        rows = inference_rows(name, stack, x, timer, flops=1e6, peak=1e12)
+        bf, f8, bfg, f8g = rows
+        assert [r["lowering"] for r in rows] == ["bf16", "fp8", "bf16+graphs", "fp8+graphs"]
         assert bf["err_vs_fp32"] < 1e-5  # on the CPU the "bf16" row is the fp32 lowering
         assert 0 < f8["err_vs_fp32"] < 0.1, f8
-        assert f8["blocks"] == blocks
-        assert f8["fp8_vs_bf16"] > 0 and f8["frac_of_peak"] > 0
+        # the graphs rows (padded to a bucket off the GPU) give the same rows
+        assert bfg["err_vs_fp32"] < 1e-5 and abs(f8g["err_vs_fp32"] - f8["err_vs_fp32"]) < 1e-6
+        assert f8["blocks"] == blocks and bfg["graph_failed"] is None
+        assert f8["fp8_vs_bf16"] > 0 and f8g["graphs_speedup"] > 0 and f8["frac_of_peak"] > 0
+
+
+def test_serving_lowerings_import_without_torchrec():
+    """The GPU benchmark machine has torch and triton only: ``bench stack``'s serving rows (and
+    so ``ranking.inference.lower_stack`` and the fp8 blocks) must import without TorchRec."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib.abc\n"
+        "class B(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('torchrec', 'fbgemm_gpu'):\n"
+        "            raise ImportError('no ' + name)\n"
+        "sys.meta_path.insert(0, B())\n"
+        "from benchmarks.bench_stack_gpu import inference_rows\n"
+        "from ranking.inference import lower_stack\n"
+        "from ranking.lowered import Fp8SparseMoE, CudaGraphs\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
