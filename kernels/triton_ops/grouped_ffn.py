@@ -560,6 +560,92 @@ def grouped_ffn(
     return GroupedFFNFunction.apply(x_perm, offsets, w_up, w_gate, b_up, w_down, b_down, activation)
 
 
+@triton.jit
+def _e4m3_round(v):
+    """Round fp32 ``v`` (|v| <= 448) to the nearest e4m3 value, ties to even, in fp32: the
+    value a round-to-nearest cast gives, made exact beforehand so that the cast itself cannot
+    round (Triton's interpreter mis-rounds values just below a power of two; the GPU's
+    ``cvt.rn.satfinite`` does not, and gets the same bytes). ulp = 2^(max(e, -6) - 3)."""
+    bits = v.to(tl.int32, bitcast=True)
+    ue = tl.maximum(((bits >> 23) & 0xFF) - 127, -6) - 3
+    inv_ulp = ((127 - ue) << 23).to(tl.float32, bitcast=True)
+    ulp = ((127 + ue) << 23).to(tl.float32, bitcast=True)
+    a = tl.abs(v * inv_ulp)
+    r = (a + 12582912.0) - 12582912.0  # + 1.5 * 2^23 rounds to an integer, ties to even
+    return tl.where(v < 0, -r, r) * ulp
+
+
+@kernel
+def _fp8_rows_kernel(
+    X,  # [M, K]
+    X8,  # [M, K] float8_e4m3fn out
+    S,  # [M] fp32 out: max |row| / 448 (1 for a zero row)
+    M,
+    K,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < M
+    base = rows.to(tl.int64)[:, None] * K
+    amax = tl.zeros((ROWS,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        m = rmask[:, None] & (cols < K)[None, :]
+        x = tl.load(X + base + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    s = tl.math.div_rn(amax, tl.full((ROWS,), 448.0, tl.float32))  # as reference.fp8_quantize
+    s = tl.where(s > 0, s, 1.0)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        m = rmask[:, None] & (cols < K)[None, :]
+        x = tl.load(X + base + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        q = _e4m3_round(tl.math.div_rn(x, s[:, None]))
+        tl.store(X8 + base + cols[None, :], q.to(X8.dtype.element_ty), mask=m)
+    tl.store(S + rows, s, mask=rmask)
+
+
+def fp8_quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``reference.fp8_quantize(x)`` (per-row e4m3, ``x [M, K]``) in one Triton pass over x
+    (two reads of each row, one write): ``(x8 [M, K] float8_e4m3fn, s [M] fp32)``; the same
+    values as the reference (a zero may carry the other sign)."""
+    M, K = x.shape
+    x = x.contiguous()
+    x8 = torch.empty(M, K, device=x.device, dtype=torch.float8_e4m3fn)
+    s = torch.empty(M, device=x.device, dtype=torch.float32)
+    if M == 0:
+        return x8, s
+    if interpreting():
+        rows, block_k = 8, min(64, next_pow2(K))
+    else:
+        block_k = min(1024, next_pow2(K))
+        rows = max(1, 4096 // block_k)
+    _fp8_rows_kernel[(triton.cdiv(M, rows),)](
+        x, x8, s, M, K, ROWS=rows, BLOCK_K=block_k, num_warps=4
+    )
+    return x8, s
+
+
+def grouped_linear(
+    x_perm: Tensor, offsets: Tensor, w: Tensor, *, bias: Tensor | None = None
+) -> Tensor:
+    """Grouped ``x_perm[rows of g] @ w[g] (+ bias[g])`` in x's dtype with the same grouped GEMM
+    and no quantization: what ``grouped_linear_fp8`` is compared with (``bench kernels``).
+    Inference only (no autograd)."""
+    M = x_perm.shape[0]
+    G, _, N = w.shape
+    plan = _Plan(offsets.to(torch.int64), M, G)
+    c, _, _ = _gemm(
+        plan,
+        x_perm.contiguous(),
+        w,
+        (w.stride(0), w.stride(1), w.stride(2)),
+        N,
+        bias=bias,
+    )
+    return c
+
+
 def grouped_linear_fp8(
     x_perm: Tensor,
     offsets: Tensor,
@@ -569,14 +655,15 @@ def grouped_linear_fp8(
     bias: Tensor | None = None,
 ) -> Tensor:
     """``kernels.reference.grouped_linear_fp8`` in Triton: rows quantized to e4m3 per row
-    (in torch), then one grouped GEMM on the FP8 operands with the row and column scales and the
-    bias in its epilogue (fp32 accumulation; no host sync). Inference only (no autograd)."""
-    from ..reference import _check_fp8, fp8_quantize
+    (``fp8_quantize_rows``, one pass), then one grouped GEMM on the FP8 operands with the row
+    and column scales and the bias in its epilogue (fp32 accumulation, rounded once to x's
+    dtype as it is stored; no host sync). Inference only (no autograd)."""
+    from ..reference import _check_fp8
 
     _check_fp8(x_perm, offsets, w8, w_scale, bias)
     M = x_perm.shape[0]
     G, _, N = w8.shape
-    x8, sx = fp8_quantize(x_perm)
+    x8, sx = fp8_quantize_rows(x_perm)
     plan = _Plan(offsets.to(torch.int64), M, G)
     c, _, _ = _gemm(
         plan,
@@ -585,7 +672,7 @@ def grouped_linear_fp8(
         (w8.stride(0), w8.stride(1), w8.stride(2)),
         N,
         bias=None if bias is None else bias.float().contiguous(),
-        scales=(sx.reshape(-1).contiguous(), w_scale.float().contiguous()),
-        out_dtype=torch.float32,
+        scales=(sx, w_scale.float().contiguous()),
+        out_dtype=x_perm.dtype,
     )
-    return c.to(x_perm.dtype)
+    return c
