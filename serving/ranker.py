@@ -89,9 +89,11 @@ class Ranker(Front):
         (first start) a bad artifact fails the replica."""
         import torch
 
+        from ranking.export import resolve_device
         from serving.settings import RankerSettings
 
         s = RankerSettings.from_user_config(config)  # every check before anything changes
+        device = resolve_device(s.device, "user_config.device")
         self.settings = s
         self._limits = s.limits()
         self._front_reconfigure(s.ingress)
@@ -102,9 +104,7 @@ class Ranker(Front):
         self._forward_in_thread = s.forward_in_thread
         if s.torch_threads > 0:
             torch.set_num_threads(s.torch_threads)
-        from ranking.export import resolve_device
-
-        self._device = resolve_device(s.device, "user_config.device")
+        self._device = device
         if (s.artifact, s.dtype, self._device) != (self._path, self._dtype, self._loaded_on):
             await self._load(s.artifact, s.dtype)
         await self._load_side("shadow", s.shadow_artifact, s.dtype)
