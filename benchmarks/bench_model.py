@@ -186,7 +186,7 @@ class Int8Peak:
             b = torch.randint(-63, 64, (n, n), dtype=torch.int8, generator=g)
             self.fn = lambda: torch._int_mm(a, b)
         else:
-            w = int8.Int8Weight(torch.randn(n, n, generator=g))
+            w = int8.Int8Weight(torch.randn(n, n, generator=g), keep_q=True)
             q, _ = int8.quantize_rows(torch.randn(n, n, generator=g))
             self.fn = lambda: w.product(q)
         self.fn()

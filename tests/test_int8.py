@@ -57,7 +57,7 @@ def test_int8_linear_is_the_exact_integer_product(shape, emulated, monkeypatch):
     b = torch.randn(N, generator=g)
     x[0] = 0
     w[:, -1] = 0
-    W = int8.Int8Weight(w, b)
+    W = int8.Int8Weight(w, b, keep_q=True)
     assert (W.packed is None) == emulated
     got = int8.int8_linear(x, W)
     want = _ref_linear(x, w, b)
@@ -76,7 +76,8 @@ def test_weight_bits_follow_the_cpu_and_the_override(monkeypatch):
     8-bit with them; ``MIXRANK_INT8_WEIGHT_BITS`` overrides, a bad value names the variable."""
     flags = int8._cpu_flags()
     assert (8 if flags & {"avx512_vnni", "avx_vnni", "amx_int8"} else 7) == HOST_BITS
-    assert int(int8.Int8Weight(torch.randn(40, 8)).q.abs().max()) == 2 ** (HOST_BITS - 1) - 1
+    W = int8.Int8Weight(torch.randn(40, 8), keep_q=True)
+    assert int(W.q.abs().max()) == 2 ** (HOST_BITS - 1) - 1
     monkeypatch.setenv("MIXRANK_INT8_WEIGHT_BITS", "8")
     assert int8.weight_bits() == 8
     monkeypatch.setenv("MIXRANK_INT8_WEIGHT_BITS", "6")
@@ -279,3 +280,17 @@ def test_compiled_quantize_gives_the_same_bytes_and_the_same_blocks():
         with torch.no_grad():
             eager, comp = cls(block)(x.clone()), cls(block, compile_epilogues=True)(x.clone())
         torch.testing.assert_close(comp, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_weights_are_held_once():
+    """With oneDNN the packed copy alone serves: the int8 values are dropped after packing
+    (``keep_q`` keeps them), the product is unchanged, and ``dequantized`` says why it cannot."""
+    g = torch.Generator().manual_seed(7)
+    w, x = torch.randn(48, 24, generator=g), torch.randn(5, 48, generator=g)
+    lean, kept = int8.Int8Weight(w), int8.Int8Weight(w, keep_q=True)
+    if lean.packed is None:
+        pytest.skip("no oneDNN in this torch build: the emulation keeps q")
+    assert lean.q is None and kept.q is not None
+    assert torch.equal(int8.int8_linear(x, lean), int8.int8_linear(x, kept))
+    with pytest.raises(ValueError, match="dropped after packing"):
+        lean.dequantized()

@@ -109,22 +109,33 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
 class Int8Weight:
     """One GEMM's weight ``w [K, N]`` quantized per output channel, packed for oneDNN once;
-    ``bias [N]`` (fp32) is added after the scales."""
+    ``bias [N]`` (fp32) is added after the scales. Once packed, the int8 values themselves
+    (``q``) are dropped unless ``keep_q`` (tests and rate probes read them): the packed copy
+    alone serves, so the int8 weights are held once. Without oneDNN ``q`` is what the
+    emulation multiplies by, and is kept."""
 
-    def __init__(self, w: Tensor, bias: Tensor | None = None, bits: int | None = None):
-        self.q, self.scale = quantize_weight(w, bits)  # [K, N] int8, [N]
-        self.k, self.n = self.q.shape
+    def __init__(
+        self,
+        w: Tensor,
+        bias: Tensor | None = None,
+        bits: int | None = None,
+        keep_q: bool = False,
+    ):
+        q, self.scale = quantize_weight(w, bits)  # [K, N] int8, [N]
+        self.k, self.n = q.shape
         self.bias = None if bias is None else bias.detach().float().reshape(-1).contiguous()
         self.zero_points = torch.zeros(self.n, dtype=torch.long)
         self.packed = (
-            torch.ops.onednn.qlinear_prepack(self.q.t().contiguous(), None)
-            if has_onednn()
-            else None
+            torch.ops.onednn.qlinear_prepack(q.t().contiguous(), None) if has_onednn() else None
         )
+        self.q: Tensor | None = q if keep_q or self.packed is None else None
         self._qf: Tensor | None = None  # the emulation's fp32 copy of q (made on first use)
 
     def dequantized(self) -> Tensor:
-        """``w_q * s`` as fp32 ``[K, N]``: the weight this GEMM multiplies by."""
+        """``w_q * s`` as fp32 ``[K, N]``: the weight this GEMM multiplies by (needs ``q``:
+        ``keep_q=True`` where oneDNN packed it)."""
+        if self.q is None:
+            raise ValueError("Int8Weight: its int8 values were dropped after packing (keep_q)")
         return self.q.float() * self.scale
 
     def product(self, q: Tensor) -> Tensor:
@@ -193,7 +204,7 @@ def int8_gemm_rate(n: int = 2048, repeats: int = 3) -> dict[str, float]:
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g)
-    w = Int8Weight(torch.randn(n, n, generator=g))
+    w = Int8Weight(torch.randn(n, n, generator=g), keep_q=True)
     q, _ = quantize_rows(a)
     routes = {}
     if w.packed is not None:
