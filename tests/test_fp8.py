@@ -2,18 +2,17 @@
 operands through ``kernels.grouped_linear_fp8`` (Triton on a GPU; on the CPU its reference
 twin, an emulation with the same quantization). The fp8 blocks against their equations with an
 independent float64 quantized product, every architecture against fp32, and the artifact path
-(``mixrank export --dtype fp8``, ``mixrank eval --dtype fp8``). The Triton op itself is tested
+(``mixrank export --dtype fp8``, ``mixrank eval --dtype fp8``: tests/test_int8.py's
+``test_export_and_eval_quantized_artifact``). The Triton op itself is tested
 in tests/test_kernels_ops.py (``-k fp8``), under the interpreter here and compiled on a GPU."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 from test_inference import SMALL, TOKEN_MAJOR, _model
-from test_int8 import _fp32_artifact_and_data, _norm
+from test_int8 import rankmixer_equation, tokenmixer_large_equation
 
 from ranking.export import LOWERING_TOLERANCE
 from ranking.inference import InferenceRanker, QuantizedModel, optimize_for_inference
@@ -23,8 +22,6 @@ from ranking.lowered import (
     Fp8SparseMoE,
     Fp8TokenMixerLarge,
     TokenMajorStack,
-    mix_tm,
-    revert_tm,
 )
 from ranking.model.synthetic import random_batch
 
@@ -60,16 +57,13 @@ def test_e4m3_rounding_is_within_its_half_ulp():
 
 
 def test_fp8_rankmixer_block_follows_its_equations():
-    """``Norm2(W2_t GELU(W1_t S_t + b1_t) + b2_t + S_t)``, ``S = Norm1(Mix(X) + X)`` with both
-    GEMMs on e4m3 operands (rows and columns scaled on their own)."""
+    """The RankMixer block's equation with both GEMMs on e4m3 operands (rows and columns
+    scaled on their own)."""
     model, _ = _model("rankmixer")
     block = model.blocks.blocks[0]
-    ffn = block.ffn.ffn
-    x = torch.randn(block.num_tokens, 30, ffn.w1.shape[1])
+    x = torch.randn(block.num_tokens, 30, block.ffn.ffn.w1.shape[1])
     with torch.no_grad():
-        s = _norm(block.norm1, mix_tm(x, block.num_tokens) + x)
-        h = F.gelu(_ref_bmm(s, ffn.w1, ffn.b1))
-        want = _norm(block.norm2, _ref_bmm(h, ffn.w2, ffn.b2) + s)
+        want = rankmixer_equation(block, x, _ref_bmm)
         got = Fp8RankMixer(block, torch.float32, torch.device("cpu"))(x)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 
@@ -78,16 +72,8 @@ def test_fp8_tokenmixer_large_block_follows_its_equations():
     model, _ = _model("tokenmixer_large_reverted")
     block = model.blocks.blocks[0]
     x = torch.randn(block.num_tokens, 30, block.norm2.weight.shape[0])
-
-    def stage(f, z):
-        gate, up = _ref_bmm(z, f.w_gate_up).split(f.hidden, dim=-1)
-        return _ref_bmm(F.silu(gate) * up, f.w_down)
-
     with torch.no_grad():
-        hm = mix_tm(x, block.num_heads)
-        r = revert_tm(hm + stage(block.f1.ffn, _norm(block.norm1, hm)), block.num_tokens)
-        base = x if block.second_residual == "input" else r
-        want = base + stage(block.f2.ffn, _norm(block.norm2, r))
+        want = tokenmixer_large_equation(block, x, _ref_bmm)
         got = Fp8TokenMixerLarge(block, torch.float32, torch.device("cpu"))(x)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 
@@ -196,32 +182,6 @@ def test_fp8_linear_is_the_e4m3_product():
     got = Fp8Linear(lin)(x)
     want = (_e4m3(x.reshape(15, 37), -1) @ _e4m3(lin.weight.t(), -2)).float() + lin.bias
     torch.testing.assert_close(got, want.view(5, 3, 11).detach(), atol=1e-5, rtol=1e-5)
-
-
-def test_export_and_eval_fp8_artifact(tmp_path, capsys):
-    """``mixrank export --dtype fp8`` writes an fp8 artifact (the lowering check passed; on the
-    CPU the emulation) whose predictions are the fp8 lowering's; ``mixrank eval --dtype fp8``
-    keeps the AUC of fp32."""
-    from ranking.cli import main
-    from ranking.export import load_artifact, read_manifest
-
-    src, data = _fp32_artifact_and_data(tmp_path)
-    out = tmp_path / "fp8"
-    assert main(["export", "--artifact", str(src), "--out", str(out), "--dtype", "fp8"]) == 0
-    assert read_manifest(out)["dtype"] == "fp8"
-    a8 = load_artifact(out)
-    fp = load_artifact(src)
-    batch = random_batch(a8.schema, 50, seed=5)
-    want = torch.sigmoid(optimize_for_inference(fp.model, dtype="fp8")(batch).logits)
-    torch.testing.assert_close(a8.predict(batch), want, atol=1e-6, rtol=1e-6)
-    assert not torch.equal(fp.predict(batch), a8.predict(batch))
-    capsys.readouterr()
-    assert main(["eval", "--artifact", str(src), "--data", str(data), "--dtype", "fp8"]) == 0
-    m8 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert main(["eval", "--artifact", str(src), "--data", str(data)]) == 0
-    m32 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert m8["rows"] == m32["rows"] > 0
-    assert abs(m8["auc"] - m32["auc"]) < 0.005, (m8, m32)
 
 
 def test_bench_stack_inference_rows_on_the_cpu():

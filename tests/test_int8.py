@@ -126,17 +126,36 @@ def _norm(n, x):
     return F.layer_norm(x, (x.shape[-1],), n.weight, n.bias, n.eps)
 
 
+def rankmixer_equation(block, x, bmm):
+    """``Norm2(W2_t GELU(W1_t S_t + b1_t) + b2_t + S_t)``, ``S = Norm1(Mix(X) + X)`` on
+    token-major ``x``, each per-token GEMM ``bmm(x, w, b)`` (the quantized product under test)."""
+    ffn = block.ffn.ffn
+    s = _norm(block.norm1, mix_tm(x, block.num_tokens) + x)
+    h = F.gelu(bmm(s, ffn.w1, ffn.b1))
+    return _norm(block.norm2, bmm(h, ffn.w2, ffn.b2) + s)
+
+
+def tokenmixer_large_equation(block, x, bmm):
+    """``Hm = Mix(X)``, ``H' = Hm + F1(RMSNorm(Hm))``, ``base + F2(RMSNorm(Revert(H')))`` with
+    ``F = W_down (Swish(gate) * up)``, each GEMM ``bmm(x, w)``."""
+
+    def stage(f, z):
+        gate, up = bmm(z, f.w_gate_up).split(f.hidden, dim=-1)
+        return bmm(F.silu(gate) * up, f.w_down)
+
+    hm = mix_tm(x, block.num_heads)
+    r = revert_tm(hm + stage(block.f1.ffn, _norm(block.norm1, hm)), block.num_tokens)
+    base = x if block.second_residual == "input" else r
+    return base + stage(block.f2.ffn, _norm(block.norm2, r))
+
+
 def test_int8_rankmixer_block_follows_its_equations():
-    """``Norm2(W2_t GELU(W1_t S_t + b1_t) + b2_t + S_t)``, ``S = Norm1(Mix(X) + X)`` with both
-    GEMMs the reference twin's int8 products."""
+    """The RankMixer block's equation with both GEMMs the reference twin's int8 products."""
     model, _ = _model("rankmixer")
     block = model.blocks.blocks[0]
-    ffn = block.ffn.ffn
-    x = torch.randn(block.num_tokens, 30, ffn.w1.shape[1])
+    x = torch.randn(block.num_tokens, 30, block.ffn.ffn.w1.shape[1])
     with torch.no_grad():
-        s = _norm(block.norm1, mix_tm(x, block.num_tokens) + x)
-        h = F.gelu(_ref_bmm(s, ffn.w1, ffn.b1))
-        want = _norm(block.norm2, _ref_bmm(h, ffn.w2, ffn.b2) + s)
+        want = rankmixer_equation(block, x, _ref_bmm)
         got = Int8RankMixer(block)(x)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -145,16 +164,8 @@ def test_int8_tokenmixer_large_block_follows_its_equations():
     model, _ = _model("tokenmixer_large_reverted")
     block = model.blocks.blocks[0]
     x = torch.randn(block.num_tokens, 30, block.norm2.weight.shape[0])
-
-    def stage(f, z):
-        gate, up = _ref_bmm(z, f.w_gate_up).split(f.hidden, dim=-1)
-        return _ref_bmm(F.silu(gate) * up, f.w_down)
-
     with torch.no_grad():
-        hm = mix_tm(x, block.num_heads)
-        r = revert_tm(hm + stage(block.f1.ffn, _norm(block.norm1, hm)), block.num_tokens)
-        base = x if block.second_residual == "input" else r
-        want = base + stage(block.f2.ffn, _norm(block.norm2, r))
+        want = tokenmixer_large_equation(block, x, _ref_bmm)
         got = Int8TokenMixerLarge(block)(x)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -231,31 +242,33 @@ def _fp32_artifact_and_data(tmp_path):
     return art, tmp_path / "data"
 
 
-def test_export_and_eval_int8_artifact(tmp_path, capsys):
-    """``mixrank export --artifact A --out B --dtype int8`` writes an int8 artifact (manifest
-    ``dtype`` int8, the lowering check passed) whose predictions are the int8 lowering's;
-    ``mixrank eval --dtype int8`` scores the fp32 artifact in int8, close to its fp32 AUC."""
+@pytest.mark.parametrize("dtype", ["int8", "fp8"])
+def test_export_and_eval_quantized_artifact(tmp_path, capsys, dtype):
+    """``mixrank export --artifact A --out B --dtype int8|fp8`` writes a quantized artifact
+    (manifest ``dtype``, the lowering check passed; fp8 on the CPU: the emulation) whose
+    predictions are that lowering's; ``mixrank eval --dtype`` scores the fp32 artifact
+    quantized, close to its fp32 AUC."""
     from ranking.cli import main
     from ranking.export import load_artifact, read_manifest
 
     src, data = _fp32_artifact_and_data(tmp_path)
-    out = tmp_path / "int8"
-    assert main(["export", "--artifact", str(src), "--out", str(out), "--dtype", "int8"]) == 0
-    assert read_manifest(out)["dtype"] == "int8"
-    a8 = load_artifact(out)
-    assert a8.dtype == "int8"
+    out = tmp_path / dtype
+    assert main(["export", "--artifact", str(src), "--out", str(out), "--dtype", dtype]) == 0
+    assert read_manifest(out)["dtype"] == dtype
+    aq = load_artifact(out)
+    assert aq.dtype == dtype
     fp = load_artifact(src)
-    batch = random_batch(a8.schema, 50, seed=5)
-    want = torch.sigmoid(optimize_for_inference(fp.model, dtype="int8")(batch).logits)
-    torch.testing.assert_close(a8.predict(batch), want, atol=1e-6, rtol=1e-6)
-    assert not torch.equal(fp.predict(batch), a8.predict(batch))
+    batch = random_batch(aq.schema, 50, seed=5)
+    want = torch.sigmoid(optimize_for_inference(fp.model, dtype=dtype)(batch).logits)
+    torch.testing.assert_close(aq.predict(batch), want, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(fp.predict(batch), aq.predict(batch))
     capsys.readouterr()
-    assert main(["eval", "--artifact", str(src), "--data", str(data), "--dtype", "int8"]) == 0
-    m8 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", "--artifact", str(src), "--data", str(data), "--dtype", dtype]) == 0
+    mq = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(["eval", "--artifact", str(src), "--data", str(data)]) == 0
     m32 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert m8["rows"] == m32["rows"] > 0
-    assert abs(m8["auc"] - m32["auc"]) < 0.005, (m8, m32)
+    assert mq["rows"] == m32["rows"] > 0
+    assert abs(mq["auc"] - m32["auc"]) < 0.005, (mq, m32)
 
 
 def test_compiled_quantize_gives_the_same_bytes_and_the_same_blocks():
