@@ -56,7 +56,6 @@ from ranking.lowered import (
     TokenMajorTokenMixerLarge,
     has_token_major,
     swap_linears,
-    swap_modules,
 )
 from ranking.model.blocks import (
     RankMixerBlock,
@@ -189,12 +188,17 @@ def lower_stack(
     )
     token_major = dense and (fp8 or (device.type == "cpu" and kernels.backend(device) == "torch"))
     if not token_major:
-        n_moe = 0
-        if fp8:  # the MoE stages' experts in fp8 (quantized from the fp32 weights); routers,
-            # shared experts and the rest in dtype
-            stack = copy.deepcopy(stack).to(device)
-            n_moe = swap_modules(stack, SparsePerTokenMoE, lambda m: Fp8SparseMoE(m, dtype, device))
         frozen = _frozen_copy(stack, dtype, device)
+        n_moe = 0
+        if fp8:  # the MoE stages' experts in fp8, quantized from the trained (fp32) weights;
+            # routers, shared experts and the rest in dtype
+            trained = dict(stack.named_modules())
+            for name, m in list(frozen.named_modules()):
+                if type(m) is SparsePerTokenMoE:
+                    parent, _, attr = name.rpartition(".")
+                    fast = Fp8SparseMoE(trained[name], dtype, device)
+                    setattr(frozen.get_submodule(parent), attr, fast)
+                    n_moe += 1
         if int8 or (fp8 and not n_moe):
             _warn_once(
                 f"{'int8' if int8 else 'fp8'} {type(stack).__name__}",

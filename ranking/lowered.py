@@ -569,8 +569,10 @@ class Fp8SparseMoE(nn.Module):
         up = torch.cat([moe.w_gate, moe.w_up], dim=-1) if self.swiglu else moe.w_up
         self.up = Fp8Weights(up, moe.b_up, device)
         self.down = Fp8Weights(moe.w_down, moe.b_down, device)
-        router = copy.deepcopy(moe).to(device)  # routing and the shared expert, in dtype
-        router.w_up = router.w_down = router.w_gate = router.b_up = router.b_down = None
+        # routing and the shared expert, in dtype: a copy without the expert weights
+        experts = (moe.w_up, moe.w_down, moe.w_gate, moe.b_up, moe.b_down)
+        router = copy.deepcopy(moe, memo={id(p): None for p in experts if p is not None})
+        router = router.to(device)
         for m in router.modules():
             for key, p in m._parameters.items():
                 if p is not None:
@@ -612,22 +614,16 @@ class Fp8Linear(nn.Module):
         return y.view(*lead, self.out_features)
 
 
-def swap_modules(module: nn.Module, cls: type, make) -> int:
-    """Swap every module of exactly type ``cls`` under ``module`` for ``make(it)`` (in place);
-    the count."""
+def swap_linears(module: nn.Module, make) -> int:
+    """Swap every ``nn.Linear`` under ``module`` for ``make(linear)`` (in place); the count."""
     n = 0
     for name, child in list(module.named_children()):
-        if type(child) is cls:
+        if type(child) is nn.Linear:
             setattr(module, name, make(child))
             n += 1
         else:
-            n += swap_modules(child, cls, make)
+            n += swap_linears(child, make)
     return n
-
-
-def swap_linears(module: nn.Module, make) -> int:
-    """Swap every ``nn.Linear`` under ``module`` for ``make(linear)`` (in place); the count."""
-    return swap_modules(module, nn.Linear, make)
 
 
 class TokenMajorStack(nn.Module):
