@@ -12,7 +12,11 @@ the exported artifact included. For each it records:
   and size on disk, and the time to load its tables back (``dcp.load``, one process);
 - with ``--serve``: the exported artifact loaded (``load_artifact``, memory-mapped weights) in
   a fresh process, time to its first answer and its RSS, and the forward's p50/p99 against
-  candidates per request.
+  candidates per request;
+- with ``--export-tables fp32,int8``: the largest run's final checkpoint exported again by
+  ``mixrank export --table-dtype`` in a fresh process each (time, peak RSS and peak anonymous
+  RSS: the export writes the tables through a mapping of the artifact's file), each artifact
+  served as above.
 
 Curves: samples/s against data rows (same table, more rows: ``--data-rows``) and against
 table rows (``--table-rows``); peak RSS against table rows with the estimate; checkpoint
@@ -62,6 +66,13 @@ def add_arguments(p) -> None:
         action="store_true",
         help="stop each run once its final checkpoint is written and export it with `mixrank "
         "export` in a fresh process (the trainer's own export runs beside the training state)",
+    )
+    p.add_argument(
+        "--export-tables",
+        default=None,
+        help="comma list of table dtypes (fp32,int8,int4): also export the largest run's final "
+        "checkpoint with `mixrank export --table-dtype` in a fresh process each (time, peak RSS "
+        "and peak anonymous RSS) and, with --serve, serve each artifact (--quick: int8)",
     )
     p.add_argument("--plot", default=None, help="PNG path (default docs/scale.png, not --quick)")
     p.add_argument("--results", default=None, help="append the JSON lines to this file")
@@ -195,6 +206,7 @@ def train_run(
                 time.sleep(0.1)
     out["wall_s"] = time.perf_counter() - t0
     out["peak_rss_mib"] = rss.peak_mib
+    out["peak_anon_mib"] = rss.peak_anon_mib
     out["checkpoint_save_s"] = cw.seconds()
     out["killed"] = killed
     out.update(_rates(run_dir))
@@ -225,12 +237,13 @@ def _after_training(run_dir: Path, rc: int, cfg, steps: int) -> dict:
     return out
 
 
-def export_measure(checkpoint: Path, artifact: Path) -> dict:
-    """``mixrank export --checkpoint`` in a fresh process: wall time and peak RSS."""
+def export_measure(checkpoint: Path, artifact: Path, table_dtype: str = "fp32") -> dict:
+    """``mixrank export --checkpoint`` in a fresh process: wall time, peak RSS (``VmHWM``:
+    with the artifact's mapped pages being written) and peak anonymous RSS (polled)."""
     from ranking.train.memory import PeakRss
 
     cmd = [sys.executable, "-m", "ranking.cli", "export", "--checkpoint", str(checkpoint),
-           "--out", str(artifact)]  # fmt: skip
+           "--out", str(artifact), "--table-dtype", table_dtype]  # fmt: skip
     t0 = time.perf_counter()
     log_file = artifact.parent.parent / f"{artifact.parent.name}-export.log"
     with open(log_file, "w") as log:
@@ -239,7 +252,11 @@ def export_measure(checkpoint: Path, artifact: Path) -> dict:
             proc.wait()
     if proc.returncode != 0:
         raise RuntimeError(f"mixrank export failed ({proc.returncode}): see {log_file}")
-    return {"export_s": time.perf_counter() - t0, "export_peak_rss_mib": rss.peak_mib}
+    return {
+        "export_s": time.perf_counter() - t0,
+        "export_peak_rss_mib": rss.peak_mib,
+        "export_peak_anon_mib": rss.peak_anon_mib,
+    }
 
 
 def _kill_tree(pid: int) -> None:
@@ -453,6 +470,14 @@ def run(args) -> int:
                 run_dir / "artifact", cands, 20 if quick else 200, id_range
             )
         emit({"case": "table_rows", **rec})
+        for td in _export_tables(args.export_tables, quick) if last else []:
+            final = run_dir / "checkpoints" / f"step-{steps:08d}"
+            out = run_dir / f"artifact-{td}"
+            ex = {"case": "export", "table_rows": n, "table_dtype": td,
+                  **export_measure(final, out, td), "artifact_bytes": _du(out)}  # fmt: skip
+            if args.serve or quick:
+                ex["serve"] = serve_measure(out, cands, 20 if quick else 200, id_range)
+            emit(ex)
         if last and args.kill_resume:
             k = train_run(run_dir, train, valid, n, steps, batch, args.nproc, args.sharding,
                           extra=(f"train.checkpoint_every={max(1, steps // 2)}",),
@@ -471,6 +496,12 @@ def run(args) -> int:
     if plot:
         plot_results(results, plot)
     return 0
+
+
+def _export_tables(arg: str | None, quick: bool) -> list[str]:
+    if arg is None:
+        return ["int8"] if quick else []
+    return [x for x in arg.split(",") if x]
 
 
 def _subset(work: Path, src: Path, rows: int) -> Path:
@@ -507,6 +538,14 @@ def _table(results: list[dict]) -> None:
         print(f"{r['case']:<11} {r['data_rows']:>10} {r['table_rows']:>11} "
               f"{r['samples_per_s'] or 0:>10.0f} {rss:>20} {est:>16} {ck:>7.2f} "
               f"{r.get('checkpoint_load_s', float('nan')):>7.2f}")  # fmt: skip
+    for r in results:
+        if r["case"] == "export":
+            peak, anon = _get(r["export_peak_rss_mib"], "0"), _get(r["export_peak_anon_mib"], "0")
+            srv = r.get("serve") or {}
+            print(f"export {r['table_dtype']:<5} table rows {r['table_rows']}: "
+                  f"{r['export_s']:.1f} s, peak RSS {peak:.0f} MiB (anonymous {anon:.0f}), "
+                  f"{r['artifact_bytes'] / 2**20:.0f} MiB; first answer "
+                  f"{srv.get('first_answer_s', float('nan')):.2f} s")  # fmt: skip
 
 
 def plot_results(results: list[dict], path: str) -> None:

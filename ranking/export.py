@@ -169,9 +169,9 @@ def export_checkpoint(
 ) -> Path:
     """Turn a complete training checkpoint into a serving artifact at ``out``: dense weights in
     ``dtype``, embedding tables in ``table_dtype`` (row-wise int8 / int4: ``ranking.quant_tables``).
+    The tables go from the checkpoint into the artifact's file without being held in memory
+    (``ranking.export_stream``).
     """
-    import torch.distributed.checkpoint as dcp
-
     from ranking.train import checkpoint as ckpt
 
     checkpoint = Path(checkpoint)
@@ -193,11 +193,9 @@ def export_checkpoint(
         from ranking.features import load_schema
 
         sd = schema_dict(load_schema(config["schema"]))
-    model, schema = _build(config, sd, str(checkpoint))
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
-    model.load_state_dict(state["model"])
-    return _export_model(
+    model, schema = _build(config, sd, str(checkpoint), device="meta")
+    return _stream_checkpoint(
+        checkpoint,
         model,
         schema,
         out,
@@ -207,7 +205,46 @@ def export_checkpoint(
         metrics=marker.get("metrics") or {},
         step=int(marker.get("step", 0)),
         lineage=marker.get("lineage"),
-        source=str(checkpoint),
+    )
+
+
+def _stream_checkpoint(
+    checkpoint: Path, model, schema, out, *, config: dict, dtype: str, table_dtype: str, **kw
+) -> Path:
+    """``export_checkpoint``'s writer: ``model`` is built with its tables on the meta device;
+    its dense weights are read from the checkpoint, its tables go from the checkpoint into the
+    artifact's mapped ``weights.pt`` (``ranking.export_stream``: no table-sized buffer), and
+    the lowering check runs on the artifact as ``load_artifact`` serves it, before it is
+    published."""
+    from ranking.export_stream import checkpoint_weights, read_model_state
+    from ranking.quant_tables import table_keys
+
+    tables = table_keys(model)
+    state = model.state_dict()
+    try:
+        read_model_state(checkpoint, {k: v for k, v in state.items() if k not in tables})
+    except ValueError as e:
+        raise ArtifactError(str(e)) from None
+
+    def weights(path: Path) -> None:
+        try:
+            checkpoint_weights(checkpoint, path, model, state, tables, DTYPES[dtype], table_dtype)
+        except ValueError as e:
+            raise ArtifactError(str(e)) from None
+
+    def verify(tmp: Path) -> None:
+        art = load_artifact(tmp)
+        check_lowering(art.model, art.schema, dtype, config, str(checkpoint))
+
+    return write_artifact(
+        out,
+        weights,
+        config=config,
+        schema=schema,
+        dtype=dtype,
+        table_dtype=table_dtype,
+        verify=verify,
+        **kw,
     )
 
 
@@ -338,14 +375,20 @@ def write_artifact(
     lineage: dict | None = None,
     table_dtype: str = "fp32",
     extra: dict | None = None,
+    verify=None,
 ) -> Path:
-    """Write the artifact ``out`` (atomically). ``extra``: more manifest keys, recorded and
-    not hashed (like the lineage)."""
+    """Write the artifact ``out`` (atomically). ``weights``: the state dict, or a function
+    that writes ``weights.pt`` at the path it is given; ``verify(tmp)``: called on the written
+    artifact before it is published (raise to refuse it). ``extra``: more manifest keys,
+    recorded and not hashed (like the lineage)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        torch.save(weights, tmp / WEIGHTS)
+        if callable(weights):
+            weights(tmp / WEIGHTS)
+        else:
+            torch.save(weights, tmp / WEIGHTS)
         h = hashlib.sha256()
         body = {
             "format_version": FORMAT_VERSION,
@@ -377,6 +420,8 @@ def write_artifact(
             **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        if verify is not None:
+            verify(tmp)
         _publish(tmp, out)
     except BaseException:
         _remove(tmp)
@@ -512,7 +557,8 @@ def load_artifact(path: str | Path, *, dtype: str | None = None, device: str = "
     (tables included: the model's lookups and projections run in fp32), halving the file but
     not the resident size; with dtype "bf16" the forward runs in bf16 (``Artifact.predict``).
     Quantized tables (``table_dtype`` int8 / int4) become TorchRec's quantized embedding
-    modules, their rows copied into FBGEMM's buffer (resident, not mapped).
+    modules whose FBGEMM buffer is a private mapping of the weights file (each table read
+    where its record lies: ``ranking.quant_tables.map_tables``), so they are mapped too.
     """
     from ranking.model.config import migrate_experiment
     from ranking.quant_tables import TableDtypeError, load_quantized_tables
@@ -541,7 +587,7 @@ def load_artifact(path: str | Path, *, dtype: str | None = None, device: str = "
         raise ArtifactError(f"{path / MANIFEST}: {e}") from e
     table_dtype = manifest["table_dtype"]
     try:
-        rest = load_quantized_tables(model, weights, table_dtype, source=str(wf))
+        rest = load_quantized_tables(model, weights, table_dtype, source=str(wf), file=wf)
         res = model.load_state_dict(rest, assign=True, strict=False)
     except TableDtypeError as e:
         raise ArtifactError(f"{e} ({path / MANIFEST}: table_dtype {table_dtype})") from e

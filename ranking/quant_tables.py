@@ -14,8 +14,9 @@ An artifact with quantized tables (manifest ``table_dtype``) stores each table u
 state-dict key (``...embedding_bags.<table>.weight`` / ``...embeddings.<table>.weight``) as a
 plain ``uint8`` tensor ``[rows, d * n / 8 + 4]`` of those fused rows: ``torch.load(
 weights_only=True)`` reads it without executing code. ``load_quantized_tables`` rebuilds the
-quantized modules from the model's table configs and copies the rows into FBGEMM's buffer
-(so int8 tables are resident, not memory-mapped: 4x smaller, but read in full at load).
+quantized modules from the model's table configs and serves the rows from a private mapping
+of the artifact's file (FBGEMM's buffer is the mapped file, each table at its record's
+offset), so an int8 table, like an fp32 one, is read only where lookups touch it.
 
 Example::
 
@@ -26,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -94,16 +96,34 @@ def _quant_configs(module: nn.Module, table_dtype: str) -> list:
     return cfgs
 
 
-def _empty_quantized(module: nn.Module, table_dtype: str) -> nn.Module:
+def _empty_quantized(module: nn.Module, table_dtype: str, device: str = "cpu") -> nn.Module:
     """The quantized twin of a float EBC / EC (which may live on the meta device), its rows
-    allocated (uint8) and not yet filled."""
+    allocated (uint8) and not yet filled (``device="meta"``: not allocated)."""
     cfgs = _quant_configs(module, table_dtype)
-    cpu = torch.device("cpu")
+    dev = torch.device(device)
     if isinstance(module, EmbeddingBagCollection):
         return quant.EmbeddingBagCollection(
-            cfgs, module.is_weighted(), device=cpu, row_alignment=ROW_ALIGNMENT
+            cfgs, module.is_weighted(), device=dev, row_alignment=ROW_ALIGNMENT
         )
-    return quant.EmbeddingCollection(cfgs, device=cpu, row_alignment=ROW_ALIGNMENT)
+    return quant.EmbeddingCollection(cfgs, device=dev, row_alignment=ROW_ALIGNMENT)
+
+
+def quantized_key_order(model: nn.Module, table_dtype: str) -> list[str]:
+    """The keys of ``model.state_dict()`` (float tables) in the order the same model with
+    ``table_dtype`` tables lists them (TorchRec's quantized modules group their tables, so a
+    collection's tables may come in another order); nothing is allocated."""
+    keys = list(model.state_dict())
+    if table_dtype == "fp32":
+        return keys
+    order: dict[str, str] = {}  # a float key -> the quantized key in its place
+    for name, m in float_collections(model):
+        prefix = f"{name}." if name else ""
+        own = [prefix + k for k in m.state_dict()]
+        twin = [prefix + k for k in _empty_quantized(m, table_dtype, "meta").state_dict()]
+        if sorted(own) != sorted(twin):
+            raise TableDtypeError(f"{name}: its quantized twin has other keys: {twin}")
+        order.update(zip(own, twin))
+    return [order.get(k, k) for k in keys]
 
 
 def _plain(t: Tensor) -> Tensor:
@@ -138,8 +158,19 @@ def quantize_tables(model: nn.Module, table_dtype: str) -> nn.Module:
 
 
 def table_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """``model.state_dict()`` with the quantized tables as plain uint8 ``[rows, row_bytes]``."""
-    return {k: _plain(v).detach() for k, v in model.state_dict().items()}
+    """``model.state_dict()`` with the quantized tables as plain uint8 ``[rows, row_bytes]``,
+    each in its own storage (FBGEMM keeps a module's tables in one buffer; saved as views, the
+    file would hold that buffer as one record, not the table-per-record layout that the
+    streaming export writes)."""
+    quantized = {
+        f"{name}.{k}" if name else k
+        for name, m in quantized_collections(model)
+        for k in m.state_dict()
+    }
+    return {
+        k: _plain(v).detach().clone() if k in quantized else v.detach()
+        for k, v in model.state_dict().items()
+    }
 
 
 def table_keys(model: nn.Module) -> dict[str, tuple[str, int, int]]:
@@ -158,34 +189,85 @@ def table_keys(model: nn.Module) -> dict[str, tuple[str, int, int]]:
 
 
 def load_quantized_tables(
-    model: nn.Module, weights: dict[str, Tensor], table_dtype: str, source: str = "weights"
+    model: nn.Module,
+    weights: dict[str, Tensor],
+    table_dtype: str,
+    source: str = "weights",
+    file: str | Path | None = None,
 ) -> dict[str, Tensor]:
-    """Swap ``model``'s float EBC / EC (built on the meta device) for quantized ones filled with
+    """Swap ``model``'s float EBC / EC (built on the meta device) for quantized ones holding
     the fused rows in ``weights``; returns the weights left for the rest of the model. A table
     missing, or whose tensor is not uint8 ``[rows, row_bytes]``, raises ``TableDtypeError``
-    naming the key."""
+    naming the key.
+
+    ``file``: the ``torch.save`` file ``weights`` were loaded from. The tables are then served
+    from a private read-only mapping of it (``map_tables``): FBGEMM's buffer is the mapped file
+    and each table's offset its record's place in it, so nothing is copied and a process
+    touches only the rows its lookups read. Without it, the rows are copied into FBGEMM's
+    buffer."""
     check_table_dtype(table_dtype)
     if table_dtype == "fp32":
         return weights
     rest = dict(weights)
     keys = table_keys(model)
     for name, m in float_collections(model):
-        q = _empty_quantized(m, table_dtype)
+        q = _empty_quantized(m, table_dtype, "cpu" if file is None else "meta")
         prefix = f"{name}." if name else ""
-        for key, buf in q.state_dict().items():
+        saved = {}
+        for key in q.state_dict():
             full = prefix + key
             if full not in rest:
                 raise TableDtypeError(f"{source}: {full}: missing (a {table_dtype} table)")
-            saved = rest.pop(full)
+            t = saved[key] = rest.pop(full)
             _, rows, dim = keys[full]
             want = (rows, row_bytes(dim, table_dtype))
-            if saved.dtype != torch.uint8 or tuple(saved.shape) != want:
+            if t.dtype != torch.uint8 or tuple(t.shape) != want or not t.is_contiguous():
                 raise TableDtypeError(
-                    f"{source}: {full}: expected {table_dtype} rows (uint8 {list(want)}), got "
-                    f"{saved.dtype} {list(saved.shape)} (table_dtype says {table_dtype})"
+                    f"{source}: {full}: expected {table_dtype} rows (contiguous uint8 "
+                    f"{list(want)}), got {t.dtype} {list(t.shape)} (table_dtype says "
+                    f"{table_dtype})"
                 )
-            dst = _plain(buf)
+        if file is None:
             with torch.no_grad():
-                dst.copy_(saved)
+                for key, buf in q.state_dict().items():
+                    _plain(buf).copy_(saved[key])
+        else:
+            map_tables(q, prefix, file, table_dtype)
         _set(model, name, q)
     return rest
+
+
+def map_tables(q: nn.Module, prefix: str, file: str | Path, table_dtype: str) -> None:
+    """Point the quantized collection ``q`` (built on the meta device) at its tables' records
+    in the ``torch.save`` file ``file`` (its keys are ``prefix`` + ``q``'s state-dict keys):
+    each FBGEMM module is moved to the host with FBGEMM's own meta-to-device calls
+    (``reset_weights_placements_and_offsets``, ``recompute_module_buffers``), its host buffer
+    becomes a private mapping of the whole file (``torch.from_file``: pages are read on first
+    touch and shared with the page cache; writes would stay private) and its per-table
+    offsets the records' offsets in it (``torch.load(map_location="meta")`` gives them without
+    reading data); the collection's ``weight`` buffers become views of the mapped rows."""
+    import os
+
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from torchrec.tensor_types import UInt4Tensor
+
+    file = str(file)
+    layout = torch.load(file, map_location="meta", weights_only=True)
+    base = torch.from_file(file, shared=False, size=os.path.getsize(file), dtype=torch.uint8)
+    bags = isinstance(q, quant.EmbeddingBagCollection)
+    attr = "embedding_bags" if bags else "embeddings"
+    cpu = torch.device("cpu")
+    for (_, tables), emb in zip(q._key_to_tables.items(), q._emb_modules, strict=True):
+        emb.reset_weights_placements_and_offsets(cpu, EmbeddingLocation.HOST.value)
+        emb.recompute_module_buffers()
+        offsets = []
+        for c in tables:
+            rec = layout[f"{prefix}{attr}.{c.name}.weight"]
+            offsets.append(rec.untyped_storage()._checkpoint_offset + rec.storage_offset())
+        emb.weights_physical_offsets = offsets
+        emb.weights_host, emb.host_size = base, base.numel()
+        emb.weights_dev = torch.empty(0, dtype=torch.uint8)
+        emb.initialize_logical_weights_placements_and_offsets()
+        rows = emb.split_embedding_weights_with_scale_bias(split_scale_bias_mode=0)
+        for c, (w, _, _) in zip(tables, rows, strict=True):
+            getattr(q, attr)[c.name].weight = UInt4Tensor(w) if table_dtype == "int4" else w

@@ -137,3 +137,52 @@ def test_missing_table_and_bad_weights_are_named(tmp_path):
     (art_dir / "weights.pt").write_bytes(b"not a zip file")
     with pytest.raises(ArtifactError, match=r"weights\.pt: cannot load weights"):
         load_artifact(art_dir)
+
+
+@pytest.mark.parametrize(("case", "table_dtype"), [("dlrm", "int8"), ("rankmixer", "int4"),
+                                                  ("sequence", "int8")])  # fmt: skip
+def test_quantized_tables_are_served_from_the_mapped_file(tmp_path, case, table_dtype):
+    """int8 / int4 tables: FBGEMM's buffer is the mapped weights file (every table's rows in
+    the mapping, at its record), lookups and probabilities identical to the copying load, and
+    the mapping private (a write does not reach the file)."""
+    from ranking.export import export_artifact
+    from ranking.quant_tables import load_quantized_tables, quantized_collections
+
+    model_d, yaml_path = CASES[case]
+    if yaml_path is None:
+        schema = toy_schema(num_tasks=1, dim=8)
+        config = {"name": case, "schema": "toy", "model": model_d}
+    else:
+        exp = load_experiment(yaml_path, require_data=False)
+        schema, config = exp.schema, exp.raw
+    src, _ = _export(tmp_path, config, schema)
+    art_dir = export_artifact(src, tmp_path / table_dtype, table_dtype=table_dtype)
+    wf = art_dir / "weights.pt"
+    saved = torch.load(wf, weights_only=True)
+    art = load_artifact(art_dir)
+    ranges = _mappings(wf)
+    colls = quantized_collections(art.model)
+    assert colls
+    for name, q in colls:
+        for emb in q._emb_modules:
+            assert emb.weights_host.numel() == wf.stat().st_size and _in_file(
+                emb.weights_host, ranges
+            )
+        for k, t in q.state_dict().items():
+            t = getattr(t, "elem", t)  # int4: UInt4Tensor
+            assert _in_file(t, ranges), k
+            assert torch.equal(t, saved[f"{name}.{k}"]), k
+    # the copying load, as before: rows copied into FBGEMM's own buffer
+    ref, _ = _build(art.manifest["config"], art.manifest["schema"], "ref", device="meta")
+    rest = load_quantized_tables(ref, saved, table_dtype)
+    ref.load_state_dict(rest, assign=True, strict=False)
+    batch = random_batch(art.schema, 64, seed=3)
+    got = art.predict(batch)
+    art.model, art._fast = ref.eval(), None
+    assert torch.equal(got, art.predict(batch))
+    # private: writing a mapped row copies its page and never reaches the file
+    name, q = colls[0]
+    key, t = next(iter(q.state_dict().items()))
+    t = getattr(t, "elem", t)
+    t[0, 0] = 255 - int(t[0, 0])
+    assert torch.equal(torch.load(wf, weights_only=True)[f"{name}.{key}"], saved[f"{name}.{key}"])

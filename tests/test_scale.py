@@ -114,3 +114,8 @@ def test_bench_scale_quick(tmp_path, repo_root):
     assert r["checkpoint_bytes"] > 4 * rows * 16  # the weights at least
     serve = r["serve"]
     assert serve["first_answer_s"] > 0 and set(serve["latency_ms"]) == {"64"}
+    # --quick also exports the final checkpoint with int8 tables and serves that artifact
+    (ex,) = [x for x in recs if x["case"] == "export"]
+    assert ex["table_dtype"] == "int8" and ex["export_peak_anon_mib"]["0"] > 0
+    assert ex["artifact_bytes"] < r["artifact_bytes"]  # C3's 5,000 x 16 fp32 -> 20-byte rows
+    assert set(ex["serve"]["latency_ms"]) == {"64"}

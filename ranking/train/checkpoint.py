@@ -276,3 +276,70 @@ def set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state(st["cuda"])
+
+
+def mapped_reader(path: str | Path):
+    """A DCP ``FileSystemReader`` for ``path`` that copies each saved tensor into its
+    destination from a read-only memory map of the ``.distcp`` file instead of reading it whole
+    into memory first.
+
+    DCP's own reader ``torch.load``s every stored chunk (a rank's whole shard of a table: 3.2 GB
+    for a 10^8 x 16 table row-wise over 2 ranks) into anonymous memory, then copies the part it
+    needs; this one finds the chunk's bytes in the file (``torch.load(map_location="meta")``
+    gives the tensor's layout and its record's offset, no data read) and copies from mapped
+    file pages, which the kernel can drop, so loading a multi-GB table into a mapped artifact
+    needs no multi-GB buffer. Byte items and items saved through a transform (compression
+    extensions) go through DCP's own reader as before. Written by hand: DCP has no reader
+    option for this."""
+    import numpy as np
+    from torch.distributed._shard._utils import narrow_tensor_by_index
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan
+    from torch.distributed.checkpoint.utils import _create_file_view
+    from torch.futures import Future
+
+    class MappedReader(FileSystemReader):
+        def read_data(self, plan, planner):
+            mine, theirs = [], []
+            for req in plan.items:
+                md = self.storage_data[req.storage_index]
+                direct = req.type != LoadItemType.BYTE_IO and not md.transform_descriptors
+                (mine if direct else theirs).append(req)
+            if theirs:
+                super().read_data(LoadPlan(theirs, plan.storage_data, plan.planner_data), planner)
+            for req in mine:
+                md = self.storage_data[req.storage_index]
+                file = Path(self.fs.concat_path(self.path, md.relative_path))
+                with open(file, "rb") as stream:
+                    meta = torch.load(
+                        _create_file_view(stream, md.offset, md.length),
+                        map_location="meta",
+                        weights_only=True,
+                    )
+                storage = meta.untyped_storage()
+                start = md.offset + storage._checkpoint_offset
+                dt = meta.dtype
+                words = storage.nbytes() // dt.itemsize
+                raw = None
+                if words == 0:
+                    src = torch.empty(0, dtype=dt)
+                else:
+                    raw = np.memmap(
+                        file, dtype=np.uint8, mode="r", offset=start, shape=(words * dt.itemsize,)
+                    )
+                    src = torch.frombuffer(raw, dtype=dt)  # read-only view of the file's pages
+                src = src.as_strided(meta.size(), meta.stride(), meta.storage_offset())
+                src = narrow_tensor_by_index(src, req.storage_offsets, req.lengths)
+                target = planner.resolve_tensor(req).detach()
+                if target.size() != src.size():
+                    raise AssertionError(
+                        f"req {req.storage_index} mismatch sizes {target.size()} vs {src.size()}"
+                    )
+                target.copy_(src)
+                planner.commit_tensor(req, target)
+                del src, raw
+            fut: Future = Future()
+            fut.set_result(None)
+            return fut
+
+    return MappedReader(str(path))

@@ -140,11 +140,15 @@ def _rank_of(pid: int) -> int | None:
 class PeakRss:
     """Polls a process tree (every ``every`` s) for the peak RSS of each rank's process (the
     largest ``VmHWM`` seen for a process whose environment sets ``RANK``); ``peak_mib`` maps
-    rank -> MiB once stopped."""
+    rank -> MiB once stopped. ``peak_anon_mib``: the largest ``RssAnon`` polled (private
+    memory; the kernel keeps no high-water mark of it, so a peak shorter than ``every`` can be
+    missed): mapped file pages (a memory-mapped artifact being written or read) count in
+    ``VmHWM`` but not here."""
 
     def __init__(self, pid: int, every: float = 0.25, any_process: bool = False):
         self.pid, self.every, self.any_process = pid, every, any_process
         self.peak_kib: dict[int, int] = {}
+        self.peak_anon_kib: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -160,9 +164,7 @@ class PeakRss:
         ranks: dict[int, int] = {}
         while not self._stop.is_set():
             if self.any_process:  # the process itself (key 0), whatever its environment
-                hwm = _status_kib(self.pid, "VmHWM")
-                if hwm is not None:
-                    self.peak_kib[0] = max(self.peak_kib.get(0, 0), hwm)
+                self._poll(self.pid, 0)
             for p in [] if self.any_process else _descendants(self.pid):
                 if p not in ranks:
                     r = _rank_of(p)
@@ -170,12 +172,19 @@ class PeakRss:
                     if r is None or b"torch.distributed.run" in cmd:
                         continue
                     ranks[p] = r
-                hwm = _status_kib(p, "VmHWM")
-                if hwm is not None:
-                    r = ranks[p]
-                    self.peak_kib[r] = max(self.peak_kib.get(r, 0), hwm)
+                self._poll(p, ranks[p])
             time.sleep(self.every)
+
+    def _poll(self, pid: int, key: int) -> None:
+        for field_name, peaks in (("VmHWM", self.peak_kib), ("RssAnon", self.peak_anon_kib)):
+            kib = _status_kib(pid, field_name)
+            if kib is not None:
+                peaks[key] = max(peaks.get(key, 0), kib)
 
     @property
     def peak_mib(self) -> dict[int, float]:
         return {r: v / 1024 for r, v in sorted(self.peak_kib.items())}
+
+    @property
+    def peak_anon_mib(self) -> dict[int, float]:
+        return {r: v / 1024 for r, v in sorted(self.peak_anon_kib.items())}

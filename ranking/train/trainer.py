@@ -493,7 +493,12 @@ class Trainer:
             self._row_counts[key] = sum(u.rows for u in list_units(files, 1 << 30))
         return self._row_counts[key]
 
-    def run(self) -> int:
+    def run(self, release: bool = False) -> int:
+        """Train to the end, write the final checkpoint and export the artifact (rank 0).
+        ``release``: drop the model, the optimisers and the encoded-batch cache once the final
+        checkpoint is written, so the export (and the process's last moments) run beside no
+        training state: a 10^8-row table's shard and its optimiser state on rank 0 (the
+        worker passes it; an in-process caller keeps ``self.model`` to look at)."""
         cfg = self.cfg
         t = cfg.train
         bs = cfg.data.batch_size
@@ -592,6 +597,8 @@ class Trainer:
             self._select(last_eval, step)
         final = self.save(step, epoch, batch_in_epoch, last_eval, stopped_early=stop)
         bad_rows = self._gather_bad_rows()
+        if release:
+            self._release()
         dist.barrier()
         if self.rank == 0:
             from ranking.export import export_checkpoint
@@ -621,6 +628,14 @@ class Trainer:
             os.replace(tmp, self.run_dir / "summary.json")
         dist.barrier()
         return 0
+
+    def _release(self) -> None:
+        import gc
+
+        for name in ("model", "train_model", "optimizer", "dense_opt", "dense_params",
+                     "scheduler", "encoded"):  # fmt: skip
+            setattr(self, name, None)
+        gc.collect()
 
     def _gather_bad_rows(self) -> dict:
         """Bad rows skipped by every rank (per cause): in training (``train``, the whole run,

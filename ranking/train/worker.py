@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for run_dir in args.run_dir:
             trainer = Trainer(Path(run_dir))
-            rc = trainer.run()
+            rc = trainer.run(release=True)  # the export runs beside no training state
             if rc:
                 return rc
             del trainer  # free this run's model, optimiser state and DMP before the next
