@@ -74,6 +74,14 @@ def add_arguments(p) -> None:
         "checkpoint with `mixrank export --table-dtype` in a fresh process each (time, peak RSS "
         "and peak anonymous RSS) and, with --serve, serve each artifact (--quick: int8)",
     )
+    p.add_argument(
+        "--ray-serve",
+        default=None,
+        help="comma list of artifact directories: serve each through a real Ray Serve "
+        "application (one Ranker replica), then time start-up, the first answer, the "
+        "replica's RSS and `mixrank loadtest` per --candidates; nothing is trained",
+    )
+    p.add_argument("--ray-seconds", type=float, default=8.0, help="loadtest seconds per size")
     p.add_argument("--plot", default=None, help="PNG path (default docs/scale.png, not --quick)")
     p.add_argument("--results", default=None, help="append the JSON lines to this file")
     p.add_argument("--keep", action="store_true", help="keep the runs (default: delete)")
@@ -418,12 +426,91 @@ def serve_measure(artifact: Path, candidates: list[int], iters: int, id_range: i
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _replica_pids() -> list[int]:
+    """Processes whose title is a Ranker replica's (Ray names them
+    ``ray::ServeReplica:<app>:Ranker``)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"ServeReplica" in cmd and b"Ranker" in cmd:
+                out.append(int(d.name))
+    return out
+
+
+def _status_mib(pid: int) -> dict:
+    from ranking.train.memory import _status_kib
+
+    return {k: round((_status_kib(pid, k) or 0) / 1024, 1) for k in ("VmRSS", "RssAnon", "RssFile")}
+
+
+def ray_serve_measure(artifact: Path, candidates: list[int], seconds: float) -> dict:
+    """Serve ``artifact`` with the shipped Serve config (one Ranker replica) on free
+    loopback ports (``max_candidates`` raised to the largest size): seconds to RUNNING (``serving.config.start``: Ray, the proxies and the
+    replica loading the artifact), the first answer over HTTP, the replica's RSS (its anonymous
+    and file-backed parts) then and after `mixrank loadtest`'s closed loop (concurrency 2,
+    ``seconds`` per size) at each candidates-per-request size."""
+    from ranking.export import load_artifact
+    from serving import config
+    from serving.client import HTTPClient, free_port
+    from serving.loadtest import run_load, synthetic_request
+
+    schema = load_artifact(artifact).schema  # mapped: cheap
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    cfg = config.load_config(
+        artifact=artifact, http_port=http, grpc_port=grpc, host="127.0.0.1",
+        deployments={"Ranker": {"num_replicas": 1,
+                                "user_config": {"max_candidates": max(candidates)}}},
+    )  # fmt: skip
+    out: dict = {"artifact": str(artifact)}
+    t0 = time.perf_counter()
+    try:
+        config.start(cfg, metrics_port=metrics)
+        out["start_s"] = time.perf_counter() - t0
+        pids = _replica_pids()
+        out["replica_pids"] = pids
+        client = HTTPClient("127.0.0.1", http, timeout=120)
+        req = synthetic_request(schema, 1)
+        t1 = time.perf_counter()
+        client.rank(req)
+        out["first_answer_ms"] = (time.perf_counter() - t1) * 1e3
+        out["replica_rss_after_start_mib"] = _status_mib(pids[0]) if pids else None
+        out["loadtest"] = {}
+        for n in candidates:
+            r = run_load(f"http://127.0.0.1:{http}", synthetic_request(schema, n, seed=n),
+                         concurrency=2, duration=seconds)  # fmt: skip
+            out["loadtest"][n] = {k: r[k] for k in ("ok", "errors", "p50_ms", "p99_ms", "rps",
+                                                    "candidates_per_s")}  # fmt: skip
+            print(f"  ray serve {artifact.name}: {n} candidates: p50 {r['p50_ms']} ms, "
+                  f"p99 {r['p99_ms']} ms, {r['candidates_per_s']:,.0f} candidates/s", flush=True)  # fmt: skip
+        out["replica_rss_after_mib"] = _status_mib(pids[0]) if pids else None
+        if pids:
+            from ranking.train.memory import _status_kib
+
+            out["replica_peak_rss_mib"] = (_status_kib(pids[0], "VmHWM") or 0) / 1024
+    finally:
+        config.stop()
+    return out
+
+
 # ------------------------------------------------------------------------------ the benchmark
 def run(args) -> int:
     if args.replot:
         recs = [json.loads(x) for x in Path(args.replot).read_text().splitlines() if x.strip()]
         _table(recs)
         plot_results(recs, args.plot or str(REPO / "docs" / "scale.png"))
+        return 0
+    if args.ray_serve:
+        cands = _ints(args.candidates, [64, 256, 1024, 4096])
+        for a in args.ray_serve.split(","):
+            rec = {"case": "ray_serve", **ray_serve_measure(Path(a), cands, args.ray_seconds)}
+            print(json.dumps(rec, default=str), flush=True)
+            if args.results:
+                with open(args.results, "a") as f:
+                    f.write(json.dumps(rec, default=str) + "\n")
         return 0
     quick = args.quick
     work = Path(args.work)

@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -327,7 +328,9 @@ def mapped_reader(path: str | Path):
                     raw = np.memmap(
                         file, dtype=np.uint8, mode="r", offset=start, shape=(words * dt.itemsize,)
                     )
-                    src = torch.frombuffer(raw, dtype=dt)  # read-only view of the file's pages
+                    with warnings.catch_warnings():  # read only: the buffer is not writable
+                        warnings.simplefilter("ignore", UserWarning)
+                        src = torch.frombuffer(raw, dtype=dt)
                 src = src.as_strided(meta.size(), meta.stride(), meta.storage_offset())
                 src = narrow_tensor_by_index(src, req.storage_offsets, req.lengths)
                 target = planner.resolve_tensor(req).detach()
