@@ -194,47 +194,52 @@ def export_checkpoint(
 
         sd = schema_dict(load_schema(config["schema"]))
     model, schema = _build(config, sd, str(checkpoint), device="meta")
-    return _stream_checkpoint(
-        checkpoint,
+    from ranking.export_stream import read_model_state
+    from ranking.quant_tables import table_keys
+
+    tables = table_keys(model)
+    try:  # the dense weights (small), in place; the tables are read as they are written
+        read_model_state(
+            checkpoint, {k: v for k, v in model.state_dict().items() if k not in tables}
+        )
+    except ValueError as e:
+        raise ArtifactError(str(e)) from None
+    return _stream_export(
         model,
         schema,
         out,
+        read_into=lambda key, dst: read_model_state(checkpoint, {key: dst}),
         config=config,
         dtype=dtype,
         table_dtype=table_dtype,
         metrics=marker.get("metrics") or {},
         step=int(marker.get("step", 0)),
         lineage=marker.get("lineage"),
+        source=str(checkpoint),
     )
 
 
-def _stream_checkpoint(
-    checkpoint: Path, model, schema, out, *, config: dict, dtype: str, table_dtype: str, **kw
-) -> Path:
-    """``export_checkpoint``'s writer: ``model`` is built with its tables on the meta device;
-    its dense weights are read from the checkpoint, its tables go from the checkpoint into the
-    artifact's mapped ``weights.pt`` (``ranking.export_stream``: no table-sized buffer), and
-    the lowering check runs on the artifact as ``load_artifact`` serves it, before it is
-    published."""
-    from ranking.export_stream import checkpoint_weights, read_model_state
-    from ranking.quant_tables import table_keys
-
-    tables = table_keys(model)
-    state = model.state_dict()
-    try:
-        read_model_state(checkpoint, {k: v for k, v in state.items() if k not in tables})
-    except ValueError as e:
-        raise ArtifactError(str(e)) from None
+def _stream_export(
+    model, schema, out, *, read_into=None, config: dict, dtype: str, table_dtype: str,
+    source: str, **kw,
+) -> Path:  # fmt: skip
+    """Both exports' writer. ``model``'s dense weights are loaded; its tables are read as the
+    file is written (``ranking.export_stream.write_weights``: into the artifact's mapped
+    ``weights.pt``, no table-sized buffer): by ``read_into(key, dst)`` (a checkpoint: the
+    model was built with its tables on the meta device) or, without it, from the model's own
+    (mapped) tables. The lowering check runs on the written artifact as ``load_artifact``
+    serves it, before it is published."""
+    from ranking.export_stream import write_weights
 
     def weights(path: Path) -> None:
         try:
-            checkpoint_weights(checkpoint, path, model, state, tables, DTYPES[dtype], table_dtype)
+            write_weights(path, model, DTYPES[dtype], table_dtype, read_into=read_into)
         except ValueError as e:
             raise ArtifactError(str(e)) from None
 
     def verify(tmp: Path) -> None:
         art = load_artifact(tmp)
-        check_lowering(art.model, art.schema, dtype, config, str(checkpoint))
+        check_lowering(art.model, art.schema, dtype, config, source)
 
     return write_artifact(
         out,
@@ -270,7 +275,7 @@ def export_artifact(
     m = art.manifest
     lineage = {k: m.get(k) for k in ("parent_model_version", "parent", "data")}
     extra = {"exported_from": {"artifact": str(src.resolve()), "model_version": m["model_version"]}}
-    return _export_model(
+    return _stream_export(
         art.model,
         art.schema,
         out,
@@ -281,48 +286,6 @@ def export_artifact(
         step=int(m.get("step", 0)),
         lineage=lineage,
         source=str(src),
-        extra=extra,
-    )
-
-
-def _export_model(
-    model,
-    schema,
-    out,
-    *,
-    config: dict,
-    dtype: str,
-    table_dtype: str,
-    metrics: dict,
-    step: int,
-    lineage: dict | None,
-    source: str,
-    extra: dict | None = None,
-) -> Path:
-    """Write ``model`` (fp32 weights; tables fp32 or already quantized) as an artifact with
-    dense weights rounded to ``dtype`` and tables quantized to ``table_dtype``, after the
-    lowering check on exactly what the artifact will serve."""
-    from ranking.quant_tables import quantize_tables, table_state_dict
-
-    model = quantize_tables(model, table_dtype)  # in place; fp32 and quantized tables: as is
-    weights = {
-        k: v.to(DTYPES[dtype]) if v.is_floating_point() else v
-        for k, v in table_state_dict(model).items()
-    }
-    if dtype != "fp32":  # what the artifact will hold and serve: the weights rounded to dtype
-        rounded = {k: v.float() for k, v in weights.items() if v.is_floating_point()}
-        model.load_state_dict(rounded, strict=False)
-    check_lowering(model.eval(), schema, dtype, config, source)
-    return write_artifact(
-        out,
-        weights,
-        config=config,
-        schema=schema,
-        dtype=dtype,
-        table_dtype=table_dtype,
-        metrics=metrics,
-        step=step,
-        lineage=lineage,
         extra=extra,
     )
 

@@ -199,29 +199,28 @@ def read_model_state(checkpoint: Path, state: dict[str, Tensor]) -> None:
         raise ValueError(f"{checkpoint}: cannot read the model's weights: {causes[0]}") from None
 
 
-def checkpoint_weights(
-    checkpoint: Path,
+def write_weights(
     path: Path,
     model: torch.nn.Module,
-    state: dict[str, Tensor],
-    tables: dict[str, tuple[str, int, int]],
     dtype: torch.dtype,
     table_dtype: str,
+    read_into: Callable[[str, Tensor], None] | None = None,
 ) -> None:
-    """Write ``weights.pt`` at ``path`` for ``model``, whose state dict is ``state`` (dense
-    tensors loaded; the tables, keys in ``tables`` -> (name, rows, dim), may be on the meta
-    device): dense floats in ``dtype``, each table read from ``checkpoint``'s ``model.<key>``
-    into the file in ``dtype`` (``table_dtype`` fp32) or as int8 / int4 fused rows."""
-    from ranking.quant_tables import row_bytes
+    """Write ``weights.pt`` at ``path`` for ``model`` (its dense weights loaded): dense
+    floats in ``dtype``; each embedding table in ``dtype`` (``table_dtype`` fp32) or as int8 /
+    int4 fused rows. A table comes from ``read_into(key, dst)`` (fills an fp32 ``[rows, dim]``
+    tensor; the model's tables may then be on the meta device) or, without it, from the
+    model's own table (fp32 rows, or rows already in ``table_dtype``, copied as they are)."""
+    from ranking.quant_tables import _plain, quantized_key_order, row_bytes, table_keys
+
+    tables = table_keys(model)
+    state = model.state_dict()
 
     def as_stored(v: Tensor) -> Tensor:
         return v.to(dtype) if v.is_floating_point() else v
 
-    from ranking.quant_tables import quantized_key_order
-
     layout = {}
     for k in quantized_key_order(model, table_dtype):  # the order torch.save would see
-        v = state[k]
         if k in tables:
             _, rows, dim = tables[k]
             layout[k] = (
@@ -230,22 +229,25 @@ def checkpoint_weights(
                 else torch.empty(rows, row_bytes(dim, table_dtype), dtype=torch.uint8)
             )
         else:
-            layout[k] = as_stored(v)
-
-    def read(key: str, dst: Tensor) -> None:
-        read_model_state(checkpoint, {key: dst})
+            layout[k] = as_stored(state[k])
 
     def fill(key: str, dst: Tensor) -> None:
         if key not in tables:
             dst.copy_(layout[key])
+        elif read_into is None:
+            src = _plain(state[key])
+            if src.dtype == torch.uint8:  # already quantized (the same table_dtype)
+                dst.copy_(src)
+            else:
+                convert_rows(src, dst, table_dtype)
         elif table_dtype == "fp32" and dtype == torch.float32:
-            read(key, dst)  # straight into the file
+            read_into(key, dst)  # straight into the file
         else:
             _, rows, dim = tables[key]
             stage_file = path.with_name(f".stage-{os.getpid()}.bin")
             try:
                 stage = staging(stage_file, rows, dim)
-                read(key, stage)
+                read_into(key, stage)
                 convert_rows(stage, dst, table_dtype)
                 del stage
             finally:

@@ -1,10 +1,12 @@
-"""``export_checkpoint`` writes the tables from the checkpoint into the artifact's mapped file
-(``ranking.export_stream``): the file must be byte for byte what ``torch.save`` of the loaded
-model writes (the in-memory export ``_export_model`` is the reference), for every table layout,
-dense dtype and table dtype."""
+"""Both exports write the tables into the artifact's mapped file as they read them
+(``ranking.export_stream``): from a checkpoint (``export_checkpoint``) or from another artifact
+(``export_artifact``). The file must be byte for byte what ``torch.save`` writes of the model's
+state dict quantized in memory (TorchRec's ``quantize_tables``, dense weights cast), for every
+table layout, dense dtype and table dtype."""
 
 from __future__ import annotations
 
+import copy
 import json
 import zipfile
 from pathlib import Path
@@ -13,11 +15,12 @@ import pytest
 import torch
 
 from ranking.export import (
+    DTYPES,
     MANIFEST,
     WEIGHTS,
     ArtifactError,
     _build,
-    _export_model,
+    export_artifact,
     export_checkpoint,
     load_artifact,
     schema_dict,
@@ -126,22 +129,37 @@ CASES = [
 ]
 
 
+def _reference(model, dtype: str, table_dtype: str, out: Path) -> bytes:
+    """``torch.save`` of the state dict the artifact should hold, made in memory."""
+    m = quantize_tables(copy.deepcopy(model), table_dtype)
+    sd = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v
+          for k, v in table_state_dict(m).items()}  # fmt: skip
+    out.mkdir()
+    torch.save(sd, out / WEIGHTS)
+    return (out / WEIGHTS).read_bytes()
+
+
 @pytest.mark.parametrize(("case", "dtype", "table_dtype"), CASES)
-def test_export_checkpoint_matches_the_in_memory_export(tmp_path, case, dtype, table_dtype):
+def test_both_exports_write_torch_save_of_the_quantized_state_dict(
+    tmp_path, case, dtype, table_dtype
+):
     model, schema, config = _model(case)
     assert table_keys(model)
+    want = _reference(model, dtype, table_dtype, tmp_path / "ref")
     source = _checkpoint(tmp_path, model, schema, config)
-    streamed = export_checkpoint(source, tmp_path / "streamed", dtype, table_dtype)
-    ref = _export_model(
-        model, schema, tmp_path / "ref", config=config, dtype=dtype, table_dtype=table_dtype,
-        metrics={"auc": 0.6}, step=3, lineage=None, source="test",
-    )  # fmt: skip
-    assert (streamed / WEIGHTS).read_bytes() == (ref / WEIGHTS).read_bytes()
-    a, b = (json.loads((p / MANIFEST).read_text()) for p in (streamed, ref))
+    direct = export_checkpoint(source, tmp_path / "direct", dtype, table_dtype)
+    assert (direct / WEIGHTS).read_bytes() == want
+    # the same through an fp32 artifact re-exported (export_artifact): the same file and the
+    # same model_version, whichever way it was made
+    fp32 = export_checkpoint(source, tmp_path / "fp32")
+    again = export_artifact(fp32, tmp_path / "again", dtype, table_dtype)
+    assert (again / WEIGHTS).read_bytes() == want
+    a, b = (json.loads((p / MANIFEST).read_text()) for p in (direct, again))
     assert a["model_version"] == b["model_version"]
     assert (a["dtype"], a["table_dtype"]) == (dtype, table_dtype)
-    assert not [p.name for p in streamed.iterdir() if p.name.startswith(".")]  # no staging left
-    load_artifact(streamed)  # and it serves
+    for art in (direct, again):
+        assert not [p.name for p in art.iterdir() if p.name.startswith(".")]  # no staging left
+    load_artifact(direct)  # and it serves
 
 
 def test_export_checkpoint_refuses_a_checkpoint_without_a_table(tmp_path):
