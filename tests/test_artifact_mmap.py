@@ -186,3 +186,24 @@ def test_quantized_tables_are_served_from_the_mapped_file(tmp_path, case, table_
     t = getattr(t, "elem", t)
     t[0, 0] = 255 - int(t[0, 0])
     assert torch.equal(torch.load(wf, weights_only=True)[f"{name}.{key}"], saved[f"{name}.{key}"])
+
+
+def test_int8_artifact_written_before_tables_had_their_own_records_still_maps(tmp_path):
+    """Artifacts exported before ``table_state_dict`` cloned the tables hold each FBGEMM
+    buffer as one record, the tables as views into it: they load (mapped) and score the same."""
+    from ranking.quant_tables import _plain, quantize_tables, table_state_dict
+
+    schema = toy_schema(num_tasks=1, dim=8)
+    config = {"name": "old", "schema": "toy", "model": {"arch": "dlrm"}}
+    torch.manual_seed(0)
+    model, _ = _build(config, schema.to_dict(), "test")
+    quantize_tables(model, "int8")
+    views = {k: _plain(v).detach() for k, v in model.state_dict().items()}  # the old layout
+    shared = [v for k, v in views.items() if "embedding_bags" in k]
+    assert len({t.untyped_storage().data_ptr() for t in shared}) < len(shared)
+    kw = {"config": config, "schema": schema, "dtype": "fp32", "metrics": {}, "step": 1,
+          "table_dtype": "int8"}  # fmt: skip
+    old = load_artifact(write_artifact(tmp_path / "old", views, **kw))
+    new = load_artifact(write_artifact(tmp_path / "new", table_state_dict(model), **kw))
+    batch = random_batch(schema, 64, seed=4)
+    assert torch.equal(old.predict(batch), new.predict(batch))
