@@ -72,15 +72,18 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_mapped_load_equals_the_copying_load_and_tables_stay_in_the_file(tmp_path, case):
+def _case(case: str):
+    """(schema, experiment config) of a ``CASES`` entry."""
     model_d, yaml_path = CASES[case]
     if yaml_path is None:
-        schema = toy_schema(num_tasks=1, dim=8)
-        config = {"name": case, "schema": "toy", "model": model_d}
-    else:
-        exp = load_experiment(yaml_path, require_data=False)
-        schema, config = exp.schema, exp.raw
+        return toy_schema(num_tasks=1, dim=8), {"name": case, "schema": "toy", "model": model_d}
+    exp = load_experiment(yaml_path, require_data=False)
+    return exp.schema, exp.raw
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mapped_load_equals_the_copying_load_and_tables_stay_in_the_file(tmp_path, case):
+    schema, config = _case(case)
     art_dir, weights = _export(tmp_path, config, schema)
     art = load_artifact(art_dir)
     batch = random_batch(art.schema, 64, seed=1)
@@ -148,13 +151,7 @@ def test_quantized_tables_are_served_from_the_mapped_file(tmp_path, case, table_
     from ranking.export import export_artifact
     from ranking.quant_tables import load_quantized_tables, quantized_collections
 
-    model_d, yaml_path = CASES[case]
-    if yaml_path is None:
-        schema = toy_schema(num_tasks=1, dim=8)
-        config = {"name": case, "schema": "toy", "model": model_d}
-    else:
-        exp = load_experiment(yaml_path, require_data=False)
-        schema, config = exp.schema, exp.raw
+    schema, config = _case(case)
     src, _ = _export(tmp_path, config, schema)
     art_dir = export_artifact(src, tmp_path / table_dtype, table_dtype=table_dtype)
     wf = art_dir / "weights.pt"
