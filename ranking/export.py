@@ -234,8 +234,8 @@ def _stream_export(
     def weights(path: Path) -> None:
         try:
             write_weights(path, model, DTYPES[dtype], table_dtype, read_into=read_into)
-        except ValueError as e:
-            raise ArtifactError(str(e)) from None
+        except (ValueError, OSError) as e:  # a checkpoint without a key; a full disk
+            raise ArtifactError(f"{out}: cannot write the weights: {e}") from None
 
     def verify(tmp: Path) -> None:
         art = load_artifact(tmp)

@@ -54,6 +54,7 @@ def write_in_place(
     mapped record (called once per key)."""
     with torch.serialization.skip_data():
         torch.save(layout, path)
+    reserve(path, os.path.getsize(path))
     with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
         mapped = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     try:
@@ -62,6 +63,24 @@ def write_in_place(
     finally:
         del mapped  # unmaps: the writes are in the file's page cache
     fix_crcs(path)
+
+
+def reserve(path: Path, nbytes: int) -> None:
+    """Allocate the disk blocks of ``path``'s first ``nbytes`` (``posix_fallocate``) before it
+    is written through a mapping: ``skip_data`` and ``truncate`` leave holes, and a write
+    through a shared mapping into a hole that the disk has no room for kills the process with
+    SIGBUS instead of raising. A full disk is an ``OSError`` naming the file here."""
+    if nbytes <= 0:
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        raise OSError(
+            e.errno, f"{path}: cannot reserve {nbytes:,} bytes on disk: {e.strerror}"
+        ) from None
+    finally:
+        os.close(fd)
 
 
 def fix_crcs(path: Path, block: int = 1 << 24) -> None:
@@ -153,6 +172,7 @@ def staging(path: Path, rows: int, dim: int) -> Tensor:
     nbytes = rows * dim * 4
     with open(path, "wb") as f:
         f.truncate(nbytes)
+    reserve(path, nbytes)
     if nbytes == 0:
         return torch.empty(rows, dim)
     return torch.from_file(str(path), shared=True, size=rows * dim, dtype=torch.float32).view(

@@ -171,3 +171,23 @@ def test_export_checkpoint_refuses_a_checkpoint_without_a_table(tmp_path):
         export_checkpoint(source, tmp_path / "art")
     assert not (tmp_path / "art").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".art")]  # tmp removed
+
+
+def test_a_full_disk_is_an_error_naming_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    """The weights file's blocks are reserved before it is written through the mapping (a
+    write into a hole of a full disk would be SIGBUS): ``posix_fallocate`` failing, as on a
+    full disk, is an ArtifactError naming the file; no artifact or temporary is left."""
+    import errno
+    import os
+
+    model, schema, config = _model("dlrm")
+    source = _checkpoint(tmp_path, model, schema, config)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(ArtifactError, match=r"weights\.pt: cannot reserve .* No space left"):
+        export_checkpoint(source, tmp_path / "art")
+    assert not (tmp_path / "art").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".art")]
