@@ -202,3 +202,22 @@ def test_model_version_hashes_the_model_not_the_run_directory(tmp_path):
     assert version("weights", weights={"w": torch.arange(4.0) + 1}) != base
     assert version("schema", preset="movielens") != base
     assert version("arch", model={"arch": "dcnv2"}) != base
+
+
+def test_views_into_one_buffer_are_saved_without_a_copy_and_restored(tmp_path):
+    """FBGEMM keeps a group's tables in one buffer: the checkpoint writes each table from an
+    alias of exactly its bytes (``exact_storage``: same memory, no clone) and reads it back."""
+    buf = torch.arange(3000, dtype=torch.float32)
+    a, b = buf[:1000].view(100, 10), buf[1000:2800].view(200, 9)
+    alias = ckpt.exact_storage(b)
+    assert alias.data_ptr() == b.data_ptr() and torch.equal(alias, b)
+    assert alias.untyped_storage().nbytes() == b.numel() * 4  # what DCP would otherwise clone
+    alias[0, 0] = -5.0
+    assert buf[1000] == -5.0  # the same memory
+    bt = b.t()  # not contiguous: left to DCP's clone
+    assert ckpt.exact_storage(buf) is buf and ckpt.exact_storage(bt) is bt
+    want = {"a": a.clone(), "b": b.clone()}
+    ckpt.save({"model": {"a": a, "b": b}}, tmp_path, step=1)
+    got = {"a": torch.zeros(100, 10), "b": torch.zeros(200, 9)}
+    ckpt.load({"model": got}, ckpt.latest(tmp_path))
+    assert all(torch.equal(got[k], want[k]) for k in want)

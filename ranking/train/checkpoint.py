@@ -100,7 +100,12 @@ def save(
         raise _write_error(ckpt_dir, partial, step, e) from None
     _barrier()
     try:
-        dcp.save(state, checkpoint_id=str(partial), storage_writer=_writer(partial, step))
+        dcp.save(
+            state,
+            checkpoint_id=str(partial),
+            storage_writer=_writer(partial, step),
+            planner=_view_planner(),
+        )
         if local is not None:
             torch.save(local, partial / f"rank-{_rank()}.pt")
     except (OSError, RuntimeError, CheckpointException) as e:
@@ -171,6 +176,35 @@ def _writer(path: Path, step: int):
             raise OSError(code, os.strerror(code), str(path))
 
     return FaultyWriter(str(path))
+
+
+def exact_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or, where ``t`` is a contiguous CPU view into a larger storage, an alias
+    of the same memory whose storage is exactly ``t``'s bytes (a slice of the storage: it
+    keeps the original alive; nothing is copied)."""
+    nbytes = t.numel() * t.element_size()
+    if t.device.type != "cpu" or not t.is_contiguous() or t.untyped_storage().nbytes() == nbytes:
+        return t
+    start = t.storage_offset() * t.element_size()
+    own = t.untyped_storage()[start : start + nbytes]
+    return torch.empty(0, dtype=t.dtype).set_(own, 0, t.shape, t.stride())
+
+
+def _view_planner():
+    """DCP's default save planner, handing the writer views into larger storages as
+    ``exact_storage`` aliases. DCP's writer clones such a tensor so that ``torch.save`` does
+    not write the whole storage; FBGEMM keeps every table of a group (and its optimiser
+    state) in one buffer, so each table of a group would be copied whole at every save: the
+    10^8-row table-wise run's rank 0 peaked at 13.8 GiB in its save (7.5 GiB training) for
+    that copy. The alias is written as the clone would be (same bytes, same checkpoint)."""
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    class ViewPlanner(DefaultSavePlanner):
+        def transform_object(self, write_item, object):
+            object = super().transform_object(write_item, object)
+            return exact_storage(object) if isinstance(object, torch.Tensor) else object
+
+    return ViewPlanner()
 
 
 class CheckpointError(RuntimeError):
