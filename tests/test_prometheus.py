@@ -361,9 +361,15 @@ def test_every_dashboard_query_reads_what_was_sent(live):
     exact = {(dict(k)["route"], dict(k)["code"]): v for k, v in exact.items() if v}
     assert exact == {k: float(n) for k, n in want.items()}
 
-    # error shares: 5xx reads 0 (not "no data"); 4xx is the bad requests' share, exactly
+    # error shares: 5xx reads 0 (not "no data"); 4xx is the bad requests' share, a ratio of
+    # rate()s: each series is extrapolated to the window's ends on its own (Prometheus stops a
+    # counter's extrapolation where it would cross zero), so the ratio is exact only up to a
+    # scrape interval's share of the window (CI saw 0.1269 for 0.1290); a wrong denominator
+    # (the accepted requests instead of all answered) would be 15% off
     assert one(q("Errors", "5xx ratio")) == 0.0
-    assert one(q("Errors", "4xx ratio")) == pytest.approx((EMPTY + TOO_MANY) / answered, rel=1e-9)
+    assert one(q("Errors", "4xx ratio")) == pytest.approx(
+        (EMPTY + TOO_MANY) / answered, rel=1.0 / window
+    )
 
     # averages from exact counters
     assert one(q("Batch size", "candidates per request (mean)")) == pytest.approx(
