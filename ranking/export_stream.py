@@ -23,7 +23,8 @@ training run). Here the file is laid out first and filled in place:
 
 The anonymous memory this needs is the dense model plus one chunk (285 MiB peak for the 10^8
 table, in 17 s); the table pages written are file pages that the kernel writes back and may
-drop.
+drop, and each table's pages leave the process once it is written (``_drop_pages``), as the
+checkpoint's leave it a block at a time, so the process maps at most about one table.
 """
 
 from __future__ import annotations
@@ -60,9 +61,29 @@ def write_in_place(
     try:
         for key, dst in mapped.items():
             fill(key, dst)
+            _drop_pages(dst)  # written: out of this process, into the page cache
     finally:
         del mapped  # unmaps: the writes are in the file's page cache
     fix_crcs(path)
+
+
+def _drop_pages(t: Tensor, least: int = 1 << 20) -> None:
+    """Drop the pages of ``t`` (a region of ``write_in_place``'s ``MAP_SHARED`` file
+    mapping, ``least`` bytes or more) from this process (``madvise(MADV_DONTNEED)``): the
+    written pages stay in the page cache, dirty until written back, and a later read maps them
+    again, so the process holds at most one table's pages at a time. Only for a shared file
+    mapping: on private or anonymous memory this would discard what was written."""
+    import ctypes
+
+    n = t.numel() * t.element_size()
+    if n < least:
+        return
+    page = mmap.PAGESIZE
+    lo = t.data_ptr() // page * page
+    hi = -(-(t.data_ptr() + n) // page) * page
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    libc.madvise(lo, hi - lo, mmap.MADV_DONTNEED)  # advice: a failure leaves the pages mapped
 
 
 def reserve(path: Path, nbytes: int) -> None:

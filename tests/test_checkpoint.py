@@ -221,3 +221,30 @@ def test_views_into_one_buffer_are_saved_without_a_copy_and_restored(tmp_path):
     got = {"a": torch.zeros(100, 10), "b": torch.zeros(200, 9)}
     ckpt.load({"model": got}, ckpt.latest(tmp_path))
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_mapped_copy_reads_any_part_of_a_saved_tensor_block_by_block(tmp_path, monkeypatch):
+    """``_copy_mapped`` (the export's checkpoint reader) against the tensor itself: every part
+    (a shard's offsets and lengths per dimension, as DCP asks for row- and column-wise shards)
+    comes out exactly, with the source mapped a few rows at a time."""
+    monkeypatch.setattr(ckpt, "_BLOCK_BYTES", 100)  # 2 rows of 12 fp32 per mapped stretch
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(101, 12, generator=g)
+    f = tmp_path / "t.pt"
+    torch.save(full, f)
+    meta = torch.load(f, map_location="meta", weights_only=True)
+    start = meta.untyped_storage()._checkpoint_offset
+    for offsets, lengths in [((0, 0), (101, 12)), ((37, 0), (50, 12)), ((5, 4), (91, 8)),
+                             ((100, 11), (1, 1)), ((3, 0), (0, 12))]:  # fmt: skip
+        target = torch.full(lengths, float("nan"))
+        ckpt._copy_mapped(f, start, meta, offsets, lengths, target)
+        want = full[offsets[0] : offsets[0] + lengths[0], offsets[1] : offsets[1] + lengths[1]]
+        assert torch.equal(target, want), (offsets, lengths)
+    # a 0-d tensor and a non-contiguous one are mapped whole
+    for t in (torch.tensor(3.5), torch.randn(6, 4, generator=g).t()):
+        torch.save(t, f)
+        meta = torch.load(f, map_location="meta", weights_only=True)
+        target = torch.empty(t.shape)
+        ckpt._copy_mapped(f, meta.untyped_storage()._checkpoint_offset, meta,
+                          [0] * t.dim(), list(t.shape), target)  # fmt: skip
+        assert torch.equal(target, t)

@@ -322,12 +322,10 @@ def mapped_reader(path: str | Path):
     for a 10^8 x 16 table row-wise over 2 ranks) into anonymous memory, then copies the part it
     needs; this one finds the chunk's bytes in the file (``torch.load(map_location="meta")``
     gives the tensor's layout and its record's offset, no data read) and copies from mapped
-    file pages, which the kernel can drop, so loading a multi-GB table into a mapped artifact
-    needs no multi-GB buffer. Byte items and items saved through a transform (compression
+    file pages, a block of rows at a time (``_copy_mapped``), so loading a multi-GB table into a
+    mapped artifact needs no multi-GB buffer and maps no more than a block of the source. Byte items and items saved through a transform (compression
     extensions) go through DCP's own reader as before. Written by hand: DCP has no reader
     option for this."""
-    import numpy as np
-    from torch.distributed._shard._utils import narrow_tensor_by_index
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan
     from torch.distributed.checkpoint.utils import _create_file_view
@@ -351,32 +349,60 @@ def mapped_reader(path: str | Path):
                         map_location="meta",
                         weights_only=True,
                     )
-                storage = meta.untyped_storage()
-                start = md.offset + storage._checkpoint_offset
-                dt = meta.dtype
-                words = storage.nbytes() // dt.itemsize
-                raw = None
-                if words == 0:
-                    src = torch.empty(0, dtype=dt)
-                else:
-                    raw = np.memmap(
-                        file, dtype=np.uint8, mode="r", offset=start, shape=(words * dt.itemsize,)
-                    )
-                    with warnings.catch_warnings():  # read only: the buffer is not writable
-                        warnings.simplefilter("ignore", UserWarning)
-                        src = torch.frombuffer(raw, dtype=dt)
-                src = src.as_strided(meta.size(), meta.stride(), meta.storage_offset())
-                src = narrow_tensor_by_index(src, req.storage_offsets, req.lengths)
+                start = md.offset + meta.untyped_storage()._checkpoint_offset
                 target = planner.resolve_tensor(req).detach()
-                if target.size() != src.size():
+                if list(target.size()) != list(req.lengths):
                     raise AssertionError(
-                        f"req {req.storage_index} mismatch sizes {target.size()} vs {src.size()}"
+                        f"req {req.storage_index} mismatch sizes {target.size()} vs {req.lengths}"
                     )
-                target.copy_(src)
+                _copy_mapped(file, start, meta, req.storage_offsets, req.lengths, target)
                 planner.commit_tensor(req, target)
-                del src, raw
             fut: Future = Future()
             fut.set_result(None)
             return fut
 
     return MappedReader(str(path))
+
+
+_BLOCK_BYTES = 64 << 20  # the stretch of a saved tensor mapped at a time
+
+
+def _map(file: Path, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+    """``nbytes`` of ``file`` from ``offset`` as a read-only 1-D tensor (a private mapping;
+    unmapped when the tensor is freed)."""
+    import numpy as np
+
+    if nbytes == 0:
+        return torch.empty(0, dtype=dtype)
+    raw = np.memmap(file, dtype=np.uint8, mode="r", offset=offset, shape=(nbytes,))
+    with warnings.catch_warnings():  # read only: the buffer is not writable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(raw, dtype=dtype)
+
+
+def _copy_mapped(file: Path, start: int, meta: torch.Tensor, offsets, lengths, target) -> None:
+    """``target`` <- the part (``offsets``, ``lengths`` per dimension) of the tensor saved at
+    byte ``start`` of ``file`` (``meta``: its layout). A contiguous saved tensor is mapped
+    ``_BLOCK_BYTES`` of rows at a time, each stretch unmapped once copied, so the process never
+    maps more than a block of the source (its pages stay in the page cache); anything else is
+    mapped whole."""
+    from torch.distributed._shard._utils import narrow_tensor_by_index
+
+    size = meta.element_size()
+    if meta.dim() == 0 or not meta.is_contiguous() or meta.numel() == 0:
+        words = meta.untyped_storage().nbytes() // size
+        src = _map(file, start, words * size, meta.dtype)
+        src = src.as_strided(meta.size(), meta.stride(), meta.storage_offset())
+        target.copy_(narrow_tensor_by_index(src, offsets, lengths))
+        return
+    row = meta[0].numel()  # elements per row of dimension 0
+    first, rows = offsets[0], lengths[0]
+    block = max(1, _BLOCK_BYTES // (row * size))
+    for b in range(first, first + rows, block):
+        e = min(b + block, first + rows)
+        at = start + (meta.storage_offset() + b * row) * size
+        src = _map(file, at, (e - b) * row * size, meta.dtype).view(e - b, *meta.shape[1:])
+        for d in range(1, meta.dim()):
+            src = src.narrow(d, offsets[d], lengths[d])
+        target[b - first : e - first].copy_(src)
+        del src  # unmaps this stretch
