@@ -598,6 +598,9 @@ class Trainer:
         final = self.save(step, epoch, batch_in_epoch, last_eval, stopped_early=stop)
         bad_rows = self._gather_bad_rows()
         if release:
+            # the last step's loss and output keep its autograd graph, and FBGEMM's lookup
+            # node holds the table weights (in its saved data, which backward does not free)
+            loss = bce = _out = batch = it = None
             self._release()
         dist.barrier()
         if self.rank == 0:
@@ -630,12 +633,18 @@ class Trainer:
         return 0
 
     def _release(self) -> None:
+        import contextlib
+        import ctypes
         import gc
 
         for name in ("model", "train_model", "optimizer", "dense_opt", "dense_params",
                      "scheduler", "encoded"):  # fmt: skip
             setattr(self, name, None)
         gc.collect()
+        # hand the freed heap back (glibc keeps the reader's and the steps' arenas); not glibc:
+        # nothing to do
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
     def _gather_bad_rows(self) -> dict:
         """Bad rows skipped by every rank (per cause): in training (``train``, the whole run,
