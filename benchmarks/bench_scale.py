@@ -16,7 +16,11 @@ the exported artifact included. For each it records:
 - with ``--export-tables fp32,int8``: the largest run's final checkpoint exported again by
   ``mixrank export --table-dtype`` in a fresh process each (time, peak RSS and peak anonymous
   RSS: the export writes the tables through a mapping of the artifact's file), each artifact
-  served as above.
+  served as above;
+- ``--ray-serve A,B`` (nothing trained): each artifact through the real Ray Serve application
+  (deploy/serve.yaml, one Ranker replica): seconds to RUNNING, the first answer, the
+  replica's RSS (anonymous and file-backed) and ``mixrank loadtest`` p50/p99 and
+  candidates/s per ``--candidates``.
 
 Curves: samples/s against data rows (same table, more rows: ``--data-rows``) and against
 table rows (``--table-rows``); peak RSS against table rows with the estimate; checkpoint
