@@ -210,6 +210,7 @@ def load_quantized_tables(
         return weights
     rest = dict(weights)
     keys = table_keys(model)
+    mapped = None
     for name, m in float_collections(model):
         q = _empty_quantized(m, table_dtype, "cpu" if file is None else "meta")
         prefix = f"{name}." if name else ""
@@ -232,28 +233,40 @@ def load_quantized_tables(
                 for key, buf in q.state_dict().items():
                     _plain(buf).copy_(saved[key])
         else:
-            map_tables(q, prefix, file, table_dtype)
+            mapped = mapped or mapped_file(file)  # once for every collection
+            map_tables(q, prefix, mapped, table_dtype)
         _set(model, name, q)
     return rest
 
 
-def map_tables(q: nn.Module, prefix: str, file: str | Path, table_dtype: str) -> None:
+def mapped_file(file: str | Path) -> tuple[dict[str, Tensor], Tensor]:
+    """``(layout, base)`` of the ``torch.save`` file ``file`` for ``map_tables``: its state
+    dict on the meta device (each record's offset, no data read) and a private read-only
+    mapping of the whole file as uint8."""
+    import os
+
+    file = str(file)
+    layout = torch.load(file, map_location="meta", weights_only=True)
+    base = torch.from_file(file, shared=False, size=os.path.getsize(file), dtype=torch.uint8)
+    return layout, base
+
+
+def map_tables(
+    q: nn.Module, prefix: str, mapped: tuple[dict[str, Tensor], Tensor], table_dtype: str
+) -> None:
     """Point the quantized collection ``q`` (built on the meta device) at its tables' records
-    in the ``torch.save`` file ``file`` (its keys are ``prefix`` + ``q``'s state-dict keys):
+    in the file that ``mapped`` (``mapped_file``) maps (its keys are ``prefix`` + ``q``'s
+    state-dict keys):
     each FBGEMM module is moved to the host with FBGEMM's own meta-to-device calls
     (``reset_weights_placements_and_offsets``, ``recompute_module_buffers``), its host buffer
     becomes a private mapping of the whole file (``torch.from_file``: pages are read on first
     touch and shared with the page cache; writes would stay private) and its per-table
     offsets the records' offsets in it (``torch.load(map_location="meta")`` gives them without
     reading data); the collection's ``weight`` buffers become views of the mapped rows."""
-    import os
-
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
     from torchrec.tensor_types import UInt4Tensor
 
-    file = str(file)
-    layout = torch.load(file, map_location="meta", weights_only=True)
-    base = torch.from_file(file, shared=False, size=os.path.getsize(file), dtype=torch.uint8)
+    layout, base = mapped
     bags = isinstance(q, quant.EmbeddingBagCollection)
     attr = "embedding_bags" if bags else "embeddings"
     cpu = torch.device("cpu")
