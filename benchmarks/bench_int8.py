@@ -16,6 +16,11 @@ lowering check runs). Then, in one process:
   CPU emulation of the GPU's e4m3 GEMMs (the same quantization, ``kernels.grouped_linear_fp8``'s
   reference twin): FP8's accuracy, measurable without a GPU; its speed is a GPU figure
   (``benchmarks/gpu_check.sh``), so it is not timed here;
+- ``int8_onednn``: the same int8 artifact loaded with every GEMM forced onto oneDNN
+  (``MIXRANK_INT8_ROUTE=onednn``, what int8 ran before ``Int8PerToken``'s route choice), timed
+  in the same pairs: ``vs_int8_auto`` is its p50 over the routed one's (the same bytes:
+  ``max_prob_diff`` 0 against fp32's difference; the routes the load chose are
+  ``int8_routes``);
 - with ``--serve`` (default: the first experiment) the int8 artifact served by the real Ray
   Serve application, one request of 256 real rows over HTTP and gRPC, its scores against the
   in-process int8 ones and the fp32 artifact's.
@@ -30,8 +35,11 @@ The speed of int8 on the larger presets (against fp32, bf16 and the int8 GEMM pe
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from benchmarks.bench_quant_tables import DATA, _train, evaluate, paired_p50, serve_check
@@ -68,12 +76,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="quantized dtypes to export and score against fp32 (fp8: accuracy only)",
     )
     parser.add_argument(
+        "--no-onednn-row",
+        dest="onednn_row",
+        action="store_false",
+        help="skip the int8_onednn row (the int8 artifact with every GEMM forced onto oneDNN, "
+        "timed beside the routed one)",
+    )
+    parser.add_argument(
         "--serve",
         nargs="*",
         default=None,
         help="serve these experiments' int8 artifacts through Ray Serve (default: the first; "
         "none: --serve with no names)",
     )
+
+
+@contextlib.contextmanager
+def _env(key: str, value: str):
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def native_bf16() -> bool:
@@ -104,6 +132,7 @@ def run(args) -> int:
         print(f"bench int8: needs the real data under {DATA}", file=sys.stderr)
         return 2
     from kernels.cpu import int8
+    from ranking.lowered import int8_gemms
 
     info = {**machine_info(), "int8_weight_bits": int8.weight_bits()}
     print(f"# machine: {info}", file=sys.stderr)
@@ -122,6 +151,16 @@ def run(args) -> int:
             export_artifact(fp32_dir, work / config / f"artifact-{q}", dtype=q)
             t_export[q] = time.perf_counter() - t0
             arts[q] = load_artifact(work / config / f"artifact-{q}")
+        routes = {}
+        if "int8" in arts:
+            routes = Counter(g.route for g in int8_gemms(arts["int8"].lowered()))
+            print(f"[int8] {config}: GEMM routes {dict(routes)}", file=sys.stderr, flush=True)
+            if args.onednn_row and set(routes) != {"onednn"}:
+                # the same artifact with every GEMM on oneDNN (the route before the choice):
+                # the same bytes, timed side by side
+                with _env("MIXRANK_INT8_ROUTE", "onednn"):
+                    arts["int8_onednn"] = load_artifact(work / config / "artifact-int8")
+                    arts["int8_onednn"].lowered()  # lowered (and routed) here, under the env
         if bf16:
             arts["bf16"] = load_artifact(fp32_dir, dtype="bf16")
         data = DATA / split
@@ -157,12 +196,15 @@ def run(args) -> int:
                 rec["export_s"] = t_export[dt]
             if dt == "int8":
                 rec.update(served)
+                rec["int8_routes"] = dict(routes)
+            if dt == "int8_onednn":
+                rec["vs_int8_auto"] = p50["int8"] / p50[dt]
             emit(rec)
             records.append(rec)
     table(
         records,
         ["config", "dtype", "auc", "auc_change", "logloss_change", "max_prob_diff", "p50_ms",
-         "p50_vs_fp32"],
+         "p50_vs_fp32", "vs_int8_auto"],
     )  # fmt: skip
     return 0
 

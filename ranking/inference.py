@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -177,9 +178,11 @@ def lower_stack(
     cpu_fused_block: bool = False,
     int8: bool = False,
     fp8: bool = False,
+    rows: int = 256,
 ) -> nn.Module:
     """The fastest implementation of a mixer stack for ``device``: token-major blocks on the
-    CPU (dense RankMixer / TokenMixer-Large; with ``int8`` their GEMMs in int8), with ``fp8``
+    CPU (dense RankMixer / TokenMixer-Large; with ``int8`` their GEMMs in int8, each routed by
+    its speed at ``rows`` rows: ``kernels.cpu.int8.Int8PerToken``), with ``fp8``
     token-major blocks whose GEMMs run on e4m3 operands (any device), else a frozen copy in
     ``dtype`` (UniMixer, MoE stages, and the GPU, where the blocks' own forward runs the Triton
     kernels)."""
@@ -219,7 +222,7 @@ def lower_stack(
     elif int8:
         blocks = [
             (Int8RankMixer if isinstance(b, RankMixerBlock) else Int8TokenMixerLarge)(
-                b, compile_epilogues
+                b, compile_epilogues, rows
             )
             for b in stack.blocks
         ]
@@ -383,12 +386,16 @@ def optimize_for_inference(
             f"move the model first (model.to(device))"
         )
     dt = torch.float32 if fp8 and dev.type == "cpu" else DTYPES[dtype]
+    rows = micro_batch or 256  # what int8's GEMM routes are timed at (serving's micro-batch)
     from ranking.model.ranker import Ranker
 
     if not isinstance(model, Ranker):
         if int8 or fp8:
-            return QuantizedModel(model, Int8Linear if int8 else Fp8Linear)
+            make = functools.partial(Int8Linear, rows=rows) if int8 else Fp8Linear
+            return QuantizedModel(model, make)
         return AutocastModel(model.eval(), dt, dev)
-    stack = lower_stack(model.blocks, dt, dev, compile_epilogues, cpu_fused_block, int8, fp8)
+    stack = lower_stack(
+        model.blocks, dt, dev, compile_epilogues, cpu_fused_block, int8, fp8, rows=rows
+    )
     heads = _frozen_copy(model.heads, dt, dev)
     return InferenceRanker(model, stack, heads, dt, micro_batch, compile, cuda_graphs, dev)

@@ -391,16 +391,30 @@ class AmxTokenMixerLarge(nn.Module):
 # ----------------------------------------------------------------------------- int8 blocks
 
 
-def _quantizer(compiled_epilogues: bool):
-    """The activations' per-row int8 quantization: ``kernels.cpu.int8.quantize_rows``, or with
-    ``compile_epilogues`` the compiled function (one pass over the activations instead of
-    about seven eager ones; the same bytes, tests/test_int8.py)."""
-    return compiled("int8_quantize", int8.quantize_rows) if compiled_epilogues else None
+def _quantizer(compiled_epilogues: bool, gemm: int8.Int8PerToken):
+    """The activations' per-row int8 quantization that ``gemm``'s route reads
+    (``Int8PerToken.quantizer``), or with ``compile_epilogues`` its compiled twin (one pass over
+    the activations instead of about seven eager ones; the same bytes, tests/test_int8.py)."""
+    if not compiled_epilogues:
+        return None
+    return compiled(f"int8_quantize_{gemm.route}", gemm.quantizer())
 
 
-def _int8_per_token(w: Tensor, b: Tensor | None = None) -> list[int8.Int8Weight]:
-    """Per-token weights ``w [T, K, N]`` (biases ``b [T, N]``) as packed int8 GEMMs."""
-    return [int8.Int8Weight(w[t], None if b is None else b[t]) for t in range(w.shape[0])]
+def _int8_per_token(w: Tensor, b: Tensor | None = None, rows: int = 256) -> int8.Int8PerToken:
+    """Per-token weights ``w [T, K, N]`` (biases ``b [T, N]``) as int8 GEMMs, routed by their
+    speed at ``rows`` rows per token (``kernels.cpu.int8.Int8PerToken``)."""
+    return int8.Int8PerToken(w, b, rows=rows)
+
+
+def int8_gemms(module: nn.Module) -> list[int8.Int8PerToken]:
+    """Every int8 GEMM (``Int8PerToken``) of a lowered model, e.g. to read their routes."""
+    found = []
+    for m in module.modules():
+        for v in vars(m).values():
+            for x in v if isinstance(v, list) else (v,):
+                if isinstance(x, int8.Int8PerToken):
+                    found.append(x)
+    return found
 
 
 class Int8RankMixer(nn.Module):
@@ -408,22 +422,21 @@ class Int8RankMixer(nn.Module):
     GEMMs in int8 (``kernels.cpu.int8``: int8 weights per output channel, activations per row);
     token mixing, the norms, GELU, the biases and the residual stay fp32."""
 
-    def __init__(self, block: RankMixerBlock, compile_epilogues: bool = False):
+    def __init__(self, block: RankMixerBlock, compile_epilogues: bool = False, rows: int = 256):
         super().__init__()
         ffn = dense_ffn(block.ffn, PerTokenFFN)
         dev = torch.device("cpu")
         self.num_tokens = block.num_tokens
         self.norm1 = Norm(block.norm1, torch.float32, dev, compile_epilogues)
         self.norm2 = Norm(block.norm2, torch.float32, dev, compile_epilogues)
-        self.w1 = _int8_per_token(ffn.w1, ffn.b1)
-        self.w2 = _int8_per_token(ffn.w2, ffn.b2)
+        self.w1 = _int8_per_token(ffn.w1, ffn.b1, rows)
+        self.w2 = _int8_per_token(ffn.w2, ffn.b2, rows)
         self.compiled = compile_epilogues
 
     def forward(self, x: Tensor) -> Tensor:
-        quantize = _quantizer(self.compiled)
         s = self.norm1(mix_tm(x, self.num_tokens).add_(x))
-        h = torch.ops.aten.gelu_(int8.int8_bmm(s, self.w1, quantize=quantize))
-        return self.norm2(int8.int8_bmm(h, self.w2, quantize=quantize).add_(s))
+        h = torch.ops.aten.gelu_(self.w1(s, _quantizer(self.compiled, self.w1)))
+        return self.norm2(self.w2(h, _quantizer(self.compiled, self.w2)).add_(s))
 
 
 class Int8TokenMixerLarge(nn.Module):
@@ -431,7 +444,9 @@ class Int8TokenMixerLarge(nn.Module):
     four per-head GEMMs (gate/up and down of both stages) in int8; mixing, RMSNorm, Swish and the
     residuals stay fp32."""
 
-    def __init__(self, block: TokenMixerLargeBlock, compile_epilogues: bool = False):
+    def __init__(
+        self, block: TokenMixerLargeBlock, compile_epilogues: bool = False, rows: int = 256
+    ):
         super().__init__()
         dev = torch.device("cpu")
         self.num_tokens, self.num_heads = block.num_tokens, block.num_heads
@@ -439,20 +454,20 @@ class Int8TokenMixerLarge(nn.Module):
         self.norm1 = Norm(block.norm1, torch.float32, dev, compile_epilogues)
         self.norm2 = Norm(block.norm2, torch.float32, dev, compile_epilogues)
         self.hidden = (block.f1.ffn.hidden, block.f2.ffn.hidden)
-        self.gate_up = [_int8_per_token(f.ffn.w_gate_up) for f in (block.f1, block.f2)]
-        self.down = [_int8_per_token(f.ffn.w_down) for f in (block.f1, block.f2)]
+        self.gate_up = [_int8_per_token(f.ffn.w_gate_up, None, rows) for f in (block.f1, block.f2)]
+        self.down = [_int8_per_token(f.ffn.w_down, None, rows) for f in (block.f1, block.f2)]
         self.compiled = compile_epilogues
 
     def _stage(self, i: int, z: Tensor, residual: Tensor) -> Tensor:
         """``residual + W_down Swish(gate) * up`` of stage ``i`` on normed ``z``."""
-        quantize = _quantizer(self.compiled)
-        gate_up = int8.int8_bmm(z, self.gate_up[i], quantize=quantize)
+        gemm, down = self.gate_up[i], self.down[i]
+        gate_up = gemm(z, _quantizer(self.compiled, gemm))
         if self.compiled:
             act = compiled("swiglu", swiglu_epilogue)(gate_up, self.hidden[i])
         else:
             gate, up = gate_up.split(self.hidden[i], dim=-1)
             act = torch.nn.functional.silu(gate).mul_(up)
-        return int8.int8_bmm(act, self.down[i], quantize=quantize).add_(residual)
+        return down(act, _quantizer(self.compiled, down)).add_(residual)
 
     def forward(self, x: Tensor) -> Tensor:
         hm = mix_tm(x, self.num_heads)  # [H, B, W]
@@ -462,17 +477,19 @@ class Int8TokenMixerLarge(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """An ``nn.Linear`` as an int8 GEMM (``kernels.cpu.int8.int8_linear``) for inference: the
-    dense layers of models without a lowering of their own (the DLRM / DCNv2 baselines)."""
+    """An ``nn.Linear`` as an int8 GEMM (``kernels.cpu.int8``, one ``Int8PerToken`` of one
+    token, routed by its speed at ``rows`` rows) for inference: the dense layers of models
+    without a lowering of their own (the DLRM / DCNv2 baselines)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, rows: int = 256):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = int8.Int8Weight(linear.weight.t(), linear.bias)
+        bias = None if linear.bias is None else linear.bias.unsqueeze(0)
+        self.gemm = int8.Int8PerToken(linear.weight.t().unsqueeze(0), bias, rows=rows)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        y = int8.int8_linear(x.reshape(-1, self.in_features), self.weight)
+        y = self.gemm(x.reshape(1, -1, self.in_features))
         return y.view(*lead, self.out_features)
 
 

@@ -20,6 +20,7 @@ from ranking.lowered import (
     Int8RankMixer,
     Int8TokenMixerLarge,
     TokenMajorStack,
+    int8_gemms,
     mix_tm,
     revert_tm,
 )
@@ -109,6 +110,88 @@ def test_int8_bmm_is_int8_linear_per_token():
     out = int8.int8_bmm(x, ws)
     for t in range(3):
         assert torch.equal(out[t], int8.int8_linear(x[t], ws[t]))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 7, 40, 24), (5, 33, 32, 128), (3, 16, 300, 20)])
+def test_int8_routes_give_the_same_bytes(shape, bias):
+    """``Int8PerToken``'s two routes, one oneDNN call per token and one exact fp32 ``bmm`` of
+    the integers, give bit-identical outputs, and both equal ``int8_bmm`` per token; the
+    integers' sums are exactly the float64 ones (the reference twin)."""
+    if not int8.has_onednn():
+        pytest.skip("this torch build has no oneDNN quantized linear")
+    T, B, K, N = shape
+    g = torch.Generator().manual_seed(K)
+    w, x = torch.randn(T, K, N, generator=g), torch.randn(T, B, K, generator=g) * 2
+    b = torch.randn(T, N, generator=g) if bias else None
+    x[0, 1] = 0
+    one = int8.Int8PerToken(w, b, route="onednn")
+    exact = int8.Int8PerToken(w, b, route="exact_fp32")
+    assert (one.route, exact.route) == ("onednn", "exact_fp32")
+    got_one, got_exact = one(x), exact(x)
+    assert torch.equal(got_one, got_exact)
+    ws = [int8.Int8Weight(w[t], None if b is None else b[t]) for t in range(T)]
+    assert torch.equal(got_one, int8.int8_bmm(x, ws))
+    torch.testing.assert_close(got_exact, _ref_bmm(x, w, b), atol=1e-5, rtol=1e-5)
+    # the exact route's weights are the integers, once; the oneDNN route keeps only the packed
+    assert exact.weights == [] and torch.equal(exact.wf, exact.wf.round())
+    assert all(wt.q is None and wt.packed is not None for wt in one.weights)
+
+
+def test_exact_fp32_route_is_bounded_where_fp32_sums_are_exact(monkeypatch):
+    """At the bound ``K * 127 * Q_w <= 2^24`` the worst case (every product at its largest)
+    still sums exactly in fp32; one past it an fp32 sum can round, so the exact route is
+    refused there (naming the bound) and ``auto`` keeps oneDNN."""
+    for bits in (7, 8):
+        qmax = 2 ** (bits - 1) - 1
+        k = (1 << 24) // (127 * qmax)
+        assert int8.exact_in_fp32(k, bits) and not int8.exact_in_fp32(k + 1, bits)
+        ones = torch.full((1, k), 127.0)
+        assert float(ones @ torch.full((k, 1), float(qmax))) == k * 127 * qmax
+    # past the bound, fp32 rounds: the reason for it (odd sums above 2^24 are not fp32s)
+    big = 2**24 + 1
+    assert float(torch.tensor(float(big))) != big
+    monkeypatch.setenv("MIXRANK_INT8_WEIGHT_BITS", "8")
+    k = (1 << 24) // (127 * 127) + 1
+    with pytest.raises(ValueError, match="2\\^24"):
+        int8.Int8PerToken(torch.randn(1, k, 4), route="exact_fp32")
+    assert int8.Int8PerToken(torch.randn(1, k, 4)).route == "onednn"
+
+
+def test_auto_route_and_its_override(monkeypatch):
+    """``auto`` times both routes and keeps one of them; ``MIXRANK_INT8_ROUTE`` forces one and a
+    bad value names the variable; a bad ``route`` argument names the argument."""
+    w = torch.randn(4, 32, 64)
+    assert int8.Int8PerToken(w, rows=64).route in int8.ROUTES
+    monkeypatch.setenv("MIXRANK_INT8_ROUTE", "onednn")
+    assert int8.Int8PerToken(w).route == ("onednn" if int8.has_onednn() else "exact_fp32")
+    monkeypatch.setenv("MIXRANK_INT8_ROUTE", "exact_fp32")
+    assert int8.Int8PerToken(w).route == "exact_fp32"
+    monkeypatch.setenv("MIXRANK_INT8_ROUTE", "fast")
+    with pytest.raises(ValueError, match="MIXRANK_INT8_ROUTE"):
+        int8.Int8PerToken(w)
+    monkeypatch.delenv("MIXRANK_INT8_ROUTE")
+    with pytest.raises(ValueError, match="route"):
+        int8.Int8PerToken(w, route="fast")
+
+
+@pytest.mark.parametrize("name", ["rankmixer", "tokenmixer_large_reverted", "dlrm", "dcnv2"])
+def test_a_model_scores_the_same_bytes_on_either_route(name, monkeypatch):
+    """The route is a speed choice only: a whole int8 model (mixer blocks, or a baseline's
+    linear layers) gives bit-identical logits with every GEMM on oneDNN and every GEMM on the
+    exact fp32 route."""
+    if not int8.has_onednn():
+        pytest.skip("this torch build has no oneDNN quantized linear")
+    model, schema = _model(name)
+    batch = random_batch(schema, 33, seed=4)
+    logits = {}
+    for route in int8.ROUTES:
+        monkeypatch.setenv("MIXRANK_INT8_ROUTE", route)
+        low = optimize_for_inference(model, dtype="int8")
+        routes = {m.route for m in int8_gemms(low)}
+        assert routes == {route}, routes
+        logits[route] = low(batch).logits
+    assert torch.equal(*logits.values())
 
 
 # ----------------------------------------------------------------------------- the blocks
@@ -279,9 +362,13 @@ def test_compiled_quantize_gives_the_same_bytes_and_the_same_blocks():
 
     x = torch.randn(3, 20, 48) * torch.rand(3, 20, 1) * 4
     x[1, 3] = 0
-    fn = compiled("int8_quantize", int8.quantize_rows)
-    (qa, sa), (qb, sb) = int8.quantize_rows(x.clone()), fn(x.clone())
-    assert torch.equal(qa, qb) and torch.equal(sa, sb)
+    for eager in (int8.quantize_rows, int8.quantize_rows_int):
+        fn = compiled(f"test_{eager.__name__}", eager)
+        (qa, sa), (qb, sb) = eager(x.clone()), fn(x.clone())
+        assert torch.equal(qa, qb) and torch.equal(sa, sb)
+    # the two routes' quantizations are the same integers
+    (q8, s8), (qi, si) = int8.quantize_rows(x), int8.quantize_rows_int(x)
+    assert torch.equal(q8.float() - int8.ACT_ZERO_POINT, qi) and torch.equal(s8, si)
     for name, cls in (
         ("rankmixer", Int8RankMixer),
         ("tokenmixer_large_reverted", Int8TokenMixerLarge),

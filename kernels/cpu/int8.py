@@ -5,6 +5,9 @@ quantized to int8 per row at run time, int32 accumulation through oneDNN's u8s8 
     Int8Weight(w [K, N], bias=None)                 the packed weight of one GEMM
     int8_linear(x [M, K] fp32, weight, out=None) -> x @ w + bias   (fp32, [M, N])
     int8_bmm(x [T, B, K], weights[T], out=None)  -> per-token int8_linear (token-major)
+    Int8PerToken(w [T, K, N], b=None)(x [T, B, K]) -> the same, routed: one oneDNN call per
+        token, or one exact fp32 bmm of the integers for all tokens (bit-identical; the faster
+        one at load, timed)
     int8_linear_reference(x, w_q, scale, bias)   -> the same product summed exactly
     weight_bits() -> 8 on CPUs with VNNI / AMX-INT8, 7 elsewhere (why: below)
 
@@ -178,6 +181,131 @@ def int8_bmm(
     for t, w in enumerate(weights):
         _rescale(w.product(q[t]), s[t], w.bias, out[t])
     return out
+
+
+def quantize_rows_int(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``quantize_rows`` for the exact fp32 route: the same integers ``round(x / s)`` in
+    [-127, 127], kept as fp32 (no zero point, no u8), and the same scales."""
+    s = x.abs().amax(dim=-1, keepdim=True).div_(ACT_QMAX)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.div(x, s).round_(), s
+
+
+ROUTES = ("onednn", "exact_fp32")
+# the exact fp32 route holds the weights as fp32 (4x the int8 bytes): only for GEMMs this small
+EXACT_FP32_MAX_BYTES = 8 << 20
+
+
+def exact_in_fp32(k: int, bits: int | None = None) -> bool:
+    """Whether an fp32 matmul of the quantized integers sums exactly: each product is at most
+    ``127 * Q_w`` in magnitude, so every partial sum of ``k`` of them is an integer below
+    ``k * 127 * Q_w``; at most 2^24 every one is an fp32 and no addition rounds, in any order."""
+    qmax = 2 ** ((weight_bits() if bits is None else bits) - 1) - 1
+    return k * ACT_QMAX * qmax <= 1 << 24
+
+
+def _route_env() -> str:
+    env = os.environ.get("MIXRANK_INT8_ROUTE", "auto")
+    if env not in ("auto", *ROUTES):
+        raise ValueError(f"MIXRANK_INT8_ROUTE: expected auto, {' or '.join(ROUTES)}, got {env!r}")
+    return env
+
+
+class Int8PerToken:
+    """``T`` int8 GEMMs of one shape (per-token weights ``w [T, K, N]``, biases ``b [T, N]``;
+    ``T = 1`` for a plain linear layer) on token-major ``x [T, B, K] -> [T, B, N]`` fp32,
+    quantized as ``Int8Weight`` / ``int8_linear`` (per output channel, per row), through one
+    of two routes that give the same bytes:
+
+    - ``onednn``: one oneDNN u8s8 call per token (``int8_bmm``);
+    - ``exact_fp32``: one fp32 ``bmm`` over all tokens of the integer values themselves. Where
+      ``exact_in_fp32(K)`` every partial sum is an integer below 2^24, so the fp32 sums are the
+      int32 sums exactly, and the scales are applied in the same order: the outputs are
+      bit-identical (tests/test_int8.py). At small shapes (D = 32: 256 x 32 x 128 per token)
+      a oneDNN call costs tens of microseconds of fixed overhead, and one batched fp32 call for
+      all tokens is 2-4x faster (docs/BENCHMARKS.md, "Int8 dense inference").
+
+    ``route``: ``auto`` (default; ``MIXRANK_INT8_ROUTE`` overrides) times both on ``rows`` rows
+    per token once, here, and keeps the faster: the choice changes speed, never a score.
+    ``exact_fp32`` is only considered where the sums are exact and the fp32 copy of the weights
+    is at most ``EXACT_FP32_MAX_BYTES``."""
+
+    def __init__(
+        self,
+        w: Tensor,
+        b: Tensor | None = None,
+        *,
+        bits: int | None = None,
+        route: str | None = None,
+        rows: int = 256,
+    ):
+        route = route or _route_env()
+        if route not in ("auto", *ROUTES):
+            raise ValueError(
+                f"Int8PerToken: route: expected auto or one of {ROUTES}, got {route!r}"
+            )
+        self.t, self.k, self.n = w.shape
+        bits = weight_bits() if bits is None else bits
+        self.weights = [
+            Int8Weight(w[t], None if b is None else b[t], bits, keep_q=True) for t in range(self.t)
+        ]
+        fits = exact_in_fp32(self.k, bits) and self.t * self.k * self.n * 4 <= EXACT_FP32_MAX_BYTES
+        if route == "exact_fp32" and not exact_in_fp32(self.k, bits):
+            raise ValueError(
+                f"Int8PerToken: route exact_fp32: K = {self.k} products of {bits}-bit weights can "
+                f"sum past 2^24 (fp32 would round); at most {(1 << 24) // (ACT_QMAX * (2 ** (bits - 1) - 1))}"
+            )
+        self.wf = torch.stack([wt.q.float() for wt in self.weights])  # [T, K, N]
+        self.scale = torch.stack([wt.scale for wt in self.weights]).unsqueeze(1)  # [T, 1, N]
+        self.bias = (
+            None if b is None else b.detach().float().reshape(self.t, 1, self.n).contiguous()
+        )
+        if route == "auto":
+            route = self._fastest(rows) if fits and has_onednn() else "onednn"
+        if route == "onednn" and not has_onednn():
+            route = "exact_fp32" if exact_in_fp32(self.k, bits) else "onednn"  # emulated
+        self.route = route
+        if route == "exact_fp32":
+            self.weights = []
+        else:
+            self.wf = self.scale = self.bias = None  # type: ignore[assignment]
+            for wt in self.weights:
+                if wt.packed is not None:
+                    wt.q = None  # the packed copy alone serves (Int8Weight's keep_q=False)
+
+    def quantizer(self):
+        """The activations' quantization this route reads: ``quantize_rows`` (u8) or
+        ``quantize_rows_int`` (the integers as fp32)."""
+        return quantize_rows if self.route == "onednn" else quantize_rows_int
+
+    def __call__(self, x: Tensor, quantize=None) -> Tensor:
+        """``x [T, B, K] -> [T, B, N]`` fp32; ``quantize``: ``self.quantizer()`` or a compiled
+        twin of it (the same bytes)."""
+        if self.route == "onednn":
+            return int8_bmm(x, self.weights, quantize=quantize)
+        q, s = (quantize or quantize_rows_int)(x.float())
+        y = torch.bmm(q, self.wf).mul_(self.scale)
+        return y.mul_(s) if self.bias is None else torch.addcmul(self.bias, y, s)
+
+    def _fastest(self, rows: int) -> str:
+        """The route with the shorter best-of time on ``rows`` random rows per token."""
+        import time
+
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(self.t, max(rows, 1), self.k, generator=g)
+        best = {}
+        for route in ROUTES:
+            self.route = route
+            self(x)
+            best[route] = float("inf")
+        for _ in range(3):
+            for route in ROUTES:
+                self.route = route
+                t0 = time.perf_counter()
+                self(x)
+                best[route] = min(best[route], time.perf_counter() - t0)
+        log.debug("int8 %dx[%d, %d] x %d rows: %s", self.t, self.k, self.n, rows, best)
+        return min(best, key=best.get)
 
 
 def int8_linear_reference(
