@@ -134,7 +134,15 @@ def run(args) -> int:
     from kernels.cpu import int8
     from ranking.lowered import int8_gemms
 
-    info = {**machine_info(), "int8_weight_bits": int8.weight_bits()}
+    from serving.runtime import tune_allocator
+
+    # the allocator a serving replica runs with (serving/runtime.py), as bench model
+    allocator = tune_allocator()
+    info = {
+        **machine_info(),
+        "int8_weight_bits": int8.weight_bits(),
+        "replica_allocator": allocator,
+    }
     print(f"# machine: {info}", file=sys.stderr)
     bf16 = native_bf16()
     if not bf16:

@@ -112,6 +112,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "bf16), back to back; their median ratio is int8_vs_fp32_paired (0 = off)",
     )
     parser.add_argument(
+        "--replica-allocator",
+        choices=["on", "off"],
+        default="on",
+        help="glibc malloc as a serving replica sets it (serving/runtime.py: one arena, 256 MiB "
+        "mmap threshold, no trimming) or glibc's defaults",
+    )
+    parser.add_argument(
         "--force-bf16", action="store_true", help="time bf16 even on a CPU without native bf16"
     )
     parser.add_argument(
@@ -525,9 +532,14 @@ def ab_speedup(base, new, reps: int, warmup: int) -> float:
 def run(args) -> int:
     import torch
 
+    from serving.runtime import tune_allocator
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = machine_info()
+    # the allocator a serving replica runs with (serving/runtime.py); --replica-allocator off:
+    # glibc's defaults
+    allocator = getattr(args, "replica_allocator", "on") == "on" and tune_allocator()
+    info = {**machine_info(), "replica_allocator": allocator}
     if not getattr(args, "json_only", False):
         print(f"# machine: {info}", file=sys.stderr)
     records = []
