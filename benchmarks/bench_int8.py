@@ -133,7 +133,6 @@ def run(args) -> int:
         return 2
     from kernels.cpu import int8
     from ranking.lowered import int8_gemms
-
     from serving.runtime import tune_allocator
 
     # the allocator a serving replica runs with (serving/runtime.py), as bench model
