@@ -379,6 +379,13 @@ def bench_config(name: str, args) -> list[dict]:
     from ranking.model.synthetic import random_batch
     from ranking.train.config import load_experiment
 
+    from ranking.lowered import EPILOGUES
+
+    # each config starts with no compiled graphs, as the one model of a serving process does:
+    # shared across configs, the epilogues' graphs reached torch._dynamo's recompile limit
+    # (8) by the fourth config, whose epilogues then ran eagerly
+    torch._dynamo.reset()
+    EPILOGUES.clear()
     path = _resolve(name)
     exp = load_experiment(path, require_data=False)
     cfg, schema, opts = exp.model, exp.schema, exp.inference
