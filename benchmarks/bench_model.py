@@ -374,12 +374,11 @@ def bench_config(name: str, args) -> list[dict]:
     import torch
 
     from ranking.inference import optimize_for_inference
+    from ranking.lowered import EPILOGUES
     from ranking.model.flops import forward_flops
     from ranking.model.ranker import Ranker, build_model
     from ranking.model.synthetic import random_batch
     from ranking.train.config import load_experiment
-
-    from ranking.lowered import EPILOGUES
 
     # each config starts with no compiled graphs, as the one model of a serving process does:
     # shared across configs, the epilogues' graphs reached torch._dynamo's recompile limit
