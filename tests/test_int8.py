@@ -158,6 +158,22 @@ def test_exact_fp32_route_is_bounded_where_fp32_sums_are_exact(monkeypatch):
     assert int8.Int8PerToken(torch.randn(1, k, 4)).route == "onednn"
 
 
+def test_a_large_layer_never_makes_the_exact_routes_weights(monkeypatch):
+    """Past the exact route's 8 MiB cap the fp32 integers are never made, not even to time
+    the route at load (a D = 768 layer's would be hundreds of MB)."""
+    if not int8.has_onednn():
+        pytest.skip("this torch build has no oneDNN quantized linear")
+    made = []
+    real = int8.Int8PerToken._integers
+    monkeypatch.setattr(
+        int8.Int8PerToken, "_integers", lambda self: made.append(self.k) or real(self)
+    )
+    big = int8.Int8PerToken(torch.randn(3, 512, 1400))  # 8.6 MB of fp32
+    assert big.route == "onednn" and big.wf is None and made == []
+    small = int8.Int8PerToken(torch.randn(3, 32, 64))
+    assert set(made) == {32} and (small.wf is None) == (small.route == "onednn")
+
+
 def test_auto_route_and_its_override(monkeypatch):
     """``auto`` times both routes and keeps one of them; ``MIXRANK_INT8_ROUTE`` forces one and a
     bad value names the variable; a bad ``route`` argument names the argument."""

@@ -255,7 +255,7 @@ class Int8PerToken:
                 f"Int8PerToken: route exact_fp32: K = {self.k} products of {bits}-bit weights can "
                 f"sum past 2^24 (fp32 would round); at most {(1 << 24) // (ACT_QMAX * (2 ** (bits - 1) - 1))}"
             )
-        self.wf = torch.stack([wt.q.float() for wt in self.weights])  # [T, K, N]
+        self.wf: Tensor | None = None  # the exact route's fp32 integers (made when timed / chosen)
         self.scale = torch.stack([wt.scale for wt in self.weights]).unsqueeze(1)  # [T, 1, N]
         self.bias = (
             None if b is None else b.detach().float().reshape(self.t, 1, self.n).contiguous()
@@ -266,12 +266,19 @@ class Int8PerToken:
             route = "exact_fp32" if exact_in_fp32(self.k, bits) else "onednn"  # emulated
         self.route = route
         if route == "exact_fp32":
+            self._integers()
             self.weights = []
         else:
             self.wf = self.scale = self.bias = None  # type: ignore[assignment]
             for wt in self.weights:
                 if wt.packed is not None:
                     wt.q = None  # the packed copy alone serves (Int8Weight's keep_q=False)
+
+    def _integers(self) -> None:
+        """The exact route's weights: the int8 values as fp32 ``[T, K, N]``, made only where
+        the route is timed or chosen (a large layer never holds them, not even at load)."""
+        if self.wf is None:
+            self.wf = torch.stack([wt.q.float() for wt in self.weights])
 
     def quantizer(self):
         """The activations' quantization this route reads: ``quantize_rows`` (u8) or
@@ -293,6 +300,7 @@ class Int8PerToken:
 
         g = torch.Generator().manual_seed(0)
         x = torch.randn(self.t, max(rows, 1), self.k, generator=g)
+        self._integers()
         best = {}
         for route in ROUTES:
             self.route = route
