@@ -10,7 +10,7 @@ closes; docs/SERVING.md). The mmap threshold is 256 MiB where glibc takes it (el
 the old ceiling): glibc maps every block at or above the threshold afresh and unmaps it on
 free, and an int8 forward's fp32 intermediates reach 32 MiB ([16 tokens, 256 rows, 2048] for
 TokenMixer-Large medium's gate / up): at 32 MiB it took 11-46k page faults per 1,024-row forward,
-at 256 MiB 0.7-2.9k, and ran 10-25% faster (docs/BENCHMARKS.md, "Int8 dense inference").
+at 256 MiB 0.7-2.9k, and ran 4-36% faster (docs/BENCHMARKS.md, "Int8 dense inference").
 ``mixrank bench model`` / ``bench int8`` apply it too, so they time the process a replica runs.
 No-op where glibc's ``mallopt`` is absent.
 """
