@@ -104,10 +104,8 @@ def quantize_weight(w: Tensor, bits: int | None = None) -> tuple[Tensor, Tensor]
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """``x [..., K]`` fp32 -> (``u8 [..., K]`` = round(x / s) + 128, ``s [..., 1]``), one
     symmetric scale per row (``s = max |x| / 127``; rows of zeros get ``s = 1``)."""
-    s = x.abs().amax(dim=-1, keepdim=True).div_(ACT_QMAX)
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    q = torch.div(x, s).round_().add_(ACT_ZERO_POINT).to(torch.uint8)
-    return q, s
+    q, s = quantize_rows_int(x)
+    return q.add_(ACT_ZERO_POINT).to(torch.uint8), s
 
 
 class Int8Weight:
@@ -291,8 +289,7 @@ class Int8PerToken:
         if self.route == "onednn":
             return int8_bmm(x, self.weights, quantize=quantize)
         q, s = (quantize or quantize_rows_int)(x.float())
-        y = torch.bmm(q, self.wf).mul_(self.scale)
-        return y.mul_(s) if self.bias is None else torch.addcmul(self.bias, y, s)
+        return _rescale(torch.bmm(q, self.wf).mul_(self.scale), s, self.bias, None)
 
     def _fastest(self, rows: int) -> str:
         """The route with the shorter best-of time on ``rows`` random rows per token."""
