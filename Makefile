@@ -24,7 +24,7 @@ prometheus:
 	fi
 
 # Re-installs only when a lock file, pyproject.toml or a C extension (setup.py) changes.
-$(STAMP): requirements.lock requirements-nodeps.lock pyproject.toml setup.py ranking/data/_fastrows.c serving/_fastproto.c kernels/cpu/mixer_blocks.cpp
+$(STAMP): requirements.lock requirements-nodeps.lock pyproject.toml setup.py ranking/data/_fastrows.c serving/_fastproto.c kernels/cpu/mixer_blocks.cpp kernels/cpu/int8_blocks.cpp kernels/cpu/simd.h
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.lock

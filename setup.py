@@ -6,7 +6,9 @@
   (serving/_fastproto.c);
 - ``kernels.cpu._block`` (C++, x86-64 Linux, built against the installed torch): the whole
   RankMixer block and TokenMixer-Large's pSwiGLU stages for bf16 CPU inference, AMX GEMMs with
-  fused prologues and epilogues (kernels/cpu/mixer_blocks.cpp, loaded by ``kernels.cpu``).
+  fused prologues and epilogues (kernels/cpu/mixer_blocks.cpp, loaded by ``kernels.cpu``);
+- ``kernels.cpu._int8`` (C++, x86-64 Linux): int8 per-token GEMMs and whole int8 mixer blocks on
+  AVX512-VNNI (kernels/cpu/int8_blocks.cpp, loaded by ``kernels.cpu.vnni``).
 
 All are optional: where no C/C++ compiler (or no torch) is at hand the build goes on without
 them and the same results come from the Python paths (``ranking.data.fastrows.AVAILABLE``,
@@ -54,7 +56,32 @@ def _cpu_kernels() -> list[Extension]:
             ],
             extra_link_args=["-fopenmp"],
             optional=True,
-        )
+        ),
+        Extension(
+            "kernels.cpu._int8",
+            ["kernels/cpu/int8_blocks.cpp"],
+            include_dirs=include_paths(),
+            library_dirs=library_paths(),
+            runtime_library_dirs=library_paths(),
+            libraries=["c10", "torch", "torch_cpu"],
+            language="c++",
+            extra_compile_args=[
+                "-std=c++17",
+                "-O3",
+                "-fopenmp",
+                "-mavx512f",
+                "-mavx512bw",
+                "-mavx512vl",
+                "-mavx512dq",
+                "-mavx512vnni",
+                "-mfma",
+                "-ffp-contract=off",  # the rescale's roundings are the Python routes' (same bytes)
+                f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+                "-DTORCH_EXTENSION_NAME=_int8",
+            ],
+            extra_link_args=["-fopenmp"],
+            optional=True,
+        ),
     ]
 
 

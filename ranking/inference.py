@@ -16,7 +16,7 @@ an experiment YAML (``InferenceConfig``)::
       micro_batch: 256          # rows per chunk of the dense part (0: the whole batch)
       compile: false            # torch.compile the whole lowered stack
       compile_epilogues: true   # torch.compile the norms / SwiGLU between the GEMMs
-      cpu_fused_block: true     # bf16 on an AMX CPU: each block (stage) as one kernels.cpu op
+      cpu_fused_block: true     # each block (stage) as one kernels.cpu op (bf16: AMX; int8: VNNI)
       cuda_graphs: true         # on a GPU: the dense part replayed from CUDA graphs
 
 Example::
@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 import kernels
 from kernels import cpu as cpu_kernels
+from kernels.cpu import vnni
 from ranking.features import Batch
 from ranking.lowered import (
     AmxRankMixer,
@@ -55,6 +56,8 @@ from ranking.lowered import (
     TokenMajorRankMixer,
     TokenMajorStack,
     TokenMajorTokenMixerLarge,
+    VnniInt8RankMixer,
+    VnniInt8TokenMixerLarge,
     has_token_major,
     swap_linears,
 )
@@ -97,9 +100,10 @@ class InferenceConfig:
         first, then the batch dimension dynamic).
     compile_epilogues: on the CPU token-major path, only the norms and the SwiGLU activation
         between the GEMMs go through ``torch.compile`` (the GEMMs stay eager).
-    cpu_fused_block: bf16 on the CPU: each RankMixer block, and each TokenMixer-Large pSwiGLU
-        stage, as one ``kernels.cpu`` op (AMX GEMMs with fused epilogues) where the CPU and the
-        build have it; the token-major block elsewhere (logged once).
+    cpu_fused_block: on the CPU, each RankMixer block, and each TokenMixer-Large pSwiGLU stage,
+        as one ``kernels.cpu`` op where the CPU and the build have it: bf16 with AMX GEMMs,
+        int8 with AVX512-VNNI GEMMs (``kernels.cpu.vnni``), the norms, activations, biases and
+        residuals fused around them; the token-major block elsewhere (logged once).
     cuda_graphs: on a GPU, the dense part (stack, pooling, heads) of each chunk replayed from a
         CUDA graph, one per power-of-two row bucket (``ranking.lowered.CudaGraphs``): one launch
         instead of one per kernel; the tokenizer (TorchRec lookups) stays eager. The MoE aux
@@ -170,6 +174,29 @@ def _fast_block(block, dtype, device, compile_epilogues: bool, cpu_fused_block: 
     return fast(block, dtype, device, compile_epilogues)
 
 
+def _int8_block(block, compile_epilogues: bool, cpu_fused_block: bool, rows: int):
+    rankmixer = isinstance(block, RankMixerBlock)
+    if cpu_fused_block:
+        fused = VnniInt8RankMixer if rankmixer else VnniInt8TokenMixerLarge
+        if vnni.ops() is None:
+            _warn_once(
+                "cpu_fused_block int8",
+                "cpu_fused_block: int8: %s; running each int8 GEMM on its own",
+                vnni.reason(),
+            )
+        elif fused.supports(block):
+            return fused(block)
+        else:
+            _warn_once(
+                f"cpu_fused_block int8 {type(block).__name__}",
+                "cpu_fused_block: kernels.cpu.vnni does not take this %s's shapes; running each "
+                "int8 GEMM on its own",
+                type(block).__name__,
+            )
+    unfused = Int8RankMixer if rankmixer else Int8TokenMixerLarge
+    return unfused(block, compile_epilogues, rows)
+
+
 def lower_stack(
     stack: nn.Module,
     dtype: torch.dtype,
@@ -220,12 +247,7 @@ def lower_stack(
             for b in stack.blocks
         ]
     elif int8:
-        blocks = [
-            (Int8RankMixer if isinstance(b, RankMixerBlock) else Int8TokenMixerLarge)(
-                b, compile_epilogues, rows
-            )
-            for b in stack.blocks
-        ]
+        blocks = [_int8_block(b, compile_epilogues, cpu_fused_block, rows) for b in stack.blocks]
     else:
         blocks = [
             _fast_block(b, dtype, device, compile_epilogues, cpu_fused_block) for b in stack.blocks

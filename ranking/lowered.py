@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 import kernels
 from kernels import cpu as cpu_kernels
-from kernels.cpu import int8
+from kernels.cpu import int8, vnni
 from kernels.reference import fp8_quantize_weight
 from ranking.model.blocks import RankMixerBlock, StackOutput, TokenMixerLargeBlock
 from ranking.model.ffn import DenseStage, PerTokenFFN, PerTokenSwiGLU, SparsePerTokenMoE
@@ -474,6 +474,68 @@ class Int8TokenMixerLarge(nn.Module):
         r = revert_tm(self._stage(0, self.norm1(hm), hm), self.num_tokens)
         base = x if self.second_residual == "input" else r
         return self._stage(1, self.norm2(r), base)
+
+
+def _vnni_gemm(w: Tensor, b: Tensor | None = None) -> vnni.Prepared:
+    """Per-token weights ``w [T, K, N]`` (biases ``b [T, N]``) quantized as ``Int8PerToken``
+    quantizes them (per output channel) and packed for ``kernels.cpu.vnni``."""
+    q, scale = int8.quantize_weight(w)
+    return vnni.prepare(q, scale, b)
+
+
+def _f32_norm(norm: nn.Module, rms: bool) -> tuple[Tensor, Tensor | None, float]:
+    f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
+    return f32(norm.weight), None if rms else f32(norm.bias), _eps(norm)
+
+
+class VnniInt8RankMixer(nn.Module):
+    """``RankMixerBlock`` (dense PFFN) in int8 as one ``kernels.cpu.vnni`` op on token-major
+    fp32 ``x [T, B, D]``: ``Int8RankMixer``'s quantization (weights per output channel,
+    activations per row), with the mixing, both norms, GELU, the biases, the residual and the
+    activations' quantization fused around the two AVX512-VNNI GEMMs."""
+
+    def __init__(self, block: RankMixerBlock):
+        super().__init__()
+        ffn = dense_ffn(block.ffn, PerTokenFFN)
+        self.rms = isinstance(block.norm1, nn.RMSNorm)
+        self.norm1 = _f32_norm(block.norm1, self.rms)
+        self.norm2 = _f32_norm(block.norm2, self.rms)
+        self.g1, self.g2 = _vnni_gemm(ffn.w1, ffn.b1), _vnni_gemm(ffn.w2, ffn.b2)
+
+    @staticmethod
+    def supports(block: RankMixerBlock) -> bool:
+        ffn = dense_ffn(block.ffn, PerTokenFFN)
+        return vnni.rankmixer_supports(block.num_tokens, ffn.w1.shape[1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return vnni.rankmixer_block(x, self.norm1, self.g1, self.g2, self.norm2, self.rms)
+
+
+class VnniInt8TokenMixerLarge(nn.Module):
+    """``TokenMixerLargeBlock`` (dense pSwiGLU) in int8 with each stage one ``kernels.cpu.vnni``
+    op on token-major fp32 ``x [T, B, D]`` (RMSNorm, the gate/up GEMM, Swish * up, the down
+    GEMM, the residual and the activations' quantization in one pass; mixing and reverting stay
+    copies). ``Int8TokenMixerLarge``'s quantization."""
+
+    def __init__(self, block: TokenMixerLargeBlock):
+        super().__init__()
+        self.num_tokens, self.num_heads = block.num_tokens, block.num_heads
+        self.second_residual = block.second_residual
+        self.stages = tuple(
+            ((n.weight.detach().float().contiguous(), _eps(n)), _vnni_gemm(f.w_gate_up),
+             _vnni_gemm(f.w_down))
+            for n, f in ((block.norm1, block.f1.ffn), (block.norm2, block.f2.ffn))
+        )  # fmt: skip
+
+    @staticmethod
+    def supports(block: TokenMixerLargeBlock) -> bool:
+        return all(vnni.swiglu_supports(f.ffn.w_down.shape[-1]) for f in (block.f1, block.f2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        hm = mix_tm(x.float(), self.num_heads)
+        r = revert_tm(vnni.swiglu_stage(hm, hm, *self.stages[0]), self.num_tokens)
+        base = x if self.second_residual == "input" else r
+        return vnni.swiglu_stage(r, base, *self.stages[1])
 
 
 class Int8Linear(nn.Module):

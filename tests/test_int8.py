@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from test_inference import SMALL, TOKEN_MAJOR, _model
 
-from kernels.cpu import int8
+from kernels.cpu import int8, vnni
 from ranking.export import LOWERING_TOLERANCE
 from ranking.inference import InferenceRanker, QuantizedModel, optimize_for_inference
 from ranking.lowered import (
@@ -130,6 +130,10 @@ def test_int8_routes_give_the_same_bytes(shape, bias):
     assert (one.route, exact.route) == ("onednn", "exact_fp32")
     got_one, got_exact = one(x), exact(x)
     assert torch.equal(got_one, got_exact)
+    if vnni.ops() is not None:  # the AVX512-VNNI kernel's route: the same bytes again
+        fast = int8.Int8PerToken(w, b, route="vnni")
+        assert fast.route == "vnni" and fast.weights == [] and fast.wf is None
+        assert torch.equal(fast(x), got_one)
     ws = [int8.Int8Weight(w[t], None if b is None else b[t]) for t in range(T)]
     assert torch.equal(got_one, int8.int8_bmm(x, ws))
     torch.testing.assert_close(got_exact, _ref_bmm(x, w, b), atol=1e-5, rtol=1e-5)
@@ -155,7 +159,7 @@ def test_exact_fp32_route_is_bounded_where_fp32_sums_are_exact(monkeypatch):
     k = (1 << 24) // (127 * 127) + 1
     with pytest.raises(ValueError, match="2\\^24"):
         int8.Int8PerToken(torch.randn(1, k, 4), route="exact_fp32")
-    assert int8.Int8PerToken(torch.randn(1, k, 4)).route == "onednn"
+    assert int8.Int8PerToken(torch.randn(1, k, 4)).route in ("onednn", "vnni")
 
 
 def test_a_large_layer_never_makes_the_exact_routes_weights(monkeypatch):
@@ -169,9 +173,9 @@ def test_a_large_layer_never_makes_the_exact_routes_weights(monkeypatch):
         int8.Int8PerToken, "_integers", lambda self: made.append(self.k) or real(self)
     )
     big = int8.Int8PerToken(torch.randn(3, 512, 1400))  # 8.6 MB of fp32
-    assert big.route == "onednn" and big.wf is None and made == []
+    assert big.route in ("onednn", "vnni") and big.wf is None and made == []
     small = int8.Int8PerToken(torch.randn(3, 32, 64))
-    assert set(made) == {32} and (small.wf is None) == (small.route == "onednn")
+    assert set(made) == {32} and (small.wf is None) == (small.route != "exact_fp32")
 
 
 def test_auto_route_and_its_override(monkeypatch):
@@ -194,20 +198,23 @@ def test_auto_route_and_its_override(monkeypatch):
 @pytest.mark.parametrize("name", ["rankmixer", "tokenmixer_large_reverted", "dlrm", "dcnv2"])
 def test_a_model_scores_the_same_bytes_on_either_route(name, monkeypatch):
     """The route is a speed choice only: a whole int8 model (mixer blocks, or a baseline's
-    linear layers) gives bit-identical logits with every GEMM on oneDNN and every GEMM on the
-    exact fp32 route."""
+    linear layers) gives bit-identical logits with every GEMM on oneDNN, every GEMM on the
+    exact fp32 route and (where the CPU has it) every GEMM on the VNNI kernel."""
     if not int8.has_onednn():
         pytest.skip("this torch build has no oneDNN quantized linear")
     model, schema = _model(name)
     batch = random_batch(schema, 33, seed=4)
     logits = {}
     for route in int8.ROUTES:
+        if route == "vnni" and vnni.ops() is None:
+            continue
         monkeypatch.setenv("MIXRANK_INT8_ROUTE", route)
         low = optimize_for_inference(model, dtype="int8")
         routes = {m.route for m in int8_gemms(low)}
         assert routes == {route}, routes
         logits[route] = low(batch).logits
-    assert torch.equal(*logits.values())
+    first = logits.pop("onednn")
+    assert logits and all(torch.equal(first, other) for other in logits.values())
 
 
 # ----------------------------------------------------------------------------- the blocks

@@ -6,8 +6,8 @@ quantized to int8 per row at run time, int32 accumulation through oneDNN's u8s8 
     int8_linear(x [M, K] fp32, weight, out=None) -> x @ w + bias   (fp32, [M, N])
     int8_bmm(x [T, B, K], weights[T], out=None)  -> per-token int8_linear (token-major)
     Int8PerToken(w [T, K, N], b=None)(x [T, B, K]) -> the same, routed: one oneDNN call per
-        token, or one exact fp32 bmm of the integers for all tokens (bit-identical; the faster
-        one at load, timed)
+        token, one exact fp32 bmm of the integers for all tokens, or one call of the AVX512-VNNI
+        kernel (kernels.cpu.vnni) for all tokens (bit-identical; the fastest at load, timed)
     int8_linear_reference(x, w_q, scale, bias)   -> the same product summed exactly
     weight_bits() -> 8 on CPUs with VNNI / AMX-INT8, 7 elsewhere (why: below)
 
@@ -43,6 +43,8 @@ import os
 
 import torch
 from torch import Tensor
+
+from kernels.cpu import vnni
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +191,7 @@ def quantize_rows_int(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.div(x, s).round_(), s
 
 
-ROUTES = ("onednn", "exact_fp32")
+ROUTES = ("onednn", "exact_fp32", "vnni")
 # the exact fp32 route holds the weights as fp32 (4x the int8 bytes): only for GEMMs this small
 EXACT_FP32_MAX_BYTES = 8 << 20
 
@@ -221,12 +223,14 @@ class Int8PerToken:
       int32 sums exactly, and the scales are applied in the same order: the outputs are
       bit-identical (tests/test_int8.py). At small shapes (D = 32: 256 x 32 x 128 per token)
       a oneDNN call costs tens of microseconds of fixed overhead, and one batched fp32 call for
-      all tokens is 2-4x faster (docs/BENCHMARKS.md, "Int8 dense inference").
+      all tokens is 2-4x faster (docs/BENCHMARKS.md, "Int8 dense inference");
+    - ``vnni``: one call for all tokens of ``kernels.cpu.vnni``'s AVX512-VNNI kernel, which
+      quantizes the rows itself (where the CPU and the build have it; bit-identical too).
 
-    ``route``: ``auto`` (default; ``MIXRANK_INT8_ROUTE`` overrides) times both on ``rows`` rows
-    per token once, here, and keeps the faster: the choice changes speed, never a score.
-    ``exact_fp32`` is only considered where the sums are exact and the fp32 copy of the weights
-    is at most ``EXACT_FP32_MAX_BYTES``."""
+    ``route``: ``auto`` (default; ``MIXRANK_INT8_ROUTE`` overrides) times the usable routes on
+    ``rows`` rows per token once, here, and keeps the fastest: the choice changes speed, never a
+    score. ``exact_fp32`` is only considered where the sums are exact and the fp32 copy of the
+    weights is at most ``EXACT_FP32_MAX_BYTES``."""
 
     def __init__(
         self,
@@ -258,19 +262,36 @@ class Int8PerToken:
         self.bias = (
             None if b is None else b.detach().float().reshape(self.t, 1, self.n).contiguous()
         )
+        self.prepared: vnni.Prepared | None = None  # the vnni route's packed weights
+        if route == "vnni" and vnni.ops() is None:
+            raise ValueError(f"Int8PerToken: route vnni: unavailable here ({vnni.reason()})")
         if route == "auto":
-            route = self._fastest(rows) if fits and has_onednn() else "onednn"
+            usable = [r for r, ok in zip(ROUTES, (has_onednn(), fits, vnni.ops() is not None)) if ok]
+            route = self._fastest(rows, usable) if len(usable) > 1 else (usable or ["onednn"])[0]
         if route == "onednn" and not has_onednn():
             route = "exact_fp32" if exact_in_fp32(self.k, bits) else "onednn"  # emulated
         self.route = route
         if route == "exact_fp32":
             self._integers()
+            self.weights, self.prepared = [], None
+            return
+        self.wf = None
+        if route == "vnni":
+            self._packed()
             self.weights = []
         else:
-            self.wf = self.scale = self.bias = None  # type: ignore[assignment]
+            self.prepared = None
             for wt in self.weights:
                 if wt.packed is not None:
                     wt.q = None  # the packed copy alone serves (Int8Weight's keep_q=False)
+        self.scale = self.bias = None  # type: ignore[assignment]
+
+    def _packed(self) -> None:
+        """The vnni route's weights (``kernels.cpu.vnni.prepare``), made where timed / chosen."""
+        if self.prepared is None:
+            q = torch.stack([wt.q for wt in self.weights])
+            bias = None if self.bias is None else self.bias.reshape(self.t, self.n)
+            self.prepared = vnni.prepare(q, self.scale.reshape(self.t, self.n), bias)
 
     def _integers(self) -> None:
         """The exact route's weights: the int8 values as fp32 ``[T, K, N]``, made only where
@@ -280,31 +301,39 @@ class Int8PerToken:
 
     def quantizer(self):
         """The activations' quantization this route reads: ``quantize_rows`` (u8) or
-        ``quantize_rows_int`` (the integers as fp32)."""
+        ``quantize_rows_int`` (the integers as fp32); None for ``vnni``, whose kernel quantizes."""
+        if self.route == "vnni":
+            return None
         return quantize_rows if self.route == "onednn" else quantize_rows_int
 
     def __call__(self, x: Tensor, quantize=None) -> Tensor:
         """``x [T, B, K] -> [T, B, N]`` fp32; ``quantize``: ``self.quantizer()`` or a compiled
         twin of it (the same bytes)."""
+        if self.route == "vnni":
+            return vnni.linear(x, self.prepared)
         if self.route == "onednn":
             return int8_bmm(x, self.weights, quantize=quantize)
         q, s = (quantize or quantize_rows_int)(x.float())
         return _rescale(torch.bmm(q, self.wf).mul_(self.scale), s, self.bias, None)
 
-    def _fastest(self, rows: int) -> str:
-        """The route with the shorter best-of time on ``rows`` random rows per token."""
+    def _fastest(self, rows: int, routes: list[str]) -> str:
+        """Of ``routes``, the one with the shortest best-of time on ``rows`` random rows per
+        token."""
         import time
 
         g = torch.Generator().manual_seed(0)
         x = torch.randn(self.t, max(rows, 1), self.k, generator=g)
-        self._integers()
+        if "exact_fp32" in routes:
+            self._integers()
+        if "vnni" in routes:
+            self._packed()
         best = {}
-        for route in ROUTES:
+        for route in routes:
             self.route = route
             self(x)
             best[route] = float("inf")
         for _ in range(3):
-            for route in ROUTES:
+            for route in routes:
                 self.route = route
                 t0 = time.perf_counter()
                 self(x)
@@ -331,8 +360,9 @@ def int8_linear_reference(
 
 def int8_gemm_rate(n: int = 2048, repeats: int = 3) -> dict[str, float]:
     """The int8 matmul peak of this machine at ``n^3``, in GOP/s, for each route: oneDNN's u8s8
-    kernel (what ``int8_linear`` runs, quantization excluded), ``torch._int_mm`` and
-    ``torch.ao``'s dynamic linear (fbgemm). ``peak`` is the fastest."""
+    kernel (what ``int8_linear`` runs, quantization excluded), ``kernels.cpu.vnni``'s kernel
+    (quantization included) where the CPU has VNNI, ``torch._int_mm`` and ``torch.ao``'s
+    dynamic linear (fbgemm). ``peak`` is the fastest."""
     import time
 
     g = torch.Generator().manual_seed(0)
@@ -342,6 +372,10 @@ def int8_gemm_rate(n: int = 2048, repeats: int = 3) -> dict[str, float]:
     routes = {}
     if w.packed is not None:
         routes["onednn_u8s8"] = lambda: w.product(q)
+    if vnni.ops() is not None:  # kernels.cpu.vnni's GEMM (it quantizes the rows itself: included)
+        prepared = vnni.prepare(w.q.unsqueeze(0), w.scale.unsqueeze(0))
+        a3 = a.unsqueeze(0)
+        routes["vnni"] = lambda: vnni.linear(a3, prepared)
     # torch._int_mm: at n^3 where it is fast, at 512^3 where it is a scalar loop (seconds at n)
     small = 512 if n > 512 else n
     a8 = torch.randint(-63, 64, (small, small), dtype=torch.int8, generator=g)

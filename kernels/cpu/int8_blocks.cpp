@@ -1,0 +1,463 @@
+// Int8 inference on CPUs with AVX512-VNNI (fp32 activations in and out):
+//
+//   int8_linear          per-token GEMMs  out[t] = rescale(q(x[t]) . W_t)            (T >= 1)
+//   int8_rankmixer_block a whole RankMixer block (mixing, Norm1, GEMM, GELU, GEMM, residual,
+//                        Norm2) in one pass per (token, row block)
+//   int8_swiglu_stage    one TokenMixer-Large pSwiGLU stage (RMSNorm, gate/up GEMM,
+//                        Swish * up, down GEMM, residual) in one pass per (head, row block)
+//
+// The arithmetic is kernels/cpu/int8.py's: weights int8 per output channel (w_q, s_w), each
+// activation row quantized at run time to q = round(x / s_x), s_x = max |x| / 127, stored as
+// u8 = q + 128 (VPDPBUSD multiplies u8 by s8); the zero point comes back out through the
+// accumulators' starting value -128 * sum_k w_q[k, n]. The int32 sums are exact and are
+// rescaled as the Python routes do: y = float(acc) * s_w[n], then y * s_x (+ bias by one FMA,
+// as torch.addcmul): int8_linear gives the same bytes as Int8PerToken's routes
+// (tests/test_int8_vnni.py).
+//
+// The micro-kernel holds a 6-row x 64-column block of int32 accumulators in 24 zmm registers and
+// steps K by 4 (one VPDPBUSD per 16 columns and row); weights are packed once per GEMM as
+// [N/16][K/4][16 columns][4 k] so that each step loads one 64-byte vector per 16 columns.
+// The fused blocks keep every intermediate of a row block (the normed rows, their u8 copy, the
+// hidden rows, their u8 copy) in thread-local buffers that stay in the core's L2; the unfused
+// path writes and re-reads each through memory as fp32 tensors.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+using mixrank_simd::gelu;
+using mixrank_simd::swiglu;
+
+constexpr int64_t MT = 6;      // rows per micro-tile
+constexpr int64_t GT = 4;      // 16-column groups per micro-tile
+constexpr int32_t ZP = 128;    // the activations' zero point
+constexpr float QMAX = 127.f;  // activations: symmetric 8-bit
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// One row of K fp32 values to Kp u8 (q + 128; the padding is the zero point) and its scale,
+// as kernels.cpu.int8.quantize_rows: s = max |x| / 127 (1 for a row of zeros), q = x / s rounded
+// half to even.
+inline float quantize_row(const float* x, int64_t K, uint8_t* q, int64_t Kp) {
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  __m512 m = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(tail_mask(K - k), x + k);
+    m = _mm512_max_ps(m, _mm512_andnot_ps(sign, v));
+  }
+  float s = _mm512_reduce_max_ps(m) / QMAX;
+  if (!(s > 0.f)) s = 1.f;
+  const __m512 vs = _mm512_set1_ps(s);
+  const __m512i zp = _mm512_set1_epi32(ZP);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 mk = tail_mask(K - k);
+    __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mk, x + k), vs);
+    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(v), zp);
+    _mm_mask_storeu_epi8(q + k, mk, _mm512_cvtepi32_epi8(u));
+  }
+  if (Kp > K) std::memset(q + K, ZP, Kp - K);
+  return s;
+}
+
+// rows x Kp u8 (leading dimension Kp) times one 6 x 64 block of packed weights, rescaled into
+// fp32 out (leading dimension ldo): out = float(acc) * s_w * s_x (+ bias, one FMA). b points
+// at the first of G 16-column groups (gstride bytes apart), corr at -128 * colsum of the same
+// columns, ncols is how many of the 16 G columns are real (the last group may be partial).
+// The 24 accumulators are named variables, not an array: GCC kept an array of them in memory
+// and copied each through the stack on every step (a third of the speed).
+// acc += the u8 x s8 products of a and b, four per int32 lane, in place: GCC 12's intrinsic
+// copied each accumulator to another register and back around every step.
+inline void dpbusd(__m512i& acc, __m512i a, __m512i b) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+}
+
+#define MIXRANK_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define MIXRANK_DECL(i) __m512i c##i##0, c##i##1, c##i##2, c##i##3;
+#define MIXRANK_INIT(i)                       \
+  if constexpr (M > i) {                      \
+    c##i##0 = k0;                             \
+    if constexpr (G > 1) c##i##1 = k1;        \
+    if constexpr (G > 2) c##i##2 = k2;        \
+    if constexpr (G > 3) c##i##3 = k3;        \
+  }
+#define MIXRANK_STEP(i)                                                              \
+  if constexpr (M > i) {                                                             \
+    const __m512i av = _mm512_set1_epi32(                                            \
+        *reinterpret_cast<const int32_t*>(a + i * lda + kk * 4));                    \
+    dpbusd(c##i##0, av, b0);                                  \
+    if constexpr (G > 1) dpbusd(c##i##1, av, b1);             \
+    if constexpr (G > 2) dpbusd(c##i##2, av, b2);             \
+    if constexpr (G > 3) dpbusd(c##i##3, av, b3);             \
+  }
+#define MIXRANK_OUT(i)                                                               \
+  if constexpr (M > i) {                                                             \
+    const __m512 s = _mm512_set1_ps(sx[i]);                                          \
+    store(out + i * ldo, c##i##0, 0, s);                                             \
+    if constexpr (G > 1) store(out + i * ldo, c##i##1, 1, s);                        \
+    if constexpr (G > 2) store(out + i * ldo, c##i##2, 2, s);                        \
+    if constexpr (G > 3) store(out + i * ldo, c##i##3, 3, s);                        \
+  }
+
+template <int M, int G>
+void tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t gstride, int64_t kq,
+          const int32_t* corr, const float* sw, const float* sx, const float* bias, float* out,
+          int64_t ldo, int64_t ncols) {
+  MIXRANK_ROWS(MIXRANK_DECL)
+  const __m512i k0 = _mm512_loadu_si512(corr);
+  const __m512i k1 = G > 1 ? _mm512_loadu_si512(corr + 16) : k0;
+  const __m512i k2 = G > 2 ? _mm512_loadu_si512(corr + 32) : k0;
+  const __m512i k3 = G > 3 ? _mm512_loadu_si512(corr + 48) : k0;
+  MIXRANK_ROWS(MIXRANK_INIT)
+  for (int64_t kk = 0; kk < kq; ++kk) {
+    const int8_t* bk = b + kk * 64;
+    const __m512i b0 = _mm512_loadu_si512(bk);
+    const __m512i b1 = G > 1 ? _mm512_loadu_si512(bk + gstride) : b0;
+    const __m512i b2 = G > 2 ? _mm512_loadu_si512(bk + 2 * gstride) : b0;
+    const __m512i b3 = G > 3 ? _mm512_loadu_si512(bk + 3 * gstride) : b0;
+    MIXRANK_ROWS(MIXRANK_STEP)
+  }
+  __m512 w[G], bb[G];
+  __mmask16 mk[G];
+  for (int j = 0; j < G; ++j) {
+    mk[j] = tail_mask(ncols - 16 * j);
+    w[j] = _mm512_maskz_loadu_ps(mk[j], sw + 16 * j);
+    bb[j] = bias ? _mm512_maskz_loadu_ps(mk[j], bias + 16 * j) : _mm512_setzero_ps();
+  }
+  auto store = [&](float* o, __m512i acc, int j, __m512 s) {
+    const __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), w[j]);
+    _mm512_mask_storeu_ps(o + 16 * j, mk[j], bias ? _mm512_fmadd_ps(y, s, bb[j]) : _mm512_mul_ps(y, s));
+  };
+  MIXRANK_ROWS(MIXRANK_OUT)
+}
+
+#undef MIXRANK_ROWS
+#undef MIXRANK_DECL
+#undef MIXRANK_INIT
+#undef MIXRANK_STEP
+#undef MIXRANK_OUT
+
+using TileFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, const int32_t*,
+                        const float*, const float*, const float*, float*, int64_t, int64_t);
+
+template <int M>
+constexpr TileFn row_of_tiles(int g) {
+  return g == 1 ? tile<M, 1> : g == 2 ? tile<M, 2> : g == 3 ? tile<M, 3> : tile<M, 4>;
+}
+
+TileFn pick(int64_t m, int64_t g) {
+  static const TileFn table[MT][GT] = {
+      {row_of_tiles<1>(1), row_of_tiles<1>(2), row_of_tiles<1>(3), row_of_tiles<1>(4)},
+      {row_of_tiles<2>(1), row_of_tiles<2>(2), row_of_tiles<2>(3), row_of_tiles<2>(4)},
+      {row_of_tiles<3>(1), row_of_tiles<3>(2), row_of_tiles<3>(3), row_of_tiles<3>(4)},
+      {row_of_tiles<4>(1), row_of_tiles<4>(2), row_of_tiles<4>(3), row_of_tiles<4>(4)},
+      {row_of_tiles<5>(1), row_of_tiles<5>(2), row_of_tiles<5>(3), row_of_tiles<5>(4)},
+      {row_of_tiles<6>(1), row_of_tiles<6>(2), row_of_tiles<6>(3), row_of_tiles<6>(4)},
+  };
+  return table[m - 1][g - 1];
+}
+
+// One GEMM of a row block: M rows of u8 activations aq [M, Kp] (scales sx) times one token's
+// packed weights w [Np/16][Kp/4][64], rescaled into out [M, N] (leading dimension ldo).
+// Column panels of 64 outside, 6-row tiles inside: a panel's weights stay in L1 across tiles.
+void gemm(const uint8_t* aq, const float* sx, int64_t M, int64_t Kp, const int8_t* w,
+          const int32_t* corr, const float* sw, const float* bias, int64_t N, float* out,
+          int64_t ldo) {
+  const int64_t kq = Kp / 4, gstride = kq * 64, groups = round_up(N, 16) / 16;
+  for (int64_t g0 = 0; g0 < groups; g0 += GT) {
+    const int64_t g = std::min(GT, groups - g0), n0 = g0 * 16;
+    const int64_t ncols = std::min(N - n0, g * 16);
+    for (int64_t m0 = 0; m0 < M; m0 += MT) {
+      const int64_t m = std::min(MT, M - m0);
+      pick(m, g)(aq + m0 * Kp, Kp, w + g0 * gstride, gstride, kq, corr + n0, sw + n0, sx + m0,
+                 bias ? bias + n0 : nullptr, out + m0 * ldo + n0, ldo, ncols);
+    }
+  }
+}
+
+// LayerNorm (gamma, beta) or RMSNorm (gamma) of one fp32 row of D, D % 16 == 0, into out
+// (which may be the row itself); the same formulas as the eager norms, summed in fp32.
+inline void norm_row(const float* x, int64_t D, const float* g, const float* b, float eps,
+                     bool rms, float* out) {
+  __m512 acc = _mm512_setzero_ps();
+  float mean = 0.f;
+  if (!rms) {
+    for (int64_t k = 0; k < D; k += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + k));
+    mean = _mm512_reduce_add_ps(acc) / D;
+    acc = _mm512_setzero_ps();
+  }
+  const __m512 vmean = _mm512_set1_ps(mean);
+  for (int64_t k = 0; k < D; k += 16) {
+    const __m512 c = _mm512_sub_ps(_mm512_loadu_ps(x + k), vmean);
+    acc = _mm512_fmadd_ps(c, c, acc);
+  }
+  const __m512 vr = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / D + eps));
+  for (int64_t k = 0; k < D; k += 16) {
+    const __m512 c = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + k), vmean), vr);
+    _mm512_storeu_ps(out + k, b ? _mm512_fmadd_ps(c, _mm512_loadu_ps(g + k), _mm512_loadu_ps(b + k))
+                                : _mm512_mul_ps(c, _mm512_loadu_ps(g + k)));
+  }
+}
+
+void check_f32(const at::Tensor& t, const char* op, const std::string& name, int64_t numel) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), op, ": ", name,
+              " must be a contiguous fp32 tensor");
+  TORCH_CHECK(numel < 0 || t.numel() == numel, op, ": ", name, " has ", t.numel(),
+              " elements, expected ", numel);
+}
+
+// A prepared GEMM: packed int8 weights [T, Np/16, Kp/4, 64], corr int32 [T, Np], scales fp32
+// [T, N], bias fp32 [T, N] or empty. Checked against the token count and the GEMM's K and N.
+struct Gemm {
+  const int8_t* w;
+  const int32_t* corr;
+  const float* sw;
+  const float* bias;
+  int64_t k, n, kp, np;
+
+  Gemm(const char* op, const char* name, const at::Tensor& packed, const at::Tensor& corr_,
+       const at::Tensor& sw_, const at::Tensor& bias_, int64_t k_, int64_t T) : k(k_) {
+    TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 4 && packed.size(0) == T &&
+                    packed.size(3) == 64 && packed.is_contiguous(),
+                op, ": ", name, " must be packed by pack_int8 for ", T, " tokens");
+    np = packed.size(1) * 16;
+    kp = packed.size(2) * 4;
+    TORCH_CHECK(k > 0 && round_up(k, 4) == kp, op, ": ", name, " has K = ", k, ", packed as ", kp);
+    TORCH_CHECK(sw_.dim() == 2 && sw_.size(0) == T, op, ": ", name, " scales must be [T, N]");
+    n = sw_.size(1);
+    check_f32(sw_, op, std::string(name) + " scales", T * n);
+    TORCH_CHECK(round_up(n, 16) == np, op, ": ", name, " scales have N = ", n,
+                ", the packed weights ", np, " columns");
+    TORCH_CHECK(corr_.scalar_type() == at::kInt && corr_.is_contiguous() && corr_.numel() == T * np,
+                op, ": ", name, " zero-point correction must be int32 [T, ", np, "]");
+    if (bias_.numel()) check_f32(bias_, op, std::string(name) + " bias", T * n);
+    w = packed.data_ptr<int8_t>();
+    corr = corr_.data_ptr<int32_t>();
+    sw = sw_.data_ptr<float>();
+    bias = bias_.numel() ? bias_.data_ptr<float>() : nullptr;
+  }
+
+  void run(int64_t t, const uint8_t* aq, const float* sx, int64_t M, float* out, int64_t ldo) const {
+    gemm(aq, sx, M, kp, w + t * (np / 16) * kp * 16, corr + t * np, sw + t * n,
+         bias ? bias + t * n : nullptr, n, out, ldo);
+  }
+};
+
+bool available() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+// w int8 [T, K, N] -> (packed int8 [T, Np/16, Kp/4, 64], -128 * colsum int32 [T, Np]).
+std::tuple<at::Tensor, at::Tensor> pack_int8(const at::Tensor& w_) {
+  TORCH_CHECK(w_.scalar_type() == at::kChar && w_.dim() == 3, "pack_int8: expected int8 [T, K, N]");
+  const auto w = w_.contiguous();
+  const int64_t T = w.size(0), K = w.size(1), N = w.size(2);
+  const int64_t Kp = round_up(K, 4), Np = round_up(N, 16);
+  auto packed = at::zeros({T, Np / 16, Kp / 4, 64}, at::kChar);
+  auto corr = at::zeros({T, Np}, at::kInt);
+  const int8_t* src = w.data_ptr<int8_t>();
+  int8_t* dst = packed.data_ptr<int8_t>();
+  int32_t* c = corr.data_ptr<int32_t>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t n = 0; n < N; ++n) {
+        const int8_t v = src[(t * K + k) * N + n];
+        dst[((t * (Np / 16) + n / 16) * (Kp / 4) + k / 4) * 64 + (n % 16) * 4 + k % 4] = v;
+        c[t * Np + n] -= ZP * v;
+      }
+  return {packed, corr};
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& corr,
+                       const at::Tensor& sw, const at::Tensor& bias, int64_t k,
+                       int64_t row_block) {
+  const char* op = "int8_linear";
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3, op, ": x must be fp32 [T, B, K]");
+  TORCH_CHECK(row_block > 0, op, ": row_block must be positive");
+  const auto xc = x.contiguous();
+  const int64_t T = xc.size(0), B = xc.size(1), K = xc.size(2);
+  const Gemm g(op, "weight", packed, corr, sw, bias, k, T);
+  TORCH_CHECK(K == g.k, op, ": x has K = ", K, ", the weights ", g.k, " rows");
+  auto out = at::empty({T, B, g.n}, xc.options());
+  if (B == 0 || T == 0) return out;
+  const int64_t nrb = (B + row_block - 1) / row_block;
+  const float* X = xc.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, T * nrb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> aq(row_block * g.kp);
+    std::vector<float> sx(row_block);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / nrb, r0 = (i % nrb) * row_block, M = std::min(row_block, B - r0);
+      for (int64_t r = 0; r < M; ++r)
+        sx[r] = quantize_row(X + (t * B + r0 + r) * K, K, aq.data() + r * g.kp, g.kp);
+      g.run(t, aq.data(), sx.data(), M, O + (t * B + r0) * g.n, g.n);
+    }
+  });
+  return out;
+}
+
+at::Tensor int8_rankmixer_block(const at::Tensor& x, const at::Tensor& g1, const at::Tensor& be1,
+                                double eps1, const at::Tensor& w1, const at::Tensor& c1,
+                                const at::Tensor& s1, const at::Tensor& b1, int64_t k1,
+                                const at::Tensor& w2, const at::Tensor& c2, const at::Tensor& s2,
+                                const at::Tensor& b2, int64_t k2,
+                                const at::Tensor& g2, const at::Tensor& be2, double eps2,
+                                bool rms, int64_t row_block) {
+  const char* op = "int8_rankmixer_block";
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3, op, ": x must be fp32 [T, B, D]");
+  const auto xc = x.contiguous();
+  const int64_t T = xc.size(0), B = xc.size(1), D = xc.size(2);
+  TORCH_CHECK(D % T == 0 && D % 16 == 0, op, ": D = ", D, " must be a multiple of T and of 16");
+  TORCH_CHECK(row_block > 0, op, ": row_block must be positive");
+  const Gemm G1(op, "w1", w1, c1, s1, b1, k1, T), G2(op, "w2", w2, c2, s2, b2, k2, T);
+  const int64_t Hd = G1.n, Dp = G1.kp, Hp = G2.kp;
+  TORCH_CHECK(G1.k == D && G2.n == D && G2.k == Hd, op, ": the weights' shapes (", G1.k, " x ",
+              G1.n, ", ", G2.k, " x ", G2.n, ") do not chain D = ", D, " -> Hd -> D");
+  check_f32(g1, op, "norm1 weight", D);
+  check_f32(g2, op, "norm2 weight", D);
+  if (!rms) {
+    check_f32(be1, op, "norm1 bias", D);
+    check_f32(be2, op, "norm2 bias", D);
+  }
+  auto out = at::empty_like(xc);
+  if (B == 0) return out;
+  const int64_t d = D / T, nrb = (B + row_block - 1) / row_block;
+  const float *X = xc.data_ptr<float>(), *G1w = g1.data_ptr<float>(), *G2w = g2.data_ptr<float>();
+  const float* B1n = rms ? nullptr : be1.data_ptr<float>();
+  const float* B2n = rms ? nullptr : be2.data_ptr<float>();
+  const float e1 = static_cast<float>(eps1), e2 = static_cast<float>(eps2);
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, T * nrb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(row_block * D), h(row_block * Hd), y(row_block * D), sx(row_block),
+        sh(row_block);
+    std::vector<uint8_t> aq(row_block * Dp), hq(row_block * Hp);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / nrb, r0 = (i % nrb) * row_block, M = std::min(row_block, B - r0);
+      for (int64_t r = 0; r < M; ++r) {  // S = Norm1(TokenMixing(X) + X), then its u8 copy
+        float* sr = s.data() + r * D;
+        const float* xt = X + (t * B + r0 + r) * D;
+        for (int64_t u = 0; u < T; ++u) {
+          const float* src = X + (u * B + r0 + r) * D + t * d;
+          for (int64_t k = 0; k < d; ++k) sr[u * d + k] = src[k] + xt[u * d + k];
+        }
+        norm_row(sr, D, G1w, B1n, e1, rms, sr);
+        sx[r] = quantize_row(sr, D, aq.data() + r * Dp, Dp);
+      }
+      G1.run(t, aq.data(), sx.data(), M, h.data(), Hd);
+      for (int64_t r = 0; r < M; ++r) {  // GELU, then the hidden rows' u8 copy
+        float* hr = h.data() + r * Hd;
+        int64_t k = 0;
+        for (; k + 16 <= Hd; k += 16) _mm512_storeu_ps(hr + k, gelu(_mm512_loadu_ps(hr + k)));
+        if (k < Hd) {
+          const __mmask16 mk = tail_mask(Hd - k);
+          _mm512_mask_storeu_ps(hr + k, mk, gelu(_mm512_maskz_loadu_ps(mk, hr + k)));
+        }
+        sh[r] = quantize_row(hr, Hd, hq.data() + r * Hp, Hp);
+      }
+      G2.run(t, hq.data(), sh.data(), M, y.data(), D);
+      for (int64_t r = 0; r < M; ++r) {  // Norm2(Y + S)
+        float* yr = y.data() + r * D;
+        const float* sr = s.data() + r * D;
+        for (int64_t k = 0; k < D; k += 16)
+          _mm512_storeu_ps(yr + k, _mm512_add_ps(_mm512_loadu_ps(yr + k), _mm512_loadu_ps(sr + k)));
+        norm_row(yr, D, G2w, B2n, e2, rms, O + (t * B + r0 + r) * D);
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor int8_swiglu_stage(const at::Tensor& z, const at::Tensor& res, const at::Tensor& g,
+                             double eps, const at::Tensor& wgu, const at::Tensor& cgu,
+                             const at::Tensor& sgu, int64_t kgu, const at::Tensor& wd,
+                             const at::Tensor& cd, const at::Tensor& sd, int64_t kd,
+                             int64_t row_block) {
+  const char* op = "int8_swiglu_stage";
+  TORCH_CHECK(z.scalar_type() == at::kFloat && z.dim() == 3, op, ": z must be fp32 [T, B, W]");
+  const auto zc = z.contiguous(), rc = res.contiguous();
+  TORCH_CHECK(rc.scalar_type() == at::kFloat && rc.sizes() == zc.sizes(), op,
+              ": the residual must be fp32 and z's shape");
+  const int64_t T = zc.size(0), B = zc.size(1), W = zc.size(2);
+  TORCH_CHECK(W % 16 == 0, op, ": W = ", W, " must be a multiple of 16");
+  TORCH_CHECK(row_block > 0, op, ": row_block must be positive");
+  const Gemm GU(op, "w_gate_up", wgu, cgu, sgu, at::empty({0}), kgu, T),
+      GD(op, "w_down", wd, cd, sd, at::empty({0}), kd, T);
+  const int64_t H2 = GU.n, Hd = H2 / 2;
+  TORCH_CHECK(H2 % 2 == 0 && GU.k == W && GD.k == Hd && GD.n == W, op, ": the weights' shapes (",
+              GU.k, " x ", GU.n, ", ", GD.k, " x ", GD.n, ") do not chain W = ", W,
+              " -> 2 Hd, Hd -> W");
+  check_f32(g, op, "norm weight", W);
+  auto out = at::empty_like(zc);
+  if (B == 0) return out;
+  const int64_t nrb = (B + row_block - 1) / row_block, Wp = GU.kp, Hp = GD.kp;
+  const float *Z = zc.data_ptr<float>(), *R = rc.data_ptr<float>(), *Gw = g.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, T * nrb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(W), gu(row_block * H2), h(row_block * Hd), sx(row_block), sh(row_block);
+    std::vector<uint8_t> aq(row_block * Wp), hq(row_block * Hp);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / nrb, r0 = (i % nrb) * row_block, M = std::min(row_block, B - r0);
+      for (int64_t r = 0; r < M; ++r) {  // RMSNorm(z), its u8 copy
+        norm_row(Z + (t * B + r0 + r) * W, W, Gw, nullptr, e, true, s.data());
+        sx[r] = quantize_row(s.data(), W, aq.data() + r * Wp, Wp);
+      }
+      GU.run(t, aq.data(), sx.data(), M, gu.data(), H2);
+      for (int64_t r = 0; r < M; ++r) {  // Swish(gate) * up, its u8 copy
+        const float* gr = gu.data() + r * H2;
+        float* hr = h.data() + r * Hd;
+        for (int64_t k = 0; k < Hd; k += 16) {
+          const __mmask16 mk = tail_mask(Hd - k);
+          _mm512_mask_storeu_ps(hr + k, mk, swiglu(_mm512_maskz_loadu_ps(mk, gr + k),
+                                                   _mm512_maskz_loadu_ps(mk, gr + Hd + k)));
+        }
+        sh[r] = quantize_row(hr, Hd, hq.data() + r * Hp, Hp);
+      }
+      float* o = O + (t * B + r0) * W;
+      GD.run(t, hq.data(), sh.data(), M, o, W);
+      const float* rr = R + (t * B + r0) * W;
+      for (int64_t k = 0; k < M * W; k += 16)  // + the residual
+        _mm512_storeu_ps(o + k, _mm512_add_ps(_mm512_loadu_ps(o + k), _mm512_loadu_ps(rr + k)));
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mixrank_int8, m) {
+  m.def("available() -> bool", &available);
+  m.def("pack_int8(Tensor w) -> (Tensor, Tensor)", &pack_int8);
+  m.def(
+      "int8_linear(Tensor x, Tensor packed, Tensor corr, Tensor scale, Tensor bias, int k, "
+      "int row_block) -> Tensor",
+      &int8_linear);
+  m.def(
+      "int8_rankmixer_block(Tensor x, Tensor g1, Tensor be1, float eps1, Tensor w1, Tensor c1, "
+      "Tensor s1, Tensor b1, int k1, Tensor w2, Tensor c2, Tensor s2, Tensor b2, int k2, "
+      "Tensor g2, Tensor be2, float eps2, bool rms, int row_block) -> Tensor",
+      &int8_rankmixer_block);
+  m.def(
+      "int8_swiglu_stage(Tensor z, Tensor res, Tensor g, float eps, Tensor wgu, Tensor cgu, "
+      "Tensor sgu, int kgu, Tensor wd, Tensor cd, Tensor sd, int kd, int row_block) -> Tensor",
+      &int8_swiglu_stage);
+}

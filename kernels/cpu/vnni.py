@@ -1,0 +1,156 @@
+"""Int8 inference kernels for CPUs with AVX512-VNNI: per-token int8 GEMMs and whole int8 mixer
+blocks (fp32 activations in and out), hand-written in ``kernels/cpu/int8_blocks.cpp`` and built
+by setup.py into ``kernels/cpu/_int8*.so`` (``torch.ops.mixrank_int8``).
+
+The arithmetic is ``kernels.cpu.int8``'s (per-output-channel int8 weights, activations
+quantized per row at run time, exact int32 sums, the same rescale): ``linear`` gives the same
+bytes as ``Int8PerToken``'s other routes. The blocks fuse everything between the GEMMs (token
+mixing, norms, GELU / Swish, the activations' quantization, biases, residuals) on row blocks
+that stay in the core's cache. Written by hand because oneDNN's u8s8 kernel, the fastest int8
+GEMM torch exposes on the CPU, takes one call per token (tens of microseconds of fixed cost at
+the mixers' small per-token shapes) and writes each fp32 intermediate through memory, which at
+D = 256 cost int8 more than the GEMMs themselves (docs/BENCHMARKS.md, "Int8 dense inference").
+
+    ops()      -> torch.ops.mixrank_int8, or None where unavailable (reason() says why)
+    prepare(w_q int8 [T, K, N], scale [T, N], bias [T, N] | None) -> a prepared GEMM
+    linear(x [T, B, K] fp32, prepared) -> [T, B, N] fp32
+    rankmixer_block(x [T, B, D] fp32, norm1, g1, g2, norm2, rms) -> [T, B, D] fp32
+    swiglu_stage(z, r [T, B, W] fp32, norm, gate_up, down) -> r + pSwiGLU(RMSNorm(z))
+
+``MIXRANK_CPU_KERNELS=0`` turns them off (as ``kernels.cpu``'s bf16 ops).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import threading
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _load() -> tuple[object | None, str]:
+    from kernels.cpu import _cpu_flags
+
+    if os.environ.get("MIXRANK_CPU_KERNELS", "1") == "0":
+        return None, "turned off by MIXRANK_CPU_KERNELS=0"
+    if not sys.platform.startswith("linux"):
+        return None, f"built for x86-64 Linux only (this is {sys.platform})"
+    missing = [f for f in _FLAGS if f not in _cpu_flags()]
+    if missing:
+        return None, f"this CPU lacks {', '.join(missing)} (needs AVX512-VNNI)"
+    spec = importlib.util.find_spec("kernels.cpu._int8")
+    if spec is None or not spec.origin:
+        return None, (
+            "the C++ library kernels/cpu/_int8 was not built (setup.py builds it where a C++ "
+            "compiler is at hand: reinstall with g++ installed)"
+        )
+    try:
+        torch.ops.load_library(spec.origin)
+    except (OSError, RuntimeError) as e:  # e.g. built against another torch
+        return None, f"loading {spec.origin} failed: {e}"
+    lib = torch.ops.mixrank_int8
+    if not lib.available():
+        return None, "the library reports this CPU lacks AVX512-VNNI"
+    return lib, ""
+
+
+def ops():
+    """``torch.ops.mixrank_int8`` where the library is built and the CPU runs it, else None."""
+    if "ops" not in _state:
+        with _lock:
+            if "ops" not in _state:
+                _state["ops"], _state["why"] = _load()
+    return _state["ops"]
+
+
+def reason() -> str:
+    """Why ``ops()`` is None ("" where it is available)."""
+    ops()
+    return str(_state["why"])
+
+
+class Prepared(NamedTuple):
+    """One GEMM per token, as the kernels take it: the int8 weights packed as
+    ``[T, N/16, K/4, 16, 4]`` (zero-padded), ``-128 * sum_k w_q`` per column (int32 ``[T, N']``:
+    the activations' zero point taken back out), the scales ``[T, N]``, the bias ``[T, N]``
+    (empty without one) and ``K``."""
+
+    packed: Tensor
+    corr: Tensor
+    scale: Tensor
+    bias: Tensor
+    k: int
+
+
+def prepare(w_q: Tensor, scale: Tensor, bias: Tensor | None = None) -> Prepared:
+    """``w_q`` int8 ``[T, K, N]`` (per-output-channel ``scale [T, N]``, ``bias [T, N]`` or None)
+    packed for ``linear`` and the blocks. Once per set of weights, not per call."""
+    packed, corr = ops().pack_int8(w_q.contiguous())
+    t, k, n = w_q.shape
+    b = torch.empty(0) if bias is None else bias.detach().float().reshape(t, n).contiguous()
+    return Prepared(packed, corr, scale.detach().float().reshape(t, n).contiguous(), b, k)
+
+
+ROW_BLOCK = 48  # rows per (token, block) work item: 8 micro-tiles of 6 rows
+
+
+def linear(x: Tensor, p: Prepared, row_block: int = ROW_BLOCK) -> Tensor:
+    """Per-token ``x [T, B, K]`` fp32 (each row quantized to int8 here) times the prepared int8
+    weights: ``[T, B, N]`` fp32, the same bytes as ``kernels.cpu.int8.Int8PerToken``."""
+    return ops().int8_linear(x.float(), *p, int(row_block))
+
+
+def rankmixer_supports(num_tokens: int, dim: int) -> bool:
+    """Whether ``rankmixer_block`` takes a block of these shapes (H = T heads)."""
+    return dim % num_tokens == 0 and dim % 16 == 0
+
+
+def rankmixer_block(
+    x: Tensor,
+    norm1: tuple[Tensor, Tensor | None, float],
+    g1: Prepared,
+    g2: Prepared,
+    norm2: tuple[Tensor, Tensor | None, float],
+    rms: bool,
+    row_block: int = ROW_BLOCK,
+) -> Tensor:
+    """``Norm2(W2_t GELU(W1_t S_t + b1_t) + b2_t + S_t)`` with ``S = Norm1(Mix(X) + X)`` on
+    token-major fp32 ``x [T, B, D]``, both GEMMs in int8 (``g1``, ``g2`` from ``prepare``);
+    ``norm*`` are ``(weight, bias or None, eps)`` in fp32. Exact GELU (erf to 3e-7)."""
+    (w1, b1, e1), (w2, b2, e2) = norm1, norm2
+    empty = torch.empty(0)
+    return ops().int8_rankmixer_block(
+        x.float(), w1, empty if b1 is None else b1, float(e1), *g1, *g2,
+        w2, empty if b2 is None else b2, float(e2), bool(rms), int(row_block),
+    )  # fmt: skip
+
+
+def swiglu_supports(width: int) -> bool:
+    """Whether ``swiglu_stage`` takes a stage of this token width."""
+    return width % 16 == 0
+
+
+def swiglu_stage(
+    z: Tensor,
+    r: Tensor,
+    norm: tuple[Tensor, float],
+    gate_up: Prepared,
+    down: Prepared,
+    row_block: int = ROW_BLOCK,
+) -> Tensor:
+    """``r + W_down,t (Swish(W_gate,t s_t) * W_up,t s_t)`` with ``s = RMSNorm(z)`` per token
+    ``t``, on token-major fp32 ``z, r [T, B, W]``, the GEMMs in int8 (``gate_up`` with the gate
+    columns first, both bias-free, from ``prepare``)."""
+    g, eps = norm
+    return ops().int8_swiglu_stage(
+        z.float(), r.float(), g, float(eps), *gate_up[:3], gate_up.k, *down[:3], down.k,
+        int(row_block),
+    )

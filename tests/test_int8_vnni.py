@@ -1,0 +1,196 @@
+"""``kernels.cpu.vnni``: the AVX512-VNNI int8 kernels against independent references.
+
+- ``linear``: the int32 sums against int64 matmuls of the same integers, and the whole product
+  bit for bit against ``Int8PerToken``'s other routes (oneDNN, the exact fp32 ``bmm``), over
+  shapes that exercise every micro-tile remainder (rows % 6, columns % 64, K % 4).
+- the fused blocks against the blocks' equations with the reference twin's int8 products
+  (test_int8's ``rankmixer_equation`` / ``tokenmixer_large_equation``), and whole lowered
+  models against the unfused int8 lowering.
+- bad arguments get errors that name them.
+
+Skipped where the CPU lacks AVX512-VNNI or the library was not built (``vnni.reason()``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_int8 import _ref_bmm, rankmixer_equation, tokenmixer_large_equation
+
+from kernels.cpu import int8, vnni
+from ranking.inference import optimize_for_inference
+from ranking.lowered import (
+    Int8RankMixer,
+    Int8TokenMixerLarge,
+    VnniInt8RankMixer,
+    VnniInt8TokenMixerLarge,
+)
+from ranking.model.config import ModelConfig
+from ranking.model.ranker import build_model
+from ranking.model.synthetic import random_batch, toy_schema
+
+pytestmark = pytest.mark.skipif(vnni.ops() is None, reason=f"kernels.cpu.vnni: {vnni.reason()}")
+
+
+def _quantized(T, K, N, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(T, K, N, generator=g)
+    b = torch.randn(T, N, generator=g) if bias else None
+    q, s = int8.quantize_weight(w)
+    return w, b, q, s
+
+
+# shapes: every remainder of the 6-row tiles and the 64-column panels, K % 4 != 0, T > 1
+SHAPES = [(1, 1, 1, 1), (1, 7, 13, 17), (3, 50, 30, 40), (2, 97, 64, 128), (16, 49, 32, 128),
+          (2, 13, 256, 80), (1, 6, 1000, 1)]  # fmt: skip
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_linear_gives_the_other_routes_bytes(shape, bias):
+    """The VNNI route's output equals the exact fp32 route's and oneDNN's bit for bit (the
+    integer sums are exact and the scales are applied in the same order), for any row block;
+    a row of zeros scores the bias."""
+    T, B, K, N = shape
+    w, b, q, s = _quantized(T, K, N, seed=K * N + B, bias=bias)
+    x = torch.randn(T, B, K, generator=torch.Generator().manual_seed(B)) * 3
+    x[0, 0] = 0
+    exact = int8.Int8PerToken(w, b, route="exact_fp32")
+    want = exact(x)
+    p = vnni.prepare(q, s, b)
+    for row_block in (1, 5, 48):
+        assert torch.equal(vnni.linear(x, p, row_block), want), row_block
+    if int8.has_onednn():
+        assert torch.equal(int8.Int8PerToken(w, b, route="onednn")(x), want)
+    torch.testing.assert_close(want, _ref_bmm(x, w, b), atol=1e-5, rtol=1e-5)
+    assert torch.equal(want[0, 0], torch.zeros(N) if b is None else b[0])
+
+
+def test_int32_sums_are_exact_past_fp32s_range():
+    """Integers at the extremes (+-127 activations times +-127 weights, K = 4096: sums up to
+    66M, past 2^24) with unit scales: the output is the int64 matmul of the same integers,
+    rounded once to fp32; the zero point (u8 = q + 128) comes back out exactly."""
+    g = torch.Generator().manual_seed(0)
+    K, N, B = 4096, 48, 13
+    sign = lambda *shape: torch.randint(0, 2, shape, generator=g) * 2 - 1  # noqa: E731
+    wq = (sign(1, K, N) * 127).to(torch.int8)
+    wq[0, :, 0] = 127  # one column at the largest sum
+    xq = sign(1, B, K) * 127
+    xq[0, 0] = 127
+    xq[0, 1, ::3] = torch.randint(-127, 128, (xq[0, 1, ::3].numel(),), generator=g)
+    p = vnni.prepare(wq, torch.ones(1, N))
+    got = vnni.linear(xq.float(), p)
+    want = (xq.long() @ wq.long()).float()
+    assert want.abs().max() > 2**24
+    assert torch.equal(got, want)
+
+
+def test_quantization_is_quantize_rows():
+    """The kernel's per-row quantization is ``quantize_rows``'s (max |x| / 127, rounding half to
+    even): with an identity weight (scale 1 / 127 per column) the output is the dequantized
+    rows ``s_x * round(x / s_x)``, exactly as the Python quantization gives them."""
+    K = 40
+    x = torch.randn(2, 33, K) * 5
+    x[0, 3, :4] = torch.tensor([0.5, 1.5, 2.5, 127.0])  # ties: round half to even
+    eye = (torch.eye(K) * 127).to(torch.int8).unsqueeze(0).expand(2, K, K).contiguous()
+    p = vnni.prepare(eye, torch.full((2, K), 1 / 127))
+    q, s = int8.quantize_rows_int(x)
+    want = (q * 127).mul_(torch.full((K,), 1 / 127)).mul_(s)  # float(acc) * s_w * s_x
+    assert torch.equal(vnni.linear(x, p), want)
+
+
+def test_bad_arguments_name_themselves():
+    w, b, q, s = _quantized(2, 32, 16, seed=1)
+    p = vnni.prepare(q, s, b)
+    with pytest.raises(RuntimeError, match="K = 31"):
+        vnni.linear(torch.randn(2, 4, 31), p)
+    with pytest.raises(RuntimeError, match="pack_int8 for 3 tokens"):
+        vnni.linear(torch.randn(3, 4, 32), p)
+    with pytest.raises(RuntimeError, match="expected int8"):
+        vnni.ops().pack_int8(torch.randn(1, 4, 4))
+    with pytest.raises(RuntimeError, match="weight bias has 5 elements"):
+        vnni.linear(torch.randn(2, 4, 32), p._replace(bias=torch.zeros(5)))
+
+
+# ----------------------------------------------------------------------------- fused blocks
+
+
+def _block(cfg: dict):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_dict(cfg), toy_schema(num_tasks=1)).eval()
+    with torch.no_grad():  # non-trivial norms and biases
+        for n, p in model.named_parameters():
+            if "norm" in n or n.endswith(("b1", "b2")):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model, model.blocks.blocks[0]
+
+
+RANKMIXERS = {
+    "layernorm": {"arch": "rankmixer", "dim": 64, "num_tokens": 4, "tokenizer": "slices"},
+    "rmsnorm": {"arch": "rankmixer", "dim": 32, "num_tokens": 2, "norm": "rms",
+                "tokenizer": "slices", "ffn_mult": 3},
+}  # fmt: skip
+TOKENMIXERS = {
+    "input": {"arch": "tokenmixer_large", "dim": 32, "num_tokens": 4, "num_heads": 4,
+              "tokenizer": "slices", "down_init_scale": 1.0},
+    "reverted": {"arch": "tokenmixer_large", "dim": 48, "num_tokens": 4, "num_heads": 2,
+                 "tokenizer": "slices", "down_init_scale": 1.0,
+                 "tokenmixer_large": {"second_residual": "reverted"}},
+}  # fmt: skip
+
+
+def _close_to_int8_equation(got, want, fp32):
+    """The fused block against the equation with reference int8 products. They differ only
+    where an activation sits on a rounding tie of its quantization and the kernel's fp32
+    norm / activation rounded it the other way: such flips move an output by about one
+    quantization step, far below int8's own error against fp32."""
+    err, int8_err = (got - want).abs(), (want - fp32).abs().max()
+    assert err.max() <= 0.1 * int8_err, (err.max(), int8_err)
+    assert (err > 1e-5).float().mean() < 0.01  # flips are rare
+
+
+@pytest.mark.parametrize("name", list(RANKMIXERS))
+def test_rankmixer_block_follows_its_equations(name):
+    _, block = _block(RANKMIXERS[name])
+    T, D = block.num_tokens, block.ffn.ffn.w1.shape[1]
+    assert VnniInt8RankMixer.supports(block)
+    x = torch.randn(T, 101, D)
+    fp32 = lambda x, w, b=None: torch.baddbmm(b.unsqueeze(1), x, w) if b is not None else x @ w  # noqa: E731
+    with torch.no_grad():
+        want = rankmixer_equation(block, x, _ref_bmm)
+        got = VnniInt8RankMixer(block)(x)
+        for row_block in (1, 7):
+            f = VnniInt8RankMixer(block)
+            again = vnni.rankmixer_block(x, f.norm1, f.g1, f.g2, f.norm2, f.rms, row_block)
+            assert torch.equal(again, got)  # row blocks only split the work
+        _close_to_int8_equation(got, want, rankmixer_equation(block, x, fp32))
+
+
+@pytest.mark.parametrize("name", list(TOKENMIXERS))
+def test_tokenmixer_large_block_follows_its_equations(name):
+    _, block = _block(TOKENMIXERS[name])
+    x = torch.randn(block.num_tokens, 77, block.norm2.weight.shape[0])
+    fp32 = lambda x, w: x @ w  # noqa: E731
+    with torch.no_grad():
+        want = tokenmixer_large_equation(block, x, _ref_bmm)
+        got = VnniInt8TokenMixerLarge(block)(x)
+        _close_to_int8_equation(got, want, tokenmixer_large_equation(block, x, fp32))
+
+
+@pytest.mark.parametrize(
+    "cfg", [RANKMIXERS["layernorm"], TOKENMIXERS["reverted"]], ids=["rankmixer", "tokenmixer"]
+)
+def test_lowering_fuses_int8_blocks_and_scores_like_the_unfused(cfg):
+    """``optimize_for_inference(dtype="int8", cpu_fused_block=True)`` runs every block as one
+    VNNI op, and scores as the unfused int8 lowering does (to the rare rounding-tie flip)."""
+    model, _ = _block({**cfg, "num_layers": 2})
+    batch = random_batch(toy_schema(num_tasks=1), 64, seed=3)
+    fused = optimize_for_inference(model, dtype="int8", cpu_fused_block=True, micro_batch=16)
+    unfused = optimize_for_inference(model, dtype="int8", micro_batch=16)
+    kinds = {type(b) for b in fused.blocks.blocks}
+    assert kinds <= {VnniInt8RankMixer, VnniInt8TokenMixerLarge} and len(kinds) == 1
+    assert {type(b) for b in unfused.blocks.blocks} <= {Int8RankMixer, Int8TokenMixerLarge}
+    with torch.no_grad():
+        a, b = fused(batch).logits, unfused(batch).logits
+        ref = model(batch).logits
+    assert (a - b).abs().max() <= 0.1 * (b - ref).abs().max() + 1e-5
