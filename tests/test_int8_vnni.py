@@ -100,7 +100,7 @@ def test_quantization_is_quantize_rows():
 
 
 def test_bad_arguments_name_themselves():
-    w, b, q, s = _quantized(2, 32, 16, seed=1)
+    _, b, q, s = _quantized(2, 32, 16, seed=1)
     p = vnni.prepare(q, s, b)
     with pytest.raises(RuntimeError, match="K = 31"):
         vnni.linear(torch.randn(2, 4, 31), p)

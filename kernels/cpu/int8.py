@@ -266,7 +266,9 @@ class Int8PerToken:
         if route == "vnni" and vnni.ops() is None:
             raise ValueError(f"Int8PerToken: route vnni: unavailable here ({vnni.reason()})")
         if route == "auto":
-            usable = [r for r, ok in zip(ROUTES, (has_onednn(), fits, vnni.ops() is not None)) if ok]
+            usable = [
+                r for r, ok in zip(ROUTES, (has_onednn(), fits, vnni.ops() is not None)) if ok
+            ]
             route = self._fastest(rows, usable) if len(usable) > 1 else (usable or ["onednn"])[0]
         if route == "onednn" and not has_onednn():
             route = "exact_fp32" if exact_in_fp32(self.k, bits) else "onednn"  # emulated

@@ -151,6 +151,13 @@ def swiglu_stage(
     columns first, both bias-free, from ``prepare``)."""
     g, eps = norm
     return ops().int8_swiglu_stage(
-        z.float(), r.float(), g, float(eps), *gate_up[:3], gate_up.k, *down[:3], down.k,
+        z.float(),
+        r.float(),
+        g,
+        float(eps),
+        *gate_up[:3],
+        gate_up.k,
+        *down[:3],
+        down.k,
         int(row_block),
     )
