@@ -93,7 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cpu-fused-block",
         choices=["preset", "on", "off"],
         default="preset",
-        help="RankMixer blocks as one kernels.cpu op in bf16 (default: the preset's setting)",
+        help="mixer blocks as one kernels.cpu op: bf16 on AMX, int8 on AVX512-VNNI (default: "
+        "the preset's setting); with int8 and it on, int8_fused_vs_unfused_paired times the "
+        "fused blocks against int8 GEMMs one at a time",
     )
     parser.add_argument(
         "--ab-fused-seconds",
@@ -401,6 +403,7 @@ def bench_config(name: str, args) -> list[dict]:
     is_mixer = isinstance(model, Ranker)
     records = []
     ab_calls = {}  # dtype -> one micro-batch of the dense part (the whole forward: baselines)
+    chunks = {}  # dtype -> that micro-batch's tokens (mixers)
     peaks = {"bf16": MatmulPeak(torch.bfloat16), "fp32": MatmulPeak(torch.float32)}
     if "int8" in args.dtypes:
         peaks["int8"] = Int8Peak()
@@ -501,6 +504,7 @@ def bench_config(name: str, args) -> list[dict]:
         if is_mixer:
             one_chunk = tokens[: opts.micro_batch if 0 < opts.micro_batch < args.batch else None]
             ab_calls[dt] = lambda m=m, one=one_chunk: m.dense_part(one)
+            chunks[dt] = one_chunk
         else:
             ab_calls[dt] = forward
     q = next((r for r in records if r["dtype"] == "int8" and "skipped" not in r), None)
@@ -511,6 +515,16 @@ def bench_config(name: str, args) -> list[dict]:
                 q[f"int8_vs_{other}_paired"] = ab_speedup(
                     ab_calls[other], ab_calls["int8"], reps, args.warmup
                 )
+        if is_mixer and opts.cpu_fused_block:
+            from kernels.cpu import vnni
+
+            q["int8_fused_blocks"] = vnni.ops() is not None
+            unfused = optimize_for_inference(
+                model, dtype="int8", **{**opts.options(), "cpu_fused_block": False}
+            )
+            q["int8_fused_vs_unfused_paired"] = ab_speedup(
+                lambda: unfused.dense_part(chunks["int8"]), ab_calls["int8"], reps, args.warmup
+            )
     return records
 
 
@@ -592,7 +606,13 @@ def run(args) -> int:
                 "frac_by_regime",
             ]
             + (
-                ["int8_vs_bf16", "int8_vs_fp32", "int8_vs_bf16_paired", "int8_vs_fp32_paired"]
+                [
+                    "int8_vs_bf16",
+                    "int8_vs_fp32",
+                    "int8_vs_bf16_paired",
+                    "int8_vs_fp32_paired",
+                    "int8_fused_vs_unfused_paired",
+                ]
                 if "int8" in args.dtypes
                 else []
             )

@@ -29,7 +29,7 @@ from ranking.model.config import ModelConfig
 from ranking.model.ranker import build_model
 from ranking.model.synthetic import random_batch, toy_schema
 
-pytestmark = pytest.mark.skipif(vnni.ops() is None, reason=f"kernels.cpu.vnni: {vnni.reason()}")
+needs_vnni = pytest.mark.skipif(vnni.ops() is None, reason=f"kernels.cpu.vnni: {vnni.reason()}")
 
 
 def _quantized(T, K, N, seed, bias=True):
@@ -45,6 +45,7 @@ SHAPES = [(1, 1, 1, 1), (1, 7, 13, 17), (3, 50, 30, 40), (2, 97, 64, 128), (16, 
           (2, 13, 256, 80), (1, 6, 1000, 1)]  # fmt: skip
 
 
+@needs_vnni
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_linear_gives_the_other_routes_bytes(shape, bias):
@@ -66,6 +67,7 @@ def test_linear_gives_the_other_routes_bytes(shape, bias):
     assert torch.equal(want[0, 0], torch.zeros(N) if b is None else b[0])
 
 
+@needs_vnni
 def test_int32_sums_are_exact_past_fp32s_range():
     """Integers at the extremes (+-127 activations times +-127 weights, K = 4096: sums up to
     66M, past 2^24) with unit scales: the output is the int64 matmul of the same integers,
@@ -85,6 +87,7 @@ def test_int32_sums_are_exact_past_fp32s_range():
     assert torch.equal(got, want)
 
 
+@needs_vnni
 def test_quantization_is_quantize_rows():
     """The kernel's per-row quantization is ``quantize_rows``'s (max |x| / 127, rounding half to
     even): with an identity weight (scale 1 / 127 per column) the output is the dequantized
@@ -99,6 +102,7 @@ def test_quantization_is_quantize_rows():
     assert torch.equal(vnni.linear(x, p), want)
 
 
+@needs_vnni
 def test_bad_arguments_name_themselves():
     _, b, q, s = _quantized(2, 32, 16, seed=1)
     p = vnni.prepare(q, s, b)
@@ -149,6 +153,7 @@ def _close_to_int8_equation(got, want, fp32):
     assert (err > 1e-5).float().mean() < 0.01  # flips are rare
 
 
+@needs_vnni
 @pytest.mark.parametrize("name", list(RANKMIXERS))
 def test_rankmixer_block_follows_its_equations(name):
     _, block = _block(RANKMIXERS[name])
@@ -166,6 +171,7 @@ def test_rankmixer_block_follows_its_equations(name):
         _close_to_int8_equation(got, want, rankmixer_equation(block, x, fp32))
 
 
+@needs_vnni
 @pytest.mark.parametrize("name", list(TOKENMIXERS))
 def test_tokenmixer_large_block_follows_its_equations(name):
     _, block = _block(TOKENMIXERS[name])
@@ -180,6 +186,7 @@ def test_tokenmixer_large_block_follows_its_equations(name):
 @pytest.mark.parametrize(
     "cfg", [RANKMIXERS["layernorm"], TOKENMIXERS["reverted"]], ids=["rankmixer", "tokenmixer"]
 )
+@needs_vnni
 def test_lowering_fuses_int8_blocks_and_scores_like_the_unfused(cfg):
     """``optimize_for_inference(dtype="int8", cpu_fused_block=True)`` runs every block as one
     VNNI op, and scores as the unfused int8 lowering does (to the rare rounding-tie flip)."""
@@ -194,3 +201,74 @@ def test_lowering_fuses_int8_blocks_and_scores_like_the_unfused(cfg):
         a, b = fused(batch).logits, unfused(batch).logits
         ref = model(batch).logits
     assert (a - b).abs().max() <= 0.1 * (b - ref).abs().max() + 1e-5
+
+
+def test_unavailable_kernels_fall_back_with_one_warning(monkeypatch, caplog):
+    """Where the CPU or the build lacks the kernels, ``cpu_fused_block`` int8 runs each GEMM on
+    its own (the unfused blocks), says why once, and scores the same as without the option;
+    asking for the ``vnni`` route names the reason."""
+    import logging
+
+    import ranking.inference as inference
+
+    monkeypatch.setattr(vnni, "_state", {"ops": None, "why": "no VNNI here (test)"})
+    monkeypatch.setattr(inference, "_WARNED", set())
+    model, _ = _block({**RANKMIXERS["layernorm"], "num_layers": 2})
+    batch = random_batch(toy_schema(num_tasks=1), 20, seed=1)
+    with caplog.at_level(logging.WARNING, logger="ranking.inference"):
+        low = optimize_for_inference(model, dtype="int8", cpu_fused_block=True)
+        optimize_for_inference(model, dtype="int8", cpu_fused_block=True)
+    assert all(type(b) is Int8RankMixer for b in low.blocks.blocks)
+    msgs = [r.getMessage() for r in caplog.records if "cpu_fused_block" in r.getMessage()]
+    assert len(msgs) == 1 and "no VNNI here (test)" in msgs[0]
+    with torch.no_grad():
+        plain = optimize_for_inference(model, dtype="int8")(batch).logits
+        assert torch.equal(low(batch).logits, plain)
+    with pytest.raises(ValueError, match="no VNNI here"):
+        int8.Int8PerToken(torch.randn(2, 8, 8), route="vnni")
+
+
+def test_env_switch_turns_them_off(monkeypatch):
+    monkeypatch.setattr(vnni, "_state", {})
+    monkeypatch.setenv("MIXRANK_CPU_KERNELS", "0")
+    assert vnni.ops() is None and "MIXRANK_CPU_KERNELS=0" in vnni.reason()
+
+
+@needs_vnni
+@pytest.mark.parametrize("preset", ["rankmixer_medium", "tokenmixer_large_medium"])
+def test_preset_runs_fused_int8_through_an_artifact(preset, tmp_path):
+    """The medium presets switch ``cpu_fused_block`` on: their int8 artifact (``mixrank export
+    --dtype int8``, what a replica loads) runs every block as one VNNI op, and its scores are
+    as close to the fp32 artifact's as the unfused int8 lowering's."""
+    from pathlib import Path
+
+    from ranking.cli import main
+    from ranking.export import load_artifact, write_artifact
+    from ranking.train.config import load_experiment
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "models" / f"{preset}.yaml"
+    exp = load_experiment(path, require_data=False)
+    assert exp.inference.cpu_fused_block
+    torch.manual_seed(0)
+    model = build_model(exp.model, exp.schema).eval()
+    config = {"name": preset, "schema": "criteo", "model": exp.model.to_dict(),
+              "inference": exp.inference.options()}  # fmt: skip
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    src = write_artifact(
+        tmp_path / "fp32", weights, config=config, schema=exp.schema, dtype="fp32",
+        metrics={"auc": 0.5}, step=1,
+    )  # fmt: skip
+    out = tmp_path / "int8"
+    assert main(["export", "--artifact", str(src), "--out", str(out), "--dtype", "int8"]) == 0
+    art, fp32 = load_artifact(out), load_artifact(src)
+    low = art.lowered()
+    assert all(type(b) in (VnniInt8RankMixer, VnniInt8TokenMixerLarge) for b in low.blocks.blocks)
+    batch = random_batch(exp.schema, 300, seed=2)
+    opts = {**exp.inference.options(), "cpu_fused_block": False}
+    with torch.no_grad():
+        want = fp32.predict(batch)
+        unfused = torch.sigmoid(
+            optimize_for_inference(fp32.model, dtype="int8", **opts)(batch).logits
+        )
+        got = art.predict(batch)
+    assert (got - want).abs().max() <= 1.5 * (unfused - want).abs().max() + 1e-4
