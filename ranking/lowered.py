@@ -22,7 +22,9 @@ the function runs eagerly from then on, with one warning: same math, the eager s
 
 **AMX ops** (``cpu_fused_block``, bf16): each RankMixer block, and each TokenMixer-Large
 pSwiGLU stage, as one ``kernels.cpu`` op (AMX GEMMs with the norms, biases, residuals and
-activations fused around them), where the CPU and the build have it.
+activations fused around them), where the CPU and the build have it. In int8 the same switch
+takes ``kernels.cpu.vnni``'s ops (AVX512-VNNI GEMMs, the activations' quantization fused too):
+``VnniInt8RankMixer`` / ``VnniInt8TokenMixerLarge``.
 """
 
 from __future__ import annotations
