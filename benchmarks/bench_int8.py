@@ -16,11 +16,11 @@ lowering check runs). Then, in one process:
   CPU emulation of the GPU's e4m3 GEMMs (the same quantization, ``kernels.grouped_linear_fp8``'s
   reference twin): FP8's accuracy, measurable without a GPU; its speed is a GPU figure
   (``benchmarks/gpu_check.sh``), so it is not timed here;
-- ``int8_onednn``: the same int8 artifact loaded with every GEMM forced onto oneDNN
-  (``MIXRANK_INT8_ROUTE=onednn``, what int8 ran before ``Int8PerToken``'s route choice), timed
-  in the same pairs: ``vs_int8_auto`` is its p50 over the routed one's (the same bytes:
-  ``max_prob_diff`` 0 against fp32's difference; the routes the load chose are
-  ``int8_routes``);
+- ``int8_onednn``: the same int8 artifact lowered as int8 ran before its own kernels: each
+  GEMM on its own (no ``cpu_fused_block``) and on oneDNN (``MIXRANK_INT8_ROUTE=onednn``), timed
+  in the same pairs: ``vs_int8_auto`` is its p50 over the shipped one's (the routes are
+  bit-identical and the fused blocks differ only at rounding ties: the same AUC; the routes
+  the shipped load chose are ``int8_routes``, empty where every block is fused);
 - with ``--serve`` (default: the first experiment) the int8 artifact served by the real Ray
   Serve application, one request of 256 real rows over HTTP and gRPC, its scores against the
   in-process int8 ones and the fp32 artifact's.
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -132,6 +133,7 @@ def run(args) -> int:
         print(f"bench int8: needs the real data under {DATA}", file=sys.stderr)
         return 2
     from kernels.cpu import int8
+    from ranking.inference import optimize_for_inference
     from ranking.lowered import int8_gemms
     from serving.runtime import tune_allocator
 
@@ -163,11 +165,12 @@ def run(args) -> int:
             routes = Counter(g.route for g in int8_gemms(arts["int8"].lowered()))
             print(f"[int8] {config}: GEMM routes {dict(routes)}", file=sys.stderr, flush=True)
             if args.onednn_row and set(routes) != {"onednn"}:
-                # the same artifact with every GEMM on oneDNN (the route before the choice):
-                # the same bytes, timed side by side
+                # the same artifact as int8 ran before its own kernels: no fused blocks, every
+                # GEMM on oneDNN; timed side by side
+                opts = {**arts["int8"].inference.options(), "cpu_fused_block": False}
                 with _env("MIXRANK_INT8_ROUTE", "onednn"):
-                    arts["int8_onednn"] = load_artifact(work / config / "artifact-int8")
-                    arts["int8_onednn"].lowered()  # lowered (and routed) here, under the env
+                    low = optimize_for_inference(arts["int8"].model, dtype="int8", **opts)
+                arts["int8_onednn"] = dataclasses.replace(arts["int8"], _fast=("int8", low))
         if bf16:
             arts["bf16"] = load_artifact(fp32_dir, dtype="bf16")
         data = DATA / split
