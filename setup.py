@@ -30,10 +30,12 @@ def _cpu_kernels() -> list[Extension]:
     except ImportError:
         return []
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return [
-        Extension(
-            "kernels.cpu._block",
-            ["kernels/cpu/mixer_blocks.cpp"],
+    avx512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+
+    def library(name: str, source: str, flags: list[str]) -> Extension:
+        return Extension(
+            f"kernels.cpu.{name}",
+            [source],
             include_dirs=include_paths(),
             library_dirs=library_paths(),
             runtime_library_dirs=library_paths(),
@@ -43,45 +45,21 @@ def _cpu_kernels() -> list[Extension]:
                 "-std=c++17",
                 "-O3",
                 "-fopenmp",  # at::parallel_for is OpenMP inline code; torch's libgomp serves it
-                "-mavx512f",
-                "-mavx512bw",
-                "-mavx512vl",
-                "-mavx512dq",
-                "-mavx512bf16",
-                "-mfma",
-                "-mamx-tile",
-                "-mamx-bf16",
+                *avx512,
+                *flags,
                 f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-                "-DTORCH_EXTENSION_NAME=_block",
+                f"-DTORCH_EXTENSION_NAME={name}",
             ],
             extra_link_args=["-fopenmp"],
             optional=True,
+        )
+
+    return [
+        library(
+            "_block", "kernels/cpu/mixer_blocks.cpp", ["-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
         ),
-        Extension(
-            "kernels.cpu._int8",
-            ["kernels/cpu/int8_blocks.cpp"],
-            include_dirs=include_paths(),
-            library_dirs=library_paths(),
-            runtime_library_dirs=library_paths(),
-            libraries=["c10", "torch", "torch_cpu"],
-            language="c++",
-            extra_compile_args=[
-                "-std=c++17",
-                "-O3",
-                "-fopenmp",
-                "-mavx512f",
-                "-mavx512bw",
-                "-mavx512vl",
-                "-mavx512dq",
-                "-mavx512vnni",
-                "-mfma",
-                "-ffp-contract=off",  # the rescale's roundings are the Python routes' (same bytes)
-                f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-                "-DTORCH_EXTENSION_NAME=_int8",
-            ],
-            extra_link_args=["-fopenmp"],
-            optional=True,
-        ),
+        # -ffp-contract=off: the rescale's roundings are the Python routes' (the same bytes)
+        library("_int8", "kernels/cpu/int8_blocks.cpp", ["-mavx512vnni", "-ffp-contract=off"]),
     ]
 
 

@@ -151,25 +151,34 @@ def _frozen_copy(module: nn.Module, dtype: torch.dtype, device: torch.device) ->
     return part.eval()
 
 
+def _fused_op(block, fused: type, lib, what: str, otherwise: str) -> nn.Module | None:
+    """``fused(block)`` where ``lib`` (``kernels.cpu``: bf16 on AMX, ``kernels.cpu.vnni``: int8
+    on AVX512-VNNI) runs here and takes the block's shapes; else None, with why logged once."""
+    if lib.ops() is None:
+        _warn_once(
+            f"cpu_fused_block {what}", "cpu_fused_block (%s): %s; %s", what, lib.reason(), otherwise
+        )
+        return None
+    if fused.supports(block):
+        return fused(block)
+    _warn_once(
+        f"cpu_fused_block {what} {type(block).__name__}",
+        "cpu_fused_block (%s): %s does not take this %s's shapes; %s",
+        what,
+        lib.__name__,
+        type(block).__name__,
+        otherwise,
+    )
+    return None
+
+
 def _fast_block(block, dtype, device, compile_epilogues: bool, cpu_fused_block: bool):
     rankmixer = isinstance(block, RankMixerBlock)
     if cpu_fused_block and dtype == torch.bfloat16:
         amx = AmxRankMixer if rankmixer else AmxTokenMixerLarge
-        if cpu_kernels.ops() is None:
-            _warn_once(
-                "cpu_fused_block",
-                "cpu_fused_block: %s; running the token-major block",
-                cpu_kernels.reason(),
-            )
-        elif amx.supports(block):
-            return amx(block)
-        else:
-            _warn_once(
-                f"cpu_fused_block {type(block).__name__}",
-                "cpu_fused_block: kernels.cpu does not take this %s's shapes; running the "
-                "token-major block",
-                type(block).__name__,
-            )
+        fused = _fused_op(block, amx, cpu_kernels, "bf16", "running the token-major block")
+        if fused is not None:
+            return fused
     fast = TokenMajorRankMixer if rankmixer else TokenMajorTokenMixerLarge
     return fast(block, dtype, device, compile_epilogues)
 
@@ -177,22 +186,10 @@ def _fast_block(block, dtype, device, compile_epilogues: bool, cpu_fused_block: 
 def _int8_block(block, compile_epilogues: bool, cpu_fused_block: bool, rows: int):
     rankmixer = isinstance(block, RankMixerBlock)
     if cpu_fused_block:
-        fused = VnniInt8RankMixer if rankmixer else VnniInt8TokenMixerLarge
-        if vnni.ops() is None:
-            _warn_once(
-                "cpu_fused_block int8",
-                "cpu_fused_block: int8: %s; running each int8 GEMM on its own",
-                vnni.reason(),
-            )
-        elif fused.supports(block):
-            return fused(block)
-        else:
-            _warn_once(
-                f"cpu_fused_block int8 {type(block).__name__}",
-                "cpu_fused_block: kernels.cpu.vnni does not take this %s's shapes; running each "
-                "int8 GEMM on its own",
-                type(block).__name__,
-            )
+        op = VnniInt8RankMixer if rankmixer else VnniInt8TokenMixerLarge
+        fused = _fused_op(block, op, vnni, "int8", "running each int8 GEMM on its own")
+        if fused is not None:
+            return fused
     unfused = Int8RankMixer if rankmixer else Int8TokenMixerLarge
     return unfused(block, compile_epilogues, rows)
 

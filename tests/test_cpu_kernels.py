@@ -245,7 +245,7 @@ def test_unavailable_op_falls_back_with_one_warning(monkeypatch, caplog):
     from ranking.lowered import TokenMajorRankMixer
     from ranking.model.blocks import RankMixerStack
 
-    monkeypatch.setattr(kc, "_state", {"ops": None, "why": "no AMX here (test)"})
+    monkeypatch.setattr(kc.LIBRARY, "state", {"ops": None, "why": "no AMX here (test)"})
     monkeypatch.setattr(inference, "_WARNED", set())
     stack = RankMixerStack([_block(16, 256, 4, "layer"), _block(16, 256, 4, "layer", seed=1)])
     x = torch.randn(20, 16, 256)
@@ -261,7 +261,7 @@ def test_unavailable_op_falls_back_with_one_warning(monkeypatch, caplog):
 
 
 def test_env_switch_turns_it_off(monkeypatch):
-    monkeypatch.setattr(kc, "_state", {})
+    monkeypatch.setattr(kc.LIBRARY, "state", {})
     monkeypatch.setenv("MIXRANK_CPU_KERNELS", "0")
     assert kc.ops() is None and "MIXRANK_CPU_KERNELS=0" in kc.reason()
 

@@ -211,7 +211,7 @@ def test_unavailable_kernels_fall_back_with_one_warning(monkeypatch, caplog):
 
     import ranking.inference as inference
 
-    monkeypatch.setattr(vnni, "_state", {"ops": None, "why": "no VNNI here (test)"})
+    monkeypatch.setattr(vnni.LIBRARY, "state", {"ops": None, "why": "no VNNI here (test)"})
     monkeypatch.setattr(inference, "_WARNED", set())
     model, _ = _block({**RANKMIXERS["layernorm"], "num_layers": 2})
     batch = random_batch(toy_schema(num_tasks=1), 20, seed=1)
@@ -229,7 +229,7 @@ def test_unavailable_kernels_fall_back_with_one_warning(monkeypatch, caplog):
 
 
 def test_env_switch_turns_them_off(monkeypatch):
-    monkeypatch.setattr(vnni, "_state", {})
+    monkeypatch.setattr(vnni.LIBRARY, "state", {})
     monkeypatch.setenv("MIXRANK_CPU_KERNELS", "0")
     assert vnni.ops() is None and "MIXRANK_CPU_KERNELS=0" in vnni.reason()
 

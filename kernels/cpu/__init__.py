@@ -33,8 +33,6 @@ import torch
 from torch import Tensor
 
 _FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512bw", "avx512vl", "avx512dq")
-_lock = threading.Lock()
-_state: dict[str, object] = {}
 
 
 def _cpu_flags() -> set[str]:
@@ -48,43 +46,63 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _load() -> tuple[object | None, str]:
+def load_library(
+    module: str, namespace: str, flags: tuple[str, ...], needs: str, refused: str
+) -> tuple[object | None, str]:
+    """``(torch.ops.<namespace>, "")`` from the C++ library ``module`` (built by setup.py) where
+    it is built, this CPU has ``flags`` (else why, naming ``needs``) and its ``available()``
+    holds (else ``refused``); ``(None, why)`` otherwise. ``MIXRANK_CPU_KERNELS=0`` turns every
+    library off."""
     if os.environ.get("MIXRANK_CPU_KERNELS", "1") == "0":
         return None, "turned off by MIXRANK_CPU_KERNELS=0"
     if not sys.platform.startswith("linux"):
         return None, f"built for x86-64 Linux only (this is {sys.platform})"
-    missing = [f for f in _FLAGS if f not in _cpu_flags()]
+    missing = [f for f in flags if f not in _cpu_flags()]
     if missing:
-        return None, f"this CPU lacks {', '.join(missing)} (needs AMX bf16 and AVX-512 BF16)"
-    spec = importlib.util.find_spec("kernels.cpu._block")
+        return None, f"this CPU lacks {', '.join(missing)} (needs {needs})"
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.origin:
         return None, (
-            "the C++ library kernels/cpu/_block was not built (setup.py builds it where a C++ "
-            "compiler is at hand: reinstall with g++ installed)"
+            f"the C++ library {module.replace('.', '/')} was not built (setup.py builds it where "
+            "a C++ compiler is at hand: reinstall with g++ installed)"
         )
     try:
         torch.ops.load_library(spec.origin)
     except (OSError, RuntimeError) as e:  # e.g. built against another torch
         return None, f"loading {spec.origin} failed: {e}"
-    ops = torch.ops.mixrank_cpu
-    if not ops.available():
-        return None, "the Linux kernel refused this process the AMX tile state (arch_prctl)"
-    return ops, ""
+    lib = getattr(torch.ops, namespace)
+    return (lib, "") if lib.available() else (None, refused)
 
 
-def ops():
-    """``torch.ops.mixrank_cpu`` where the library is built and the CPU runs it, else None."""
-    if "ops" not in _state:
-        with _lock:
-            if "ops" not in _state:
-                _state["ops"], _state["why"] = _load()
-    return _state["ops"]
+class Library:
+    """A C++ library of ``kernels.cpu``, loaded on first use (``load() -> (ops or None, why)``),
+    once per process; ``state`` holds ``ops`` and ``why`` (tests replace it)."""
+
+    def __init__(self, load):
+        self.load, self.state, self.lock = load, {}, threading.Lock()
+
+    def ops(self):
+        """``torch.ops.<its namespace>`` where the library is built and the CPU runs it, else
+        None."""
+        if "ops" not in self.state:
+            with self.lock:
+                if "ops" not in self.state:
+                    self.state["ops"], self.state["why"] = self.load()
+        return self.state["ops"]
+
+    def reason(self) -> str:
+        """Why ``ops()`` is None ("" where it is available)."""
+        self.ops()
+        return str(self.state["why"])
 
 
-def reason() -> str:
-    """Why ``ops()`` is None ("" where it is available)."""
-    ops()
-    return str(_state["why"])
+LIBRARY = Library(
+    lambda: load_library(
+        "kernels.cpu._block", "mixrank_cpu", _FLAGS, "AMX bf16 and AVX-512 BF16",
+        "the Linux kernel refused this process the AMX tile state (arch_prctl)",
+    )
+)  # fmt: skip
+ops, reason = LIBRARY.ops, LIBRARY.reason  # torch.ops.mixrank_cpu or None; why it is None
 
 
 def supports(num_tokens: int, dim: int, hidden: int) -> bool:

@@ -22,59 +22,21 @@ D = 256 cost int8 more than the GEMMs themselves (docs/BENCHMARKS.md, "Int8 dens
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-import threading
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from kernels.cpu import Library, load_library
+
 _FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
-_lock = threading.Lock()
-_state: dict[str, object] = {}
-
-
-def _load() -> tuple[object | None, str]:
-    from kernels.cpu import _cpu_flags
-
-    if os.environ.get("MIXRANK_CPU_KERNELS", "1") == "0":
-        return None, "turned off by MIXRANK_CPU_KERNELS=0"
-    if not sys.platform.startswith("linux"):
-        return None, f"built for x86-64 Linux only (this is {sys.platform})"
-    missing = [f for f in _FLAGS if f not in _cpu_flags()]
-    if missing:
-        return None, f"this CPU lacks {', '.join(missing)} (needs AVX512-VNNI)"
-    spec = importlib.util.find_spec("kernels.cpu._int8")
-    if spec is None or not spec.origin:
-        return None, (
-            "the C++ library kernels/cpu/_int8 was not built (setup.py builds it where a C++ "
-            "compiler is at hand: reinstall with g++ installed)"
-        )
-    try:
-        torch.ops.load_library(spec.origin)
-    except (OSError, RuntimeError) as e:  # e.g. built against another torch
-        return None, f"loading {spec.origin} failed: {e}"
-    lib = torch.ops.mixrank_int8
-    if not lib.available():
-        return None, "the library reports this CPU lacks AVX512-VNNI"
-    return lib, ""
-
-
-def ops():
-    """``torch.ops.mixrank_int8`` where the library is built and the CPU runs it, else None."""
-    if "ops" not in _state:
-        with _lock:
-            if "ops" not in _state:
-                _state["ops"], _state["why"] = _load()
-    return _state["ops"]
-
-
-def reason() -> str:
-    """Why ``ops()`` is None ("" where it is available)."""
-    ops()
-    return str(_state["why"])
+LIBRARY = Library(
+    lambda: load_library(
+        "kernels.cpu._int8", "mixrank_int8", _FLAGS, "AVX512-VNNI",
+        "the library reports this CPU lacks AVX512-VNNI",
+    )
+)  # fmt: skip
+ops, reason = LIBRARY.ops, LIBRARY.reason  # torch.ops.mixrank_int8 or None; why it is None
 
 
 class Prepared(NamedTuple):
