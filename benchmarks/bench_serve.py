@@ -77,6 +77,18 @@ def add_arguments(parser) -> None:
         help="instead: the cost of a behaviour sequence (target attention) at 256 candidates, "
         "histories of 50 and 256 items, against the same model without it",
     )
+    parser.add_argument(
+        "--dtypes",
+        default="fp32,bf16",
+        help="comma-separated dtypes timed in-process (fp32, bf16, int8); the fastest is served",
+    )
+    parser.add_argument(
+        "--inference",
+        choices=["default", "preset"],
+        default="default",
+        help="the artifacts' inference: section: default options, or the model preset's own "
+        "(configs/models/rankmixer_medium.yaml: micro-batches of 256, fused blocks)",
+    )
     parser.add_argument("--plot", default=None, help="write the ratios against targets (PNG)")
     parser.add_argument(
         "--replot",
@@ -91,8 +103,8 @@ def _models() -> dict:
     demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     medium = yaml.safe_load((REPO / "configs" / "models" / "rankmixer_medium.yaml").read_text())
     return {
-        "default": (demo["schema"], demo["model"]),
-        "medium": (medium["schema"], medium["model"]),
+        "default": (demo["schema"], demo["model"], demo.get("inference")),
+        "medium": (medium["schema"], medium["model"], medium.get("inference")),
     }
 
 
@@ -307,6 +319,7 @@ def serve_phase(
 REFERENCES = (
     "forward_p50_ms_fp32",
     "forward_p50_ms_bf16",
+    "forward_p50_ms_int8",
     "answer_p50_ms",
     "forward_paced_p50_ms",
     "answer_paced_p50_ms",
@@ -319,7 +332,7 @@ def _references(before: dict, after: dict) -> dict:
     are measured before and after the served phases (same dtype) and their means are the
     references; both are kept."""
     rec = {"dtype": before["dtype"]}
-    for key in REFERENCES:
+    for key in (k for k in REFERENCES if k in before):  # the dtypes timed (--dtypes)
         rec[key] = (before[key] + after[key]) / 2 if key in after else before[key]
         if key in after:
             rec[f"{key}_before"], rec[f"{key}_after"] = before[key], after[key]
@@ -375,15 +388,21 @@ def run(args) -> int:
     from serving.loadtest import synthetic_request
 
     models = _models()
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    if not dtypes or set(dtypes) - {"fp32", "bf16", "int8"}:
+        raise UserError(f"--dtypes: expected some of fp32, bf16, int8, got {args.dtypes!r}")
     records = []
     emit({"bench": "serve", "machine": machine_info()})
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         for name in args.models.split(","):
-            schema_name, model_cfg = models[name]
-            path = make_artifact(Path(tmp) / name, schema=schema_name, model=model_cfg)
+            schema_name, model_cfg, inference = models[name]
+            inference = inference if args.inference == "preset" else None
+            path = make_artifact(
+                Path(tmp) / name, schema=schema_name, model=model_cfg, inference=inference
+            )
             art = load_artifact(path)
             request = synthetic_request(load_schema(schema_name), CANDIDATES, seed=1)
-            before = in_process(art, request, args.iters)
+            before = in_process(art, request, args.iters, dtypes)
             phases = {}
             for i, mode in enumerate(modes):
                 last = i == len(modes) - 1
@@ -410,6 +429,7 @@ def run(args) -> int:
     if not args.json_only:
         cols = [
             "model", "ingress", "dtype", "forward_p50_ms_fp32", "forward_p50_ms_bf16",
+            "forward_p50_ms_int8",
             "forward_paced_p50_ms", "answer_p50_ms", "noop_p50_ms", "http_p50_ms", "http_p99_ms",
             "grpc_p50_ms", "grpc_p99_ms", "latency_ratio", "latency_ratio_paced",
             "latency_ratio_vs_answer", "latency_ratio_paired", "raw_forward_cand_per_s",
