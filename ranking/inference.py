@@ -339,7 +339,7 @@ class QuantizedModel(nn.Module):
     mode, without autograd. DCNv2's low-rank cross layers are parameters, not ``nn.Linear``:
     they stay fp32."""
 
-    def __init__(self, model: nn.Module, make=Int8Linear):
+    def __init__(self, model: nn.Module, make=Int8Linear, fuse_relu=None):
         super().__init__()
         shared = {
             id(m): m
@@ -349,7 +349,7 @@ class QuantizedModel(nn.Module):
         self.model = copy.deepcopy(model.eval(), memo=shared)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.swapped = swap_linears(self.model, make)
+        self.swapped = swap_linears(self.model, make, fuse_relu)
         self.training = False  # not self.eval(): that would reach the shared tables
 
     @torch.no_grad()
@@ -410,8 +410,10 @@ def optimize_for_inference(
 
     if not isinstance(model, Ranker):
         if int8 or fp8:
-            make = functools.partial(Int8Linear, rows=rows) if int8 else Fp8Linear
-            return QuantizedModel(model, make)
+            if int8:  # Perceptron layers (linear + ReLU) with the ReLU in the GEMM's store
+                relu = functools.partial(Int8Linear, rows=rows, relu=True)
+                return QuantizedModel(model, functools.partial(Int8Linear, rows=rows), relu)
+            return QuantizedModel(model, Fp8Linear)
         return AutocastModel(model.eval(), dt, dev)
     stack = lower_stack(
         model.blocks, dt, dev, compile_epilogues, cpu_fused_block, int8, fp8, rows=rows

@@ -545,15 +545,16 @@ class Int8Linear(nn.Module):
     token, routed by its speed at ``rows`` rows) for inference: the dense layers of models
     without a lowering of their own (the DLRM / DCNv2 baselines)."""
 
-    def __init__(self, linear: nn.Linear, rows: int = 256):
+    def __init__(self, linear: nn.Linear, rows: int = 256, relu: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.relu = relu  # ReLU(linear(x)): a Perceptron's layer with its activation fused
         bias = None if linear.bias is None else linear.bias.unsqueeze(0)
         self.gemm = int8.Int8PerToken(linear.weight.t().unsqueeze(0), bias, rows=rows)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        y = self.gemm(x.reshape(1, -1, self.in_features))
+        y = self.gemm(x.reshape(1, -1, self.in_features), relu=self.relu)
         return y.view(*lead, self.out_features)
 
 
@@ -695,16 +696,30 @@ class Fp8Linear(nn.Module):
         return y.view(*lead, self.out_features)
 
 
-def swap_linears(module: nn.Module, make) -> int:
-    """Swap every ``nn.Linear`` under ``module`` for ``make(linear)`` (in place); the count."""
+def swap_linears(module: nn.Module, make, fuse_relu=None) -> int:
+    """Swap every ``nn.Linear`` under ``module`` for ``make(linear)`` (in place); the count.
+    With ``fuse_relu``, a TorchRec ``Perceptron`` whose activation is ``torch.relu`` (DLRM's
+    and DCNv2's MLP layers) becomes ``fuse_relu(its linear)`` whole: ReLU in the GEMM's store."""
+    from torchrec.modules.mlp import Perceptron
+
     n = 0
     for name, child in list(module.named_children()):
         if type(child) is nn.Linear:
             setattr(module, name, make(child))
             n += 1
+        elif fuse_relu is not None and type(child) is Perceptron and _relu_after(child):
+            setattr(module, name, fuse_relu(child._linear))
+            n += 1
         else:
-            n += swap_linears(child, make)
+            n += swap_linears(child, make, fuse_relu)
     return n
+
+
+def _relu_after(p: nn.Module) -> bool:
+    return type(p._linear) is nn.Linear and p._activation_fn in (
+        torch.relu,
+        torch.nn.functional.relu,
+    )
 
 
 class TokenMajorStack(nn.Module):

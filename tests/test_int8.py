@@ -195,6 +195,26 @@ def test_auto_route_and_its_override(monkeypatch):
         int8.Int8PerToken(w, route="fast")
 
 
+@pytest.mark.parametrize("name", ["dlrm", "dcnv2"])
+def test_baselines_fuse_their_relus_into_the_gemms(name):
+    """A baseline's MLP layers (TorchRec ``Perceptron``: linear then ReLU) become one int8 GEMM
+    with the ReLU in its store, scoring the same bytes as the layers swapped one linear at a
+    time with the Perceptron's own ReLU after them."""
+    from torchrec.modules.mlp import Perceptron
+
+    from ranking.lowered import Int8Linear
+
+    model, schema = _model(name)
+    fused = optimize_for_inference(model, dtype="int8")
+    plain = QuantizedModel(model, Int8Linear)
+    relus = [m for m in fused.modules() if isinstance(m, Int8Linear) and m.relu]
+    assert relus and not any(isinstance(m, Perceptron) for m in fused.modules())
+    assert any(isinstance(m, Perceptron) for m in plain.modules())
+    batch = random_batch(schema, 40, seed=6)
+    with torch.no_grad():
+        assert torch.equal(fused(batch).logits, plain(batch).logits)
+
+
 @pytest.mark.parametrize("name", ["rankmixer", "tokenmixer_large_reverted", "dlrm", "dcnv2"])
 def test_a_model_scores_the_same_bytes_on_either_route(name, monkeypatch):
     """The route is a speed choice only: a whole int8 model (mixer blocks, or a baseline's

@@ -68,6 +68,18 @@ def test_linear_gives_the_other_routes_bytes(shape, bias):
 
 
 @needs_vnni
+def test_fused_relu_is_relu_of_the_product():
+    """``relu=True`` (a Perceptron's ReLU in the GEMM's store) is ``torch.relu`` of the product,
+    bit for bit."""
+    _, b, q, s = _quantized(1, 40, 72, seed=3)
+    x = torch.randn(1, 31, 40)
+    p = vnni.prepare(q, s, b)
+    got = vnni.linear(x, p, relu=True)
+    assert torch.equal(got, torch.relu(vnni.linear(x, p)))
+    assert (got == 0).any() and (got > 0).any()
+
+
+@needs_vnni
 def test_int32_sums_are_exact_past_fp32s_range():
     """Integers at the extremes (+-127 activations times +-127 weights, K = 4096: sums up to
     66M, past 2^24) with unit scales: the output is the int64 matmul of the same integers,

@@ -308,15 +308,18 @@ class Int8PerToken:
             return None
         return quantize_rows if self.route == "onednn" else quantize_rows_int
 
-    def __call__(self, x: Tensor, quantize=None) -> Tensor:
-        """``x [T, B, K] -> [T, B, N]`` fp32; ``quantize``: ``self.quantizer()`` or a compiled
-        twin of it (the same bytes)."""
+    def __call__(self, x: Tensor, quantize=None, relu: bool = False) -> Tensor:
+        """``x [T, B, K] -> [T, B, N]`` fp32 (with ``relu``, ``torch.relu`` of it: fused into
+        the ``vnni`` kernel's store); ``quantize``: ``self.quantizer()`` or a compiled twin of
+        it (the same bytes)."""
         if self.route == "vnni":
-            return vnni.linear(x, self.prepared)
+            return vnni.linear(x, self.prepared, relu=relu)
         if self.route == "onednn":
-            return int8_bmm(x, self.weights, quantize=quantize)
-        q, s = (quantize or quantize_rows_int)(x.float())
-        return _rescale(torch.bmm(q, self.wf).mul_(self.scale), s, self.bias, None)
+            y = int8_bmm(x, self.weights, quantize=quantize)
+        else:
+            q, s = (quantize or quantize_rows_int)(x.float())
+            y = _rescale(torch.bmm(q, self.wf).mul_(self.scale), s, self.bias, None)
+        return torch.relu_(y) if relu else y
 
     def _fastest(self, rows: int, routes: list[str]) -> str:
         """Of ``routes``, the one with the shortest best-of time on ``rows`` random rows per

@@ -1,6 +1,6 @@
 // Int8 inference on CPUs with AVX512-VNNI (fp32 activations in and out):
 //
-//   int8_linear          per-token GEMMs  out[t] = rescale(q(x[t]) . W_t)            (T >= 1)
+//   int8_linear          per-token GEMMs  out[t] = rescale(q(x[t]) . W_t), optionally ReLU'd
 //   int8_rankmixer_block a whole RankMixer block (mixing, Norm1, GEMM, GELU, GEMM, residual,
 //                        Norm2) in one pass per (token, row block)
 //   int8_swiglu_stage    one TokenMixer-Large pSwiGLU stage (RMSNorm, gate/up GEMM,
@@ -125,7 +125,7 @@ inline void dpbusd(__m512i& acc, __m512i a, __m512i b) {
 template <int M, int G>
 void tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t gstride, int64_t kq,
           const int32_t* corr, const float* sw, const float* sx, const float* bias, float* out,
-          int64_t ldo, int64_t ncols) {
+          int64_t ldo, int64_t ncols, bool relu) {
   MIXRANK_ROWS(MIXRANK_DECL)
   const __m512i k0 = _mm512_loadu_si512(corr);
   const __m512i k1 = G > 1 ? _mm512_loadu_si512(corr + 16) : k0;
@@ -149,7 +149,9 @@ void tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t gstride, int64
   }
   auto store = [&](float* o, __m512i acc, int j, __m512 s) {
     const __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), w[j]);
-    _mm512_mask_storeu_ps(o + 16 * j, mk[j], bias ? _mm512_fmadd_ps(y, s, bb[j]) : _mm512_mul_ps(y, s));
+    __m512 v = bias ? _mm512_fmadd_ps(y, s, bb[j]) : _mm512_mul_ps(y, s);
+    if (relu) v = _mm512_max_ps(_mm512_setzero_ps(), v);  // NaN stays NaN, as torch.relu
+    _mm512_mask_storeu_ps(o + 16 * j, mk[j], v);
   };
   MIXRANK_ROWS(MIXRANK_OUT)
 }
@@ -161,7 +163,7 @@ void tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t gstride, int64
 #undef MIXRANK_OUT
 
 using TileFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, const int32_t*,
-                        const float*, const float*, const float*, float*, int64_t, int64_t);
+                        const float*, const float*, const float*, float*, int64_t, int64_t, bool);
 
 template <int M>
 constexpr TileFn row_of_tiles(int g) {
@@ -185,7 +187,7 @@ TileFn pick(int64_t m, int64_t g) {
 // Column panels of 64 outside, 6-row tiles inside: a panel's weights stay in L1 across tiles.
 void gemm(const uint8_t* aq, const float* sx, int64_t M, int64_t Kp, const int8_t* w,
           const int32_t* corr, const float* sw, const float* bias, int64_t N, float* out,
-          int64_t ldo) {
+          int64_t ldo, bool relu) {
   const int64_t kq = Kp / 4, gstride = kq * 64, groups = round_up(N, 16) / 16;
   for (int64_t g0 = 0; g0 < groups; g0 += GT) {
     const int64_t g = std::min(GT, groups - g0), n0 = g0 * 16;
@@ -193,7 +195,7 @@ void gemm(const uint8_t* aq, const float* sx, int64_t M, int64_t Kp, const int8_
     for (int64_t m0 = 0; m0 < M; m0 += MT) {
       const int64_t m = std::min(MT, M - m0);
       pick(m, g)(aq + m0 * Kp, Kp, w + g0 * gstride, gstride, kq, corr + n0, sw + n0, sx + m0,
-                 bias ? bias + n0 : nullptr, out + m0 * ldo + n0, ldo, ncols);
+                 bias ? bias + n0 : nullptr, out + m0 * ldo + n0, ldo, ncols, relu);
     }
   }
 }
@@ -260,9 +262,10 @@ struct Gemm {
     bias = bias_.numel() ? bias_.data_ptr<float>() : nullptr;
   }
 
-  void run(int64_t t, const uint8_t* aq, const float* sx, int64_t M, float* out, int64_t ldo) const {
+  void run(int64_t t, const uint8_t* aq, const float* sx, int64_t M, float* out, int64_t ldo,
+           bool relu = false) const {
     gemm(aq, sx, M, kp, w + t * (np / 16) * kp * 16, corr + t * np, sw + t * n,
-         bias ? bias + t * n : nullptr, n, out, ldo);
+         bias ? bias + t * n : nullptr, n, out, ldo, relu);
   }
 };
 
@@ -295,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor> pack_int8(const at::Tensor& w_) {
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& corr,
                        const at::Tensor& sw, const at::Tensor& bias, int64_t k,
-                       int64_t row_block) {
+                       int64_t row_block, bool relu) {
   const char* op = "int8_linear";
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3, op, ": x must be fp32 [T, B, K]");
   TORCH_CHECK(row_block > 0, op, ": row_block must be positive");
@@ -315,7 +318,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
       const int64_t t = i / nrb, r0 = (i % nrb) * row_block, M = std::min(row_block, B - r0);
       for (int64_t r = 0; r < M; ++r)
         sx[r] = quantize_row(X + (t * B + r0 + r) * K, K, aq.data() + r * g.kp, g.kp);
-      g.run(t, aq.data(), sx.data(), M, O + (t * B + r0) * g.n, g.n);
+      g.run(t, aq.data(), sx.data(), M, O + (t * B + r0) * g.n, g.n, relu);
     }
   });
   return out;
@@ -455,7 +458,7 @@ TORCH_LIBRARY(mixrank_int8, m) {
   m.def("pack_int8(Tensor w) -> (Tensor, Tensor)", &pack_int8);
   m.def(
       "int8_linear(Tensor x, Tensor packed, Tensor corr, Tensor scale, Tensor bias, int k, "
-      "int row_block) -> Tensor",
+      "int row_block, bool relu) -> Tensor",
       &int8_linear);
   m.def(
       "int8_rankmixer_block(Tensor x, Tensor g1, Tensor be1, float eps1, Tensor w1, Tensor c1, "

@@ -13,7 +13,7 @@ D = 256 cost int8 more than the GEMMs themselves (docs/BENCHMARKS.md, "Int8 dens
 
     ops()      -> torch.ops.mixrank_int8, or None where unavailable (reason() says why)
     prepare(w_q int8 [T, K, N], scale [T, N], bias [T, N] | None) -> a prepared GEMM
-    linear(x [T, B, K] fp32, prepared) -> [T, B, N] fp32
+    linear(x [T, B, K] fp32, prepared, relu=False) -> [T, B, N] fp32
     rankmixer_block(x [T, B, D] fp32, norm1, g1, g2, norm2, rms) -> [T, B, D] fp32
     swiglu_stage(z, r [T, B, W] fp32, norm, gate_up, down) -> r + pSwiGLU(RMSNorm(z))
 
@@ -64,10 +64,11 @@ def prepare(w_q: Tensor, scale: Tensor, bias: Tensor | None = None) -> Prepared:
 ROW_BLOCK = 48  # rows per (token, block) work item: 8 micro-tiles of 6 rows
 
 
-def linear(x: Tensor, p: Prepared, row_block: int = ROW_BLOCK) -> Tensor:
+def linear(x: Tensor, p: Prepared, row_block: int = ROW_BLOCK, relu: bool = False) -> Tensor:
     """Per-token ``x [T, B, K]`` fp32 (each row quantized to int8 here) times the prepared int8
-    weights: ``[T, B, N]`` fp32, the same bytes as ``kernels.cpu.int8.Int8PerToken``."""
-    return ops().int8_linear(x.float(), *p, int(row_block))
+    weights: ``[T, B, N]`` fp32, the same bytes as ``kernels.cpu.int8.Int8PerToken``; with
+    ``relu``, ``torch.relu`` of it, applied as the product is stored."""
+    return ops().int8_linear(x.float(), *p, int(row_block), bool(relu))
 
 
 def rankmixer_supports(num_tokens: int, dim: int) -> bool:
