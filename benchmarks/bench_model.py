@@ -19,12 +19,16 @@ mode with no grad:
   (printed as ``frac_by_regime``: ``frac @ matmul GFLOP/s``, slowest regime first).
 
 - ``int8``: ``optimize_for_inference(dtype="int8")`` (per-token GEMMs in int8, ``kernels.cpu.int8``);
-  its ``frac_of_peak`` is over the int8 GEMM peak (``Int8Peak``: oneDNN's u8s8 kernel at 2048^3,
-  every route's rate in ``int8_routes_gop_s``), and ``int8_vs_bf16`` / ``int8_vs_fp32`` are its
+  its ``frac_of_peak`` is over the int8 GEMM peak (``Int8Peak``: the faster of oneDNN's u8s8
+  kernel and ``torch._int_mm`` at 2048^3; every route's rate, ``kernels.cpu.vnni``'s too, in
+  ``int8_routes_gop_s``), and ``int8_vs_bf16`` / ``int8_vs_fp32`` are its
   dense-part speed-ups over the other dtypes of the same config in the same run;
   ``int8_vs_fp32_paired`` (``_bf16_paired``) the median ratio over ``--int8-ab-reps`` pairs of
   one micro-batch run back to back (the number to read on a host whose speed drifts). bf16 is skipped,
-  with the reason, on a CPU without native bf16 (``--force-bf16`` times it anyway).
+  with the reason, on a CPU without native bf16 (``--force-bf16`` times it anyway). With
+  ``cpu_fused_block`` (the mixer presets) int8 runs ``kernels.cpu.vnni``'s fused blocks where
+  the CPU has AVX512-VNNI (``int8_fused_blocks``), and ``int8_fused_vs_unfused_paired`` times
+  them against the same model with each int8 GEMM on its own, in pairs.
 
 - ``ab_fused`` (``--ab-fused-seconds``; RankMixer and TokenMixer-Large in bf16): the dense part
   of one micro-batch with the fused ``kernels.cpu`` ops and with the eager block, alternately,
@@ -179,8 +183,9 @@ class Int8Peak:
     """The int8 GEMM peak, timed on demand like ``MatmulPeak``: oneDNN's u8s8 kernel at n^3
     (what int8 inference runs, activation quantization excluded). ``routes`` holds every
     route's GOP/s measured once at construction (``kernels.cpu.int8.int8_gemm_rate``: oneDNN,
-    ``torch._int_mm``, torch.ao's dynamic linear); where ``torch._int_mm`` is faster than
-    oneDNN (not on the CPUs seen so far) it becomes the timed route."""
+    ``kernels.cpu.vnni``, ``torch._int_mm``, torch.ao's dynamic linear); where ``torch._int_mm``
+    is faster than oneDNN (about even on the AVX512-VNNI host, a scalar loop on the AVX2 one)
+    it becomes the timed route."""
 
     def __init__(self, n: int = 2048):
         import torch
