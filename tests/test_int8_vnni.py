@@ -120,10 +120,10 @@ def test_bad_arguments_name_themselves():
     p = vnni.prepare(q, s, b)
     with pytest.raises(RuntimeError, match="K = 31"):
         vnni.linear(torch.randn(2, 4, 31), p)
-    with pytest.raises(RuntimeError, match="pack_int8 for 3 tokens"):
+    with pytest.raises(RuntimeError, match="prepare for 3 tokens"):
         vnni.linear(torch.randn(3, 4, 32), p)
-    with pytest.raises(RuntimeError, match="expected int8"):
-        vnni.ops().pack_int8(torch.randn(1, 4, 4))
+    with pytest.raises(ValueError, match="expected int8"):
+        vnni.prepare(torch.randn(1, 4, 4), s)
     with pytest.raises(RuntimeError, match="weight bias has 5 elements"):
         vnni.linear(torch.randn(2, 4, 32), p._replace(bias=torch.zeros(5)))
 

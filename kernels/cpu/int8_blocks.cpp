@@ -244,7 +244,7 @@ struct Gemm {
        const at::Tensor& sw_, const at::Tensor& bias_, int64_t k_, int64_t T) : k(k_) {
     TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 4 && packed.size(0) == T &&
                     packed.size(3) == 64 && packed.is_contiguous(),
-                op, ": ", name, " must be packed by pack_int8 for ", T, " tokens");
+                op, ": ", name, " must be packed by kernels.cpu.vnni.prepare for ", T, " tokens");
     np = packed.size(1) * 16;
     kp = packed.size(2) * 4;
     TORCH_CHECK(k > 0 && round_up(k, 4) == kp, op, ": ", name, " has K = ", k, ", packed as ", kp);
@@ -273,27 +273,6 @@ bool available() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("avx512vnni");
-}
-
-// w int8 [T, K, N] -> (packed int8 [T, Np/16, Kp/4, 64], -128 * colsum int32 [T, Np]).
-std::tuple<at::Tensor, at::Tensor> pack_int8(const at::Tensor& w_) {
-  TORCH_CHECK(w_.scalar_type() == at::kChar && w_.dim() == 3, "pack_int8: expected int8 [T, K, N]");
-  const auto w = w_.contiguous();
-  const int64_t T = w.size(0), K = w.size(1), N = w.size(2);
-  const int64_t Kp = round_up(K, 4), Np = round_up(N, 16);
-  auto packed = at::zeros({T, Np / 16, Kp / 4, 64}, at::kChar);
-  auto corr = at::zeros({T, Np}, at::kInt);
-  const int8_t* src = w.data_ptr<int8_t>();
-  int8_t* dst = packed.data_ptr<int8_t>();
-  int32_t* c = corr.data_ptr<int32_t>();
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t n = 0; n < N; ++n) {
-        const int8_t v = src[(t * K + k) * N + n];
-        dst[((t * (Np / 16) + n / 16) * (Kp / 4) + k / 4) * 64 + (n % 16) * 4 + k % 4] = v;
-        c[t * Np + n] -= ZP * v;
-      }
-  return {packed, corr};
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& corr,
@@ -455,7 +434,6 @@ at::Tensor int8_swiglu_stage(const at::Tensor& z, const at::Tensor& res, const a
 
 TORCH_LIBRARY(mixrank_int8, m) {
   m.def("available() -> bool", &available);
-  m.def("pack_int8(Tensor w) -> (Tensor, Tensor)", &pack_int8);
   m.def(
       "int8_linear(Tensor x, Tensor packed, Tensor corr, Tensor scale, Tensor bias, int k, "
       "int row_block, bool relu) -> Tensor",

@@ -55,8 +55,16 @@ class Prepared(NamedTuple):
 def prepare(w_q: Tensor, scale: Tensor, bias: Tensor | None = None) -> Prepared:
     """``w_q`` int8 ``[T, K, N]`` (per-output-channel ``scale [T, N]``, ``bias [T, N]`` or None)
     packed for ``linear`` and the blocks. Once per set of weights, not per call."""
-    packed, corr = ops().pack_int8(w_q.contiguous())
+    if w_q.dtype != torch.int8 or w_q.dim() != 3:
+        raise ValueError(f"vnni.prepare: w_q: expected int8 [T, K, N], got {w_q.dtype} {w_q.shape}")
     t, k, n = w_q.shape
+    kp, np_ = -(-k // 4) * 4, -(-n // 16) * 16
+    q = torch.zeros(t, kp, np_, dtype=torch.int8)  # zero-padded to K % 4 == 0, N % 16 == 0
+    q[:, :k, :n] = w_q
+    # [t, K/4, 4, N/16, 16] -> [t, N/16, K/4, 16, 4]: a 16-column group's 4 k of each column
+    packed = q.view(t, kp // 4, 4, np_ // 16, 16).permute(0, 3, 1, 4, 2).contiguous()
+    packed = packed.view(t, np_ // 16, kp // 4, 64)
+    corr = q.sum(dim=1, dtype=torch.int32).mul_(-128)  # the zero point 128, taken back out
     b = torch.empty(0) if bias is None else bias.detach().float().reshape(t, n).contiguous()
     return Prepared(packed, corr, scale.detach().float().reshape(t, n).contiguous(), b, k)
 
