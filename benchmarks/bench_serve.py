@@ -4,7 +4,7 @@ For the default model (configs/demo.yaml shapes, Frappe schema) and a medium one
 L=2; configs/models/rankmixer_medium.yaml, Criteo schema), random weights, 256 candidates per
 request:
 
-- in-process: model forward p50 of the request's ``Batch`` (fp32 and bf16; the faster is served)
+- in-process: model forward p50 of the request's ``Batch`` per ``--dtypes`` (default fp32 and bf16; the fastest is served)
   timed back to back, and the same forward "paced" (the CPU idle for 10 ms before each call, as
   a request at concurrency 1 finds it); the full in-process answer p50 (parse + features +
   forward) of the same JSON body;
