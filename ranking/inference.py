@@ -59,6 +59,7 @@ from ranking.lowered import (
     VnniInt8RankMixer,
     VnniInt8TokenMixerLarge,
     has_token_major,
+    int8_gemms,
     swap_linears,
 )
 from ranking.model.blocks import (
@@ -103,7 +104,9 @@ class InferenceConfig:
     cpu_fused_block: on the CPU, each RankMixer block, and each TokenMixer-Large pSwiGLU stage,
         as one ``kernels.cpu`` op where the CPU and the build have it: bf16 with AMX GEMMs,
         int8 with AVX512-VNNI GEMMs (``kernels.cpu.vnni``), the norms, activations, biases and
-        residuals fused around them; the token-major block elsewhere (logged once).
+        residuals fused around them; the token-major block elsewhere (logged once). The int8
+        fused op is kept where it is the faster block: where oneDNN's int8 GEMMs are faster
+        than the VNNI kernel (AMX-INT8 hosts), the two blocks are timed once per block shape.
     cuda_graphs: on a GPU, the dense part (stack, pooling, heads) of each chunk replayed from a
         CUDA graph, one per power-of-two row bucket (``ranking.lowered.CudaGraphs``): one launch
         instead of one per kernel; the tokenizer (TorchRec lookups) stays eager. The MoE aux
@@ -183,15 +186,59 @@ def _fast_block(block, dtype, device, compile_epilogues: bool, cpu_fused_block: 
     return fast(block, dtype, device, compile_epilogues)
 
 
-def _int8_block(block, compile_epilogues: bool, cpu_fused_block: bool, rows: int):
+def _int8_block(block, compile_epilogues: bool, cpu_fused_block: bool, rows: int, chosen: dict):
+    """One int8 block: with ``cpu_fused_block``, the fused VNNI op where it runs and is the
+    faster of the two (``_fused_or_not``, decided once per block shape in ``chosen``), else the
+    token-major block with each GEMM on its fastest route."""
     rankmixer = isinstance(block, RankMixerBlock)
-    if cpu_fused_block:
+    unfused = Int8RankMixer if rankmixer else Int8TokenMixerLarge
+    key = (type(block).__name__, *(tuple(p.shape) for p in block.parameters()))
+    if cpu_fused_block and chosen.get(key) != "unfused":
         op = VnniInt8RankMixer if rankmixer else VnniInt8TokenMixerLarge
         fused = _fused_op(block, op, vnni, "int8", "running each int8 GEMM on its own")
         if fused is not None:
-            return fused
-    unfused = Int8RankMixer if rankmixer else Int8TokenMixerLarge
+            if key in chosen:
+                return fused
+            other = unfused(block, compile_epilogues, rows)
+            chosen[key] = _fused_or_not(fused, other, block, rows)
+            return fused if chosen[key] == "fused" else other
     return unfused(block, compile_epilogues, rows)
+
+
+def _fused_or_not(fused: nn.Module, unfused: nn.Module, block, rows: int) -> str:
+    """``fused`` or ``unfused``: which int8 block of the same weights runs ``rows`` rows per
+    token faster. Where every GEMM of the unfused block took the ``vnni`` route (timed against
+    the others at load) the fused op wins without a race: it runs that kernel with the steps in
+    between fused. Elsewhere (an AMX host, whose oneDNN int8 GEMMs run on AMX-INT8 tiles) the
+    two blocks are timed, best of 3, and the fused one is kept on a tie. Either choice scores
+    the model (they differ only on an activation's rounding tie); it sets the speed."""
+    routes = {g.route for g in int8_gemms(unfused)}
+    if routes == {"vnni"}:
+        log.info(
+            "int8 %s: fused VNNI block (every GEMM's fastest route is vnni)", type(block).__name__
+        )
+        return "fused"
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(block.num_tokens, max(rows, 1), block.norm2.weight.numel(), generator=g)
+    best = {"fused": float("inf"), "unfused": float("inf")}
+    with torch.inference_mode():
+        for m in (fused, unfused):
+            m(x)
+        for _ in range(3):
+            for name, m in (("fused", fused), ("unfused", unfused)):
+                t0 = time.perf_counter()
+                m(x)
+                best[name] = min(best[name], time.perf_counter() - t0)
+    pick = "fused" if best["fused"] <= best["unfused"] else "unfused"
+    log.info(
+        "int8 %s at %d rows per token: fused VNNI block %.2f ms, unfused (GEMM routes %s) "
+        "%.2f ms: %s",
+        type(block).__name__, rows, best["fused"] * 1e3, ",".join(sorted(routes)),
+        best["unfused"] * 1e3, pick,
+    )  # fmt: skip
+    return pick
 
 
 def lower_stack(
@@ -244,7 +291,10 @@ def lower_stack(
             for b in stack.blocks
         ]
     elif int8:
-        blocks = [_int8_block(b, compile_epilogues, cpu_fused_block, rows) for b in stack.blocks]
+        chosen: dict = {}  # fused or not, per block shape
+        blocks = [
+            _int8_block(b, compile_epilogues, cpu_fused_block, rows, chosen) for b in stack.blocks
+        ]
     else:
         blocks = [
             _fast_block(b, dtype, device, compile_epilogues, cpu_fused_block) for b in stack.blocks

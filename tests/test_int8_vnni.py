@@ -215,6 +215,49 @@ def test_lowering_fuses_int8_blocks_and_scores_like_the_unfused(cfg):
     assert (a - b).abs().max() <= 0.1 * (b - ref).abs().max() + 1e-5
 
 
+@needs_vnni
+@pytest.mark.parametrize("slow", ["fused", "unfused"])
+def test_fused_block_is_kept_only_where_it_is_faster(monkeypatch, caplog, slow):
+    """Where the unfused block's GEMMs take another route than vnni (an AMX-INT8 host's
+    oneDNN; here forced by ``MIXRANK_INT8_ROUTE``), the lowering races the fused op against the
+    unfused block once per block shape and keeps the faster for every block of that shape."""
+    import logging
+    import time
+
+    monkeypatch.setenv("MIXRANK_INT8_ROUTE", "onednn")
+    cls = VnniInt8RankMixer if slow == "fused" else Int8RankMixer
+    forward = cls.forward
+
+    def slowed(self, x):
+        time.sleep(0.02)  # the block's own time at 256 rows is well under a millisecond here
+        return forward(self, x)
+
+    monkeypatch.setattr(cls, "forward", slowed)
+    model, _ = _block({**RANKMIXERS["layernorm"], "num_layers": 3})
+    with caplog.at_level(logging.INFO, logger="ranking.inference"):
+        low = optimize_for_inference(model, dtype="int8", cpu_fused_block=True)
+    want = Int8RankMixer if slow == "fused" else VnniInt8RankMixer
+    assert [type(b) for b in low.blocks.blocks] == [want] * 3
+    races = [r.getMessage() for r in caplog.records if "rows per token: fused" in r.getMessage()]
+    assert len(races) == 1 and races[0].endswith("unfused" if slow == "fused" else ": fused")
+    assert "GEMM routes onednn" in races[0]
+
+
+@needs_vnni
+def test_no_race_where_every_gemm_takes_the_vnni_route(monkeypatch, caplog):
+    """The fused op runs the vnni kernel with the steps in between fused: where the unfused
+    block's GEMMs all take that route the fused op is kept without timing the two."""
+    import logging
+
+    monkeypatch.setenv("MIXRANK_INT8_ROUTE", "vnni")
+    model, _ = _block({**RANKMIXERS["layernorm"], "num_layers": 2})
+    with caplog.at_level(logging.INFO, logger="ranking.inference"):
+        low = optimize_for_inference(model, dtype="int8", cpu_fused_block=True)
+    assert all(type(b) is VnniInt8RankMixer for b in low.blocks.blocks)
+    msgs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("int8 ")]
+    assert msgs == ["int8 RankMixerBlock: fused VNNI block (every GEMM's fastest route is vnni)"]
+
+
 def test_unavailable_kernels_fall_back_with_one_warning(monkeypatch, caplog):
     """Where the CPU or the build lacks the kernels, ``cpu_fused_block`` int8 runs each GEMM on
     its own (the unfused blocks), says why once, and scores the same as without the option;
