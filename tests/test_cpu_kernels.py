@@ -316,3 +316,16 @@ def test_preset_runs_the_op_through_the_ranker(preset):
         eager = e(batch).logits.float()
     assert all(isinstance(b, AmxRankMixer | AmxTokenMixerLarge) for b in m.blocks.blocks)
     assert (got - want).abs().max() <= 1.5 * (eager - want).abs().max() + 1e-3
+
+
+@needs_op
+def test_ops_fake_kernels_agree_with_the_real_ones():
+    """``torch.library.opcheck``: each AMX op's schema holds and its fake kernel (what
+    ``torch.compile`` traces) gives the real output's shape, dtype and strides."""
+    blk = _block(8, 128, 2, "layer")
+    f = _lowered(blk, True)
+    x = torch.randn(8, 40, 128).to(torch.bfloat16)
+    torch.library.opcheck(kc.ops().rankmixer_block, (x, *f.prepared, 64))
+    t = _lowered(_tml_block(4, 128, 4, 2, "input"), True)
+    z = torch.randn(4, 40, 128).to(torch.bfloat16)
+    torch.library.opcheck(kc.ops().swiglu_stage, (z, z.clone(), *t.prepared[0], 64))

@@ -258,6 +258,49 @@ def test_no_race_where_every_gemm_takes_the_vnni_route(monkeypatch, caplog):
     assert msgs == ["int8 RankMixerBlock: fused VNNI block (every GEMM's fastest route is vnni)"]
 
 
+@needs_vnni
+def test_ops_fake_kernels_agree_with_the_real_ones():
+    """``torch.library.opcheck``: each op's schema holds and its fake kernel (what
+    ``torch.compile`` traces) gives the real output's shape, dtype and strides."""
+    ops = vnni.ops()
+    x = torch.randn(3, 13, 40)
+    _, b, q, s = _quantized(3, 40, 24, seed=0)
+    p = vnni.prepare(q, s, b)
+    torch.library.opcheck(ops.int8_linear, (x, *p, 48, True))
+    _, block = _block(RANKMIXERS["layernorm"])
+    f = VnniInt8RankMixer(block)
+    xr = torch.randn(block.num_tokens, 9, block.ffn.ffn.w1.shape[1])
+    args = (xr, *f.norm1, *f.g1[:4], f.g1.k, *f.g2[:4], f.g2.k, *f.norm2, f.rms, 48)
+    torch.library.opcheck(ops.int8_rankmixer_block, args)
+    _, block = _block(TOKENMIXERS["reverted"])
+    t = VnniInt8TokenMixerLarge(block)
+    (g, eps), gu, down = t.stages[0]
+    z = torch.randn(block.num_heads, 9, g.numel())
+    args = (z, z.clone(), g, eps, *gu[:3], gu.k, *down[:3], down.k, 48)
+    torch.library.opcheck(ops.int8_swiglu_stage, args)
+
+
+@needs_vnni
+@pytest.mark.parametrize(
+    "cfg", [RANKMIXERS["layernorm"], TOKENMIXERS["reverted"]], ids=["rankmixer", "tokenmixer"]
+)
+def test_compile_traces_through_the_fused_blocks(cfg):
+    """``compile=True`` on top of the fused int8 blocks compiles (the ops are opaque calls with
+    fake kernels; no fall-back to eager) and scores as the eager fused lowering does."""
+    import ranking.lowered as lowered
+
+    torch._dynamo.reset()
+    model, _ = _block({**cfg, "num_layers": 2})
+    batch = random_batch(toy_schema(num_tasks=1), 40, seed=2)
+    eager = optimize_for_inference(model, dtype="int8", cpu_fused_block=True)
+    comp = optimize_for_inference(model, dtype="int8", cpu_fused_block=True, compile=True)
+    assert {type(b) for b in comp.blocks.blocks} <= {VnniInt8RankMixer, VnniInt8TokenMixerLarge}
+    with torch.no_grad():
+        want, got = eager(batch).logits, comp(batch).logits
+    assert isinstance(comp._stack, lowered.CompiledOrEager) and not comp._stack.fell_back
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_unavailable_kernels_fall_back_with_one_warning(monkeypatch, caplog):
     """Where the CPU or the build lacks the kernels, ``cpu_fused_block`` int8 runs each GEMM on
     its own (the unfused blocks), says why once, and scores the same as without the option;

@@ -316,7 +316,10 @@ def test_every_dashboard_query_reads_what_was_sent(live):
     # scraped, and read 2.25 refusals of 3)
     phase = {
         f"sum(ray_mixrank_ranked_requests_total{{{ns}}})": HTTP_REQUESTS + GRPC_REQUESTS,
-        f"sum(ray_mixrank_requests_total{{{ns}}})": HTTP_REQUESTS + GRPC_REQUESTS + EMPTY + TOO_MANY,
+        f"sum(ray_mixrank_requests_total{{{ns}}})": HTTP_REQUESTS
+        + GRPC_REQUESTS
+        + EMPTY
+        + TOO_MANY,
         f"sum(ray_mixrank_rejected_requests_total{{{ns}}})": EMPTY + TOO_MANY,
     }
     for expr, n in phase.items():  # the warm-up's

@@ -47,12 +47,18 @@ def _cpu_flags() -> set[str]:
 
 
 def load_library(
-    module: str, namespace: str, flags: tuple[str, ...], needs: str, refused: str
+    module: str,
+    namespace: str,
+    flags: tuple[str, ...],
+    needs: str,
+    refused: str,
+    fakes: dict | None = None,
 ) -> tuple[object | None, str]:
     """``(torch.ops.<namespace>, "")`` from the C++ library ``module`` (built by setup.py) where
     it is built, this CPU has ``flags`` (else why, naming ``needs``) and its ``available()``
     holds (else ``refused``); ``(None, why)`` otherwise. ``MIXRANK_CPU_KERNELS=0`` turns every
-    library off."""
+    library off. ``fakes``: op name -> its output's shape function, registered as the op's fake
+    kernel so that ``torch.compile`` traces through the op (as an opaque call)."""
     if os.environ.get("MIXRANK_CPU_KERNELS", "1") == "0":
         return None, "turned off by MIXRANK_CPU_KERNELS=0"
     if not sys.platform.startswith("linux"):
@@ -71,7 +77,12 @@ def load_library(
     except (OSError, RuntimeError) as e:  # e.g. built against another torch
         return None, f"loading {spec.origin} failed: {e}"
     lib = getattr(torch.ops, namespace)
-    return (lib, "") if lib.available() else (None, refused)
+    if not lib.available():
+        return None, refused
+    for name, fake in (fakes or {}).items():
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{namespace}::{name}", "Meta"):
+            torch.library.register_fake(f"{namespace}::{name}")(fake)
+    return lib, ""
 
 
 class Library:
@@ -96,10 +107,16 @@ class Library:
         return str(self.state["why"])
 
 
+def _like_first(x: Tensor, *args) -> Tensor:
+    """A block op's output: a new contiguous tensor of its first input's shape and dtype."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 LIBRARY = Library(
     lambda: load_library(
         "kernels.cpu._block", "mixrank_cpu", _FLAGS, "AMX bf16 and AVX-512 BF16",
         "the Linux kernel refused this process the AMX tile state (arch_prctl)",
+        fakes={"rankmixer_block": _like_first, "swiglu_stage": _like_first},
     )
 )  # fmt: skip
 ops, reason = LIBRARY.ops, LIBRARY.reason  # torch.ops.mixrank_cpu or None; why it is None

@@ -432,19 +432,24 @@ at::Tensor int8_swiglu_stage(const at::Tensor& z, const at::Tensor& res, const a
 
 }  // namespace
 
+// The ops' schemas; their kernels are CPU kernels (not catch-all), so that Python can give
+// them fake kernels for torch.compile (kernels/cpu/__init__.py, load_library's fakes).
 TORCH_LIBRARY(mixrank_int8, m) {
   m.def("available() -> bool", &available);
   m.def(
       "int8_linear(Tensor x, Tensor packed, Tensor corr, Tensor scale, Tensor bias, int k, "
-      "int row_block, bool relu) -> Tensor",
-      &int8_linear);
+      "int row_block, bool relu) -> Tensor");
   m.def(
       "int8_rankmixer_block(Tensor x, Tensor g1, Tensor be1, float eps1, Tensor w1, Tensor c1, "
       "Tensor s1, Tensor b1, int k1, Tensor w2, Tensor c2, Tensor s2, Tensor b2, int k2, "
-      "Tensor g2, Tensor be2, float eps2, bool rms, int row_block) -> Tensor",
-      &int8_rankmixer_block);
+      "Tensor g2, Tensor be2, float eps2, bool rms, int row_block) -> Tensor");
   m.def(
       "int8_swiglu_stage(Tensor z, Tensor res, Tensor g, float eps, Tensor wgu, Tensor cgu, "
-      "Tensor sgu, int kgu, Tensor wd, Tensor cd, Tensor sd, int kd, int row_block) -> Tensor",
-      &int8_swiglu_stage);
+      "Tensor sgu, int kgu, Tensor wd, Tensor cd, Tensor sd, int kd, int row_block) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mixrank_int8, CPU, m) {
+  m.impl("int8_linear", &int8_linear);
+  m.impl("int8_rankmixer_block", &int8_rankmixer_block);
+  m.impl("int8_swiglu_stage", &int8_swiglu_stage);
 }

@@ -375,16 +375,22 @@ at::Tensor swiglu_stage(const at::Tensor& z, const at::Tensor& r, const at::Tens
   return out;
 }
 
+// The ops' schemas; their kernels are CPU kernels (not catch-all), so that Python can give
+// them fake kernels for torch.compile (kernels/cpu/__init__.py, load_library's fakes).
 TORCH_LIBRARY(mixrank_cpu, m) {
   m.def("available() -> bool", &available);
-  m.def("pack_tiles(Tensor w) -> Tensor", &pack_tiles);
+  m.def("pack_tiles(Tensor w) -> Tensor");
   m.def(
       "rankmixer_block(Tensor x, Tensor g1, Tensor be1, float eps1, Tensor w1p, Tensor b1, "
       "Tensor w2p, Tensor b2, Tensor g2, Tensor be2, float eps2, bool rms, int row_block) -> "
-      "Tensor",
-      &rankmixer_block);
+      "Tensor");
   m.def(
       "swiglu_stage(Tensor z, Tensor r, Tensor g, float eps, Tensor wgu, Tensor wd, "
-      "int row_block) -> Tensor",
-      &swiglu_stage);
+      "int row_block) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mixrank_cpu, CPU, m) {
+  m.impl("pack_tiles", &pack_tiles);
+  m.impl("rankmixer_block", &rankmixer_block);
+  m.impl("swiglu_stage", &swiglu_stage);
 }

@@ -27,13 +27,22 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from kernels.cpu import Library, load_library
+from kernels.cpu import Library, _like_first, load_library
 
 _FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+
+
+def _linear_out(x: Tensor, packed, corr, scale: Tensor, *args) -> Tensor:
+    """``int8_linear``'s output: ``[T, B, N]`` fp32, ``N`` the scales' columns."""
+    return x.new_empty((x.shape[0], x.shape[1], scale.shape[1]), dtype=torch.float32)
+
+
 LIBRARY = Library(
     lambda: load_library(
         "kernels.cpu._int8", "mixrank_int8", _FLAGS, "AVX512-VNNI",
         "the library reports this CPU lacks AVX512-VNNI",
+        fakes={"int8_linear": _linear_out, "int8_rankmixer_block": _like_first,
+               "int8_swiglu_stage": _like_first},
     )
 )  # fmt: skip
 ops, reason = LIBRARY.ops, LIBRARY.reason  # torch.ops.mixrank_int8 or None; why it is None
