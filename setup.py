@@ -36,6 +36,7 @@ def _cpu_kernels() -> list[Extension]:
         return Extension(
             f"kernels.cpu.{name}",
             [source],
+            depends=["kernels/cpu/simd.h", "kernels/cpu/amx.h"],  # rebuilt when they change
             include_dirs=include_paths(),
             library_dirs=library_paths(),
             runtime_library_dirs=library_paths(),
@@ -59,7 +60,12 @@ def _cpu_kernels() -> list[Extension]:
             "_block", "kernels/cpu/mixer_blocks.cpp", ["-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
         ),
         # -ffp-contract=off: the rescale's roundings are the Python routes' (the same bytes)
-        library("_int8", "kernels/cpu/int8_blocks.cpp", ["-mavx512vnni", "-ffp-contract=off"]),
+        # -mamx-*: the AMX-INT8 GEMM, chosen at run time only where the CPU has it
+        library(
+            "_int8",
+            "kernels/cpu/int8_blocks.cpp",
+            ["-mavx512vnni", "-mamx-tile", "-mamx-int8", "-ffp-contract=off"],
+        ),
     ]
 
 

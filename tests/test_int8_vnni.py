@@ -18,6 +18,7 @@ import torch
 from test_int8 import _ref_bmm, rankmixer_equation, tokenmixer_large_equation
 
 from kernels.cpu import int8, vnni
+from kernels.cpu.vnni import BACKENDS
 from ranking.inference import optimize_for_inference
 from ranking.lowered import (
     Int8RankMixer,
@@ -68,6 +69,92 @@ def test_linear_gives_the_other_routes_bytes(shape, bias):
 
 
 @needs_vnni
+def _expected_tdpbusd(T, B, K, N, row_block):
+    """The AMX path's tile multiplies for one ``linear`` call, counted from its tiling: per
+    token and row block, per 32-column panel, per 32-row block, a K step of 64 is 4 TDPBUSDs
+    (2 where the block has at most 16 rows); 0 where the shape takes the VNNI tiles."""
+    kp, np_ = -(-K // 4) * 4, -(-N // 16) * 16
+    if kp % 64 or np_ % 32:
+        return 0
+    n = 0
+    for _ in range(T):
+        for r0 in range(0, B, row_block):
+            m = min(row_block, B - r0)
+            n += sum((np_ // 32) * (kp // 64) * (4 if min(32, m - m0) > 16 else 2)
+                     for m0 in range(0, m, 32))  # fmt: skip
+    return n
+
+
+# shapes that take the AMX path (K % 64 == 0, N padded to 16 a multiple of 32), with every
+# row remainder of the 16-row tiles and 32-row blocks, a last panel of 17-31 columns
+AMX_SHAPES = [(1, 1, 64, 32), (2, 37, 64, 24), (1, 48, 128, 96), (3, 17, 256, 64),
+              (2, 100, 192, 48), (1, 33, 1024, 256)]  # fmt: skip
+
+
+@needs_vnni
+@pytest.mark.parametrize("row_block", [48, 7])
+@pytest.mark.parametrize("shape", AMX_SHAPES + SHAPES)
+def test_amx_path_gives_the_vnni_bytes(shape, row_block):
+    """The AMX-INT8 GEMM (on emulated tiles: the same operations, checked against the tile
+    configuration) gives the VNNI kernel's bytes, with and without bias and ReLU, and runs the
+    number of tile multiplies its tiling implies (none where the shape takes the VNNI tiles)."""
+    T, B, K, N = shape
+    _, b, q, s = _quantized(T, K, N, seed=5)
+    p = vnni.prepare(q, s, b)
+    x = torch.randn(T, B, K, generator=torch.Generator().manual_seed(6))
+    for relu in (False, True):
+        want = vnni.linear(x, p, row_block, relu=relu)
+        before = vnni.ops().emulated_tdpbusd()
+        with vnni.gemm_backend("amx_emulated"):
+            got = vnni.linear(x, p, row_block, relu=relu)
+        assert vnni.ops().emulated_tdpbusd() - before == _expected_tdpbusd(T, B, K, N, row_block)
+        assert torch.equal(got, want)
+    assert vnni.backend() != "amx_emulated"  # restored
+
+
+@needs_vnni
+def test_amx_fused_blocks_give_the_vnni_bytes():
+    """Both fused blocks with their GEMMs on (emulated) AMX tiles give the same bytes as on
+    the VNNI tiles."""
+    _, block = _block({"arch": "rankmixer", "dim": 128, "num_tokens": 4, "tokenizer": "slices"})
+    f = VnniInt8RankMixer(block)
+    x = torch.randn(block.num_tokens, 53, 128)
+    _, tml = _block({"arch": "tokenmixer_large", "dim": 128, "num_tokens": 4, "num_heads": 2,
+                     "tokenizer": "slices", "down_init_scale": 1.0})  # fmt: skip
+    t = VnniInt8TokenMixerLarge(tml)
+    xt = torch.randn(tml.num_tokens, 41, 128)
+    with torch.no_grad():
+        want = f(x), t(xt)
+        before = vnni.ops().emulated_tdpbusd()
+        with vnni.gemm_backend("amx_emulated"):
+            got = f(x), t(xt)
+        assert vnni.ops().emulated_tdpbusd() > before  # the blocks' GEMMs took the AMX path
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_vnni
+def test_gemm_backend_names_what_is_wrong(monkeypatch):
+    with pytest.raises(ValueError, match="gemm_backend: expected one of"), vnni.gemm_backend("x"):
+        pass
+    with pytest.raises(RuntimeError, match="kind must be"):
+        vnni.ops().gemm_backend(3)
+    from kernels.cpu import _cpu_flags
+
+    if "amx_int8" not in _cpu_flags():
+        assert vnni.backend() == "vnni" and "lacks AMX-INT8" in vnni.amx_reason()
+        with pytest.raises(RuntimeError, match="lacks AMX-INT8"), vnni.gemm_backend("amx"):
+            pass
+    monkeypatch.setenv("MIXRANK_INT8_AMX", "0")
+    prev = vnni.ops().gemm_backend(-1)
+    try:
+        vnni._use_amx(vnni.ops())
+        assert "MIXRANK_INT8_AMX=0" in vnni.amx_reason() and vnni.backend() == BACKENDS[prev]
+    finally:
+        monkeypatch.delenv("MIXRANK_INT8_AMX")
+        vnni._use_amx(vnni.ops())
+        vnni.ops().gemm_backend(prev)
+
+
 def test_fused_relu_is_relu_of_the_product():
     """``relu=True`` (a Perceptron's ReLU in the GEMM's store) is ``torch.relu`` of the product,
     bit for bit."""
@@ -370,3 +457,19 @@ def test_preset_runs_fused_int8_through_an_artifact(preset, tmp_path):
         )
         got = art.predict(batch)
     assert (got - want).abs().max() <= 1.5 * (unfused - want).abs().max() + 1e-4
+
+
+def test_the_cpu_kernel_libraries_are_built_where_a_cxx_compiler_is():
+    """setup.py builds them as optional extensions: a failed build only warns, and would show
+    as skipped tests and slower int8 / bf16 inference."""
+    import importlib.util
+    import platform
+    import shutil
+    import sys
+
+    if not (sys.platform.startswith("linux") and platform.machine() == "x86_64"):
+        pytest.skip("the C++ libraries are built for x86-64 Linux only")
+    if shutil.which("g++") is None:
+        pytest.skip("no C++ compiler (g++)")
+    for name in ("kernels.cpu._int8", "kernels.cpu._block"):
+        assert importlib.util.find_spec(name) is not None, f"{name} is not built: run `make setup`"

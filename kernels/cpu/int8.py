@@ -366,7 +366,8 @@ def int8_linear_reference(
 def int8_gemm_rate(n: int = 2048, repeats: int = 3) -> dict[str, float]:
     """The int8 matmul peak of this machine at ``n^3``, in GOP/s, for each route: oneDNN's u8s8
     kernel (what ``int8_linear`` runs, quantization excluded), ``kernels.cpu.vnni``'s kernel
-    (quantization included) where the CPU has VNNI, ``torch._int_mm`` and ``torch.ao``'s
+    (quantization included) where the CPU has VNNI (``vnni``), and on AMX tiles where it has
+    AMX-INT8 (``amx_int8``), ``torch._int_mm`` and ``torch.ao``'s
     dynamic linear (fbgemm). ``peak`` is the fastest."""
     import time
 
@@ -377,10 +378,21 @@ def int8_gemm_rate(n: int = 2048, repeats: int = 3) -> dict[str, float]:
     routes = {}
     if w.packed is not None:
         routes["onednn_u8s8"] = lambda: w.product(q)
-    if vnni.ops() is not None:  # kernels.cpu.vnni's GEMM (it quantizes the rows itself: included)
+    if vnni.ops() is not None:  # kernels.cpu.vnni's GEMM (it quantizes the rows itself:
+        # included), on the VNNI tiles and, where the CPU has AMX-INT8, on AMX tiles
         prepared = vnni.prepare(w.q.unsqueeze(0), w.scale.unsqueeze(0))
         a3 = a.unsqueeze(0)
-        routes["vnni"] = lambda: vnni.linear(a3, prepared)
+
+        def on(backend: str):
+            def run():
+                with vnni.gemm_backend(backend):
+                    return vnni.linear(a3, prepared)
+
+            return run
+
+        routes["vnni"] = on("vnni")
+        if vnni.backend() == "amx":
+            routes["amx_int8"] = on("amx")
     # torch._int_mm: at n^3 where it is fast, at 512^3 where it is a scalar loop (seconds at n)
     small = 512 if n > 512 else n
     a8 = torch.randint(-63, 64, (small, small), dtype=torch.int8, generator=g)

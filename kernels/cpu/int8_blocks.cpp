@@ -17,6 +17,12 @@
 // The micro-kernel holds a 6-row x 64-column block of int32 accumulators in 24 zmm registers and
 // steps K by 4 (one VPDPBUSD per 16 columns and row); weights are packed once per GEMM as
 // [N/16][K/4][16 columns][4 k] so that each step loads one 64-byte vector per 16 columns.
+// On CPUs with AMX-INT8 (gemm_backend(1), chosen by kernels/cpu/vnni.py where the CPU and the
+// kernel allow it) a GEMM whose padded K is a multiple of 64 and N of 32 runs on AMX tiles
+// instead: 32 x 32 int32 accumulator blocks (2 x 2 tiles) starting from the same correction,
+// K in steps of 64, the same weight packing (a B tile is 16 consecutive 64-byte K quads of one
+// 16-column group), the same rescale: the same bytes. gemm_backend(2) runs that path on
+// emulated tiles (amx.h), which is how it is tested on CPUs without AMX.
 // The fused blocks keep every intermediate of a row block (the normed rows, their u8 copy, the
 // hidden rows, their u8 copy) in thread-local buffers that stay in the core's L2; the unfused
 // path writes and re-reads each through memory as fp32 tensors.
@@ -27,13 +33,17 @@
 
 #include <immintrin.h>
 
+#include <cpuid.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
 
+#include "amx.h"
 #include "simd.h"
 
 namespace {
@@ -75,6 +85,16 @@ inline float quantize_row(const float* x, int64_t K, uint8_t* q, int64_t Kp) {
   }
   if (Kp > K) std::memset(q + K, ZP, Kp - K);
   return s;
+}
+
+// One 16-column vector of int32 sums into fp32, as the Python routes rescale: float(acc) * s_w,
+// then * s_x (+ bias by one FMA, as torch.addcmul), ReLU'd where asked; `mk` masks the columns.
+inline void rescale_store(float* o, __m512i acc, __m512 w, __m512 s, const float* bias, __m512 bb,
+                          bool relu, __mmask16 mk) {
+  const __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), w);
+  __m512 v = bias ? _mm512_fmadd_ps(y, s, bb) : _mm512_mul_ps(y, s);
+  if (relu) v = _mm512_max_ps(_mm512_setzero_ps(), v);  // NaN stays NaN, as torch.relu
+  _mm512_mask_storeu_ps(o, mk, v);
 }
 
 // rows x Kp u8 (leading dimension Kp) times one 6 x 64 block of packed weights, rescaled into
@@ -148,10 +168,7 @@ void tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t gstride, int64
     bb[j] = bias ? _mm512_maskz_loadu_ps(mk[j], bias + 16 * j) : _mm512_setzero_ps();
   }
   auto store = [&](float* o, __m512i acc, int j, __m512 s) {
-    const __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), w[j]);
-    __m512 v = bias ? _mm512_fmadd_ps(y, s, bb[j]) : _mm512_mul_ps(y, s);
-    if (relu) v = _mm512_max_ps(_mm512_setzero_ps(), v);  // NaN stays NaN, as torch.relu
-    _mm512_mask_storeu_ps(o + 16 * j, mk[j], v);
+    rescale_store(o + 16 * j, acc, w[j], s, bias, bb[j], relu, mk[j]);
   };
   MIXRANK_ROWS(MIXRANK_OUT)
 }
@@ -199,6 +216,95 @@ void gemm(const uint8_t* aq, const float* sx, int64_t M, int64_t Kp, const int8_
     }
   }
 }
+
+// The same GEMM on AMX tiles (Tiles: mixrank_amx::AmxTiles or EmulatedTiles), for Kp % 64 == 0
+// and N padded to 32 (the packed weights hold round_up(N, 16) columns: N % 32 in 17..31 or 0).
+// aq must hold round_up(M, 16) rows (a tile reads 16). Per 32-column panel and 32-row block:
+// tiles 0-3 start from the zero-point correction (a row stride of 0 repeats it), K in steps of
+// 64 (two A tiles of 16 rows, two B tiles of 16 K quads), stored to a 32 x 32 int32 block and
+// rescaled as the VNNI tiles rescale.
+template <class Tiles>
+void gemm_amx(const uint8_t* aq, const float* sx, int64_t M, int64_t Kp, const int8_t* w,
+              const int32_t* corr, const float* sw, const float* bias, int64_t N, float* out,
+              int64_t ldo, bool relu) {
+  static const mixrank_amx::TileConfig cfg;
+  Tiles::config(cfg);
+  const int64_t gstride = (Kp / 4) * 64, ksteps = Kp / 64;
+  alignas(64) int32_t c[32][32];
+  for (int64_t n0 = 0; n0 < N; n0 += 32) {
+    const int8_t *b0 = w + (n0 / 16) * gstride, *b1 = b0 + gstride;
+    const int64_t ncols = std::min<int64_t>(32, N - n0);
+    __m512 wv[2], bb[2];
+    __mmask16 mk[2];
+    for (int j = 0; j < 2; ++j) {
+      mk[j] = ncols > 16 * j ? tail_mask(ncols - 16 * j) : 0;
+      wv[j] = _mm512_maskz_loadu_ps(mk[j], sw + n0 + 16 * j);
+      bb[j] = bias ? _mm512_maskz_loadu_ps(mk[j], bias + n0 + 16 * j) : _mm512_setzero_ps();
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += 32) {
+      const int64_t rows = std::min<int64_t>(32, M - m0);
+      const bool two = rows > 16;  // a second 16-row A tile
+      Tiles::template load<0>(corr + n0, 0);
+      Tiles::template load<1>(corr + n0 + 16, 0);
+      if (two) {
+        Tiles::template load<2>(corr + n0, 0);
+        Tiles::template load<3>(corr + n0 + 16, 0);
+      }
+      const uint8_t* a = aq + m0 * Kp;
+      for (int64_t kk = 0; kk < ksteps; ++kk) {
+        Tiles::template load<4>(a + kk * 64, Kp);
+        Tiles::template load<6>(b0 + kk * 1024, 64);
+        Tiles::template load<7>(b1 + kk * 1024, 64);
+        Tiles::template dpbusd<0, 4, 6>();
+        Tiles::template dpbusd<1, 4, 7>();
+        if (two) {
+          Tiles::template load<5>(a + 16 * Kp + kk * 64, Kp);
+          Tiles::template dpbusd<2, 5, 6>();
+          Tiles::template dpbusd<3, 5, 7>();
+        }
+      }
+      Tiles::template store<0>(&c[0][0], 128);
+      Tiles::template store<1>(&c[0][16], 128);
+      if (two) {
+        Tiles::template store<2>(&c[16][0], 128);
+        Tiles::template store<3>(&c[16][16], 128);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512 s = _mm512_set1_ps(sx[m0 + r]);
+        float* o = out + (m0 + r) * ldo + n0;
+        for (int j = 0; j < 2; ++j)
+          if (mk[j]) rescale_store(o + 16 * j, _mm512_load_si512(&c[r][16 * j]), wv[j], s, bias,
+                                   bb[j], relu, mk[j]);
+      }
+    }
+  }
+  Tiles::release();
+}
+
+// Which GEMM the ops run (gemm_backend): 0 the AVX512-VNNI tiles; 1 AMX-INT8; 2 AMX emulated.
+std::atomic<int> g_backend{0};
+
+bool cpu_has_amx_int8() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  return (d >> 24 & 1) && (d >> 25 & 1);  // AMX-TILE, AMX-INT8
+}
+
+int64_t gemm_backend(int64_t kind) {
+  TORCH_CHECK(kind >= -1 && kind <= 2, "gemm_backend: kind must be 0 (vnni), 1 (amx) or 2 "
+              "(amx emulated), or -1 to read it; got ", kind);
+  if (kind == 1) {
+#ifdef __AMX_INT8__
+    TORCH_CHECK(cpu_has_amx_int8(), "gemm_backend: this CPU lacks AMX-INT8");
+    TORCH_CHECK(mixrank_amx::amx_permitted(), "gemm_backend: the kernel refused AMX tile state");
+#else
+    TORCH_CHECK(false, "gemm_backend: this build has no AMX-INT8 (compiled without -mamx-int8)");
+#endif
+  }
+  return kind < 0 ? g_backend.load() : g_backend.exchange(static_cast<int>(kind));
+}
+
+int64_t emulated_tdpbusd() { return mixrank_amx::EmulatedTiles::count().load(); }
 
 // LayerNorm (gamma, beta) or RMSNorm (gamma) of one fp32 row of D, D % 16 == 0, into out
 // (which may be the row itself); the same formulas as the eager norms, summed in fp32.
@@ -262,10 +368,17 @@ struct Gemm {
     bias = bias_.numel() ? bias_.data_ptr<float>() : nullptr;
   }
 
+  // aq holds round_up(M, 16) rows (AMX tiles read 16 at a time)
   void run(int64_t t, const uint8_t* aq, const float* sx, int64_t M, float* out, int64_t ldo,
            bool relu = false) const {
-    gemm(aq, sx, M, kp, w + t * (np / 16) * kp * 16, corr + t * np, sw + t * n,
-         bias ? bias + t * n : nullptr, n, out, ldo, relu);
+    const int backend = (kp % 64 == 0 && np % 32 == 0) ? g_backend.load() : 0;
+    auto f = gemm;
+#ifdef __AMX_INT8__
+    if (backend == 1) f = gemm_amx<mixrank_amx::AmxTiles>;
+#endif
+    if (backend == 2) f = gemm_amx<mixrank_amx::EmulatedTiles>;
+    f(aq, sx, M, kp, w + t * (np / 16) * kp * 16, corr + t * np, sw + t * n,
+      bias ? bias + t * n : nullptr, n, out, ldo, relu);
   }
 };
 
@@ -291,7 +404,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const float* X = xc.data_ptr<float>();
   float* O = out.data_ptr<float>();
   at::parallel_for(0, T * nrb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> aq(row_block * g.kp);
+    std::vector<uint8_t> aq(round_up(row_block, 16) * g.kp);
     std::vector<float> sx(row_block);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = i / nrb, r0 = (i % nrb) * row_block, M = std::min(row_block, B - r0);
@@ -337,7 +450,7 @@ at::Tensor int8_rankmixer_block(const at::Tensor& x, const at::Tensor& g1, const
   at::parallel_for(0, T * nrb, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(row_block * D), h(row_block * Hd), y(row_block * D), sx(row_block),
         sh(row_block);
-    std::vector<uint8_t> aq(row_block * Dp), hq(row_block * Hp);
+    std::vector<uint8_t> aq(round_up(row_block, 16) * Dp), hq(round_up(row_block, 16) * Hp);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = i / nrb, r0 = (i % nrb) * row_block, M = std::min(row_block, B - r0);
       for (int64_t r = 0; r < M; ++r) {  // S = Norm1(TokenMixing(X) + X), then its u8 copy
@@ -402,7 +515,7 @@ at::Tensor int8_swiglu_stage(const at::Tensor& z, const at::Tensor& res, const a
   float* O = out.data_ptr<float>();
   at::parallel_for(0, T * nrb, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(W), gu(row_block * H2), h(row_block * Hd), sx(row_block), sh(row_block);
-    std::vector<uint8_t> aq(row_block * Wp), hq(row_block * Hp);
+    std::vector<uint8_t> aq(round_up(row_block, 16) * Wp), hq(round_up(row_block, 16) * Hp);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = i / nrb, r0 = (i % nrb) * row_block, M = std::min(row_block, B - r0);
       for (int64_t r = 0; r < M; ++r) {  // RMSNorm(z), its u8 copy
@@ -436,6 +549,8 @@ at::Tensor int8_swiglu_stage(const at::Tensor& z, const at::Tensor& res, const a
 // them fake kernels for torch.compile (kernels/cpu/__init__.py, load_library's fakes).
 TORCH_LIBRARY(mixrank_int8, m) {
   m.def("available() -> bool", &available);
+  m.def("gemm_backend(int kind) -> int", &gemm_backend);
+  m.def("emulated_tdpbusd() -> int", &emulated_tdpbusd);
   m.def(
       "int8_linear(Tensor x, Tensor packed, Tensor corr, Tensor scale, Tensor bias, int k, "
       "int row_block, bool relu) -> Tensor");

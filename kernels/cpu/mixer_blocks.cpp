@@ -30,18 +30,19 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
+#include "amx.h"
 #include "simd.h"
 
 namespace {
 
 using at::BFloat16;
+using mixrank_amx::TileConfig;
+using mixrank_amx::amx_permitted;
 using mixrank_simd::exp512;
 using mixrank_simd::gelu;
 using mixrank_simd::swiglu;
@@ -82,22 +83,6 @@ inline void norm_row(const float* m, int64_t D, const float* g, const float* b, 
     store_bf16(out + k, c);
     if (out32) _mm512_storeu_ps(out32 + k, _mm512_add_ps(c, _mm512_loadu_ps(add + k)));
   }
-}
-
-// AMX tile configuration (palette 1): tiles 0-3 the 2x2 fp32 accumulators (16 x 16), 4-5 the
-// two 16-row A tiles (16 x 32 bf16), 6-7 the two B tiles (16 K-pairs x 16 columns x 2).
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
-};
-
-// Linux hands out the AMX tile state only on request (once per process).
-bool amx_permitted() {
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
-                                 18 /* XFEATURE_XTILEDATA */) == 0;
-  return ok;
 }
 
 // One K step of 32 into the 2x2 accumulators: rows 0-15 and 16-31 of A (leading dimension

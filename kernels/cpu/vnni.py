@@ -17,11 +17,15 @@ D = 256 cost int8 more than the GEMMs themselves (docs/BENCHMARKS.md, "Int8 dens
     rankmixer_block(x [T, B, D] fp32, norm1, g1, g2, norm2, rms) -> [T, B, D] fp32
     swiglu_stage(z, r [T, B, W] fp32, norm, gate_up, down) -> r + pSwiGLU(RMSNorm(z))
 
-``MIXRANK_CPU_KERNELS=0`` turns them off (as ``kernels.cpu``'s bf16 ops).
+``MIXRANK_CPU_KERNELS=0`` turns them off (as ``kernels.cpu``'s bf16 ops). On CPUs with
+AMX-INT8 the GEMMs run on AMX tiles instead (``backend()``; ``MIXRANK_INT8_AMX=0`` keeps them on
+the VNNI tiles): the same operands, packing and rescale, the same bytes. That path also runs on
+emulated tiles (``gemm_backend("amx_emulated")``), which is how it is tested without AMX.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -37,15 +41,71 @@ def _linear_out(x: Tensor, packed, corr, scale: Tensor, *args) -> Tensor:
     return x.new_empty((x.shape[0], x.shape[1], scale.shape[1]), dtype=torch.float32)
 
 
-LIBRARY = Library(
-    lambda: load_library(
+BACKENDS = ("vnni", "amx", "amx_emulated")  # the GEMM the ops run: gemm_backend(kind)
+_AMX = {"why": "the library is not loaded"}  # why the GEMMs are not on AMX tiles
+
+
+def _use_amx(lib) -> None:
+    """Where the CPU has AMX-INT8 (and ``MIXRANK_INT8_AMX`` is not 0), the ops' GEMMs run on
+    AMX tiles (``int8_blocks.cpp``'s ``gemm_amx``: the same bytes); else on the VNNI tiles,
+    with why kept for ``amx_reason()``."""
+    import os
+
+    from kernels.cpu import _cpu_flags
+
+    if os.environ.get("MIXRANK_INT8_AMX", "1") == "0":
+        _AMX["why"] = "turned off by MIXRANK_INT8_AMX=0"
+    elif not {"amx_tile", "amx_int8"} <= _cpu_flags():
+        _AMX["why"] = "this CPU lacks AMX-INT8"
+    else:
+        try:
+            lib.gemm_backend(1)
+            _AMX["why"] = ""
+        except RuntimeError as e:  # the kernel refused the tile state; a build without AMX
+            _AMX["why"] = str(e).splitlines()[0]
+
+
+def _load():
+    lib, why = load_library(
         "kernels.cpu._int8", "mixrank_int8", _FLAGS, "AVX512-VNNI",
         "the library reports this CPU lacks AVX512-VNNI",
         fakes={"int8_linear": _linear_out, "int8_rankmixer_block": _like_first,
                "int8_swiglu_stage": _like_first},
-    )
-)  # fmt: skip
+    )  # fmt: skip
+    if lib is not None:
+        _use_amx(lib)
+    return lib, why
+
+
+LIBRARY = Library(_load)
 ops, reason = LIBRARY.ops, LIBRARY.reason  # torch.ops.mixrank_int8 or None; why it is None
+
+
+def backend() -> str:
+    """The GEMM the ops run: ``vnni`` (AVX512-VNNI tiles), ``amx`` (AMX-INT8 tiles, where the
+    CPU has them) or ``amx_emulated`` (the AMX path on emulated tiles: tests). The AMX path
+    takes GEMMs whose K (padded to 4) is a multiple of 64 and N (padded to 16) of 32; the
+    others run on the VNNI tiles. Every backend gives the same bytes."""
+    return BACKENDS[ops().gemm_backend(-1)]
+
+
+def amx_reason() -> str:
+    """Why the GEMMs do not run on AMX tiles ("" where they do)."""
+    ops()
+    return _AMX["why"]
+
+
+@contextlib.contextmanager
+def gemm_backend(name: str):
+    """``with gemm_backend("amx_emulated"): ...`` runs the ops' GEMMs on that backend inside
+    the block (process-wide: for tests and benchmarks), restoring the previous one after."""
+    if name not in BACKENDS:
+        raise ValueError(f"gemm_backend: expected one of {BACKENDS}, got {name!r}")
+    prev = ops().gemm_backend(BACKENDS.index(name))
+    try:
+        yield
+    finally:
+        ops().gemm_backend(prev)
 
 
 class Prepared(NamedTuple):
