@@ -19,9 +19,10 @@ mode with no grad:
   (printed as ``frac_by_regime``: ``frac @ matmul GFLOP/s``, slowest regime first).
 
 - ``int8``: ``optimize_for_inference(dtype="int8")`` (per-token GEMMs in int8, ``kernels.cpu.int8``);
-  its ``frac_of_peak`` is over the int8 GEMM peak (``Int8Peak``: the faster of oneDNN's u8s8
-  kernel and ``torch._int_mm`` at 2048^3; every route's rate, ``kernels.cpu.vnni``'s too, in
-  ``int8_routes_gop_s``), and ``int8_vs_bf16`` / ``int8_vs_fp32`` are its
+  its ``frac_of_peak`` is over the int8 GEMM peak (``Int8Peak``: the fastest of oneDNN's u8s8
+  kernel, ``torch._int_mm`` and ``kernels.cpu.vnni``'s own loops (VNNI tiles; AMX-INT8 tiles
+  where the CPU has them) at 2048^3, named in ``int8_peak_route``; every route's rate in
+  ``int8_routes_gop_s``; the ops' GEMM backend in ``int8_gemm_backend``), and ``int8_vs_bf16`` / ``int8_vs_fp32`` are its
   dense-part speed-ups over the other dtypes of the same config in the same run;
   ``int8_vs_fp32_paired`` (``_bf16_paired``) the median ratio over ``--int8-ab-reps`` pairs of
   one micro-batch run back to back (the number to read on a host whose speed drifts). bf16 is skipped,
@@ -183,22 +184,36 @@ class Int8Peak:
     """The int8 GEMM peak, timed on demand like ``MatmulPeak``: oneDNN's u8s8 kernel at n^3
     (what int8 inference runs, activation quantization excluded). ``routes`` holds every
     route's GOP/s measured once at construction (``kernels.cpu.int8.int8_gemm_rate``: oneDNN,
-    ``kernels.cpu.vnni``, ``torch._int_mm``, torch.ao's dynamic linear); where ``torch._int_mm``
-    is faster than oneDNN (about even on the AVX512-VNNI host, a scalar loop on the AVX2 one)
-    it becomes the timed route."""
+    ``kernels.cpu.vnni`` on VNNI tiles and, where the CPU has AMX-INT8, on AMX tiles,
+    ``torch._int_mm``, torch.ao's dynamic linear); the fastest of oneDNN, ``torch._int_mm`` and
+    the op's own loops becomes the timed route (``route``). torch.ao's is left out: its
+    activations take one scale per tensor, not the per-row quantization int8 inference runs."""
 
     def __init__(self, n: int = 2048):
         import torch
 
-        from kernels.cpu import int8
+        from kernels.cpu import int8, vnni
 
         self.routes = int8.int8_gemm_rate(n)
         self.n = n
         g = torch.Generator().manual_seed(0)
-        if self.routes.get("torch_int_mm", 0) > self.routes.get("onednn_u8s8", 0):
+        timed = ("onednn_u8s8", "torch_int_mm", "vnni", "amx_int8")
+        self.route = max((r for r in timed if r in self.routes), key=self.routes.get)
+        if self.route == "torch_int_mm":
             a = torch.randint(-63, 64, (n, n), dtype=torch.int8, generator=g)
             b = torch.randint(-63, 64, (n, n), dtype=torch.int8, generator=g)
             self.fn = lambda: torch._int_mm(a, b)
+        elif self.route in ("vnni", "amx_int8"):
+            w = int8.Int8Weight(torch.randn(n, n, generator=g), keep_q=True)
+            prepared = vnni.prepare(w.q.unsqueeze(0), w.scale.unsqueeze(0))
+            x = torch.randn(1, n, n, generator=g)
+            backend = "amx" if self.route == "amx_int8" else "vnni"
+
+            def run():
+                with vnni.gemm_backend(backend):
+                    return vnni.linear(x, prepared)
+
+            self.fn = run
         else:
             w = int8.Int8Weight(torch.randn(n, n, generator=g), keep_q=True)
             q, _ = int8.quantize_rows(torch.randn(n, n, generator=g))
@@ -476,9 +491,11 @@ def bench_config(name: str, args) -> list[dict]:
         }
         rec["frac_of_bf16_peak"] = rec["dense_gflop_s"] / rec["peak_bf16_gflop_s"]
         if dt == "int8":
-            from kernels.cpu import int8
+            from kernels.cpu import int8, vnni
 
             rec["int8_routes_gop_s"] = peak.routes
+            rec["int8_peak_route"] = peak.route
+            rec["int8_gemm_backend"] = vnni.backend() if vnni.ops() is not None else None
             rec["int8_weight_bits"] = int8.weight_bits()
         step = opts.micro_batch if 0 < opts.micro_batch < args.batch else args.batch
         if is_mixer and args.regime_seconds > 0:
