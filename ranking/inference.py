@@ -52,12 +52,14 @@ from ranking.lowered import (
     Fp8TokenMixerLarge,
     Int8Linear,
     Int8RankMixer,
+    Int8SwiGLU,
     Int8TokenMixerLarge,
     TokenMajorRankMixer,
     TokenMajorStack,
     TokenMajorTokenMixerLarge,
     VnniInt8RankMixer,
     VnniInt8TokenMixerLarge,
+    dense_ffn,
     has_token_major,
     int8_gemms,
     swap_linears,
@@ -67,9 +69,10 @@ from ranking.model.blocks import (
     RankMixerStack,
     StackOutput,
     TokenMixerLargeStack,
+    UniMixerStack,
 )
 from ranking.model.config import ConfigError, section_from_dict
-from ranking.model.ffn import SparsePerTokenMoE
+from ranking.model.ffn import PerTokenSwiGLU, SparsePerTokenMoE
 from ranking.model.output import RankerOutput
 
 # ranking.model.ranker (the tokenizer: TorchRec) is imported where it is used, so that
@@ -263,7 +266,13 @@ def lower_stack(
     token_major = dense and (fp8 or (device.type == "cpu" and kernels.backend(device) == "torch"))
     if not token_major:
         frozen = _frozen_copy(stack, dtype, device)
-        n_moe = 0
+        n_moe = n_int8 = 0
+        if int8 and type(stack) is UniMixerStack:  # each block's dense per-token SwiGLU
+            for trained, blk in zip(stack.blocks, frozen.blocks):
+                ffn = dense_ffn(trained.ffn, PerTokenSwiGLU)
+                if ffn is not None:
+                    blk.ffn.ffn = Int8SwiGLU(ffn, rows)
+                    n_int8 += 1
         if fp8:  # the MoE stages' experts in fp8, quantized from the trained (fp32) weights;
             # routers, shared experts and the rest in dtype
             trained = dict(stack.named_modules())
@@ -273,12 +282,16 @@ def lower_stack(
                     fast = Fp8SparseMoE(trained[name], dtype, device)
                     setattr(frozen.get_submodule(parent), attr, fast)
                     n_moe += 1
-        if int8 or (fp8 and not n_moe):
+        if (int8 and not n_int8) or (fp8 and not n_moe):
             _warn_once(
                 f"{'int8' if int8 else 'fp8'} {type(stack).__name__}",
-                "%s: no %s lowering for %s (it covers the dense RankMixer and TokenMixer-Large "
-                "blocks%s); its blocks run in %s",
-                *(("int8", "int8", "") if int8 else ("fp8", "fp8", " and MoE experts")),
+                "%s: no %s lowering for %s (it covers the dense RankMixer, TokenMixer-Large "
+                "%s); its blocks run in %s",
+                *(
+                    ("int8", "int8", "and UniMixer blocks")
+                    if int8
+                    else ("fp8", "fp8", "blocks and MoE experts")
+                ),
                 type(stack).__name__,
                 str(dtype).removeprefix("torch."),
             )

@@ -540,6 +540,23 @@ class VnniInt8TokenMixerLarge(nn.Module):
         return vnni.swiglu_stage(r, base, *self.stages[1])
 
 
+class Int8SwiGLU(nn.Module):
+    """A dense ``PerTokenSwiGLU`` (UniMixer's per-token FFN) with its two per-token GEMMs in
+    int8 (``Int8TokenMixerLarge``'s quantization, each GEMM routed by its speed at ``rows``
+    rows), on ``[B, T, D]`` as the FFN takes it: the tokens go token-major for the GEMMs and
+    back; Swish * up stays fp32."""
+
+    def __init__(self, ffn: PerTokenSwiGLU, rows: int = 256):
+        super().__init__()
+        self.hidden = ffn.hidden
+        self.gate_up = _int8_per_token(ffn.w_gate_up, None, rows)
+        self.down = _int8_per_token(ffn.w_down, None, rows)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x.transpose(0, 1)).split(self.hidden, dim=-1)  # [T, B, Hd]
+        return self.down(torch.nn.functional.silu(gate).mul_(up)).transpose(0, 1)
+
+
 class Int8Linear(nn.Module):
     """An ``nn.Linear`` as an int8 GEMM (``kernels.cpu.int8``, one ``Int8PerToken`` of one
     token, routed by its speed at ``rows`` rows) for inference: the dense layers of models

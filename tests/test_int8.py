@@ -18,12 +18,14 @@ from ranking.inference import InferenceRanker, QuantizedModel, optimize_for_infe
 from ranking.lowered import (
     Int8Linear,
     Int8RankMixer,
+    Int8SwiGLU,
     Int8TokenMixerLarge,
     TokenMajorStack,
     int8_gemms,
     mix_tm,
     revert_tm,
 )
+from ranking.model.blocks import UniMixerStack
 from ranking.model.synthetic import random_batch
 
 HOST_BITS = int8.weight_bits()
@@ -296,14 +298,38 @@ def test_int8_tokenmixer_large_block_follows_its_equations():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_unimixer_int8_ffn_follows_its_equation():
+    """``Int8SwiGLU`` (UniMixer's per-token SwiGLU in int8) on ``[B, T, D]``: ``W_down (Swish(
+    gate) * up)`` per token with the reference twin's int8 products, closer to it than to the
+    fp32 FFN (whose distance is int8's own error)."""
+    from ranking.model.ffn import PerTokenSwiGLU
+
+    torch.manual_seed(3)
+    ffn = PerTokenSwiGLU(4, 32, 96, 1.0).eval()
+    x = torch.randn(50, 4, 32)
+
+    def equation(bmm):
+        xt = x.transpose(0, 1)
+        gate, up = bmm(xt, ffn.w_gate_up).split(ffn.hidden, dim=-1)
+        return bmm(F.silu(gate) * up, ffn.w_down).transpose(0, 1)
+
+    with torch.no_grad():
+        got = Int8SwiGLU(ffn)(x)
+        want = equation(_ref_bmm)
+        fp32 = ffn(x)
+    assert got.shape == x.shape
+    err, int8_err = float((got - want).abs().max()), float((fp32 - want).abs().max())
+    assert err <= 1e-4 * float(want.abs().max()) and int8_err > 100 * err, (err, int8_err)
+
+
 # ----------------------------------------------------------------------------- whole models
 
 
 @pytest.mark.parametrize("name", list(SMALL))
 def test_int8_model_is_close_to_fp32_for_every_architecture(name):
     """Every architecture lowers to int8: the dense RankMixer / TokenMixer-Large blocks become
-    int8 blocks, the baselines' linear layers int8 GEMMs, the rest (UniMixer, MoE stages) stays
-    fp32; logits stay within int8's error of the eager model's, tables are shared, the eager
+    int8 blocks, UniMixer's dense per-token SwiGLUs int8 FFNs, the baselines' linear layers
+    int8 GEMMs, the rest (UniMixer's mixing, MoE stages) stays fp32; logits stay within int8's error of the eager model's, tables are shared, the eager
     model is left as it was."""
     model, schema = _model(name)
     with torch.no_grad():  # make the dense stack matter (small down-projection inits)
@@ -327,6 +353,10 @@ def test_int8_model_is_close_to_fp32_for_every_architecture(name):
         if name in TOKEN_MAJOR:
             assert isinstance(fast.blocks, TokenMajorStack)
             assert types <= {Int8RankMixer, Int8TokenMixerLarge} and err > 0
+        ffns = [m for m in fast.blocks.modules() if isinstance(m, Int8SwiGLU)]
+        dense_unimixer = isinstance(model.blocks, UniMixerStack) and not SMALL[name].get("moe")
+        assert len(ffns) == (len(model.blocks.blocks) if dense_unimixer else 0), name
+        assert not dense_unimixer or err > 0
     else:
         assert isinstance(fast, QuantizedModel) and fast.swapped >= 2
         assert any(isinstance(m, Int8Linear) for m in fast.modules())
