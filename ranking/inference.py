@@ -59,6 +59,7 @@ from ranking.lowered import (
     TokenMajorTokenMixerLarge,
     VnniInt8RankMixer,
     VnniInt8TokenMixerLarge,
+    VnniInt8UniMixer,
     dense_ffn,
     has_token_major,
     int8_gemms,
@@ -104,7 +105,8 @@ class InferenceConfig:
         first, then the batch dimension dynamic).
     compile_epilogues: on the CPU token-major path, only the norms and the SwiGLU activation
         between the GEMMs go through ``torch.compile`` (the GEMMs stay eager).
-    cpu_fused_block: on the CPU, each RankMixer block, and each TokenMixer-Large pSwiGLU stage,
+    cpu_fused_block: on the CPU, each RankMixer block, and each TokenMixer-Large pSwiGLU stage
+        (int8: and each UniMixer FFN sub-layer),
         as one ``kernels.cpu`` op where the CPU and the build have it: bf16 with AMX GEMMs,
         int8 with AVX512-VNNI GEMMs (``kernels.cpu.vnni``), the norms, activations, biases and
         residuals fused around them; the token-major block elsewhere (logged once). The int8
@@ -157,8 +159,8 @@ def _frozen_copy(module: nn.Module, dtype: torch.dtype, device: torch.device) ->
     return part.eval()
 
 
-def _fused_op(block, fused: type, lib, what: str, otherwise: str) -> nn.Module | None:
-    """``fused(block)`` where ``lib`` (``kernels.cpu``: bf16 on AMX, ``kernels.cpu.vnni``: int8
+def _fused_op(block, fused: type, lib, what: str, otherwise: str, *args) -> nn.Module | None:
+    """``fused(block, *args)`` where ``lib`` (``kernels.cpu``: bf16 on AMX, ``kernels.cpu.vnni``: int8
     on AVX512-VNNI) runs here and takes the block's shapes; else None, with why logged once."""
     if lib.ops() is None:
         _warn_once(
@@ -166,7 +168,7 @@ def _fused_op(block, fused: type, lib, what: str, otherwise: str) -> nn.Module |
         )
         return None
     if fused.supports(block):
-        return fused(block)
+        return fused(block, *args)
     _warn_once(
         f"cpu_fused_block {what} {type(block).__name__}",
         "cpu_fused_block (%s): %s does not take this %s's shapes; %s",
@@ -259,7 +261,8 @@ def lower_stack(
     its speed at ``rows`` rows: ``kernels.cpu.int8.Int8PerToken``), with ``fp8``
     token-major blocks whose GEMMs run on e4m3 operands (any device), else a frozen copy in
     ``dtype`` (UniMixer, MoE stages, and the GPU, where the blocks' own forward runs the Triton
-    kernels)."""
+    kernels); with ``int8`` a dense UniMixer block's per-token SwiGLU in int8 (``Int8SwiGLU``;
+    with ``cpu_fused_block`` its FFN sub-layer as one VNNI op, ``VnniInt8UniMixer``)."""
     dense = type(stack) in (RankMixerStack, TokenMixerLargeStack) and all(
         has_token_major(b) for b in stack.blocks
     )
@@ -268,11 +271,19 @@ def lower_stack(
         frozen = _frozen_copy(stack, dtype, device)
         n_moe = n_int8 = 0
         if int8 and type(stack) is UniMixerStack:  # each block's dense per-token SwiGLU
-            for trained, blk in zip(stack.blocks, frozen.blocks):
+            for i, (trained, blk) in enumerate(zip(stack.blocks, frozen.blocks)):
                 ffn = dense_ffn(trained.ffn, PerTokenSwiGLU)
-                if ffn is not None:
-                    blk.ffn.ffn = Int8SwiGLU(ffn, rows)
-                    n_int8 += 1
+                if ffn is None:
+                    continue
+                n_int8 += 1
+                if cpu_fused_block:  # the FFN sub-layer as one VNNI op
+                    fused = _fused_op(
+                        trained, VnniInt8UniMixer, vnni, "int8", "running its int8 GEMMs apart", blk
+                    )
+                    if fused is not None:
+                        frozen.blocks[i] = fused
+                        continue
+                blk.ffn.ffn = Int8SwiGLU(ffn, rows)
         if fp8:  # the MoE stages' experts in fp8, quantized from the trained (fp32) weights;
             # routers, shared experts and the rest in dtype
             trained = dict(stack.named_modules())

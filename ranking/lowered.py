@@ -39,7 +39,12 @@ import kernels
 from kernels import cpu as cpu_kernels
 from kernels.cpu import int8, vnni
 from kernels.reference import fp8_quantize_weight
-from ranking.model.blocks import RankMixerBlock, StackOutput, TokenMixerLargeBlock
+from ranking.model.blocks import (
+    RankMixerBlock,
+    StackOutput,
+    TokenMixerLargeBlock,
+    UniMixerBlock,
+)
 from ranking.model.ffn import DenseStage, PerTokenFFN, PerTokenSwiGLU, SparsePerTokenMoE
 
 log = logging.getLogger(__name__)
@@ -555,6 +560,34 @@ class Int8SwiGLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x.transpose(0, 1)).split(self.hidden, dim=-1)  # [T, B, Hd]
         return self.down(torch.nn.functional.silu(gate).mul_(up)).transpose(0, 1)
+
+
+class VnniInt8UniMixer(nn.Module):
+    """A dense ``UniMixerBlock`` in int8 on its SiameseNorm streams ``(xbar, ybar) [B, T, D]``:
+    the mixing sub-layer as the block runs it (``frozen``'s fp32 UniMixing and norms), the FFN
+    sub-layer as one ``kernels.cpu.vnni.unimixer_ffn`` op (``Int8SwiGLU``'s quantization, with
+    both norms, Swish * up and both streams' updates fused around the GEMMs)."""
+
+    def __init__(self, block: UniMixerBlock, frozen: UniMixerBlock):
+        super().__init__()
+        self.mixing, self.y_norm1, self.x_norm1 = frozen.mixing, frozen.y_norm1, frozen.x_norm1
+        ffn = dense_ffn(block.ffn, PerTokenSwiGLU)
+        f32 = lambda n: (n.weight.detach().float().contiguous(), _eps(n))  # noqa: E731
+        self.norm_y, self.norm_x = f32(block.y_norm2), f32(block.x_norm2)
+        self.gate_up, self.down = _vnni_gemm(ffn.w_gate_up), _vnni_gemm(ffn.w_down)
+
+    @staticmethod
+    def supports(block: UniMixerBlock) -> bool:
+        ffn = dense_ffn(block.ffn, PerTokenSwiGLU)
+        return ffn is not None and vnni.swiglu_supports(ffn.w_gate_up.shape[1])
+
+    def forward(self, xbar: Tensor, ybar: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        o = self.mixing(xbar + self.y_norm1(ybar))
+        xbar, ybar = self.x_norm1(xbar + o), ybar + o
+        xbar, ybar = vnni.unimixer_ffn(
+            xbar, ybar, self.norm_y, self.norm_x, self.gate_up, self.down
+        )
+        return xbar, ybar, xbar.new_zeros((), dtype=torch.float32)
 
 
 class Int8Linear(nn.Module):

@@ -25,7 +25,9 @@ from ranking.lowered import (
     Int8TokenMixerLarge,
     VnniInt8RankMixer,
     VnniInt8TokenMixerLarge,
+    VnniInt8UniMixer,
 )
+from ranking.model.blocks import UniMixerBlock
 from ranking.model.config import ModelConfig
 from ranking.model.ranker import build_model
 from ranking.model.synthetic import random_batch, toy_schema
@@ -123,13 +125,16 @@ def test_amx_fused_blocks_give_the_vnni_bytes():
                      "tokenizer": "slices", "down_init_scale": 1.0})  # fmt: skip
     t = VnniInt8TokenMixerLarge(tml)
     xt = torch.randn(tml.num_tokens, 41, 128)
+    _, uni = _block({**UNIMIXERS["unimixer"], "dim": 64})
+    u = VnniInt8UniMixer(uni, uni)
+    xu = torch.randn(29, 4, 64)
     with torch.no_grad():
-        want = f(x), t(xt)
+        want = f(x), t(xt), *u(xu, xu + 1)[:2]
         before = vnni.ops().emulated_tdpbusd()
         with vnni.gemm_backend("amx_emulated"):
-            got = f(x), t(xt)
+            got = f(x), t(xt), *u(xu, xu + 1)[:2]
         assert vnni.ops().emulated_tdpbusd() > before  # the blocks' GEMMs took the AMX path
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 @needs_vnni
@@ -213,6 +218,15 @@ def test_bad_arguments_name_themselves():
         vnni.prepare(torch.randn(1, 4, 4), s)
     with pytest.raises(RuntimeError, match="weight bias has 5 elements"):
         vnni.linear(torch.randn(2, 4, 32), p._replace(bias=torch.zeros(5)))
+    _, block = _block(UNIMIXERS["unimixer"])
+    u = VnniInt8UniMixer(block, block)
+    x = torch.randn(5, 4, 32)
+    with pytest.raises(RuntimeError, match="ybar must be fp32 and xbar's shape"):
+        vnni.unimixer_ffn(x, x[:4], u.norm_y, u.norm_x, u.gate_up, u.down)
+    with pytest.raises(RuntimeError, match="xbar norm weight has 31 elements"):
+        vnni.unimixer_ffn(x, x, u.norm_y, (u.norm_x[0][:31], 1e-6), u.gate_up, u.down)
+    with pytest.raises(RuntimeError, match="do not chain D = 32"):
+        vnni.unimixer_ffn(x, x, u.norm_y, u.norm_x, u.down, u.gate_up)
 
 
 # ----------------------------------------------------------------------------- fused blocks
@@ -282,8 +296,57 @@ def test_tokenmixer_large_block_follows_its_equations(name):
         _close_to_int8_equation(got, want, tokenmixer_large_equation(block, x, fp32))
 
 
+UNIMIXERS = {
+    "unimixer": {"arch": "unimixer", "dim": 32, "num_tokens": 4, "tokenizer": "slices",
+                 "unimixer": {"block_size": 16}, "down_init_scale": 1.0},
+    "unimixer_lite": {"arch": "unimixer_lite", "dim": 48, "num_tokens": 4, "tokenizer": "slices",
+                      "ffn_mult": 3, "unimixer": {"block_size": 24}, "down_init_scale": 1.0},
+}  # fmt: skip
+
+
+def unimixer_equation(block, xbar, ybar, bmm):
+    """The UniMixer block on its streams (``[B, T, D]`` each) with the FFN's GEMMs
+    ``bmm(x [T, B, K], w)``: ``O = Mix(Xbar + N(Ybar))``, ``Xbar = N(Xbar + O)``,
+    ``Ybar = Ybar + O``, then the same with ``O = W_down (Swish(gate) * up)``."""
+    from ranking.model.ffn import PerTokenSwiGLU
+
+    o = block.mixing(xbar + block.y_norm1(ybar))
+    xbar, ybar = block.x_norm1(xbar + o), ybar + o
+    f = block.ffn.ffn
+    assert isinstance(f, PerTokenSwiGLU)
+    gate, up = bmm((xbar + block.y_norm2(ybar)).transpose(0, 1), f.w_gate_up).split(f.hidden, -1)
+    o = bmm(torch.nn.functional.silu(gate) * up, f.w_down).transpose(0, 1)
+    return block.x_norm2(xbar + o), ybar + o
+
+
+@needs_vnni
+@pytest.mark.parametrize("name", list(UNIMIXERS))
+def test_unimixer_block_follows_its_equations(name):
+    """``VnniInt8UniMixer`` (the FFN sub-layer one VNNI op on both streams) against the block's
+    equations with the reference twin's int8 products; row blocks only split the work."""
+    _, block = _block(UNIMIXERS[name])
+    T, D = block.ffn.ffn.w_gate_up.shape[:2]
+    xbar, ybar = torch.randn(61, T, D), torch.randn(61, T, D)
+    fp32 = lambda x, w: x @ w  # noqa: E731
+    with torch.no_grad():
+        f = VnniInt8UniMixer(block, block)
+        gx, gy, aux = f(xbar, ybar)
+        wx, wy = unimixer_equation(block, xbar, ybar, _ref_bmm)
+        fx, fy = unimixer_equation(block, xbar, ybar, fp32)
+        o = block.mixing(xbar + block.y_norm1(ybar))
+        x1, y1 = block.x_norm1(xbar + o), ybar + o
+        for row_block in (1, 7):
+            again = vnni.unimixer_ffn(x1, y1, f.norm_y, f.norm_x, f.gate_up, f.down, row_block)
+            assert torch.equal(again[0], gx) and torch.equal(again[1], gy)
+    assert float(aux) == 0.0
+    _close_to_int8_equation(gx, wx, fx)
+    _close_to_int8_equation(gy, wy, fy)
+
+
 @pytest.mark.parametrize(
-    "cfg", [RANKMIXERS["layernorm"], TOKENMIXERS["reverted"]], ids=["rankmixer", "tokenmixer"]
+    "cfg",
+    [RANKMIXERS["layernorm"], TOKENMIXERS["reverted"], UNIMIXERS["unimixer_lite"]],
+    ids=["rankmixer", "tokenmixer", "unimixer_lite"],
 )
 @needs_vnni
 def test_lowering_fuses_int8_blocks_and_scores_like_the_unfused(cfg):
@@ -294,8 +357,10 @@ def test_lowering_fuses_int8_blocks_and_scores_like_the_unfused(cfg):
     fused = optimize_for_inference(model, dtype="int8", cpu_fused_block=True, micro_batch=16)
     unfused = optimize_for_inference(model, dtype="int8", micro_batch=16)
     kinds = {type(b) for b in fused.blocks.blocks}
-    assert kinds <= {VnniInt8RankMixer, VnniInt8TokenMixerLarge} and len(kinds) == 1
-    assert {type(b) for b in unfused.blocks.blocks} <= {Int8RankMixer, Int8TokenMixerLarge}
+    assert kinds <= {VnniInt8RankMixer, VnniInt8TokenMixerLarge, VnniInt8UniMixer}
+    assert len(kinds) == 1
+    assert {type(b) for b in unfused.blocks.blocks} <= {Int8RankMixer, Int8TokenMixerLarge,
+                                                        UniMixerBlock}  # fmt: skip
     with torch.no_grad():
         a, b = fused(batch).logits, unfused(batch).logits
         ref = model(batch).logits
@@ -365,6 +430,11 @@ def test_ops_fake_kernels_agree_with_the_real_ones():
     z = torch.randn(block.num_heads, 9, g.numel())
     args = (z, z.clone(), g, eps, *gu[:3], gu.k, *down[:3], down.k, 48)
     torch.library.opcheck(ops.int8_swiglu_stage, args)
+    _, block = _block(UNIMIXERS["unimixer"])
+    u = VnniInt8UniMixer(block, block)
+    x = torch.randn(9, 4, 32)
+    args = (x, x + 1, *u.norm_y, *u.norm_x, *u.gate_up[:3], u.gate_up.k, *u.down[:3], u.down.k, 48)
+    torch.library.opcheck(ops.int8_unimixer_ffn, args)
 
 
 @needs_vnni

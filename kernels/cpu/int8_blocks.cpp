@@ -5,6 +5,8 @@
 //                        Norm2) in one pass per (token, row block)
 //   int8_swiglu_stage    one TokenMixer-Large pSwiGLU stage (RMSNorm, gate/up GEMM,
 //                        Swish * up, down GEMM, residual) in one pass per (head, row block)
+//   int8_unimixer_ffn    UniMixer's FFN sub-layer on its two SiameseNorm streams (RMSNorm,
+//                        gate/up GEMM, Swish * up, down GEMM, both streams' updates)
 //
 // The arithmetic is kernels/cpu/int8.py's: weights int8 per output channel (w_q, s_w), each
 // activation row quantized at run time to q = round(x / s_x), s_x = max |x| / 127, stored as
@@ -41,6 +43,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "amx.h"
@@ -543,6 +546,81 @@ at::Tensor int8_swiglu_stage(const at::Tensor& z, const at::Tensor& res, const a
   return out;
 }
 
+// UniMixer's FFN sub-layer on its two SiameseNorm streams, [B, T, D] fp32 each (not
+// token-major: the rows of token t are read and written in place, stride T * D):
+//   O = W_down,t (Swish(W_gate,t z) * W_up,t z),  z = Xbar + RMSNorm_y(Ybar)
+//   Xbar' = RMSNorm_x(Xbar + O),  Ybar' = Ybar + O
+// one pass per (token, row block), the GEMMs in int8 (bias-free; gate columns first).
+std::tuple<at::Tensor, at::Tensor> int8_unimixer_ffn(
+    const at::Tensor& xbar, const at::Tensor& ybar, const at::Tensor& gy, double eps_y,
+    const at::Tensor& gx, double eps_x, const at::Tensor& wgu, const at::Tensor& cgu,
+    const at::Tensor& sgu, int64_t kgu, const at::Tensor& wd, const at::Tensor& cd,
+    const at::Tensor& sd, int64_t kd, int64_t row_block) {
+  const char* op = "int8_unimixer_ffn";
+  TORCH_CHECK(xbar.scalar_type() == at::kFloat && xbar.dim() == 3, op,
+              ": xbar must be fp32 [B, T, D]");
+  const auto xc = xbar.contiguous(), yc = ybar.contiguous();
+  TORCH_CHECK(yc.scalar_type() == at::kFloat && yc.sizes() == xc.sizes(), op,
+              ": ybar must be fp32 and xbar's shape");
+  const int64_t B = xc.size(0), T = xc.size(1), D = xc.size(2);
+  TORCH_CHECK(D % 16 == 0, op, ": D = ", D, " must be a multiple of 16");
+  TORCH_CHECK(row_block > 0, op, ": row_block must be positive");
+  const Gemm GU(op, "w_gate_up", wgu, cgu, sgu, at::empty({0}), kgu, T),
+      GD(op, "w_down", wd, cd, sd, at::empty({0}), kd, T);
+  const int64_t H2 = GU.n, Hd = H2 / 2;
+  TORCH_CHECK(H2 % 2 == 0 && GU.k == D && GD.k == Hd && GD.n == D, op, ": the weights' shapes (",
+              GU.k, " x ", GU.n, ", ", GD.k, " x ", GD.n, ") do not chain D = ", D,
+              " -> 2 Hd, Hd -> D");
+  check_f32(gy, op, "ybar norm weight", D);
+  check_f32(gx, op, "xbar norm weight", D);
+  auto xo = at::empty_like(xc), yo = at::empty_like(yc);
+  if (B == 0) return {xo, yo};
+  const int64_t nrb = (B + row_block - 1) / row_block, Dp = GU.kp, Hp = GD.kp;
+  const float *X = xc.data_ptr<float>(), *Y = yc.data_ptr<float>();
+  const float *Gy = gy.data_ptr<float>(), *Gx = gx.data_ptr<float>();
+  const float ey = static_cast<float>(eps_y), ex = static_cast<float>(eps_x);
+  float *XO = xo.data_ptr<float>(), *YO = yo.data_ptr<float>();
+  at::parallel_for(0, T * nrb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> z(D), gu(row_block * H2), h(row_block * Hd), o(row_block * D),
+        sx(row_block), sh(row_block);
+    std::vector<uint8_t> aq(round_up(row_block, 16) * Dp), hq(round_up(row_block, 16) * Hp);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / nrb, r0 = (i % nrb) * row_block, M = std::min(row_block, B - r0);
+      for (int64_t r = 0; r < M; ++r) {  // z = Xbar + RMSNorm_y(Ybar), its u8 copy
+        const int64_t row = ((r0 + r) * T + t) * D;
+        norm_row(Y + row, D, Gy, nullptr, ey, true, z.data());
+        for (int64_t k = 0; k < D; k += 16)
+          _mm512_storeu_ps(z.data() + k,
+                           _mm512_add_ps(_mm512_loadu_ps(X + row + k), _mm512_loadu_ps(z.data() + k)));
+        sx[r] = quantize_row(z.data(), D, aq.data() + r * Dp, Dp);
+      }
+      GU.run(t, aq.data(), sx.data(), M, gu.data(), H2);
+      for (int64_t r = 0; r < M; ++r) {  // Swish(gate) * up, its u8 copy
+        const float* gr = gu.data() + r * H2;
+        float* hr = h.data() + r * Hd;
+        for (int64_t k = 0; k < Hd; k += 16) {
+          const __mmask16 mk = tail_mask(Hd - k);
+          _mm512_mask_storeu_ps(hr + k, mk, swiglu(_mm512_maskz_loadu_ps(mk, gr + k),
+                                                   _mm512_maskz_loadu_ps(mk, gr + Hd + k)));
+        }
+        sh[r] = quantize_row(hr, Hd, hq.data() + r * Hp, Hp);
+      }
+      GD.run(t, hq.data(), sh.data(), M, o.data(), D);
+      for (int64_t r = 0; r < M; ++r) {  // Ybar + O; RMSNorm_x(Xbar + O)
+        const int64_t row = ((r0 + r) * T + t) * D;
+        float* orow = o.data() + r * D;
+        for (int64_t k = 0; k < D; k += 16) {
+          const __m512 ov = _mm512_loadu_ps(orow + k);
+          _mm512_storeu_ps(YO + row + k, _mm512_add_ps(_mm512_loadu_ps(Y + row + k), ov));
+          _mm512_storeu_ps(orow + k, _mm512_add_ps(_mm512_loadu_ps(X + row + k), ov));
+        }
+        norm_row(orow, D, Gx, nullptr, ex, true, XO + row);
+      }
+    }
+  });
+  return {xo, yo};
+}
+
 }  // namespace
 
 // The ops' schemas; their kernels are CPU kernels (not catch-all), so that Python can give
@@ -561,10 +639,15 @@ TORCH_LIBRARY(mixrank_int8, m) {
   m.def(
       "int8_swiglu_stage(Tensor z, Tensor res, Tensor g, float eps, Tensor wgu, Tensor cgu, "
       "Tensor sgu, int kgu, Tensor wd, Tensor cd, Tensor sd, int kd, int row_block) -> Tensor");
+  m.def(
+      "int8_unimixer_ffn(Tensor xbar, Tensor ybar, Tensor gy, float eps_y, Tensor gx, "
+      "float eps_x, Tensor wgu, Tensor cgu, Tensor sgu, int kgu, Tensor wd, Tensor cd, "
+      "Tensor sd, int kd, int row_block) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mixrank_int8, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int8_rankmixer_block", &int8_rankmixer_block);
   m.impl("int8_swiglu_stage", &int8_swiglu_stage);
+  m.impl("int8_unimixer_ffn", &int8_unimixer_ffn);
 }

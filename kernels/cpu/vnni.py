@@ -16,6 +16,7 @@ D = 256 cost int8 more than the GEMMs themselves (docs/BENCHMARKS.md, "Int8 dens
     linear(x [T, B, K] fp32, prepared, relu=False) -> [T, B, N] fp32
     rankmixer_block(x [T, B, D] fp32, norm1, g1, g2, norm2, rms) -> [T, B, D] fp32
     swiglu_stage(z, r [T, B, W] fp32, norm, gate_up, down) -> r + pSwiGLU(RMSNorm(z))
+    unimixer_ffn(xbar, ybar [B, T, D] fp32, norm_y, norm_x, gate_up, down) -> (xbar', ybar')
 
 ``MIXRANK_CPU_KERNELS=0`` turns them off (as ``kernels.cpu``'s bf16 ops). On CPUs with
 AMX-INT8 the GEMMs run on AMX tiles instead (``backend()``; ``MIXRANK_INT8_AMX=0`` keeps them on
@@ -65,12 +66,17 @@ def _use_amx(lib) -> None:
             _AMX["why"] = str(e).splitlines()[0]
 
 
+def _two_like_first(x: Tensor, *args) -> tuple[Tensor, Tensor]:
+    """``int8_unimixer_ffn``'s outputs: both streams, each of ``xbar``'s shape."""
+    return _like_first(x), _like_first(x)
+
+
 def _load():
     lib, why = load_library(
         "kernels.cpu._int8", "mixrank_int8", _FLAGS, "AVX512-VNNI",
         "the library reports this CPU lacks AVX512-VNNI",
         fakes={"int8_linear": _linear_out, "int8_rankmixer_block": _like_first,
-               "int8_swiglu_stage": _like_first},
+               "int8_swiglu_stage": _like_first, "int8_unimixer_ffn": _two_like_first},
     )  # fmt: skip
     if lib is not None:
         _use_amx(lib)
@@ -201,3 +207,23 @@ def swiglu_stage(
         down.k,
         int(row_block),
     )
+
+
+def unimixer_ffn(
+    xbar: Tensor,
+    ybar: Tensor,
+    norm_y: tuple[Tensor, float],
+    norm_x: tuple[Tensor, float],
+    gate_up: Prepared,
+    down: Prepared,
+    row_block: int = ROW_BLOCK,
+) -> tuple[Tensor, Tensor]:
+    """UniMixer's FFN sub-layer on its SiameseNorm streams ``xbar, ybar [B, T, D]`` fp32:
+    ``O = W_down,t (Swish(W_gate,t z) * W_up,t z)`` with ``z = xbar + RMSNorm_y(ybar)``, returns
+    ``(RMSNorm_x(xbar + O), ybar + O)``; the GEMMs in int8 (``gate_up`` with the gate columns
+    first, both bias-free, from ``prepare``); ``norm_*`` are ``(weight, eps)``."""
+    (gy, ey), (gx, ex) = norm_y, norm_x
+    return ops().int8_unimixer_ffn(
+        xbar.float(), ybar.float(), gy, float(ey), gx, float(ex),
+        *gate_up[:3], gate_up.k, *down[:3], down.k, int(row_block),
+    )  # fmt: skip
