@@ -1,9 +1,9 @@
 """Int8 (and FP8) dense inference on real data: the AUC change of an int8 / fp8 artifact, and
 int8's p50 beside fp32.
 
-For each experiment (Frappe and MovieLens, RankMixer and TokenMixer-Large, and Frappe DLRM) the
-real training job runs briefly on ../shared/data (``mixrank train``; a run directory that
-already holds its artifact is reused) and its fp32 artifact is re-exported with
+For each experiment (Frappe and MovieLens, RankMixer, TokenMixer-Large and UniMixer(-Lite), and
+Frappe DLRM) the real training job runs briefly on ../shared/data (``mixrank train``; a run
+directory that already holds its artifact is reused) and its fp32 artifact is re-exported with
 ``mixrank export --artifact R/artifact --out ... --dtype int8`` (in this process: the export's
 lowering check runs). Then, in one process:
 
@@ -53,6 +53,11 @@ EXPERIMENTS = (
     ("movielens_rankmixer", 3, "movielens100k/test.parquet"),
     ("movielens_tokenmixer_large", 3, "movielens100k/test.parquet"),
     ("frappe_dlrm", 3, "frappe/valid.parquet"),
+    # UniMixer: the per-token SwiGLU in int8 (fused with the streams' norms), the mixing fp32
+    ("frappe_unimixer", 3, "frappe/valid.parquet"),
+    ("frappe_unimixer_lite", 3, "frappe/valid.parquet"),
+    ("movielens_unimixer", 3, "movielens100k/test.parquet"),
+    ("movielens_unimixer_lite", 3, "movielens100k/test.parquet"),
     # MoE: int8 keeps the experts in fp32; fp8 runs them on e4m3 operands (Fp8SparseMoE)
     ("frappe_rankmixer_moe", 3, "frappe/valid.parquet"),
     ("movielens_tokenmixer_large_moe", 3, "movielens100k/test.parquet"),

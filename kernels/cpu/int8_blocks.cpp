@@ -490,6 +490,62 @@ at::Tensor int8_rankmixer_block(const at::Tensor& x, const at::Tensor& g1, const
   return out;
 }
 
+// The two GEMMs of a per-token SwiGLU (gate/up, the gate columns first, then down; both
+// bias-free), checked to chain `dim` = width -> 2 Hd, Hd -> width. Per thread, `Rows` holds a
+// row block's buffers: the u8 input rows (aq, scales sx) the caller fills, the gate/up
+// products, Swish(gate) * up and its u8 copy, and the down projection's output.
+struct SwiGLUGemms {
+  Gemm gu, down;
+  int64_t width, H2, Hd;
+
+  SwiGLUGemms(const char* op, const char* dim, int64_t width_, int64_t T, const at::Tensor& wgu,
+              const at::Tensor& cgu, const at::Tensor& sgu, int64_t kgu, const at::Tensor& wd,
+              const at::Tensor& cd, const at::Tensor& sd, int64_t kd)
+      : gu(op, "w_gate_up", wgu, cgu, sgu, at::empty({0}), kgu, T),
+        down(op, "w_down", wd, cd, sd, at::empty({0}), kd, T),
+        width(width_),
+        H2(gu.n),
+        Hd(gu.n / 2) {
+    TORCH_CHECK(H2 % 2 == 0 && gu.k == width && down.k == Hd && down.n == width, op,
+                ": the weights' shapes (", gu.k, " x ", gu.n, ", ", down.k, " x ", down.n,
+                ") do not chain ", dim, " = ", width, " -> 2 Hd, Hd -> ", dim);
+  }
+
+  struct Rows {
+    int64_t kp;
+    std::vector<uint8_t> aq, hq;
+    std::vector<float> sx, g, h, sh;
+    Rows(const SwiGLUGemms& f, int64_t row_block)
+        : kp(f.gu.kp),
+          aq(round_up(row_block, 16) * f.gu.kp),
+          hq(round_up(row_block, 16) * f.down.kp),
+          sx(row_block),
+          g(row_block * f.H2),
+          h(row_block * f.Hd),
+          sh(row_block) {}
+    // input row r: its u8 copy and scale from a normed fp32 row of the stage's width
+    void quantize(int64_t r, const float* row, int64_t width) {
+      sx[r] = quantize_row(row, width, aq.data() + r * kp, kp);
+    }
+  };
+
+  // The M rows of b.aq (token t) through both GEMMs into out (M x width, leading dimension ldo).
+  void run(int64_t t, Rows& b, int64_t M, float* out, int64_t ldo) const {
+    gu.run(t, b.aq.data(), b.sx.data(), M, b.g.data(), H2);
+    for (int64_t r = 0; r < M; ++r) {  // Swish(gate) * up, its u8 copy
+      const float* gr = b.g.data() + r * H2;
+      float* hr = b.h.data() + r * Hd;
+      for (int64_t k = 0; k < Hd; k += 16) {
+        const __mmask16 mk = tail_mask(Hd - k);
+        _mm512_mask_storeu_ps(hr + k, mk, swiglu(_mm512_maskz_loadu_ps(mk, gr + k),
+                                                 _mm512_maskz_loadu_ps(mk, gr + Hd + k)));
+      }
+      b.sh[r] = quantize_row(hr, Hd, b.hq.data() + r * down.kp, down.kp);
+    }
+    down.run(t, b.hq.data(), b.sh.data(), M, out, ldo);
+  }
+};
+
 at::Tensor int8_swiglu_stage(const at::Tensor& z, const at::Tensor& res, const at::Tensor& g,
                              double eps, const at::Tensor& wgu, const at::Tensor& cgu,
                              const at::Tensor& sgu, int64_t kgu, const at::Tensor& wd,
@@ -503,41 +559,25 @@ at::Tensor int8_swiglu_stage(const at::Tensor& z, const at::Tensor& res, const a
   const int64_t T = zc.size(0), B = zc.size(1), W = zc.size(2);
   TORCH_CHECK(W % 16 == 0, op, ": W = ", W, " must be a multiple of 16");
   TORCH_CHECK(row_block > 0, op, ": row_block must be positive");
-  const Gemm GU(op, "w_gate_up", wgu, cgu, sgu, at::empty({0}), kgu, T),
-      GD(op, "w_down", wd, cd, sd, at::empty({0}), kd, T);
-  const int64_t H2 = GU.n, Hd = H2 / 2;
-  TORCH_CHECK(H2 % 2 == 0 && GU.k == W && GD.k == Hd && GD.n == W, op, ": the weights' shapes (",
-              GU.k, " x ", GU.n, ", ", GD.k, " x ", GD.n, ") do not chain W = ", W,
-              " -> 2 Hd, Hd -> W");
+  const SwiGLUGemms f(op, "W", W, T, wgu, cgu, sgu, kgu, wd, cd, sd, kd);
   check_f32(g, op, "norm weight", W);
   auto out = at::empty_like(zc);
   if (B == 0) return out;
-  const int64_t nrb = (B + row_block - 1) / row_block, Wp = GU.kp, Hp = GD.kp;
+  const int64_t nrb = (B + row_block - 1) / row_block;
   const float *Z = zc.data_ptr<float>(), *R = rc.data_ptr<float>(), *Gw = g.data_ptr<float>();
   const float e = static_cast<float>(eps);
   float* O = out.data_ptr<float>();
   at::parallel_for(0, T * nrb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(W), gu(row_block * H2), h(row_block * Hd), sx(row_block), sh(row_block);
-    std::vector<uint8_t> aq(round_up(row_block, 16) * Wp), hq(round_up(row_block, 16) * Hp);
+    SwiGLUGemms::Rows b(f, row_block);
+    std::vector<float> s(W);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = i / nrb, r0 = (i % nrb) * row_block, M = std::min(row_block, B - r0);
       for (int64_t r = 0; r < M; ++r) {  // RMSNorm(z), its u8 copy
         norm_row(Z + (t * B + r0 + r) * W, W, Gw, nullptr, e, true, s.data());
-        sx[r] = quantize_row(s.data(), W, aq.data() + r * Wp, Wp);
-      }
-      GU.run(t, aq.data(), sx.data(), M, gu.data(), H2);
-      for (int64_t r = 0; r < M; ++r) {  // Swish(gate) * up, its u8 copy
-        const float* gr = gu.data() + r * H2;
-        float* hr = h.data() + r * Hd;
-        for (int64_t k = 0; k < Hd; k += 16) {
-          const __mmask16 mk = tail_mask(Hd - k);
-          _mm512_mask_storeu_ps(hr + k, mk, swiglu(_mm512_maskz_loadu_ps(mk, gr + k),
-                                                   _mm512_maskz_loadu_ps(mk, gr + Hd + k)));
-        }
-        sh[r] = quantize_row(hr, Hd, hq.data() + r * Hp, Hp);
+        b.quantize(r, s.data(), W);
       }
       float* o = O + (t * B + r0) * W;
-      GD.run(t, hq.data(), sh.data(), M, o, W);
+      f.run(t, b, M, o, W);
       const float* rr = R + (t * B + r0) * W;
       for (int64_t k = 0; k < M * W; k += 16)  // + the residual
         _mm512_storeu_ps(o + k, _mm512_add_ps(_mm512_loadu_ps(o + k), _mm512_loadu_ps(rr + k)));
@@ -565,25 +605,19 @@ std::tuple<at::Tensor, at::Tensor> int8_unimixer_ffn(
   const int64_t B = xc.size(0), T = xc.size(1), D = xc.size(2);
   TORCH_CHECK(D % 16 == 0, op, ": D = ", D, " must be a multiple of 16");
   TORCH_CHECK(row_block > 0, op, ": row_block must be positive");
-  const Gemm GU(op, "w_gate_up", wgu, cgu, sgu, at::empty({0}), kgu, T),
-      GD(op, "w_down", wd, cd, sd, at::empty({0}), kd, T);
-  const int64_t H2 = GU.n, Hd = H2 / 2;
-  TORCH_CHECK(H2 % 2 == 0 && GU.k == D && GD.k == Hd && GD.n == D, op, ": the weights' shapes (",
-              GU.k, " x ", GU.n, ", ", GD.k, " x ", GD.n, ") do not chain D = ", D,
-              " -> 2 Hd, Hd -> D");
+  const SwiGLUGemms f(op, "D", D, T, wgu, cgu, sgu, kgu, wd, cd, sd, kd);
   check_f32(gy, op, "ybar norm weight", D);
   check_f32(gx, op, "xbar norm weight", D);
   auto xo = at::empty_like(xc), yo = at::empty_like(yc);
   if (B == 0) return {xo, yo};
-  const int64_t nrb = (B + row_block - 1) / row_block, Dp = GU.kp, Hp = GD.kp;
+  const int64_t nrb = (B + row_block - 1) / row_block;
   const float *X = xc.data_ptr<float>(), *Y = yc.data_ptr<float>();
   const float *Gy = gy.data_ptr<float>(), *Gx = gx.data_ptr<float>();
   const float ey = static_cast<float>(eps_y), ex = static_cast<float>(eps_x);
   float *XO = xo.data_ptr<float>(), *YO = yo.data_ptr<float>();
   at::parallel_for(0, T * nrb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> z(D), gu(row_block * H2), h(row_block * Hd), o(row_block * D),
-        sx(row_block), sh(row_block);
-    std::vector<uint8_t> aq(round_up(row_block, 16) * Dp), hq(round_up(row_block, 16) * Hp);
+    SwiGLUGemms::Rows b(f, row_block);
+    std::vector<float> z(D), o(row_block * D);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = i / nrb, r0 = (i % nrb) * row_block, M = std::min(row_block, B - r0);
       for (int64_t r = 0; r < M; ++r) {  // z = Xbar + RMSNorm_y(Ybar), its u8 copy
@@ -592,20 +626,9 @@ std::tuple<at::Tensor, at::Tensor> int8_unimixer_ffn(
         for (int64_t k = 0; k < D; k += 16)
           _mm512_storeu_ps(z.data() + k,
                            _mm512_add_ps(_mm512_loadu_ps(X + row + k), _mm512_loadu_ps(z.data() + k)));
-        sx[r] = quantize_row(z.data(), D, aq.data() + r * Dp, Dp);
+        b.quantize(r, z.data(), D);
       }
-      GU.run(t, aq.data(), sx.data(), M, gu.data(), H2);
-      for (int64_t r = 0; r < M; ++r) {  // Swish(gate) * up, its u8 copy
-        const float* gr = gu.data() + r * H2;
-        float* hr = h.data() + r * Hd;
-        for (int64_t k = 0; k < Hd; k += 16) {
-          const __mmask16 mk = tail_mask(Hd - k);
-          _mm512_mask_storeu_ps(hr + k, mk, swiglu(_mm512_maskz_loadu_ps(mk, gr + k),
-                                                   _mm512_maskz_loadu_ps(mk, gr + Hd + k)));
-        }
-        sh[r] = quantize_row(hr, Hd, hq.data() + r * Hp, Hp);
-      }
-      GD.run(t, hq.data(), sh.data(), M, o.data(), D);
+      f.run(t, b, M, o.data(), D);
       for (int64_t r = 0; r < M; ++r) {  // Ybar + O; RMSNorm_x(Xbar + O)
         const int64_t row = ((r0 + r) * T + t) * D;
         float* orow = o.data() + r * D;
