@@ -52,6 +52,7 @@ from ranking.lowered import (
     Fp8TokenMixerLarge,
     Int8Linear,
     Int8RankMixer,
+    Int8SparseMoE,
     Int8SwiGLU,
     Int8TokenMixerLarge,
     TokenMajorRankMixer,
@@ -262,7 +263,8 @@ def lower_stack(
     token-major blocks whose GEMMs run on e4m3 operands (any device), else a frozen copy in
     ``dtype`` (UniMixer, MoE stages, and the GPU, where the blocks' own forward runs the Triton
     kernels); with ``int8`` a dense UniMixer block's per-token SwiGLU in int8 (``Int8SwiGLU``;
-    with ``cpu_fused_block`` its FFN sub-layer as one VNNI op, ``VnniInt8UniMixer``)."""
+    with ``cpu_fused_block`` its FFN sub-layer as one VNNI op, ``VnniInt8UniMixer``) and the
+    MoE stages' experts as grouped int8 GEMMs (``Int8SparseMoE``, where the VNNI op runs)."""
     dense = type(stack) in (RankMixerStack, TokenMixerLargeStack) and all(
         has_token_major(b) for b in stack.blocks
     )
@@ -284,15 +286,20 @@ def lower_stack(
                         frozen.blocks[i] = fused
                         continue
                 blk.ffn.ffn = Int8SwiGLU(ffn, rows)
-        if fp8:  # the MoE stages' experts in fp8, quantized from the trained (fp32) weights;
-            # routers, shared experts and the rest in dtype
+        if fp8 or int8:  # the MoE stages' experts in fp8 / int8, quantized from the trained
+            # (fp32) weights; routers (and fp8's shared experts) and the rest in dtype
             trained = dict(stack.named_modules())
             for name, m in list(frozen.named_modules()):
                 if type(m) is SparsePerTokenMoE:
+                    if int8 and vnni.ops() is None:  # the grouped int8 GEMM is the VNNI op's
+                        _warn_once("int8 moe", "int8: MoE experts stay fp32 (%s)", vnni.reason())
+                        continue
                     parent, _, attr = name.rpartition(".")
-                    fast = Fp8SparseMoE(trained[name], dtype, device)
+                    t = trained[name]
+                    fast = Int8SparseMoE(t) if int8 else Fp8SparseMoE(t, dtype, device)
                     setattr(frozen.get_submodule(parent), attr, fast)
                     n_moe += 1
+                    n_int8 += int(int8)
         if (int8 and not n_int8) or (fp8 and not n_moe):
             _warn_once(
                 f"{'int8' if int8 else 'fp8'} {type(stack).__name__}",

@@ -686,6 +686,60 @@ class Fp8TokenMixerLarge(nn.Module):
         return self._stage(1, self.norm2(r), base)
 
 
+def _moe_router(moe: SparsePerTokenMoE, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The routing and the shared expert of ``moe`` in ``dtype``, frozen: a copy without the
+    expert weights (their quantized twins replace them)."""
+    experts = (moe.w_up, moe.w_down, moe.w_gate, moe.b_up, moe.b_down)
+    router = copy.deepcopy(moe, memo={id(p): None for p in experts if p is not None})
+    router = router.to(device)
+    for m in router.modules():
+        for key, p in m._parameters.items():
+            if p is not None:
+                m._parameters[key] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+    return router.eval()
+
+
+class Int8SparseMoE(nn.Module):
+    """``SparsePerTokenMoE`` (either published form) with its expert GEMMs in int8 on the CPU:
+    routing (the inference router), ``moe_permute`` / gather / unpermute as in the model, and
+    between them ``kernels.cpu.vnni.grouped_linear`` (weights per output channel, rows per row,
+    as every int8 GEMM here; SwiGLU's gate and up projections as one GEMM; GELU / Swish fp32).
+    The router stays fp32, a shared expert is an ``Int8SwiGLU``.
+    ``x [B, T, W] -> (y [B, T, W], aux)``."""
+
+    def __init__(self, moe: SparsePerTokenMoE):
+        super().__init__()
+        self.kind, self.hidden = moe.kind, moe.w_up.shape[-1]
+        self.G = moe.w_up.shape[0]
+        self.swiglu = moe.w_gate is not None
+        up = torch.cat([moe.w_gate, moe.w_up], dim=-1) if self.swiglu else moe.w_up
+        # the model's SwiGLU experts are bias-free, its GELU experts have biases
+        self.up = _vnni_gemm(up.detach(), None if self.swiglu else moe.b_up.detach())
+        b_down = None if moe.b_down is None else moe.b_down.detach()
+        self.down = _vnni_gemm(moe.w_down.detach(), b_down)
+        self.router = _moe_router(moe, torch.float32, torch.device("cpu"))
+        if moe.shared is not None:  # TokenMixer-Large's shared expert: a per-token SwiGLU
+            self.router.shared = Int8SwiGLU(moe.shared)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        B, T, W = x.shape
+        weights, ids, aux = self.router.route(x)
+        top_k = self.kind == "tokenmixer_large"  # every pair has an expert: no host sync
+        routing = kernels.moe_permute(ids, self.G, top_k)
+        xp = kernels.moe_gather(x.reshape(B * T, W), routing)
+        h = vnni.grouped_linear(xp, self.up, routing.offsets)
+        if self.swiglu:
+            gate, up = h.split(self.hidden, dim=-1)
+            h = torch.nn.functional.silu(gate).mul_(up)
+        else:
+            h = torch.nn.functional.gelu(h)
+        y_perm = vnni.grouped_linear(h, self.down, routing.offsets)
+        y = kernels.moe_unpermute(y_perm, routing, weights.to(y_perm.dtype)).view(B, T, W)
+        if self.router.shared is not None:
+            y = y + self.router.shared(x)
+        return y, aux
+
+
 class Fp8SparseMoE(nn.Module):
     """``SparsePerTokenMoE`` (either published form) with its expert GEMMs in FP8: routing (the
     inference router, ``kernels`` gate), ``moe_permute`` / gather / unpermute as in the model,
@@ -701,15 +755,7 @@ class Fp8SparseMoE(nn.Module):
         up = torch.cat([moe.w_gate, moe.w_up], dim=-1) if self.swiglu else moe.w_up
         self.up = Fp8Weights(up, moe.b_up, device)
         self.down = Fp8Weights(moe.w_down, moe.b_down, device)
-        # routing and the shared expert, in dtype: a copy without the expert weights
-        experts = (moe.w_up, moe.w_down, moe.w_gate, moe.b_up, moe.b_down)
-        router = copy.deepcopy(moe, memo={id(p): None for p in experts if p is not None})
-        router = router.to(device)
-        for m in router.modules():
-            for key, p in m._parameters.items():
-                if p is not None:
-                    m._parameters[key] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
-        self.router = router.eval()
+        self.router = _moe_router(moe, dtype, device)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         B, T, W = x.shape

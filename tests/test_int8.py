@@ -18,6 +18,7 @@ from ranking.inference import InferenceRanker, QuantizedModel, optimize_for_infe
 from ranking.lowered import (
     Int8Linear,
     Int8RankMixer,
+    Int8SparseMoE,
     Int8SwiGLU,
     Int8TokenMixerLarge,
     TokenMajorStack,
@@ -26,6 +27,7 @@ from ranking.lowered import (
     revert_tm,
 )
 from ranking.model.blocks import UniMixerStack
+from ranking.model.ffn import SparsePerTokenMoE
 from ranking.model.synthetic import random_batch
 
 HOST_BITS = int8.weight_bits()
@@ -328,8 +330,9 @@ def test_unimixer_int8_ffn_follows_its_equation():
 @pytest.mark.parametrize("name", list(SMALL))
 def test_int8_model_is_close_to_fp32_for_every_architecture(name):
     """Every architecture lowers to int8: the dense RankMixer / TokenMixer-Large blocks become
-    int8 blocks, UniMixer's dense per-token SwiGLUs int8 FFNs, the baselines' linear layers
-    int8 GEMMs, the rest (UniMixer's mixing, MoE stages) stays fp32; logits stay within int8's error of the eager model's, tables are shared, the eager
+    int8 blocks, UniMixer's dense per-token SwiGLUs int8 FFNs, MoE experts grouped int8 GEMMs
+    (where the VNNI op runs), the baselines' linear layers int8 GEMMs, the rest (UniMixer's
+    mixing, the routers) stays fp32; logits stay within int8's error of the eager model's, tables are shared, the eager
     model is left as it was."""
     model, schema = _model(name)
     with torch.no_grad():  # make the dense stack matter (small down-projection inits)
@@ -353,10 +356,15 @@ def test_int8_model_is_close_to_fp32_for_every_architecture(name):
         if name in TOKEN_MAJOR:
             assert isinstance(fast.blocks, TokenMajorStack)
             assert types <= {Int8RankMixer, Int8TokenMixerLarge} and err > 0
+        # MoE experts: grouped int8 GEMMs where the VNNI op runs (a shared expert an Int8SwiGLU)
+        moes = [m for m in model.blocks.modules() if isinstance(m, SparsePerTokenMoE)]
+        int8_moes = [m for m in fast.blocks.modules() if isinstance(m, Int8SparseMoE)]
+        assert len(int8_moes) == (len(moes) if vnni.ops() is not None else 0), name
+        shared = sum(m.shared is not None for m in moes) if int8_moes else 0
         ffns = [m for m in fast.blocks.modules() if isinstance(m, Int8SwiGLU)]
-        dense_unimixer = isinstance(model.blocks, UniMixerStack) and not SMALL[name].get("moe")
-        assert len(ffns) == (len(model.blocks.blocks) if dense_unimixer else 0), name
-        assert not dense_unimixer or err > 0
+        dense_unimixer = isinstance(model.blocks, UniMixerStack) and not moes
+        assert len(ffns) == (len(model.blocks.blocks) if dense_unimixer else 0) + shared, name
+        assert not (dense_unimixer or int8_moes) or err > 0
     else:
         assert isinstance(fast, QuantizedModel) and fast.swapped >= 2
         assert any(isinstance(m, Int8Linear) for m in fast.modules())

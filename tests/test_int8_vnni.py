@@ -70,7 +70,6 @@ def test_linear_gives_the_other_routes_bytes(shape, bias):
     assert torch.equal(want[0, 0], torch.zeros(N) if b is None else b[0])
 
 
-@needs_vnni
 def _expected_tdpbusd(T, B, K, N, row_block):
     """The AMX path's tile multiplies for one ``linear`` call, counted from its tiling: per
     token and row block, per 32-column panel, per 32-row block, a K step of 64 is 4 TDPBUSDs
@@ -160,6 +159,92 @@ def test_gemm_backend_names_what_is_wrong(monkeypatch):
         vnni.ops().gemm_backend(prev)
 
 
+@needs_vnni
+@pytest.mark.parametrize("backend", ["vnni", "amx_emulated"])
+def test_grouped_linear_is_each_groups_linear(backend):
+    """``grouped_linear``: each group's rows give the bytes of ``linear`` on them with that
+    group's weights (empty groups, rows before the first and after the last group 0), on the
+    VNNI tiles and on the (emulated) AMX ones; bad offsets are named."""
+    G, K, N = 5, 64, 40
+    _, b, q, s = _quantized(G, K, N, seed=7)
+    p = vnni.prepare(q, s, b)
+    off = torch.tensor([2, 5, 5, 60, 61, 70])
+    x = torch.randn(75, K, generator=torch.Generator().manual_seed(8))
+    with vnni.gemm_backend(backend):
+        y = vnni.grouped_linear(x, p, off, row_block=16, relu=True)
+    for g in range(G):
+        lo, hi = int(off[g]), int(off[g + 1])
+        one = vnni.prepare(q[g : g + 1], s[g : g + 1], b[g : g + 1])
+        want = vnni.linear(x[lo:hi].unsqueeze(0), one, relu=True)[0]
+        assert torch.equal(y[lo:hi], want)
+    assert not y[:2].any() and not y[70:].any()
+    with pytest.raises(RuntimeError, match=r"offsets must be int64 \[6\]"):
+        vnni.ops().int8_grouped_linear(x, *p[:4], p.k, off[:5], 48, False)
+    with pytest.raises(RuntimeError, match=r"offsets must not decrease \(group 2"):
+        vnni.grouped_linear(x, p, torch.tensor([0, 5, 9, 7, 8, 9]))
+    with pytest.raises(RuntimeError, match=r"offsets span rows 0 \.\. 80 of x's 75"):
+        vnni.grouped_linear(x, p, torch.tensor([0, 5, 9, 17, 18, 80]))
+
+
+def _moe_loop(moe, x, linear):
+    """The MoE's routed experts, one (row, expert) pair at a time: ``weight * down_e(act(
+    up_e(x)))`` summed over the pairs the router picks, each GEMM ``linear(x, w, b)``, plus a
+    shared expert per token."""
+    import torch.nn.functional as F
+
+    weights, ids, _ = moe.route(x)
+    B, T, W = x.shape
+    flat = x.reshape(-1, W)
+    y = torch.zeros_like(flat)
+    for r in range(flat.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[r, j])
+            if e < 0:
+                continue
+            xr = flat[r : r + 1]
+            if moe.w_gate is not None:
+                h = F.silu(linear(xr, moe.w_gate[e])) * linear(xr, moe.w_up[e])
+                y[r] += weights[r, j] * linear(h, moe.w_down[e])[0]
+            else:
+                h = F.gelu(linear(xr, moe.w_up[e], moe.b_up[e]))
+                y[r] += weights[r, j] * linear(h, moe.w_down[e], moe.b_down[e])[0]
+    y = y.view(B, T, W)
+    if moe.shared is not None:
+        s = moe.shared
+        for t in range(T):
+            gate, up = linear(x[:, t], s.w_gate_up[t]).split(s.hidden, -1)
+            y[:, t] += linear(F.silu(gate) * up, s.w_down[t])
+    return y
+
+
+@needs_vnni
+@pytest.mark.parametrize("kind", ["rankmixer", "tokenmixer_large"])
+def test_int8_moe_follows_the_routed_equation(kind):
+    """``Int8SparseMoE`` against a per-pair loop with the reference twin's int8 products (the
+    shared expert's too): closer to it than to the fp32 experts, whose distance is int8's
+    own error."""
+    from test_int8 import _ref_linear
+
+    from ranking.lowered import Int8SparseMoE
+    from ranking.model.ffn import SparsePerTokenMoE
+
+    torch.manual_seed(4)
+    moe = SparsePerTokenMoE(4, 32, 4, 48, kind=kind, top_k=2, shared_expert=True,
+                            down_init_scale=1.0).eval()  # fmt: skip
+    with torch.no_grad():
+        for n, p in moe.named_parameters():
+            if n.startswith("b_") or n.startswith("router"):
+                p.add_(torch.randn_like(p) * 0.3)
+        x = torch.randn(37, 4, 32)
+        got, aux = Int8SparseMoE(moe)(x)
+        fp32 = lambda x, w, b=None: x @ w + (0 if b is None else b)  # noqa: E731
+        want, ref32 = _moe_loop(moe, x, _ref_linear), _moe_loop(moe, x, fp32)
+        torch.testing.assert_close(moe(x)[0], ref32, atol=1e-5, rtol=1e-5)  # the loop is the MoE
+    assert float(aux) == float(moe(x)[1])
+    _close_to_int8_equation(got, want, ref32)
+
+
+@needs_vnni
 def test_fused_relu_is_relu_of_the_product():
     """``relu=True`` (a Perceptron's ReLU in the GEMM's store) is ``torch.relu`` of the product,
     bit for bit."""

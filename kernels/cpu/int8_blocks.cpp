@@ -1,6 +1,7 @@
 // Int8 inference on CPUs with AVX512-VNNI (fp32 activations in and out):
 //
 //   int8_linear          per-token GEMMs  out[t] = rescale(q(x[t]) . W_t), optionally ReLU'd
+//   int8_grouped_linear  grouped GEMMs (MoE experts): the rows of group g times W_g
 //   int8_rankmixer_block a whole RankMixer block (mixing, Norm1, GEMM, GELU, GEMM, residual,
 //                        Norm2) in one pass per (token, row block)
 //   int8_swiglu_stage    one TokenMixer-Large pSwiGLU stage (RMSNorm, gate/up GEMM,
@@ -38,6 +39,7 @@
 #include <cpuid.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -419,6 +421,50 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   return out;
 }
 
+// Grouped GEMMs (MoE experts): rows offsets[g] .. offsets[g + 1] of x [M, K] times group g's
+// weights, each row quantized as int8_linear quantizes; rows outside every group are 0.
+at::Tensor int8_grouped_linear(const at::Tensor& x, const at::Tensor& packed,
+                               const at::Tensor& corr, const at::Tensor& sw,
+                               const at::Tensor& bias, int64_t k, const at::Tensor& offsets,
+                               int64_t row_block, bool relu) {
+  const char* op = "int8_grouped_linear";
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, op, ": x must be fp32 [M, K]");
+  TORCH_CHECK(row_block > 0, op, ": row_block must be positive");
+  const auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), G = packed.dim() == 4 ? packed.size(0) : -1;
+  const Gemm g(op, "weight", packed, corr, sw, bias, k, G);
+  TORCH_CHECK(K == g.k, op, ": x has K = ", K, ", the weights ", g.k, " rows");
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.numel() == G + 1,
+              op, ": offsets must be int64 [", G + 1, "] (one more than the groups)");
+  const auto oc = offsets.contiguous();
+  const int64_t* off = oc.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] >= 0 && off[G] <= M, op, ": offsets span rows ", off[0], " .. ", off[G],
+              " of x's ", M);
+  std::vector<std::array<int64_t, 3>> items;  // (group, first row, rows)
+  for (int64_t e = 0; e < G; ++e) {
+    TORCH_CHECK(off[e + 1] >= off[e], op, ": offsets must not decrease (group ", e, ": ", off[e],
+                " -> ", off[e + 1], ")");
+    for (int64_t r0 = off[e]; r0 < off[e + 1]; r0 += row_block)
+      items.push_back({e, r0, std::min(row_block, off[e + 1] - r0)});
+  }
+  auto out = at::empty({M, g.n}, xc.options());
+  float* O = out.data_ptr<float>();
+  if (off[0] > 0) std::memset(O, 0, off[0] * g.n * sizeof(float));
+  if (off[G] < M) std::memset(O + off[G] * g.n, 0, (M - off[G]) * g.n * sizeof(float));
+  const float* X = xc.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> aq(round_up(row_block, 16) * g.kp);
+    std::vector<float> sx(row_block);
+    for (int64_t i = begin; i < end; ++i) {
+      const auto [e, r0, rows] = items[i];
+      for (int64_t r = 0; r < rows; ++r)
+        sx[r] = quantize_row(X + (r0 + r) * K, K, aq.data() + r * g.kp, g.kp);
+      g.run(e, aq.data(), sx.data(), rows, O + r0 * g.n, g.n, relu);
+    }
+  });
+  return out;
+}
+
 at::Tensor int8_rankmixer_block(const at::Tensor& x, const at::Tensor& g1, const at::Tensor& be1,
                                 double eps1, const at::Tensor& w1, const at::Tensor& c1,
                                 const at::Tensor& s1, const at::Tensor& b1, int64_t k1,
@@ -656,6 +702,9 @@ TORCH_LIBRARY(mixrank_int8, m) {
       "int8_linear(Tensor x, Tensor packed, Tensor corr, Tensor scale, Tensor bias, int k, "
       "int row_block, bool relu) -> Tensor");
   m.def(
+      "int8_grouped_linear(Tensor x, Tensor packed, Tensor corr, Tensor scale, Tensor bias, "
+      "int k, Tensor offsets, int row_block, bool relu) -> Tensor");
+  m.def(
       "int8_rankmixer_block(Tensor x, Tensor g1, Tensor be1, float eps1, Tensor w1, Tensor c1, "
       "Tensor s1, Tensor b1, int k1, Tensor w2, Tensor c2, Tensor s2, Tensor b2, int k2, "
       "Tensor g2, Tensor be2, float eps2, bool rms, int row_block) -> Tensor");
@@ -670,6 +719,7 @@ TORCH_LIBRARY(mixrank_int8, m) {
 
 TORCH_LIBRARY_IMPL(mixrank_int8, CPU, m) {
   m.impl("int8_linear", &int8_linear);
+  m.impl("int8_grouped_linear", &int8_grouped_linear);
   m.impl("int8_rankmixer_block", &int8_rankmixer_block);
   m.impl("int8_swiglu_stage", &int8_swiglu_stage);
   m.impl("int8_unimixer_ffn", &int8_unimixer_ffn);

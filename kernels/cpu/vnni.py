@@ -14,6 +14,7 @@ D = 256 cost int8 more than the GEMMs themselves (docs/BENCHMARKS.md, "Int8 dens
     ops()      -> torch.ops.mixrank_int8, or None where unavailable (reason() says why)
     prepare(w_q int8 [T, K, N], scale [T, N], bias [T, N] | None) -> a prepared GEMM
     linear(x [T, B, K] fp32, prepared, relu=False) -> [T, B, N] fp32
+    grouped_linear(x [M, K] fp32, prepared, offsets [G + 1]) -> [M, N] fp32 (MoE experts)
     rankmixer_block(x [T, B, D] fp32, norm1, g1, g2, norm2, rms) -> [T, B, D] fp32
     swiglu_stage(z, r [T, B, W] fp32, norm, gate_up, down) -> r + pSwiGLU(RMSNorm(z))
     unimixer_ffn(xbar, ybar [B, T, D] fp32, norm_y, norm_x, gate_up, down) -> (xbar', ybar')
@@ -66,6 +67,11 @@ def _use_amx(lib) -> None:
             _AMX["why"] = str(e).splitlines()[0]
 
 
+def _grouped_out(x: Tensor, packed, corr, scale: Tensor, *args) -> Tensor:
+    """``int8_grouped_linear``'s output: ``[M, N]`` fp32."""
+    return x.new_empty((x.shape[0], scale.shape[1]), dtype=torch.float32)
+
+
 def _two_like_first(x: Tensor, *args) -> tuple[Tensor, Tensor]:
     """``int8_unimixer_ffn``'s outputs: both streams, each of ``xbar``'s shape."""
     return _like_first(x), _like_first(x)
@@ -76,7 +82,8 @@ def _load():
         "kernels.cpu._int8", "mixrank_int8", _FLAGS, "AVX512-VNNI",
         "the library reports this CPU lacks AVX512-VNNI",
         fakes={"int8_linear": _linear_out, "int8_rankmixer_block": _like_first,
-               "int8_swiglu_stage": _like_first, "int8_unimixer_ffn": _two_like_first},
+               "int8_swiglu_stage": _like_first, "int8_unimixer_ffn": _two_like_first,
+               "int8_grouped_linear": _grouped_out},
     )  # fmt: skip
     if lib is not None:
         _use_amx(lib)
@@ -152,6 +159,17 @@ def linear(x: Tensor, p: Prepared, row_block: int = ROW_BLOCK, relu: bool = Fals
     weights: ``[T, B, N]`` fp32, the same bytes as ``kernels.cpu.int8.Int8PerToken``; with
     ``relu``, ``torch.relu`` of it, applied as the product is stored."""
     return ops().int8_linear(x.float(), *p, int(row_block), bool(relu))
+
+
+def grouped_linear(
+    x: Tensor, p: Prepared, offsets: Tensor, row_block: int = ROW_BLOCK, relu: bool = False
+) -> Tensor:
+    """Grouped GEMMs (the MoE experts): rows ``offsets[g] .. offsets[g + 1]`` of ``x [M, K]``
+    fp32 times group ``g``'s prepared int8 weights (``prepare`` of ``[G, K, N]``), each row
+    quantized as ``linear`` quantizes it: ``[M, N]`` fp32, rows outside every group 0."""
+    return ops().int8_grouped_linear(
+        x.float(), *p[:4], p.k, offsets.to(torch.int64), int(row_block), bool(relu)
+    )
 
 
 def rankmixer_supports(num_tokens: int, dim: int) -> bool:
