@@ -58,7 +58,7 @@ EXPERIMENTS = (
     ("frappe_unimixer_lite", 3, "frappe/valid.parquet"),
     ("movielens_unimixer", 3, "movielens100k/test.parquet"),
     ("movielens_unimixer_lite", 3, "movielens100k/test.parquet"),
-    # MoE: int8 keeps the experts in fp32; fp8 runs them on e4m3 operands (Fp8SparseMoE)
+    # MoE: int8 runs the experts as grouped int8 GEMMs (Int8SparseMoE), fp8 on e4m3 (Fp8SparseMoE)
     ("frappe_rankmixer_moe", 3, "frappe/valid.parquet"),
     ("movielens_tokenmixer_large_moe", 3, "movielens100k/test.parquet"),
 )
