@@ -19,6 +19,10 @@ print('bf16 AMX ops:', kc.ops() is not None, kc.reason())
 print('int8 ops:', vnni.ops() is not None, vnni.reason(), '| GEMM backend:', vnni.backend() if vnni.ops() else None, vnni.amx_reason())"
 } 2>&1 | tee "$OUT/env.txt"
 
+# the int8 GEMMs must be on AMX tiles, or the run measures the VNNI tiles twice
+$PY -c "from kernels.cpu import vnni; assert vnni.backend() == 'amx', vnni.amx_reason()" \
+  || echo "WARNING: int8 GEMMs are not on AMX tiles (see env.txt)"
+
 echo "== tests on the real AMX instructions =="
 $PY -m pytest -q -p no:cacheprovider tests/test_cpu_kernels.py tests/test_int8_vnni.py \
   tests/test_int8.py 2>&1 | tee "$OUT/tests.log" | tail -5

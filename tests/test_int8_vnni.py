@@ -137,6 +137,21 @@ def test_amx_fused_blocks_give_the_vnni_bytes():
 
 
 @needs_vnni
+def test_amx_tiles_run_where_the_cpu_has_them():
+    """On a CPU with AMX-INT8 the ops' GEMMs run on AMX tiles (so every int8 test there runs
+    the real instructions), or the reason is named (e.g. Linux refused the tile state)."""
+    import os
+
+    from kernels.cpu import _cpu_flags
+
+    if not {"amx_tile", "amx_int8"} <= _cpu_flags():
+        pytest.skip("this CPU lacks AMX-INT8")
+    if os.environ.get("MIXRANK_INT8_AMX", "1") == "0":
+        pytest.skip("MIXRANK_INT8_AMX=0")
+    assert vnni.backend() == "amx", vnni.amx_reason()
+
+
+@needs_vnni
 def test_gemm_backend_names_what_is_wrong(monkeypatch):
     with pytest.raises(ValueError, match="gemm_backend: expected one of"), vnni.gemm_backend("x"):
         pass

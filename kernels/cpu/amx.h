@@ -43,8 +43,11 @@ inline bool amx_permitted() {
 struct AmxTiles {
   static void config(const TileConfig& c) { _tile_loadconfig(&c); }
   static void release() { _tile_release(); }
+  // GCC's tile load names only the address register, not the memory it reads: the barrier
+  // keeps the stores that filled it (the quantized rows) before the load.
   template <int T>
   static void load(const void* p, int64_t stride) {
+    asm volatile("" ::: "memory");
 #define MIXRANK_LOAD(i) if constexpr (T == i) _tile_loadd(i, p, stride);
     MIXRANK_TILE_CASES(MIXRANK_LOAD)
 #undef MIXRANK_LOAD
