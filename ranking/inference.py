@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 import kernels
 from kernels import cpu as cpu_kernels
-from kernels.cpu import vnni
+from kernels.cpu import int8, vnni
 from ranking.features import Batch
 from ranking.lowered import (
     AmxRankMixer,
@@ -205,24 +205,49 @@ def _int8_block(block, compile_epilogues: bool, cpu_fused_block: bool, rows: int
         if fused is not None:
             if key in chosen:
                 return fused
+            if _vnni_is_fastest(fused, rows):
+                log.info(
+                    "int8 %s: fused VNNI block (every GEMM's fastest route is vnni)",
+                    type(block).__name__,
+                )
+                chosen[key] = "fused"
+                return fused
             other = unfused(block, compile_epilogues, rows)
             chosen[key] = _fused_or_not(fused, other, block, rows)
             return fused if chosen[key] == "fused" else other
     return unfused(block, compile_epilogues, rows)
 
 
+def _vnni_is_fastest(fused: nn.Module, rows: int) -> bool:
+    """Whether the ``vnni`` route is the fastest int8 GEMM route (``Int8PerToken``'s timing at
+    load) at each GEMM shape of ``fused``, probed on one token of random weights: the fused op
+    runs that kernel with the steps in between fused, so it then wins without a race. One
+    token favours oneDNN (its per-call cost is paid once, not once per token), so where vnni
+    wins the probe it wins the block; where it loses, the blocks are raced."""
+
+    def prepared(obj):
+        if isinstance(obj, vnni.Prepared):
+            yield obj
+        elif isinstance(obj, tuple | list):
+            for o in obj:
+                yield from prepared(o)
+
+    shapes = {(p.k, p.scale.shape[1]) for p in prepared(tuple(vars(fused).values()))}
+    g = torch.Generator().manual_seed(0)
+    return bool(shapes) and all(
+        int8.Int8PerToken(torch.randn(1, k, n, generator=g), rows=rows).route == "vnni"
+        for k, n in sorted(shapes)
+    )
+
+
 def _fused_or_not(fused: nn.Module, unfused: nn.Module, block, rows: int) -> str:
     """``fused`` or ``unfused``: which int8 block of the same weights runs ``rows`` rows per
-    token faster. Where every GEMM of the unfused block took the ``vnni`` route (timed against
-    the others at load) the fused op wins without a race: it runs that kernel with the steps in
-    between fused. Elsewhere (an AMX host, whose oneDNN int8 GEMMs run on AMX-INT8 tiles) the
-    two blocks are timed, best of 3, and the fused one is kept on a tie. Either choice scores
-    the model (they differ only on an activation's rounding tie); it sets the speed."""
+    token faster, timed best of 3 (the fused one kept on a tie), where a probe found another
+    route faster than ``vnni`` for some GEMM (``_vnni_is_fastest``: an AMX host, whose oneDNN
+    int8 GEMMs run on AMX-INT8 tiles). Either choice scores the model (they differ only on an
+    activation's rounding tie); it sets the speed."""
     routes = {g.route for g in int8_gemms(unfused)}
-    if routes == {"vnni"}:
-        log.info(
-            "int8 %s: fused VNNI block (every GEMM's fastest route is vnni)", type(block).__name__
-        )
+    if routes == {"vnni"}:  # the whole block's GEMMs took it after all
         return "fused"
     import time
 
