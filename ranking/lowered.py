@@ -699,81 +699,77 @@ def _moe_router(moe: SparsePerTokenMoE, dtype: torch.dtype, device: torch.device
     return router.eval()
 
 
-class Int8SparseMoE(nn.Module):
-    """``SparsePerTokenMoE`` (either published form) with its expert GEMMs in int8 on the CPU:
-    routing (the inference router), ``moe_permute`` / gather / unpermute as in the model, and
-    between them ``kernels.cpu.vnni.grouped_linear`` (weights per output channel, rows per row,
-    as every int8 GEMM here; SwiGLU's gate and up projections as one GEMM; GELU / Swish fp32).
-    The router stays fp32, a shared expert is an ``Int8SwiGLU``.
-    ``x [B, T, W] -> (y [B, T, W], aux)``."""
+class QuantizedMoE(nn.Module):
+    """The forward of a ``SparsePerTokenMoE`` whose expert GEMMs run quantized: routing (the
+    inference router), ``moe_permute`` / gather / unpermute as in the model, and between them
+    ``grouped(rows, "up" | "down", offsets)`` (a subclass's grouped GEMM; SwiGLU's gate and up
+    projections as one GEMM, the gate columns first), GELU / Swish between them.
+    ``x [B, T, W] -> (y [B, T, W], aux)``, the module's own interface."""
 
     def __init__(self, moe: SparsePerTokenMoE):
         super().__init__()
         self.kind, self.hidden = moe.kind, moe.w_up.shape[-1]
         self.G = moe.w_up.shape[0]
         self.swiglu = moe.w_gate is not None
-        up = torch.cat([moe.w_gate, moe.w_up], dim=-1) if self.swiglu else moe.w_up
+
+    def up_weights(self, moe: SparsePerTokenMoE) -> Tensor:
+        return torch.cat([moe.w_gate, moe.w_up], dim=-1) if self.swiglu else moe.w_up
+
+    def grouped(self, x: Tensor, which: str, offsets: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        B, T, W = x.shape
+        weights, ids, aux = self.router.route(x)
+        top_k = self.kind == "tokenmixer_large"  # every pair has an expert: no host sync
+        routing = kernels.moe_permute(ids, self.G, top_k)
+        xp = kernels.moe_gather(x.reshape(B * T, W), routing)
+        h = self.grouped(xp, "up", routing.offsets)
+        if self.swiglu:
+            gate, up = h.split(self.hidden, dim=-1)
+            h = torch.nn.functional.silu(gate).mul_(up)
+        else:
+            h = torch.nn.functional.gelu(h)
+        y_perm = self.grouped(h, "down", routing.offsets)
+        y = kernels.moe_unpermute(y_perm, routing, weights.to(y_perm.dtype)).view(B, T, W)
+        if self.router.shared is not None:
+            y = y + self.router.shared(x)
+        return y, aux
+
+
+class Int8SparseMoE(QuantizedMoE):
+    """``SparsePerTokenMoE`` (either published form) with its expert GEMMs in int8 on the CPU:
+    ``kernels.cpu.vnni.grouped_linear`` (weights per output channel, activations per row, as
+    every int8 GEMM here). The router stays fp32, a shared expert is an ``Int8SwiGLU``."""
+
+    def __init__(self, moe: SparsePerTokenMoE):
+        super().__init__(moe)
         # the model's SwiGLU experts are bias-free, its GELU experts have biases
-        self.up = _vnni_gemm(up.detach(), None if self.swiglu else moe.b_up.detach())
+        b_up = None if self.swiglu else moe.b_up.detach()
+        self.up = _vnni_gemm(self.up_weights(moe).detach(), b_up)
         b_down = None if moe.b_down is None else moe.b_down.detach()
         self.down = _vnni_gemm(moe.w_down.detach(), b_down)
         self.router = _moe_router(moe, torch.float32, torch.device("cpu"))
         if moe.shared is not None:  # TokenMixer-Large's shared expert: a per-token SwiGLU
             self.router.shared = Int8SwiGLU(moe.shared)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        B, T, W = x.shape
-        weights, ids, aux = self.router.route(x)
-        top_k = self.kind == "tokenmixer_large"  # every pair has an expert: no host sync
-        routing = kernels.moe_permute(ids, self.G, top_k)
-        xp = kernels.moe_gather(x.reshape(B * T, W), routing)
-        h = vnni.grouped_linear(xp, self.up, routing.offsets)
-        if self.swiglu:
-            gate, up = h.split(self.hidden, dim=-1)
-            h = torch.nn.functional.silu(gate).mul_(up)
-        else:
-            h = torch.nn.functional.gelu(h)
-        y_perm = vnni.grouped_linear(h, self.down, routing.offsets)
-        y = kernels.moe_unpermute(y_perm, routing, weights.to(y_perm.dtype)).view(B, T, W)
-        if self.router.shared is not None:
-            y = y + self.router.shared(x)
-        return y, aux
+    def grouped(self, x: Tensor, which: str, offsets: Tensor) -> Tensor:
+        return vnni.grouped_linear(x, getattr(self, which), offsets)
 
 
-class Fp8SparseMoE(nn.Module):
-    """``SparsePerTokenMoE`` (either published form) with its expert GEMMs in FP8: routing (the
-    inference router, ``kernels`` gate), ``moe_permute`` / gather / unpermute as in the model,
-    and between them the grouped GEMMs on e4m3 operands (``Fp8Weights.grouped``; SwiGLU's gate
-    and up projections as one GEMM). The router and the shared expert run in ``dtype``.
-    ``x [B, T, W] -> (y [B, T, W], aux)``, the module's own interface."""
+class Fp8SparseMoE(QuantizedMoE):
+    """``SparsePerTokenMoE`` (either published form) with its expert GEMMs in FP8: the grouped
+    GEMMs on e4m3 operands (``Fp8Weights.grouped``). The router and the shared expert run in
+    ``dtype``."""
 
     def __init__(self, moe: SparsePerTokenMoE, dtype: torch.dtype, device: torch.device):
-        super().__init__()
-        self.kind, self.hidden = moe.kind, moe.w_up.shape[-1]
-        self.G = moe.w_up.shape[0]
-        self.swiglu = moe.w_gate is not None
-        up = torch.cat([moe.w_gate, moe.w_up], dim=-1) if self.swiglu else moe.w_up
-        self.up = Fp8Weights(up, moe.b_up, device)
+        super().__init__(moe)
+        self.up = Fp8Weights(self.up_weights(moe), moe.b_up, device)
         self.down = Fp8Weights(moe.w_down, moe.b_down, device)
         self.router = _moe_router(moe, dtype, device)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        B, T, W = x.shape
-        weights, ids, aux = self.router.route(x)
-        top_k = self.kind == "tokenmixer_large"  # every pair has an expert: no host sync
-        routing = kernels.moe_permute(ids, self.G, top_k)
-        xp = kernels.moe_gather(x.reshape(B * T, W), routing)
-        h = self.up.grouped(xp, routing.offsets)
-        if self.swiglu:
-            gate, up = h.split(self.hidden, dim=-1)
-            h = torch.nn.functional.silu(gate).mul_(up)
-        else:
-            h = torch.nn.functional.gelu(h)
-        y_perm = self.down.grouped(h, routing.offsets)
-        y = kernels.moe_unpermute(y_perm, routing, weights.to(y_perm.dtype)).view(B, T, W)
-        if self.router.shared is not None:
-            y = y + self.router.shared(x)
-        return y, aux
+    def grouped(self, x: Tensor, which: str, offsets: Tensor) -> Tensor:
+        return getattr(self, which).grouped(x, offsets)
 
 
 class Fp8Linear(nn.Module):
